@@ -1,0 +1,42 @@
+# lorkd-pl developer commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorkd-pl-installed
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo bench lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's requirements change; torch goes first so that pip
+# never pulls a CUDA build to satisfy `torch` in pyproject.toml.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# The main job. Until the distillation loop lands it runs the expert-layer benchmark.
+demo: install
+	$(PY) benchmarks/expert_conv.py --quick
+
+bench: install
+	$(PY) benchmarks/expert_conv.py
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks tasks
+	$(PY) -m ruff format --check src tests benchmarks tasks
+
+format: install
+	$(PY) -m ruff format src tests benchmarks tasks
+	$(PY) -m ruff check --fix src tests benchmarks tasks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache runs lightning_logs wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,20 @@
+"""Low-rank region experts and the knowledge-separation convolution (pure PyTorch)."""
+
+from lorkd_pl.experts.inject import expert_layers, expert_routing, inject_experts, merge_expert
+from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertLayer, ExpertLinear
+from lorkd_pl.experts.routing import Routing, RoutingError
+from lorkd_pl.experts.strategies import STRATEGIES
+
+__all__ = [
+    "LAYOUTS",
+    "STRATEGIES",
+    "ExpertConv",
+    "ExpertLayer",
+    "ExpertLinear",
+    "Routing",
+    "RoutingError",
+    "expert_layers",
+    "expert_routing",
+    "inject_experts",
+    "merge_expert",
+]

@@ -1,0 +1,177 @@
+"""Put region experts into any network, route a batch through them, and merge one expert out.
+
+>>> model = inject_experts(model, num_experts=8, rank=8, alpha=16)
+>>> with expert_routing(model, region_idx):  # (N,) LongTensor, one region per sample
+...     y = model(x)
+>>> plain = merge_expert(model, 3)  # a new plain network: W0 + s·ΔW_3, no expert layers
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from lorkd_pl.experts.layers import ExpertConv, ExpertLayer, ExpertLinear, Layout
+from lorkd_pl.experts.routing import Routing, RoutingError
+
+
+def _is_target(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.groups == 1
+    # MultiheadAttention reads out_proj.weight directly and never calls it: leave it shared.
+    return isinstance(module, nn.Linear) and not isinstance(
+        module, nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def expert_layers(model: nn.Module) -> Iterator[tuple[str, ExpertLayer]]:
+    """Yield ``(qualified_name, layer)`` for every expert layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertLayer):
+            yield name, module
+
+
+def inject_experts(
+    model: nn.Module,
+    num_experts: int,
+    rank: int | Sequence[int] = 8,
+    alpha: float = 16.0,
+    layout: Layout = "paper",
+    strategy: str = "auto",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    b_init_std: float = 0.0,
+) -> nn.Module:
+    """Wrap every ``Conv1d/2d/3d`` with ``groups == 1`` and every ``Linear`` with region experts.
+
+    Grouped/depthwise and transposed convolutions, norms and other layers stay shared. The model is
+    changed in place (its forward is untouched) and returned; a bare layer is returned wrapped.
+
+    Args:
+        model: any network.
+        num_experts: number of experts ``T`` (one per region, index = region order).
+        rank: rank of every expert, or ``T`` ranks (one per expert).
+        alpha: scaling numerator; expert ``t`` is scaled by ``alpha / rank_t``.
+        layout: factor layout, ``"paper"`` or ``"factorized"``.
+        strategy: ``"auto"``, ``"grouped"``, ``"by_region"``, ``"homogeneous"`` or ``"factorized"``.
+        include: glob patterns on qualified module names (``fnmatch``, e.g. ``"encoder.*"``);
+            only matching layers get experts. ``None`` means all eligible layers.
+        exclude: glob patterns of layers to leave shared (applied after ``include``).
+        b_init_std: normal init std of ``B`` (``0``: experts start equal to ``W0``; tests use ``> 0``).
+
+    Returns:
+        The model with expert layers.
+
+    Raises:
+        ValueError: if the model already has experts, no layer matches, or an argument is invalid.
+    """
+    if any(True for _ in expert_layers(model)):
+        raise ValueError("the model already carries experts; inject_experts must be called once")
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if _is_target(module)
+        and (include is None or _matches(name, include))
+        and not (exclude and _matches(name, exclude))
+    ]
+    if not targets:
+        raise ValueError(
+            "inject_experts found no Conv1d/2d/3d (groups == 1) or Linear layer to wrap"
+            + (f" matching include={list(include)}" if include is not None else "")
+            + (f" and exclude={list(exclude)}" if exclude else "")
+        )
+    options = {
+        "num_experts": num_experts,
+        "rank": rank,
+        "alpha": alpha,
+        "layout": layout,
+        "strategy": strategy,
+        "b_init_std": b_init_std,
+    }
+    for name, module in targets:
+        wrapper_cls = ExpertLinear if isinstance(module, nn.Linear) else ExpertConv
+        wrapper = wrapper_cls(module, name=name or type(module).__name__, **options)
+        if not name:
+            return wrapper
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper)
+    return model
+
+
+def _num_experts(model: nn.Module) -> tuple[list[ExpertLayer], int]:
+    layers = [layer for _, layer in expert_layers(model)]
+    if not layers:
+        raise RoutingError("the model has no expert layers; call inject_experts(model, ...) first")
+    counts = {layer.num_experts for layer in layers}
+    if len(counts) != 1:
+        raise RoutingError(f"expert layers disagree on the number of experts: {sorted(counts)}")
+    return layers, counts.pop()
+
+
+@contextmanager
+def expert_routing(model: nn.Module, region_idx: Tensor | int | Sequence[int]) -> Iterator[Routing]:
+    """Route every sample of the next forward passes to its region's expert.
+
+    Args:
+        model: a model with expert layers (a DDP-wrapped model works too).
+        region_idx: ``(N,)`` int64 tensor with the region index of every sample of the batch, or
+            one ``int`` routing every sample of any batch size to that region (e.g. sliding-window
+            inference on one volume).
+
+    Yields:
+        The validated :class:`Routing`.
+
+    Raises:
+        RoutingError: on an unknown region index or a malformed region tensor; a layer called with
+            a batch whose size differs from ``N`` raises when it is called.
+    """
+    layers, num_experts = _num_experts(model)
+    routing = Routing.build(region_idx, num_experts)
+    previous = [layer._routing for layer in layers]
+    for layer in layers:
+        layer._routing = routing
+    try:
+        yield routing
+    finally:
+        for layer, old in zip(layers, previous, strict=True):
+            layer._routing = old
+
+
+@torch.no_grad()
+def merge_expert(model: nn.Module, region: int) -> nn.Module:
+    """A new plain network with expert ``region`` merged into the shared weights.
+
+    Every expert layer is replaced by a copy of its base layer whose weight is
+    ``W0 + s_region ΔW_region`` (computed in fp32). The result has exactly the original network's
+    parameters and no expert modules; ``model`` itself is not changed.
+
+    Args:
+        model: a model with expert layers.
+        region: expert index in ``[0, T)``.
+
+    Returns:
+        The merged network.
+    """
+    _, num_experts = _num_experts(model)
+    Routing.build(int(region), num_experts)  # validates the index
+    merged = copy.deepcopy(model)
+    replacements = list(expert_layers(merged))
+    for name, layer in replacements:
+        base = layer.base_layer
+        base.weight.copy_(layer.merged_weight(int(region)))
+        if not name:
+            return base
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name) if parent_name else merged
+        setattr(parent, child, base)
+    return merged

@@ -1,0 +1,159 @@
+"""How an expert layer computes a batch that mixes regions (the knowledge-separation convolution).
+
+Every strategy returns ``y_i = op(x_i, W0 + s_{r(i)} ΔW_{r(i)})`` for all samples ``i`` in one module
+call, so the gradient of expert ``t`` comes only from region-``t`` samples and ``W0``'s from all of
+them. They differ only in cost:
+
+* ``"grouped"`` — the paper's: gather one merged weight per sample and run one grouped conv with
+  ``groups = N`` (a batched matmul for a linear). Keeps ``N`` weight copies for backward.
+* ``"by_region"`` — merge each present region's weight once, one dense call per present region on
+  its samples (a slice when the batch is sorted by region, a gather otherwise).
+* ``"homogeneous"`` — the batch holds one region: merge once, one dense call (base speed).
+* ``"factorized"`` — factorized layout only: ``op(x, W0)`` + one call with the present experts'
+  ``A`` stacked as output channels + a per-sample ``B`` (batched 1×1 mixing). Activation space.
+* ``"auto"`` — ``"homogeneous"`` for a one-region batch, else ``"by_region"``: the fastest exact
+  choice in ``benchmarks/expert_conv.py`` on CPU (see ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lorkd_pl.experts.routing import Routing, RoutingError
+
+if TYPE_CHECKING:
+    from lorkd_pl.experts.layers import ExpertLayer
+
+STRATEGIES: tuple[str, ...] = ("auto", "grouped", "by_region", "homogeneous", "factorized")
+
+
+def check_strategy(strategy: str, layout: str) -> str:
+    """Validate a strategy name for a factor layout and return it.
+
+    Raises:
+        ValueError: for an unknown name, or ``"factorized"`` with the ``"paper"`` layout.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown expert strategy {strategy!r}; choose one of {STRATEGIES}")
+    if strategy == "factorized" and layout != "factorized":
+        raise ValueError(
+            "strategy 'factorized' computes experts in activation space and needs layout='factorized'; "
+            f"got layout={layout!r} (use strategy 'auto', 'by_region' or 'grouped' with it)"
+        )
+    return strategy
+
+
+def forward_homogeneous(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """One region in the batch: merge its expert once, one dense call.
+
+    Args:
+        layer: the expert layer.
+        x: layer input with ``N`` samples, all of region ``routing.present[0]``.
+        routing: the batch's routing.
+    """
+    if len(routing.present) != 1:
+        raise RoutingError(
+            f"expert layer '{layer.expert_name}' uses strategy 'homogeneous', which needs a batch of one "
+            f"region, but the batch mixes regions {list(routing.present)}; use 'by_region' or 'auto'"
+        )
+    weight = layer.merged_weights(routing.present_index(x.device))[0]
+    return layer.base_forward(x, weight, layer.bias)
+
+
+def forward_by_region(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """One dense call per present region, each with that region's merged weight.
+
+    Args:
+        layer: the expert layer.
+        x: layer input with ``N`` samples.
+        routing: the batch's routing.
+    """
+    if len(routing.present) == 1:
+        return forward_homogeneous(layer, x, routing)
+    weights = layer.merged_weights(routing.present_index(x.device))
+    out: Tensor | None = None
+    if routing.is_sorted:
+        start = 0
+        for weight, count in zip(weights, routing.counts, strict=True):
+            y = layer.base_forward(x.narrow(0, start, count), weight, layer.bias)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.narrow(0, start, count).copy_(y)
+            start += count
+    else:
+        for weight, index in zip(weights, routing.indices(x.device), strict=True):
+            y = layer.base_forward(x.index_select(0, index), weight, layer.bias)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, index, y)
+    assert out is not None
+    return out
+
+
+def forward_grouped(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """The paper's way: one merged weight per sample (gathered), one grouped call.
+
+    Args:
+        layer: the expert layer.
+        x: layer input with ``N`` samples.
+        routing: the batch's routing.
+    """
+    weights = layer.merged_weights(routing.present_index(x.device))
+    per_sample = weights.index_select(0, routing.slot(x.device, x.shape[0]))
+    return layer.per_sample_forward(x, per_sample, layer.bias)
+
+
+def forward_factorized(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """``op(x, W0)`` plus the experts in activation space: ``s_t B_t (A_t ⊛ x)``.
+
+    The present experts' ``A`` run as one call with ``P·R`` output channels; each sample then keeps
+    its own region's ``R`` channels and mixes them with its region's ``B`` (a batched matmul).
+
+    Args:
+        layer: the expert layer (factorized layout).
+        x: layer input with ``N`` samples.
+        routing: the batch's routing.
+    """
+    if layer.layout != "factorized":
+        raise ValueError(f"strategy 'factorized' needs layout='factorized', got {layer.layout!r}")
+    n = x.shape[0]
+    present = routing.present_index(x.device)
+    slot = routing.slot(x.device, n)
+    base = layer.base_forward(x, layer.weight, layer.bias)
+    a = layer.masked_A(present)  # (P, R, Cin, *kernel) or (P, R, Cin)
+    rank = a.shape[1]
+    hidden = layer.base_forward(x, a.flatten(0, 1), None)
+    scaled_b = layer.expert_B[present] * layer.scaling[present].view(-1, 1, 1).to(layer.expert_B.dtype)
+    b = scaled_b.index_select(0, slot)  # (N, Cout, R)
+    rows = torch.arange(n, device=x.device)
+    if layer.channel_dim == 1:  # conv: hidden (N, P·R, *S)
+        spatial = hidden.shape[2:]
+        h = hidden.reshape(n, -1, rank, spatial.numel())[rows, slot]  # (N, R, L)
+        delta = torch.bmm(b.to(h.dtype), h).view(n, -1, *spatial)
+    else:  # linear: hidden (N, *, P·R)
+        h = hidden.reshape(n, -1, hidden.shape[-1] // rank, rank)[rows, :, slot]  # (N, M, R)
+        delta = torch.bmm(h, b.to(h.dtype).transpose(1, 2)).view(*hidden.shape[:-1], -1)
+    return base + delta
+
+
+def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """``homogeneous`` for a one-region batch, otherwise ``by_region`` (measured fastest, exact)."""
+    return forward_by_region(layer, x, routing)
+
+
+_STRATEGY_FUNCTIONS: dict[str, Callable[[ExpertLayer, Tensor, Routing], Tensor]] = {
+    "auto": forward_auto,
+    "grouped": forward_grouped,
+    "by_region": forward_by_region,
+    "homogeneous": forward_homogeneous,
+    "factorized": forward_factorized,
+}
+
+
+def run_strategy(strategy: str, layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
+    """Compute ``layer`` on ``x`` with the named strategy (see the module docstring)."""
+    return _STRATEGY_FUNCTIONS[strategy](layer, x, routing)

@@ -1,0 +1,242 @@
+"""inject_experts / expert_routing / merge_expert on real MONAI networks, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import Classifier, DenseNet, UNet
+from torch import nn
+
+from lorkd_pl.experts import (
+    ExpertConv,
+    ExpertLayer,
+    ExpertLinear,
+    RoutingError,
+    expert_layers,
+    expert_routing,
+    inject_experts,
+    merge_expert,
+)
+
+T = 3
+
+
+def unet3d() -> nn.Module:
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+
+
+def classifier2d() -> nn.Module:
+    return Classifier(in_shape=(1, 16, 16), classes=5, channels=(4, 8), strides=(2, 2))
+
+
+def densenet2d() -> nn.Module:
+    return DenseNet(
+        spatial_dims=2, in_channels=1, out_channels=4, init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2
+    )
+
+
+NETWORKS = {
+    "unet3d": (unet3d, (4, 1, 16, 16, 16)),
+    "classifier2d": (classifier2d, (4, 1, 16, 16)),
+    "densenet2d": (densenet2d, (4, 1, 16, 16)),
+}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", ["paper", "factorized"])
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_merged_network_is_plain_and_equals_expert(net, layout) -> None:
+    build, shape = NETWORKS[net]
+    original = build().eval()
+    plain_count, plain_keys = n_params(original), set(original.state_dict())
+    eligible = [
+        m
+        for m in original.modules()
+        if (isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.groups == 1) or type(m) is nn.Linear
+    ]
+    model = inject_experts(original, T, rank=[2, 4, 3], alpha=8, layout=layout, b_init_std=0.2).eval()
+    wrapped = [layer for _, layer in expert_layers(model)]
+    assert len(wrapped) == len(eligible)
+    assert not any(isinstance(m, nn.ConvTranspose3d) and isinstance(m, ExpertLayer) for m in model.modules())
+    x = torch.randn(shape)
+    region = torch.tensor([2, 0, 2, 1])
+    with torch.no_grad(), expert_routing(model, region):
+        mixed = model(x)
+    for t in range(T):
+        plain = merge_expert(model, t)
+        assert n_params(plain) == plain_count
+        assert set(plain.state_dict()) == plain_keys
+        assert not any(isinstance(m, ExpertLayer) for m in plain.modules())
+        with torch.no_grad(), expert_routing(model, t):
+            routed = model(x)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), routed, rtol=1e-5, atol=1e-5)
+            keep = region == t
+            torch.testing.assert_close(mixed[keep], plain(x)[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_experts_start_equal_to_the_shared_weights() -> None:
+    model = classifier2d().eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    inject_experts(model, T)
+    with torch.no_grad(), expert_routing(model, torch.tensor([0, 2, 1])):
+        torch.testing.assert_close(model(x), before)
+
+
+def test_include_exclude_and_kinds() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.Conv2d(4, 4, 3, groups=4),
+        nn.ConvTranspose2d(4, 4, 2),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    inject_experts(model, T, include=["0", "1", "2", "4"], exclude=["4"])
+    assert isinstance(model[0], ExpertConv)
+    assert type(model[1]) is nn.Conv2d and type(model[2]) is nn.ConvTranspose2d and type(model[4]) is nn.Linear
+    attention = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4))
+    inject_experts(attention, T)
+    assert type(attention[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(attention[1], ExpertLinear)
+
+
+def test_wrapper_keeps_base_layer_settings() -> None:
+    conv = nn.Conv3d(2, 3, (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 2), dilation=(1, 1, 2), padding_mode="circular")
+    layer = inject_experts(conv, T, b_init_std=0.1)
+    assert layer.base_layer is conv and layer.weight is conv.weight and layer.bias is conv.bias
+    x = torch.randn(2, 2, 6, 5, 7)
+    with expert_routing(layer, 0):
+        out = layer(x)
+    torch.testing.assert_close(out, merge_expert(layer, 0)(x))
+    assert out.shape == conv(x).shape
+
+
+def test_train_eval_and_forward_never_change_weights() -> None:
+    model = inject_experts(unet3d(), T, b_init_std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 1, 16, 16, 16)
+    for mode in (False, True, False):
+        model.train(mode)
+        with torch.no_grad(), expert_routing(model, torch.tensor([0, 1])):
+            model(x)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_bf16_autocast_merges_in_fp32() -> None:
+    layer = inject_experts(nn.Conv2d(4, 8, 3, padding=1), T, b_init_std=0.2)
+    x = torch.randn(6, 4, 12, 12)
+    region = torch.tensor([0, 1, 2, 0, 1, 2])
+    with expert_routing(layer, region):
+        reference = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            delta = layer.delta_weights(torch.tensor([0, 1]))
+            out = layer(x)
+    assert delta.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert layer.expert_A.grad is not None and layer.expert_A.grad.dtype == torch.float32
+
+
+def test_every_trainable_parameter_gets_a_gradient_with_absent_regions() -> None:
+    """Stacked factors stay in the graph, so DDP sees no unused parameter."""
+    model = inject_experts(classifier2d(), T)
+    with expert_routing(model, torch.tensor([1, 1])):
+        model(torch.randn(2, 1, 16, 16)).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_nested_routing_restores_previous() -> None:
+    layer = inject_experts(nn.Linear(3, 2), T)
+    with expert_routing(layer, 0) as outer:
+        with expert_routing(layer, torch.tensor([1, 2])):
+            assert layer._routing is not outer
+        assert layer._routing is outer
+    assert layer._routing is None
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_region_index() -> None:
+    layer = inject_experts(nn.Linear(3, 2), T)
+    with pytest.raises(RoutingError, match=r"unknown region index 3.*3 experts"):
+        with expert_routing(layer, torch.tensor([0, 3])):
+            pass
+    with pytest.raises(RoutingError, match="unknown region index -1"):
+        with expert_routing(layer, -1):
+            pass
+    with pytest.raises(RoutingError, match="unknown region index 5"):
+        merge_expert(layer, 5)
+
+
+def test_missing_routing_context() -> None:
+    model = inject_experts(nn.Sequential(nn.Linear(3, 2)), T)
+    with pytest.raises(RoutingError, match=r"'0' was called outside a routing context.*expert_routing"):
+        model(torch.randn(2, 3))
+
+
+def test_region_length_must_match_batch() -> None:
+    layer = inject_experts(nn.Conv2d(2, 2, 1), T)
+    with expert_routing(layer, torch.tensor([0, 1, 2])), pytest.raises(RoutingError, match="batch of 2 samples"):
+        layer(torch.randn(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [
+        (torch.tensor([0.0, 1.0]), "integer tensor"),
+        (torch.zeros(2, 2, dtype=torch.long), r"shape \(N,\)"),
+        (torch.zeros(0, dtype=torch.long), r"shape \(N,\)"),
+    ],
+)
+def test_malformed_region_tensor(region, match) -> None:
+    layer = inject_experts(nn.Linear(3, 2), T)
+    with pytest.raises(RoutingError, match=match), expert_routing(layer, region):
+        pass
+
+
+def test_unbatched_conv_input() -> None:
+    layer = inject_experts(nn.Conv2d(2, 2, 1), T)
+    with expert_routing(layer, 0), pytest.raises(RoutingError, match="batched input"):
+        layer(torch.randn(2, 4, 4))
+
+
+def test_homogeneous_strategy_refuses_mixed_batch() -> None:
+    layer = inject_experts(nn.Linear(3, 2), T, strategy="homogeneous")
+    with expert_routing(layer, torch.tensor([0, 1])), pytest.raises(RoutingError, match="mixes regions"):
+        layer(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strategy": "factorized", "layout": "paper"}, "needs layout='factorized'"),
+        ({"strategy": "fastest"}, "unknown expert strategy"),
+        ({"layout": "lora"}, "unknown expert layout"),
+        ({"rank": [2, 2]}, "one rank per expert"),
+        ({"rank": 0}, "positive integers"),
+        ({"include": ["decoder.*"]}, "no Conv1d/2d/3d"),
+    ],
+)
+def test_invalid_injection_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        inject_experts(nn.Sequential(nn.Linear(3, 2)), T, **kwargs)
+
+
+def test_inject_twice_is_an_error() -> None:
+    model = inject_experts(nn.Sequential(nn.Linear(3, 2)), T)
+    with pytest.raises(ValueError, match="already carries experts"):
+        inject_experts(model, T)
+
+
+def test_routing_needs_experts() -> None:
+    with pytest.raises(RoutingError, match="no expert layers"), expert_routing(nn.Linear(2, 2), 0):
+        pass
