@@ -22,7 +22,9 @@ T = 3
 
 
 def unet3d() -> nn.Module:
-    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
+    return UNet(
+        spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+    )
 
 
 def classifier2d() -> nn.Module:
@@ -31,7 +33,13 @@ def classifier2d() -> nn.Module:
 
 def densenet2d() -> nn.Module:
     return DenseNet(
-        spatial_dims=2, in_channels=1, out_channels=4, init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=4,
+        init_features=8,
+        growth_rate=4,
+        block_config=(2, 2),
+        bn_size=2,
     )
 
 
@@ -98,7 +106,9 @@ def test_include_exclude_and_kinds() -> None:
     )
     inject_experts(model, T, include=["0", "1", "2", "4"], exclude=["4"])
     assert isinstance(model[0], ExpertConv)
-    assert type(model[1]) is nn.Conv2d and type(model[2]) is nn.ConvTranspose2d and type(model[4]) is nn.Linear
+    assert (
+        type(model[1]) is nn.Conv2d and type(model[2]) is nn.ConvTranspose2d and type(model[4]) is nn.Linear
+    )
     attention = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4))
     inject_experts(attention, T)
     assert type(attention[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
@@ -106,7 +116,9 @@ def test_include_exclude_and_kinds() -> None:
 
 
 def test_wrapper_keeps_base_layer_settings() -> None:
-    conv = nn.Conv3d(2, 3, (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 2), dilation=(1, 1, 2), padding_mode="circular")
+    conv = nn.Conv3d(
+        2, 3, (3, 1, 3), stride=(2, 1, 1), padding=(1, 0, 2), dilation=(1, 1, 2), padding_mode="circular"
+    )
     layer = inject_experts(conv, T, b_init_std=0.1)
     assert layer.base_layer is conv and layer.weight is conv.weight and layer.bias is conv.bias
     x = torch.randn(2, 2, 6, 5, 7)
@@ -167,12 +179,13 @@ def test_nested_routing_restores_previous() -> None:
 # ----------------------------------------------------------------------------- errors
 def test_unknown_region_index() -> None:
     layer = inject_experts(nn.Linear(3, 2), T)
-    with pytest.raises(RoutingError, match=r"unknown region index 3.*3 experts"):
-        with expert_routing(layer, torch.tensor([0, 3])):
-            pass
-    with pytest.raises(RoutingError, match="unknown region index -1"):
-        with expert_routing(layer, -1):
-            pass
+    with (
+        pytest.raises(RoutingError, match=r"unknown region index 3.*3 experts"),
+        expert_routing(layer, torch.tensor([0, 3])),
+    ):
+        pass
+    with pytest.raises(RoutingError, match="unknown region index -1"), expert_routing(layer, -1):
+        pass
     with pytest.raises(RoutingError, match="unknown region index 5"):
         merge_expert(layer, 5)
 
@@ -185,7 +198,10 @@ def test_missing_routing_context() -> None:
 
 def test_region_length_must_match_batch() -> None:
     layer = inject_experts(nn.Conv2d(2, 2, 1), T)
-    with expert_routing(layer, torch.tensor([0, 1, 2])), pytest.raises(RoutingError, match="batch of 2 samples"):
+    with (
+        expert_routing(layer, torch.tensor([0, 1, 2])),
+        pytest.raises(RoutingError, match="batch of 2 samples"),
+    ):
         layer(torch.randn(2, 2, 4, 4))
 
 

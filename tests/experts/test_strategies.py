@@ -14,7 +14,10 @@ NUM_EXPERTS = 4
 # name -> (layer factory, input shape)
 LAYERS = {
     "conv1d": (lambda: nn.Conv1d(3, 5, 3, padding=1), (7, 3, 11)),
-    "conv2d": (lambda: nn.Conv2d(3, 5, (3, 2), stride=2, dilation=(1, 2), padding=2, padding_mode="reflect"), (7, 3, 10, 9)),
+    "conv2d": (
+        lambda: nn.Conv2d(3, 5, (3, 2), stride=2, dilation=(1, 2), padding=2, padding_mode="reflect"),
+        (7, 3, 10, 9),
+    ),
     "conv3d": (lambda: nn.Conv3d(2, 4, 3, padding=1, bias=False), (7, 2, 5, 6, 4)),
     "conv2d_1x1": (lambda: nn.Conv2d(4, 6, 1), (7, 4, 5, 5)),
     "linear": (lambda: nn.Linear(6, 5), (7, 6)),

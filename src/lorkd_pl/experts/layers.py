@@ -98,7 +98,9 @@ class ExpertLayer(nn.Module):
             mask = torch.zeros(self.num_experts, a_shape[0], dtype=weight.dtype, device=weight.device)
             for t, r in enumerate(self.ranks):
                 mask[t, : r * rows_per_rank] = 1
-            self.register_buffer("rank_mask", mask.view(self.num_experts, a_shape[0], *[1] * (len(a_shape) - 1)))
+            self.register_buffer(
+                "rank_mask", mask.view(self.num_experts, a_shape[0], *[1] * (len(a_shape) - 1))
+            )
         else:
             self.rank_mask = None
         self._rows_per_rank = rows_per_rank

@@ -113,17 +113,20 @@ class Routing:
             self._cache[key] = lookup.to(device)[self.region.to(device)]
         return self._cache[key]  # type: ignore[return-value]
 
-    def indices(self, device: torch.device) -> list[Tensor]:
-        """Sample indices of each present region, in the order of :attr:`present`.
+    def sort_order(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The stable permutation that sorts the batch by region, and its inverse.
 
         Returns:
-            One ``(n_t,)`` int64 tensor per present region (only for a per-sample routing).
+            ``(order, inverse)``, both ``(N,)`` int64: ``x[order]`` is region-sorted and
+            ``x[order][inverse] == x``.
         """
-        assert self.region is not None, "indices() needs a per-sample routing"
-        key = ("indices", device)
+        assert self.region is not None, "sort_order() needs a per-sample routing"
+        key = ("order", device)
         if key not in self._cache:
             order = torch.argsort(self.region.detach().cpu(), stable=True)
-            self._cache[key] = [part.to(device) for part in order.split(list(self.counts))]
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel())
+            self._cache[key] = (order.to(device), inverse.to(device))
         return self._cache[key]  # type: ignore[return-value]
 
     def present_index(self, device: torch.device) -> Tensor:

@@ -7,7 +7,8 @@ them. They differ only in cost:
 * ``"grouped"`` — the paper's: gather one merged weight per sample and run one grouped conv with
   ``groups = N`` (a batched matmul for a linear). Keeps ``N`` weight copies for backward.
 * ``"by_region"`` — merge each present region's weight once, one dense call per present region on
-  its samples (a slice when the batch is sorted by region, a gather otherwise).
+  its samples: slices of a region-sorted batch; an unsorted batch is permuted into region order
+  once (a row gather) and back afterwards, costing two copies of the activations.
 * ``"homogeneous"`` — the batch holds one region: merge once, one dense call (base speed).
 * ``"factorized"`` — factorized layout only: ``op(x, W0)`` + one call with the present experts'
   ``A`` stacked as output channels + a per-sample ``B`` (batched 1×1 mixing). Activation space.
@@ -75,23 +76,31 @@ def forward_by_region(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor
     if len(routing.present) == 1:
         return forward_homogeneous(layer, x, routing)
     weights = layer.merged_weights(routing.present_index(x.device))
-    out: Tensor | None = None
-    if routing.is_sorted:
-        start = 0
-        for weight, count in zip(weights, routing.counts, strict=True):
-            y = layer.base_forward(x.narrow(0, start, count), weight, layer.bias)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.narrow(0, start, count).copy_(y)
-            start += count
-    else:
-        for weight, index in zip(weights, routing.indices(x.device), strict=True):
-            y = layer.base_forward(x.index_select(0, index), weight, layer.bias)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, index, y)
-    assert out is not None
-    return out
+    if not routing.is_sorted:  # sort once, run the sorted path, undo: two row gathers, no scatters
+        order, inverse = routing.sort_order(x.device)
+        y = _forward_sorted(layer, _PermuteRows.apply(x, order, inverse), routing.counts, weights)
+        return _PermuteRows.apply(y, inverse, order)
+    return _forward_sorted(layer, x, routing.counts, weights)
+
+
+def _forward_sorted(layer: ExpertLayer, x: Tensor, counts: tuple[int, ...], weights: Tensor) -> Tensor:
+    """Region-sorted batch: each region's samples are a slice (a view); ``cat``'s backward is free."""
+    chunks = x.split(list(counts))
+    return torch.cat([layer.base_forward(c, w, layer.bias) for c, w in zip(chunks, weights, strict=True)])
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose backward is the gather ``grad[inverse]`` (``index_select``'s is a scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def forward_grouped(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
