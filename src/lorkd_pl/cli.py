@@ -1,31 +1,81 @@
 """The ``lorkd-pl`` command line.
 
-The Lightning subcommands (fit/validate/test/predict) and the project's own commands (tasks,
-demo-data, export) are added by the distillation and deployment issues; this entry point keeps the
-console script importable and versioned meanwhile.
+Project commands: ``tasks`` (list registered tasks) and ``demo-data`` (write the embedded demo data).
+The Lightning subcommands (fit/validate/test/predict) arrive with the distillation loop.
+Task plugins are loaded first, from ``--tasks-dir`` (repeatable), ``$LORKD_PL_TASKS_DIR`` or the
+repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry points.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from lorkd_pl import __version__
+from lorkd_pl.plugins import PluginError, load_plugins
+from lorkd_pl.registry import TASK_KINDS, list_tasks
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    rows = [
+        (t.name, t.region, t.kind, str(t.num_classes), t.modality, t.source or "code")
+        for t in list_tasks(region=args.region, kind=args.kind)
+    ]
+    header = ("task", "region", "kind", "#classes", "modality", "source")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no tasks registered: add a plugin or task spec to tasks/ or pass --tasks-dir)")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from lorkd_pl.data.demo import write_demo_data
+
+    out = write_demo_data(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote demo data to {out}: seg3d/manifest.jsonl, cls2d/*.npz, task specs in {out / 'tasks'}")
+    print(f"use them with: lorkd-pl tasks --tasks-dir {out / 'tasks'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level argument parser."""
+    """The argument parser of the project's own commands."""
     parser = argparse.ArgumentParser(
         prog="lorkd-pl",
         description="Decompose a medical foundation model into lightweight per-region experts (LoRKD).",
     )
     parser.add_argument("--version", action="version", version=f"lorkd-pl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tasks = commands.add_parser("tasks", help="list the registered tasks")
+    tasks.add_argument("--region", help="only tasks of this region")
+    tasks.add_argument("--kind", choices=TASK_KINDS, help="only tasks of this kind")
+    tasks.add_argument("--tasks-dir", action="append", help="folder of task plugins/specs (repeatable)")
+    tasks.set_defaults(run=_tasks)
+
+    demo = commands.add_parser("demo-data", help="write the embedded demo data set")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    demo.set_defaults(run=_demo_data)
     return parser
 
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line with ``args`` (default: ``sys.argv[1:]``) and return an exit code."""
     parser = build_parser()
-    parser.parse_args(args)
-    parser.print_help()
-    return 0
+    namespace = parser.parse_args(args)
+    if namespace.command is None:
+        parser.print_help()
+        return 0
+    try:
+        load_plugins(getattr(namespace, "tasks_dir", None))
+        return namespace.run(namespace)
+    except (LookupError, ValueError, OSError, PluginError) as error:
+        parser.exit(2, f"lorkd-pl: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

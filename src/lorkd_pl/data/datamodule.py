@@ -1,0 +1,306 @@
+"""The multi-region LightningDataModule: any set of registered tasks, mixed-region batches.
+
+* Tasks come from the registry by name (``--data.tasks [demo_brain_seg, demo_thorax_seg]``); all tasks
+  of one module share a kind (``seg3d`` or ``cls2d``). The distinct regions of the tasks, in the
+  registry's global order, are the run's experts: ``regions[i]`` is expert ``i``.
+* Every sample carries ``region`` (expert index) and ``task`` (index into ``tasks``).
+* Sharding: each process (DDP rank) owns a fixed, disjoint shard of every task's records
+  (``records[rank::world_size]``), transforms and caches only that shard, and samples from it; so
+  caching never copies the whole data set into every process.
+* Training batches: tasks are drawn with region weights (default: every region equally often; tasks
+  of one region share its weight), samples within a task cycle through a reshuffled order; batches
+  mix regions and are sorted by region (fast path of the knowledge-separation convolution).
+* Validation/test: one loader per task (metrics per task/region), unpadded shards, whole volumes for
+  3D tasks (the model runs sliding-window inference).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+
+from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
+from lorkd_pl.data.validation import validate_task
+from lorkd_pl.registry import TaskSpec, get_region_index, get_task, order_regions
+
+BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case")
+DEFAULT_CLS_SIZE: tuple[int, int] = (28, 28)
+
+
+def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Collate samples (or lists of crops) into a batch sorted by region.
+
+    Returns:
+        ``{"image": (N, C, *S), "label": (N, 1, *S) | (N,), "region": (N,), "task": (N,), "case": [N]}``.
+    """
+    flat: list[Mapping[str, Any]] = []
+    for item in samples:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    flat.sort(key=lambda sample: int(sample["region"]))
+    return list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
+
+
+class RegionBalancedSampler(DistributedSampler):
+    """Per-rank sampler over a concatenation of task shards, with region weights.
+
+    Each epoch draws ``length`` indices: a task per draw with probability ``task_weights`` and,
+    within a task, the next index of a per-epoch shuffled cycle. Deterministic for ``(seed, epoch,
+    rank)``. Subclasses ``DistributedSampler`` so Lightning does not wrap it again; every rank gets the
+    same length.
+
+    Args:
+        task_sizes: number of samples of each task in this rank's shard (concatenated in order).
+        task_weights: relative draw probability of each task.
+        length: samples this rank draws per epoch.
+        rank: this process's rank; ``num_replicas``: the world size.
+        seed: base seed.
+    """
+
+    def __init__(
+        self,
+        task_sizes: Sequence[int],
+        task_weights: Sequence[float],
+        length: int,
+        rank: int = 0,
+        num_replicas: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(range(sum(task_sizes)), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        if any(size == 0 for size in task_sizes):
+            raise ValueError(f"every task needs samples on every rank, got shard sizes {list(task_sizes)}")
+        self.task_sizes = list(task_sizes)
+        self.task_weights = torch.tensor(task_weights, dtype=torch.double)
+        self.length = int(length)
+        self.offsets = [0, *torch.tensor(self.task_sizes).cumsum(0).tolist()[:-1]]
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**62)
+        draws = torch.multinomial(self.task_weights, self.length, replacement=True, generator=generator)
+        orders = [torch.randperm(size, generator=generator) for size in self.task_sizes]
+        cursors = [0] * len(self.task_sizes)
+        for task in draws.tolist():
+            yield self.offsets[task] + int(orders[task][cursors[task] % self.task_sizes[task]])
+            cursors[task] += 1
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class LocalSequentialSampler(DistributedSampler):
+    """Iterates a data set that already is this process's shard, in order, unpadded (exact metrics).
+
+    Subclasses ``DistributedSampler`` only so Lightning does not shard (and pad) it a second time.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(range(size), num_replicas=1, rank=0, shuffle=False)
+        self.size = size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class MultiRegionDataModule(L.LightningDataModule):
+    """Mixed-region batches from registered tasks.
+
+    Args:
+        tasks: registered task names (one kind). Their regions, in global order, are the experts.
+        batch_size: training batch size per process.
+        val_batch_size: validation/test batch size (default: 1 for seg3d, ``batch_size`` for cls2d).
+        num_workers: DataLoader workers per process.
+        region_weights: relative sampling weight per region name (missing regions: 1.0).
+        samples_per_epoch: training samples per epoch over all processes (default: the number of
+            training records of all tasks).
+        patch_size: override of every task's training crop (seg3d) or image size (cls2d).
+        spacing: override of every seg3d task's target spacing (mm).
+        channels: input channels for cls2d images (RGB→grey or grey→RGB as needed).
+        cache: ``"none"``, ``"memory"`` (MONAI CacheDataset of this process's shard) or ``"disk"``
+            (PersistentDataset in ``cache_dir``).
+        cache_dir: folder for ``cache="disk"``.
+        validate: check every record before training (files, geometry, label values).
+        seed: sampling seed.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        region_weights: dict[str, float] | None = None,
+        samples_per_epoch: int | None = None,
+        patch_size: list[int] | None = None,
+        spacing: list[float] | None = None,
+        channels: int = 1,
+        cache: Literal["none", "memory", "disk"] = "none",
+        cache_dir: str | None = None,
+        validate: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not tasks:
+            raise ValueError("data.tasks is empty; list at least one registered task (see `lorkd-pl tasks`)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"data.tasks lists a task twice: {tasks}")
+        self.task_specs: list[TaskSpec] = [get_task(name) for name in tasks]
+        kinds = {spec.kind for spec in self.task_specs}
+        if len(kinds) > 1:
+            by_kind = {k: [s.name for s in self.task_specs if s.kind == k] for k in sorted(kinds)}
+            raise ValueError(f"data.tasks mixes task kinds {by_kind}; one run trains one kind, split them")
+        self.kind = kinds.pop()
+        self.regions: tuple[str, ...] = order_regions(spec.region for spec in self.task_specs)
+        for name in region_weights or {}:
+            get_region_index(name)
+            if name not in self.regions:
+                raise ValueError(f"data.region_weights names region {name!r}, which no task of data.tasks has")
+        if cache == "disk" and not cache_dir:
+            raise ValueError("data.cache='disk' needs data.cache_dir")
+        self._records: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._datasets: dict[str, list[Dataset]] = {}
+
+    # ------------------------------------------------------------------ run description
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in index order (a sample's ``task`` field indexes this list)."""
+        return [spec.name for spec in self.task_specs]
+
+    @property
+    def task_regions(self) -> list[int]:
+        """Expert index of every task."""
+        return [self.regions.index(spec.region) for spec in self.task_specs]
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts (distinct regions)."""
+        return len(self.regions)
+
+    def train_patch_size(self, spec: TaskSpec) -> tuple[int, ...]:
+        """Training crop (seg3d) or image size (cls2d) of a task, after the override."""
+        if self.hparams.patch_size:
+            return tuple(self.hparams.patch_size)
+        if spec.patch_size:
+            return tuple(spec.patch_size)
+        if spec.kind == "cls2d":
+            return DEFAULT_CLS_SIZE
+        raise ValueError(f"task {spec.name!r} has no patch_size; set it in the task or data.patch_size")
+
+    # ------------------------------------------------------------------ setup
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate and shard the records of the splits ``stage`` needs, and build their datasets."""
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(
+            stage or "fit", ["train", "val", "test"]
+        )
+        sizes = {self.train_patch_size(spec) for spec in self.task_specs}
+        if "train" in splits and len(sizes) > 1:
+            raise ValueError(
+                f"tasks {self.task_names} have different patch sizes {sorted(sizes)}; batches need one size: "
+                "set data.patch_size"
+            )
+        rank, world = self._rank_world()
+        for split in splits:
+            if split in self._datasets:
+                continue
+            datasets = []
+            for index, spec in enumerate(self.task_specs):
+                records = self._task_records(spec, split)
+                shard = records[rank::world]
+                if len(records) < world:
+                    warnings.warn(
+                        f"task {spec.name!r} has {len(records)} {split} samples for {world} processes; "
+                        "every process uses all of them",
+                        stacklevel=2,
+                    )
+                    shard = records
+                tagged = [
+                    {"image": r["image"], "label": r["label"], "case": f"{spec.name}/{r.get('case', i)}",
+                     "region": self.task_regions[index], "task": index}
+                    for i, r in enumerate(shard)
+                ]
+                datasets.append(self._dataset(tagged, self._transform(spec, train=split == "train")))
+            self._datasets[split] = datasets
+
+    def _task_records(self, spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+        if spec.name not in self._records:
+            self._records[spec.name] = {}
+        table = self._records[spec.name]
+        if split not in table:
+            if self.hparams.validate:
+                table.update(validate_task(spec, [split]))
+            else:
+                table[split] = [dict(r) for r in spec.records(split)]
+        return table[split]
+
+    def _transform(self, spec: TaskSpec, train: bool):
+        if spec.kind == "seg3d":
+            spacing = self.hparams.spacing or spec.spacing
+            return seg3d_transforms(train, spec.modality, spacing, self.train_patch_size(spec))
+        return cls2d_transforms(train, self.train_patch_size(spec), self.hparams.channels)
+
+    def _dataset(self, records: list[dict[str, Any]], transform) -> Dataset:
+        if self.hparams.cache == "memory":
+            return CacheDataset(records, transform, progress=False, num_workers=self.hparams.num_workers or 1)
+        if self.hparams.cache == "disk":
+            return PersistentDataset(records, transform, cache_dir=self.hparams.cache_dir)
+        return Dataset(records, transform)
+
+    def dataset(self, split: str, task: int) -> Dataset:
+        """This process's dataset of one task and split (after :meth:`setup`)."""
+        return self._datasets[split][task]
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_by_region,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Mixed-region, region-weighted batches from this process's shards."""
+        datasets = self._datasets["train"]
+        rank, world = self._rank_world()
+        weights = self.hparams.region_weights or {}
+        per_region = {r: sum(1 for s in self.task_specs if s.region == r) for r in self.regions}
+        task_weights = [weights.get(s.region, 1.0) / per_region[s.region] for s in self.task_specs]
+        total = self.hparams.samples_per_epoch or sum(len(self._records[s.name]["train"]) for s in self.task_specs)
+        sampler = RegionBalancedSampler(
+            [len(d) for d in datasets], task_weights, math.ceil(total / world), rank, world, self.hparams.seed
+        )
+        return self._loader(ConcatDataset(datasets), self.hparams.batch_size, sampler)
+
+    def _per_task_loaders(self, split: str) -> list[DataLoader]:
+        size = self.hparams.val_batch_size or (1 if self.kind == "seg3d" else self.hparams.batch_size)
+        return [self._loader(d, size, LocalSequentialSampler(len(d))) for d in self._datasets[split]]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per task (index = task index)."""
+        return self._per_task_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per task (index = task index)."""
+        return self._per_task_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The test split, one loader per task."""
+        return self._per_task_loaders("test")

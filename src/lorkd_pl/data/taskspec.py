@@ -1,0 +1,133 @@
+"""File-backed tasks: a YAML/JSON task spec names its data, region, kind and classes — no Python.
+
+```yaml
+name: liver_ct            # unique task name
+region: abdomen           # a registered region (selects the expert)
+kind: seg3d               # seg3d | cls2d
+classes: [background, liver, tumour]
+manifest: data/manifest.jsonl    # or: dataset_json: Task03_Liver/dataset.json | npz: organamnist.npz
+modality: CT              # CT | MR | other (intensity normalisation)
+spacing: [1.5, 1.5, 3.0]  # seg3d: target spacing (mm)
+patch_size: [96, 96, 48]  # seg3d: training crop; cls2d: image size
+teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher output channel
+```
+
+Relative paths are resolved against the spec file's folder. A manifest may hold several tasks: rows
+whose ``task`` field equals the spec's ``name`` are used (all rows when the manifest has no ``task``
+field).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorkd_pl.data.formats import DatasetFormatError, read_decathlon, read_manifest, read_medmnist
+from lorkd_pl.registry import TaskSpec
+
+DATA_KEYS: tuple[str, ...] = ("manifest", "dataset_json", "npz")
+KNOWN_KEYS: frozenset[str] = frozenset(
+    {"name", "region", "kind", "classes", "modality", "spacing", "patch_size", "metrics", "teacher_classes", *DATA_KEYS}
+)
+
+
+def load_task_spec(path: str | Path) -> TaskSpec:
+    """Read a YAML/JSON task-spec file into a :class:`~lorkd_pl.registry.TaskSpec`.
+
+    Raises:
+        DatasetFormatError: naming the file and field for a missing/unknown field or bad value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise DatasetFormatError(f"cannot read task spec {path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(f"task spec {path}: expected a mapping of fields, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise DatasetFormatError(f"task spec {path}: unknown field(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+    for key in ("name", "region", "kind"):
+        if key not in raw:
+            raise DatasetFormatError(f"task spec {path}: missing field {key!r}")
+    sources = [key for key in DATA_KEYS if key in raw]
+    if len(sources) != 1:
+        raise DatasetFormatError(f"task spec {path}: give exactly one of {list(DATA_KEYS)}, got {sources or 'none'}")
+    key = sources[0]
+    data_path = (path.parent / raw[key]).resolve()
+    classes, modality = raw.get("classes"), raw.get("modality")
+    if key == "dataset_json":
+        info = read_decathlon(data_path)
+        classes, modality = classes or info["classes"], modality or info["modality"]
+        records = _by_split(info["records"])
+    elif key == "npz":
+        records = functools.cache(lambda: read_medmnist(data_path))
+    else:
+        records = functools.cache(lambda: _by_split(_task_rows(read_manifest(data_path), raw["name"], data_path)))
+    if not classes:
+        raise DatasetFormatError(f"task spec {path}: missing field 'classes' (list the class names)")
+    try:
+        return TaskSpec(
+            name=str(raw["name"]),
+            region=str(raw["region"]),
+            kind=raw["kind"],
+            classes=tuple(str(c) for c in classes),
+            records=_split_getter(records),
+            modality=str(modality or "other"),
+            spacing=_floats(raw.get("spacing"), path, "spacing"),
+            patch_size=_ints(raw.get("patch_size"), path, "patch_size"),
+            metrics=tuple(raw.get("metrics") or ()),
+            teacher_classes=raw.get("teacher_classes"),
+            source=str(path),
+        )
+    except (ValueError, KeyError) as error:
+        raise DatasetFormatError(f"task spec {path}: {error}") from None
+
+
+def _task_rows(rows: list[dict[str, Any]], name: str, manifest: Path) -> list[dict[str, Any]]:
+    if not any("task" in row for row in rows):
+        return rows
+    mine = [row for row in rows if row.get("task") == name]
+    if not mine:
+        tasks = sorted({str(row.get("task")) for row in rows})
+        raise DatasetFormatError(f"manifest {manifest} has no rows with task {name!r} (its tasks: {tasks})")
+    return mine
+
+
+def _by_split(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+    for record in records:
+        out[record["split"]].append(dict(record))
+    return out
+
+
+def _split_getter(records) -> Any:
+    def get(split: str) -> list[dict[str, Any]]:
+        table = records() if callable(records) else records
+        return table[split]
+
+    return get
+
+
+def _floats(value: Any, path: Path, key: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a list of numbers, got {value!r}") from None
+
+
+def _ints(value: Any, path: Path, key: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a list of integers, got {value!r}") from None

@@ -1,0 +1,133 @@
+"""MONAI dictionary-transform pipelines for 3D segmentation and 2D classification samples.
+
+3D (keys ``image``, ``label``): load with :class:`SimpleITKReader` → channel first → orientation RAS →
+resample to the task's spacing (bilinear image, nearest label) → intensity by modality (CT: window
+[-500, 1000] HU then z-score; MR: clip to the 0.5–99.5 percentiles then z-score; other: z-score) →
+training only: pad to the patch, a foreground-aware random crop (positive:negative 1:1) and flips.
+Validation/test keep whole volumes (sliding-window inference in the model).
+
+2D (``image`` an array ``(H, W[, 3])`` or a file, ``label`` an int): channel first → the requested
+number of channels → scale to [0, 1] → resize to the task's size → z-score → training only: flips
+and small affine jitter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+
+from lorkd_pl.data.readers import SimpleITKReader
+
+CT_WINDOW: tuple[float, float] = (-500.0, 1000.0)
+MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+
+def intensity_transforms(modality: str) -> list[mt.MapTransform]:
+    """Normalisation of ``image`` by modality: CT window then z-score; MR percentile clip then z-score."""
+    modality = modality.upper()
+    steps: list[mt.MapTransform] = []
+    if modality == "CT":
+        low, high = CT_WINDOW
+        steps.append(mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True))
+    elif modality == "MR":
+        steps.append(mt.ClipIntensityPercentilesd("image", lower=MR_PERCENTILES[0], upper=MR_PERCENTILES[1]))
+    steps.append(mt.NormalizeIntensityd("image"))
+    return steps
+
+
+def seg3d_transforms(
+    train: bool,
+    modality: str,
+    spacing: Sequence[float] | None,
+    patch_size: Sequence[int],
+    flip_prob: float = 0.5,
+) -> mt.Compose:
+    """Pipeline for one 3D segmentation sample ``{"image": path, "label": path}``.
+
+    Produces ``image`` float32 ``(1, X, Y, Z)`` and ``label`` int64 ``(1, X, Y, Z)`` (training:
+    ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
+    """
+    keys = ["image", "label"]
+    steps: list[mt.Transform] = [
+        mt.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
+        mt.EnsureChannelFirstd(keys),
+        mt.Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if spacing is not None:
+        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")))
+    steps += intensity_transforms(modality)
+    if train:
+        steps += [
+            mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
+            mt.RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=tuple(patch_size), pos=1, neg=1, num_samples=1
+            ),
+            *[mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)],
+        ]
+    steps += [mt.EnsureTyped("image", dtype=torch.float32), mt.EnsureTyped("label", dtype=torch.long)]
+    return mt.Compose(steps)
+
+
+class _ToChannels(mt.MapTransform):
+    """``image`` ``(C, H, W)`` → ``channels`` channels (RGB→grey by mean, grey→RGB by repeat)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(["image"])
+        self.channels = channels
+
+    def __call__(self, data):
+        sample = dict(data)
+        image = sample["image"]
+        if image.shape[0] != self.channels:
+            if self.channels == 1:
+                image = image.mean(0, keepdims=True)
+            elif image.shape[0] == 1:
+                image = image.repeat(self.channels, *[1] * (image.ndim - 1))
+            else:
+                raise ValueError(f"cannot turn a {image.shape[0]}-channel image into {self.channels} channels")
+        sample["image"] = image
+        return sample
+
+
+def cls2d_transforms(train: bool, image_size: Sequence[int], channels: int = 1) -> mt.Compose:
+    """Pipeline for one 2D classification sample ``{"image": array | path, "label": int}``.
+
+    Produces ``image`` float32 ``(channels, H, W)`` with ``(H, W) = image_size`` and ``label`` int64
+    ``()``.
+    """
+    steps: list[mt.Transform] = [
+        _LoadArrayOrFile(),
+        _ToChannels(channels),
+        mt.ScaleIntensityd("image"),
+        mt.Resized("image", spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=False),
+        mt.NormalizeIntensityd("image"),
+    ]
+    if train:
+        steps += [
+            mt.RandFlipd("image", prob=0.5, spatial_axis=1),
+            mt.RandAffined("image", prob=0.5, rotate_range=0.15, scale_range=0.1, padding_mode="border"),
+        ]
+    steps.append(mt.EnsureTyped(["image", "label"], dtype=[torch.float32, torch.long], track_meta=False))
+    return mt.Compose(steps)
+
+
+class _LoadArrayOrFile(mt.MapTransform):
+    """``image`` as an in-memory ``(H, W[, C])`` array (MedMNIST) or a 2D image file → ``(C, H, W)``."""
+
+    def __init__(self) -> None:
+        super().__init__(["image"])
+        self.loader = mt.LoadImage(reader=SimpleITKReader(), image_only=True, ensure_channel_first=True)
+
+    def __call__(self, data):
+        sample = dict(data)
+        image = sample["image"]
+        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+            array = self.loader(image)
+        else:
+            array = torch.as_tensor(np.asarray(image, dtype=np.float32))
+            array = array.unsqueeze(0) if array.ndim == 2 else array.movedim(-1, 0)
+        sample["image"] = array.float()
+        return sample
