@@ -85,7 +85,7 @@ def mixed_regions(batch: int, device: torch.device, sort: bool) -> Tensor:
     return region.sort().values if sort else region
 
 
-def build_variants(shape: Shape, device: torch.device) -> list[Variant]:
+def build_variants(shape: Shape, device: torch.device, b_init_std: float = 0.01) -> list[Variant]:
     conv_cls = {2: nn.Conv2d, 3: nn.Conv3d}[shape.dims]
     base = conv_cls(shape.channels, shape.channels, 3, padding=1).to(device)
 
@@ -93,7 +93,13 @@ def build_variants(shape: Shape, device: torch.device) -> list[Variant]:
         layer = conv_cls(shape.channels, shape.channels, 3, padding=1).to(device)
         layer.load_state_dict(base.state_dict())
         return inject_experts(
-            layer, NUM_REGIONS, rank=shape.rank, alpha=16, layout=layout, strategy=strategy, b_init_std=0.01
+            layer,
+            NUM_REGIONS,
+            rank=shape.rank,
+            alpha=16,
+            layout=layout,
+            strategy=strategy,
+            b_init_std=b_init_std,
         )
 
     sorted_mix = mixed_regions(shape.batch, device, sort=True)

@@ -1,13 +1,50 @@
-"""Shared test settings: deterministic, offline, small."""
+"""Shared test settings: deterministic, offline, small; demo data generated once per session.
+
+Plugins load at import time so that tests can be parametrised over ``list_tasks()``.
+"""
+
+from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.pop("LORKD_PL_TASKS_DIR", None)
+_DEMO_ROOT = Path(tempfile.mkdtemp(prefix="lorkd-pl-tests-")) / "demo"
+os.environ["LORKD_PL_DEMO_DATA"] = str(_DEMO_ROOT)
+
+from lorkd_pl.plugins import load_plugins  # noqa: E402
+
+load_plugins()
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_DEMO_ROOT.parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_root() -> Path:
+    """Demo data folder of the session (generated on first use)."""
+    return _DEMO_ROOT
+
+
+@pytest.fixture
+def clean_registry():
+    """Restore the registry's tasks and regions after a test that registers its own."""
+    from lorkd_pl import registry
+
+    tasks, regions = dict(registry._TASKS), list(registry._REGIONS)
+    yield registry
+    registry._TASKS.clear()
+    registry._TASKS.update(tasks)
+    registry._REGIONS[:] = regions

@@ -130,7 +130,9 @@ def get_region_index(name: str) -> int:
     try:
         return _REGIONS.index(name)
     except ValueError:
-        raise RegistryError(_unknown("region", name, _REGIONS, "register it with register_region()")) from None
+        raise RegistryError(
+            _unknown("region", name, _REGIONS, "register it with register_region()")
+        ) from None
 
 
 def order_regions(names: Iterable[str]) -> tuple[str, ...]:
@@ -190,7 +192,11 @@ def list_tasks(region: str | None = None, kind: str | None = None) -> list[TaskS
         get_region_index(region)
     if kind is not None and kind not in TASK_KINDS:
         raise RegistryError(f"unknown task kind {kind!r}; choose one of {TASK_KINDS}")
-    tasks = [t for t in _TASKS.values() if (region is None or t.region == region) and (kind is None or t.kind == kind)]
+    tasks = [
+        t
+        for t in _TASKS.values()
+        if (region is None or t.region == region) and (kind is None or t.kind == kind)
+    ]
     return sorted(tasks, key=lambda t: (get_region_index(t.region), t.name))
 
 

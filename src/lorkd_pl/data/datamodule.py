@@ -72,7 +72,9 @@ class RegionBalancedSampler(DistributedSampler):
         num_replicas: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__(range(sum(task_sizes)), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        super().__init__(
+            range(sum(task_sizes)), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed
+        )
         if any(size == 0 for size in task_sizes):
             raise ValueError(f"every task needs samples on every rank, got shard sizes {list(task_sizes)}")
         self.task_sizes = list(task_sizes)
@@ -163,7 +165,9 @@ class MultiRegionDataModule(L.LightningDataModule):
         for name in region_weights or {}:
             get_region_index(name)
             if name not in self.regions:
-                raise ValueError(f"data.region_weights names region {name!r}, which no task of data.tasks has")
+                raise ValueError(
+                    f"data.region_weights names region {name!r}, which no task of data.tasks has"
+                )
         if cache == "disk" and not cache_dir:
             raise ValueError("data.cache='disk' needs data.cache_dir")
         self._records: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -229,8 +233,13 @@ class MultiRegionDataModule(L.LightningDataModule):
                     )
                     shard = records
                 tagged = [
-                    {"image": r["image"], "label": r["label"], "case": f"{spec.name}/{r.get('case', i)}",
-                     "region": self.task_regions[index], "task": index}
+                    {
+                        "image": r["image"],
+                        "label": r["label"],
+                        "case": f"{spec.name}/{r.get('case', i)}",
+                        "region": self.task_regions[index],
+                        "task": index,
+                    }
                     for i, r in enumerate(shard)
                 ]
                 datasets.append(self._dataset(tagged, self._transform(spec, train=split == "train")))
@@ -283,7 +292,9 @@ class MultiRegionDataModule(L.LightningDataModule):
         weights = self.hparams.region_weights or {}
         per_region = {r: sum(1 for s in self.task_specs if s.region == r) for r in self.regions}
         task_weights = [weights.get(s.region, 1.0) / per_region[s.region] for s in self.task_specs]
-        total = self.hparams.samples_per_epoch or sum(len(self._records[s.name]["train"]) for s in self.task_specs)
+        total = self.hparams.samples_per_epoch or sum(
+            len(self._records[s.name]["train"]) for s in self.task_specs
+        )
         sampler = RegionBalancedSampler(
             [len(d) for d in datasets], task_weights, math.ceil(total / world), rank, world, self.hparams.seed
         )

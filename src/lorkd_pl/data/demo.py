@@ -57,9 +57,14 @@ DEMO_REGIONS: tuple[DemoRegion, ...] = (
         ("background", "left_hemisphere", "right_hemisphere", "ventricles"),
         ("normal", "infarct", "hemorrhage"),
     ),
-    DemoRegion("pelvis", "CT", ("background", "bladder", "hip_left", "hip_right"), ("normal", "fracture", "mass")),
     DemoRegion(
-        "thorax", "CT", ("background", "lung_left", "lung_right", "heart", "spine"), ("normal", "nodule", "effusion")
+        "pelvis", "CT", ("background", "bladder", "hip_left", "hip_right"), ("normal", "fracture", "mass")
+    ),
+    DemoRegion(
+        "thorax",
+        "CT",
+        ("background", "lung_left", "lung_right", "heart", "spine"),
+        ("normal", "nodule", "effusion"),
     ),
 )
 
@@ -98,7 +103,9 @@ class _Phantom:
         value = np.asarray(value, dtype=np.float64)
         return value * (1 + self.rng.uniform(-fraction, fraction, size=value.shape))
 
-    def add(self, center, radii, value: float, label: int = 0, mask: np.ndarray | None = None, rotate: float = 12):
+    def add(
+        self, center, radii, value: float, label: int = 0, mask: np.ndarray | None = None, rotate: float = 12
+    ):
         inside = _ellipsoid(
             self.points,
             np.asarray(center) + self.rng.normal(0, 3.0, size=3),
@@ -237,7 +244,10 @@ def make_cls_image(region: DemoRegion, label: int, rng: np.random.Generator, siz
             finding = organ & (yy > 0.2 + rng.uniform(0, 0.15))
         if region.region == "pelvis" and label == 1:  # fracture: a dark line through a bone
             angle = rng.uniform(0, math.pi)
-            line = np.abs((yy - coords[ys[pick]]) * math.cos(angle) - (xx - coords[xs[pick]]) * math.sin(angle)) < 0.05
+            line = (
+                np.abs((yy - coords[ys[pick]]) * math.cos(angle) - (xx - coords[xs[pick]]) * math.sin(angle))
+                < 0.05
+            )
             finding = organ & line
         contrast = rng.uniform(0.18, 0.3) * (1 if label == 2 and region.region != "pelvis" else -1)
         image[finding] += contrast
@@ -289,9 +299,15 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
                 sitk.WriteImage(image, str(folder / f"{case}_image.nii.gz"), useCompression=True)
                 sitk.WriteImage(label, str(folder / f"{case}_label.nii.gz"), useCompression=True)
                 rows.append(
-                    {"image": f"{region.region}/{case}_image.nii.gz", "label": f"{region.region}/{case}_label.nii.gz",
-                     "region": region.region, "task": f"demo_{region.region}_seg", "modality": region.modality,
-                     "split": SPLIT_OF_VOLUME[v], "case": case}
+                    {
+                        "image": f"{region.region}/{case}_image.nii.gz",
+                        "label": f"{region.region}/{case}_label.nii.gz",
+                        "region": region.region,
+                        "task": f"demo_{region.region}_seg",
+                        "modality": region.modality,
+                        "split": SPLIT_OF_VOLUME[v],
+                        "case": case,
+                    }
                 )
             (work / "cls2d").mkdir(exist_ok=True)
             arrays = {}
@@ -306,7 +322,10 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
             handle.writelines(json.dumps(row) + "\n" for row in rows)
         (work / "tasks").mkdir()
         for region in DEMO_REGIONS:
-            for kind, data in (("seg3d", "../seg3d/manifest.jsonl"), ("cls2d", f"../cls2d/{region.region}.npz")):
+            for kind, data in (
+                ("seg3d", "../seg3d/manifest.jsonl"),
+                ("cls2d", f"../cls2d/{region.region}.npz"),
+            ):
                 spec = _task_spec(region, kind, data)
                 (work / "tasks" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         (work / "VERSION").write_text(f"{DEMO_VERSION} seed={seed}\n")

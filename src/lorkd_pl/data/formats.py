@@ -52,7 +52,9 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetFormatError(f"manifest not found: {path} (write it with `lorkd-pl demo-data` or by hand)")
+        raise DatasetFormatError(
+            f"manifest not found: {path} (write it with `lorkd-pl demo-data` or by hand)"
+        )
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             rows = [dict(row) for row in csv.DictReader(handle)]
@@ -71,7 +73,9 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     else:
         raise DatasetFormatError(f"manifest {path}: unknown format {path.suffix!r}; use .jsonl or .csv")
     if not rows:
-        raise DatasetFormatError(f"manifest {path} has no rows; add one row per image (fields: image, label, region)")
+        raise DatasetFormatError(
+            f"manifest {path} has no rows; add one row per image (fields: image, label, region)"
+        )
     return [_normalise_row(row, index, path) for index, row in enumerate(rows)]
 
 
@@ -80,14 +84,18 @@ def _normalise_row(row: Mapping[str, Any], index: int, manifest: Path) -> dict[s
     record = {k: v for k, v in row.items() if v not in ("", None)}
     for key in REQUIRED_FIELDS:
         if key not in record:
-            raise DatasetFormatError(f"{where}: missing field {key!r} (each row needs {list(REQUIRED_FIELDS)})")
+            raise DatasetFormatError(
+                f"{where}: missing field {key!r} (each row needs {list(REQUIRED_FIELDS)})"
+            )
     for key in ("image", "label"):
         value = record[key]
         if isinstance(value, str) and not _is_int(value):
             record[key] = str((manifest.parent / value).resolve()) if not Path(value).is_absolute() else value
         elif isinstance(value, str):
             record[key] = int(value)
-    record.setdefault("case", Path(str(record["image"])).name.split(".")[0] if isinstance(row["image"], str) else str(index))
+    record.setdefault(
+        "case", Path(str(record["image"])).name.split(".")[0] if isinstance(row["image"], str) else str(index)
+    )
     split = record.get("split", assign_split(str(record["case"])))
     if split not in SPLITS:
         raise DatasetFormatError(f"{where}: field 'split' is {split!r}; use one of {SPLITS}")
@@ -126,7 +134,9 @@ def read_decathlon(path: str | Path, fractions: Sequence[float] = DEFAULT_FRACTI
     else:  # nnU-Net v2: {"background": 0}
         by_index = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
     if sorted(by_index) != list(range(len(by_index))):
-        raise DatasetFormatError(f"{path}: 'labels' must number classes 0..K-1 without gaps, got {sorted(by_index)}")
+        raise DatasetFormatError(
+            f"{path}: 'labels' must number classes 0..K-1 without gaps, got {sorted(by_index)}"
+        )
     channels = info.get("modality") or info.get("channel_names") or {"0": "other"}
     modality = str(channels.get("0", "other"))
     root = path.parent
@@ -148,8 +158,13 @@ def read_decathlon(path: str | Path, fractions: Sequence[float] = DEFAULT_FRACTI
         image_path, label_path = (root / image).resolve(), (root / label).resolve()
         case = label_path.name.split(".")[0]
         records.append(
-            {"image": str(image_path), "label": str(label_path), "case": case,
-             "split": assign_split(case, fractions), "source": f"{path} (case {case})"}
+            {
+                "image": str(image_path),
+                "label": str(label_path),
+                "case": case,
+                "split": assign_split(case, fractions),
+                "source": f"{path} (case {case})",
+            }
         )
     return {"classes": [by_index[i] for i in range(len(by_index))], "modality": modality, "records": records}
 
@@ -182,8 +197,13 @@ def read_medmnist(path: str | Path) -> dict[str, list[dict[str, Any]]]:
                     f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}"
                 )
             out[split] = [
-                {"image": images[i], "label": int(labels[i]), "case": f"{split}_{i}", "split": split,
-                 "source": f"{path} ({split} #{i})"}
+                {
+                    "image": images[i],
+                    "label": int(labels[i]),
+                    "case": f"{split}_{i}",
+                    "split": split,
+                    "source": f"{path} ({split} #{i})",
+                }
                 for i in range(len(images))
             ]
     return out

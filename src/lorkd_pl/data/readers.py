@@ -3,7 +3,8 @@
 MONAI's ``ITKReader`` needs the ``itk`` package; this reader gives the same result with SimpleITK:
 the array in (x, y, z[, channel]) order and a RAS affine built from direction, spacing and origin
 (ITK's LPS world converted to RAS), so ``Orientationd``/``Spacingd`` and
-``monai.data.NibabelReader`` agree with it. It reads NIfTI, NRRD, MHA/MHD, DICOM series folders and 2D PNG/JPEG/TIFF files.
+``monai.data.NibabelReader`` agree with it. It reads NIfTI, NRRD, MHA/MHD, DICOM series folders
+and 2D PNG/JPEG/TIFF files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 SUFFIXES: tuple[str, ...] = (
-    ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"
+    ".nii",
+    ".nii.gz",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
 )
 
 

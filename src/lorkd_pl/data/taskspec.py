@@ -32,7 +32,18 @@ from lorkd_pl.registry import TaskSpec
 
 DATA_KEYS: tuple[str, ...] = ("manifest", "dataset_json", "npz")
 KNOWN_KEYS: frozenset[str] = frozenset(
-    {"name", "region", "kind", "classes", "modality", "spacing", "patch_size", "metrics", "teacher_classes", *DATA_KEYS}
+    {
+        "name",
+        "region",
+        "kind",
+        "classes",
+        "modality",
+        "spacing",
+        "patch_size",
+        "metrics",
+        "teacher_classes",
+        *DATA_KEYS,
+    }
 )
 
 
@@ -52,13 +63,17 @@ def load_task_spec(path: str | Path) -> TaskSpec:
         raise DatasetFormatError(f"task spec {path}: expected a mapping of fields, got {type(raw).__name__}")
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise DatasetFormatError(f"task spec {path}: unknown field(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+        raise DatasetFormatError(
+            f"task spec {path}: unknown field(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}"
+        )
     for key in ("name", "region", "kind"):
         if key not in raw:
             raise DatasetFormatError(f"task spec {path}: missing field {key!r}")
     sources = [key for key in DATA_KEYS if key in raw]
     if len(sources) != 1:
-        raise DatasetFormatError(f"task spec {path}: give exactly one of {list(DATA_KEYS)}, got {sources or 'none'}")
+        raise DatasetFormatError(
+            f"task spec {path}: give exactly one of {list(DATA_KEYS)}, got {sources or 'none'}"
+        )
     key = sources[0]
     data_path = (path.parent / raw[key]).resolve()
     classes, modality = raw.get("classes"), raw.get("modality")
@@ -69,9 +84,16 @@ def load_task_spec(path: str | Path) -> TaskSpec:
     elif key == "npz":
         records = functools.cache(lambda: read_medmnist(data_path))
     else:
-        records = functools.cache(lambda: _by_split(_task_rows(read_manifest(data_path), raw["name"], data_path)))
+        records = functools.cache(
+            lambda: _by_split(_task_rows(read_manifest(data_path), raw["name"], data_path))
+        )
     if not classes:
         raise DatasetFormatError(f"task spec {path}: missing field 'classes' (list the class names)")
+    if not all(isinstance(c, str) for c in classes):
+        raise DatasetFormatError(
+            f"task spec {path}: field 'classes' must list names (strings), got {classes!r}; quote names "
+            "such as 'no', 'yes', 'on', 'off' or numbers, which YAML reads as booleans or numbers"
+        )
     try:
         return TaskSpec(
             name=str(raw["name"]),
@@ -121,7 +143,9 @@ def _floats(value: Any, path: Path, key: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a list of numbers, got {value!r}") from None
+        raise DatasetFormatError(
+            f"task spec {path}: field {key!r} must be a list of numbers, got {value!r}"
+        ) from None
 
 
 def _ints(value: Any, path: Path, key: str) -> tuple[int, ...] | None:
@@ -130,4 +154,6 @@ def _ints(value: Any, path: Path, key: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a list of integers, got {value!r}") from None
+        raise DatasetFormatError(
+            f"task spec {path}: field {key!r} must be a list of integers, got {value!r}"
+        ) from None

@@ -31,7 +31,9 @@ def intensity_transforms(modality: str) -> list[mt.MapTransform]:
     steps: list[mt.MapTransform] = []
     if modality == "CT":
         low, high = CT_WINDOW
-        steps.append(mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True))
+        steps.append(
+            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
+        )
     elif modality == "MR":
         steps.append(mt.ClipIntensityPercentilesd("image", lower=MR_PERCENTILES[0], upper=MR_PERCENTILES[1]))
     steps.append(mt.NormalizeIntensityd("image"))
@@ -87,7 +89,9 @@ class _ToChannels(mt.MapTransform):
             elif image.shape[0] == 1:
                 image = image.repeat(self.channels, *[1] * (image.ndim - 1))
             else:
-                raise ValueError(f"cannot turn a {image.shape[0]}-channel image into {self.channels} channels")
+                raise ValueError(
+                    f"cannot turn a {image.shape[0]}-channel image into {self.channels} channels"
+                )
         sample["image"] = image
         return sample
 
@@ -110,7 +114,10 @@ def cls2d_transforms(train: bool, image_size: Sequence[int], channels: int = 1) 
             mt.RandFlipd("image", prob=0.5, spatial_axis=1),
             mt.RandAffined("image", prob=0.5, rotate_range=0.15, scale_range=0.1, padding_mode="border"),
         ]
-    steps.append(mt.EnsureTyped(["image", "label"], dtype=[torch.float32, torch.long], track_meta=False))
+    steps += [
+        mt.EnsureTyped("image", dtype=torch.float32, track_meta=False),
+        mt.EnsureTyped("label", dtype=torch.long, track_meta=False),
+    ]
     return mt.Compose(steps)
 
 

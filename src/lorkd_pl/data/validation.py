@@ -43,7 +43,8 @@ def validate_seg3d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
     for field, item in (("image", image), ("label", label)):
         if item.GetDimension() != 3:
             raise DataValidationError(
-                f"{where}: field {field!r} ({record[field]}) is {item.GetDimension()}D; a seg3d task needs 3D "
+                f"{where}: field {field!r} ({record[field]}) is {item.GetDimension()}D; "
+                "a seg3d task needs 3D "
                 "volumes (use a cls2d task for 2D images)"
             )
     if image.GetSize() != label.GetSize():
@@ -64,7 +65,8 @@ def validate_seg3d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
     voxels = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(voxels).all():
         raise DataValidationError(
-            f"{where}: field 'image' ({record['image']}) contains NaN or infinite voxels; fix or drop the scan"
+            f"{where}: field 'image' ({record['image']}) contains NaN or infinite voxels; "
+            "fix or drop the scan"
         )
     values = np.unique(sitk.GetArrayViewFromImage(label))
     bad = [int(v) for v in values if v < 0 or v >= task.num_classes or v != int(v)]
@@ -93,9 +95,15 @@ def validate_cls2d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
         loaded = _load(task, record, "image")
         array = sitk.GetArrayViewFromImage(loaded)
         if loaded.GetDimension() != 2 and not (loaded.GetDimension() == 3 and loaded.GetSize()[2] == 1):
-            raise DataValidationError(f"{where}: field 'image' ({image}) is {loaded.GetDimension()}D; cls2d needs 2D")
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3) and array.shape[0] != 1):
-        raise DataValidationError(f"{where}: field 'image' has shape {array.shape}; expected (H, W) or (H, W, 3)")
+            raise DataValidationError(
+                f"{where}: field 'image' ({image}) is {loaded.GetDimension()}D; cls2d needs 2D"
+            )
+    if array.ndim not in (2, 3) or (
+        array.ndim == 3 and array.shape[-1] not in (1, 3) and array.shape[0] != 1
+    ):
+        raise DataValidationError(
+            f"{where}: field 'image' has shape {array.shape}; expected (H, W) or (H, W, 3)"
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise DataValidationError(f"{where}: field 'image' contains NaN or infinite values")
 

@@ -1,0 +1,104 @@
+"""SimpleITKReader against independent oracles: nibabel (NIfTI), pydicom tags (DICOM), round trips."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from monai.data import NibabelReader
+from monai.transforms import LoadImage
+
+from lorkd_pl.data.readers import ImageReadError, SimpleITKReader, read_image
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
+PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def load(path, reader):
+    image = LoadImage(reader=reader, image_only=True)(str(path))
+    return np.asarray(image), np.asarray(image.affine, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "functional.nii", "example4d.nii.gz", "standard.nii.gz"])
+def test_nifti_matches_nibabel_reader(name) -> None:
+    ours, our_affine = load(NIBABEL_DATA / name, SimpleITKReader())
+    theirs, their_affine = load(NIBABEL_DATA / name, NibabelReader())
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    np.testing.assert_allclose(our_affine, their_affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_dicom_matches_its_tags(name) -> None:
+    path = PYDICOM_DATA / name
+    dataset = pydicom.dcmread(path)
+    array, affine = load(path, SimpleITKReader())
+    expected = dataset.pixel_array * float(getattr(dataset, "RescaleSlope", 1)) + float(
+        getattr(dataset, "RescaleIntercept", 0)
+    )
+    assert array.shape[:2] == (dataset.Columns, dataset.Rows)
+    np.testing.assert_allclose(array[..., 0].T, expected)  # (x, y) order: x runs along a row
+    row_cosine, column_cosine = np.array(dataset.ImageOrientationPatient, dtype=float).reshape(2, 3)
+    row_spacing, column_spacing = (float(v) for v in dataset.PixelSpacing)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(affine[:3, 0], lps_to_ras @ row_cosine * column_spacing, atol=1e-6)
+    np.testing.assert_allclose(affine[:3, 1], lps_to_ras @ column_cosine * row_spacing, atol=1e-6)
+    np.testing.assert_allclose(
+        affine[:3, 3], lps_to_ras @ np.array(dataset.ImagePositionPatient, float), atol=1e-4
+    )
+
+
+def test_dicom_series_folder(tmp_path) -> None:
+    shutil.copy(PYDICOM_DATA / "CT_small.dcm", tmp_path / "slice0.dcm")
+    folder_array, folder_affine = load(tmp_path, SimpleITKReader())
+    file_array, file_affine = load(PYDICOM_DATA / "CT_small.dcm", SimpleITKReader())
+    np.testing.assert_array_equal(folder_array, file_array)
+    np.testing.assert_allclose(folder_affine, file_affine)
+
+
+def random_volume(rng: np.random.Generator) -> sitk.Image:
+    array = rng.normal(size=(7, 6, 5)).astype(np.float32)  # (z, y, x)
+    image = sitk.GetImageFromArray(array)
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    image.SetDirection(tuple((rotation @ np.diag([-1.0, 1, 1])).reshape(-1)))
+    image.SetSpacing((0.7, 1.3, 3.1))
+    image.SetOrigin((12.5, -40.0, 7.25))
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_read_round_trip(tmp_path, suffix) -> None:
+    original = random_volume(np.random.default_rng(0))
+    path = tmp_path / f"volume{suffix}"
+    sitk.WriteImage(original, str(path))
+    array, affine = load(path, SimpleITKReader())
+    np.testing.assert_array_equal(array, sitk.GetArrayFromImage(original).T)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, original.GetSpacing(), rtol=1e-6)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(lps @ affine[:3, 3], original.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(
+        lps @ affine[:3, :3] / spacing, np.reshape(original.GetDirection(), (3, 3)), atol=1e-6
+    )
+    reread = read_image(path)
+    assert reread.GetSize() == original.GetSize()
+    if suffix == ".nii.gz":  # nibabel as an independent oracle of the same file
+        _, their_affine = load(path, NibabelReader())
+        np.testing.assert_allclose(affine, their_affine, atol=1e-5)
+
+
+def test_missing_and_corrupt_files(tmp_path) -> None:
+    with pytest.raises(ImageReadError, match="image file not found"):
+        read_image(tmp_path / "missing.nii.gz")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ImageReadError, match=r"cannot read image .*corrupt.nii.gz: the file is corrupt"):
+        read_image(corrupt)
+    with pytest.raises(ImageReadError, match="no DICOM series"):
+        read_image(tmp_path)

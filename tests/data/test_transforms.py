@@ -1,0 +1,86 @@
+"""The 3D and 2D transform pipelines against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from lorkd_pl.data.transforms import CT_WINDOW, MR_PERCENTILES, cls2d_transforms, seg3d_transforms
+
+
+def write(path, array_zyx, spacing=(1.0, 1.0, 1.0), direction=None) -> str:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 600, size=(6, 8, 10)).astype(np.float32)  # (z, y, x)
+    label = (rng.random((6, 8, 10)) > 0.7).astype(np.uint8)
+    return (
+        {"image": write(tmp_path / "i.nii.gz", image), "label": write(tmp_path / "l.nii.gz", label)},
+        image,
+        label,
+    )
+
+
+def zscore(a: np.ndarray) -> np.ndarray:
+    return (a - a.mean()) / a.std()
+
+
+def test_ct_window_then_zscore(volume) -> None:
+    paths, image, label = volume
+    out = seg3d_transforms(False, "CT", None, (4, 4, 4))(paths)
+    # identity direction in LPS → RAS flips x and y: flip the oracle the same way
+    expected = zscore(np.clip(image, *CT_WINDOW).T[::-1, ::-1, :])
+    np.testing.assert_allclose(out["image"][0].numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out["label"][0].numpy(), label.T[::-1, ::-1, :])
+    assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.long
+
+
+def test_mr_percentile_clip_then_zscore(volume) -> None:
+    paths, image, _ = volume
+    out = seg3d_transforms(False, "MR", None, (4, 4, 4))(paths)
+    low, high = np.percentile(image, MR_PERCENTILES)
+    expected = zscore(np.clip(image, low, high).T[::-1, ::-1, :])
+    np.testing.assert_allclose(out["image"][0].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resampling_to_target_spacing(tmp_path) -> None:
+    image = np.zeros((10, 12, 12), np.float32)
+    paths = {
+        "image": write(tmp_path / "i.nii.gz", image, spacing=(1.0, 1.0, 3.0)),
+        "label": write(tmp_path / "l.nii.gz", image.astype(np.uint8), spacing=(1.0, 1.0, 3.0)),
+    }
+    out = seg3d_transforms(False, "other", (2.0, 2.0, 1.5), (4, 4, 4))(paths)
+    assert tuple(out["image"].shape) == (1, 6, 6, 19)  # 12 mm / 2, 12 mm / 2, 27 mm / 1.5 (+1)
+
+
+def test_training_crops_patches_with_foreground(volume) -> None:
+    paths, _, _ = volume
+    transform = seg3d_transforms(True, "CT", None, (4, 4, 4))
+    transform.set_random_state(0)
+    crops = [transform(paths)[0] for _ in range(10)]
+    assert all(tuple(c["image"].shape) == (1, 4, 4, 4) for c in crops)
+    assert sum(int(c["label"].max()) for c in crops) >= 3  # positive:negative 1:1
+
+
+def test_cls2d_arrays_and_channels() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (20, 24)).astype(np.uint8)
+    out = cls2d_transforms(False, (20, 24), channels=1)({"image": grey, "label": 2})
+    np.testing.assert_allclose(out["image"][0].numpy(), zscore(grey / 255.0 * 1.0), rtol=1e-4, atol=1e-4)
+    assert out["label"].dtype == torch.long and int(out["label"]) == 2
+    rgb = rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)
+    out = cls2d_transforms(False, (10, 12), channels=1)({"image": rgb, "label": 0})
+    assert tuple(out["image"].shape) == (1, 10, 12)
+    out = cls2d_transforms(True, (16, 16), channels=3)({"image": grey, "label": 0})
+    assert tuple(out["image"].shape) == (3, 16, 16)
+    torch.testing.assert_close(out["image"][0], out["image"][2])
