@@ -121,3 +121,10 @@ def test_ddp_two_processes_get_disjoint_mixed_shards(tmp_path) -> None:
     assert not seen[0] & seen[1]
     for batches in ranks:
         assert all(len(set(batch["region"])) > 1 for batch in batches)
+
+
+def test_worker_processes() -> None:
+    module = MultiRegionDataModule(["demo_pelvis_cls", "demo_thorax_cls"], batch_size=8, num_workers=2)
+    module.setup("fit")
+    batches = [batch for _, batch in zip(range(3), module.train_dataloader(), strict=False)]
+    assert all(b["image"].shape == (8, 1, 28, 28) for b in batches)
