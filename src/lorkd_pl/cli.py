@@ -1,9 +1,12 @@
 """The ``lorkd-pl`` command line.
 
-Project commands: ``tasks`` (list registered tasks) and ``demo-data`` (write the embedded demo data).
-The Lightning subcommands (fit/validate/test/predict) arrive with the distillation loop.
-Task plugins are loaded first, from ``--tasks-dir`` (repeatable), ``$LORKD_PL_TASKS_DIR`` or the
-repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry points.
+* Lightning subcommands ``fit``, ``validate``, ``test``, ``predict`` (a LightningCLI: subclass mode for
+  model and data, YAML configs with ``class_path``/``init_args``, ``--print_config``). The data
+  module's task list defines the model's tasks, heads and experts (argument links).
+* Project commands: ``tasks`` (list registered tasks) and ``demo-data`` (write the demo data).
+
+Task plugins are loaded first, from ``--tasks-dir`` (repeatable, any position), ``$LORKD_PL_TASKS_DIR``
+or the repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry points.
 """
 
 from __future__ import annotations
@@ -12,9 +15,51 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lightning.pytorch.cli import LightningCLI
+
 from lorkd_pl import __version__
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.models.base import TaskModule
 from lorkd_pl.plugins import PluginError, load_plugins
 from lorkd_pl.registry import TASK_KINDS, list_tasks
+
+LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
+
+
+class LorkdCLI(LightningCLI):
+    """LightningCLI whose data module defines the model's tasks and regions (one source of truth)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.task_info", "model.init_args.task_info", apply_on="instantiate")
+        parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
+
+
+def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
+    """Build (and by default run) the Lightning command line on ``args``."""
+    return LorkdCLI(
+        TaskModule,
+        MultiRegionDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def _split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """Remove ``--tasks-dir X`` / ``--tasks-dir=X`` from ``args``; return the rest and the folders."""
+    rest, folders = [], []
+    items = iter(args)
+    for item in items:
+        if item == "--tasks-dir":
+            folders.append(next(items, ""))
+        elif item.startswith("--tasks-dir="):
+            folders.append(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    return rest, folders or None
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -48,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorkd-pl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        commands.add_parser(
+            name, help=f"Lightning {name} (lorkd-pl {name} --help for its options)", add_help=False
+        )
 
     tasks = commands.add_parser("tasks", help="list the registered tasks")
     tasks.add_argument("--region", help="only tasks of this region")
@@ -65,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line with ``args`` (default: ``sys.argv[1:]``) and return an exit code."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in LIGHTNING_COMMANDS:
+        rest, folders = _split_tasks_dirs(args)
+        try:
+            load_plugins(folders)
+        except PluginError as error:
+            raise SystemExit(f"lorkd-pl: error: {error}") from None
+        lightning_cli(rest)
+        return 0
     parser = build_parser()
     namespace = parser.parse_args(args)
     if namespace.command is None:

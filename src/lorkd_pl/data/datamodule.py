@@ -185,6 +185,26 @@ class MultiRegionDataModule(L.LightningDataModule):
         return [self.regions.index(spec.region) for spec in self.task_specs]
 
     @property
+    def task_info(self) -> list[dict[str, Any]]:
+        """Plain description of every task for the model (linked to ``model.init_args.task_info``)."""
+        return [
+            {
+                "name": spec.name,
+                "region": spec.region,
+                "kind": spec.kind,
+                "classes": list(spec.classes),
+                "patch_size": list(self.train_patch_size(spec)),
+                "teacher_classes": dict(spec.teacher_classes) if spec.teacher_classes else None,
+            }
+            for spec in self.task_specs
+        ]
+
+    @property
+    def region_names(self) -> list[str]:
+        """Region names in expert order (linked to ``model.init_args.regions``)."""
+        return list(self.regions)
+
+    @property
     def num_experts(self) -> int:
         """Number of experts (distinct regions)."""
         return len(self.regions)

@@ -1,0 +1,1 @@
+"""Models: backbones and heads, teacher loading, losses, the generalist and the LoRKD student."""

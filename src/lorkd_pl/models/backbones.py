@@ -1,0 +1,98 @@
+"""Backbones built from config (``class_path`` + ``init_args``) and per-task heads.
+
+A backbone maps images to features: ``(N, C_in, *S) → (N, F, *S)`` for segmentation (e.g. a MONAI
+U-Net whose ``out_channels`` is the feature width F) or ``(N, C_in, H, W) → (N, F)`` for
+classification (e.g. :class:`ConvNet2d`). Heads turn features into one task's logits:
+segmentation a 1×1 convolution, classification a linear layer (on pooled features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import instantiate_class
+from torch import Tensor, nn
+
+PROBE_SIZE = {"seg3d": (32, 32, 32), "cls2d": (32, 32)}
+
+
+class ConvNet2d(nn.Module):
+    """A compact 2D CNN for classification: stages of two 3×3 conv-BN-ReLU, stride 2 between stages.
+
+    Args:
+        in_channels: image channels.
+        channels: width of each stage; the last is the feature width F.
+
+    Shapes:
+        ``(N, in_channels, H, W) → (N, F)`` (global average pooling).
+    """
+
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for index, width in enumerate(channels):
+            stride = 1 if index == 0 else 2
+            layers += [
+                nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.out_channels = previous
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled features ``(N, F)`` of images ``x`` ``(N, C, H, W)``."""
+        return self.features(x).mean(dim=(2, 3))
+
+
+def build_module(config: Mapping[str, Any]) -> nn.Module:
+    """Instantiate ``{"class_path": "pkg.Class", "init_args": {...}}`` (plain data, as in YAML).
+
+    Raises:
+        ValueError: naming the config if ``class_path`` is missing or the class cannot be built.
+    """
+    if not isinstance(config, Mapping) or "class_path" not in config:
+        raise ValueError(f"a backbone needs {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    try:
+        return instantiate_class(
+            (), {"class_path": config["class_path"], "init_args": dict(config.get("init_args", {}))}
+        )
+    except (ImportError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"cannot build {config['class_path']} with init_args {config.get('init_args')}: {error}"
+        ) from None
+
+
+def feature_channels(backbone: nn.Module, kind: str, in_channels: int) -> int:
+    """Feature width F of a backbone, from ``out_channels`` or a probe forward on a small input."""
+    width = getattr(backbone, "out_channels", None)
+    if isinstance(width, int):
+        return width
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(1, in_channels, *PROBE_SIZE[kind]))
+    backbone.train(was_training)
+    return int(out.shape[1])
+
+
+def make_head(kind: str, in_channels: int, num_classes: int) -> nn.Module:
+    """Default head of a task.
+
+    seg3d: a 1×1×1 convolution ``(N, F, *S) → (N, K, *S)``; cls2d: a linear layer ``(N, F) → (N, K)``.
+    """
+    if kind == "seg3d":
+        return nn.Conv3d(in_channels, num_classes, kernel_size=1)
+    return nn.Linear(in_channels, num_classes)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())

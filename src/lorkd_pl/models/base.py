@@ -1,0 +1,203 @@
+"""What the generalist teacher and the LoRKD student share: tasks, evaluation, metrics, optimiser.
+
+Both are trained on the batches of :class:`~lorkd_pl.data.datamodule.MultiRegionDataModule` and
+evaluated per task: segmentation by sliding-window inference on whole volumes (Gaussian weighting)
+and Dice per class (torchmetrics ``DiceScore``, background excluded); classification by accuracy and
+macro AUROC. Metrics are logged as ``<stage>/<task>/<metric>``, their means over tasks as
+``<stage>/mean_<metric>``, and ``<stage>/score`` (mean Dice or mean accuracy) for checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from monai.inferers import sliding_window_inference
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
+from torchmetrics.segmentation import DiceScore
+
+TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
+OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes",)
+
+
+def check_tasks(
+    tasks: Sequence[Mapping[str, Any]] | None, regions: Sequence[str] | None
+) -> tuple[list[dict], list[str]]:
+    """Validate the run description linked from the data module (plain dicts, as in hparams)."""
+    if not tasks or not regions:
+        raise ValueError(
+            "the model needs `tasks` and `regions`; with the CLI they come from the data module "
+            "(data.tasks); in Python pass data.task_info and data.regions"
+        )
+    out = []
+    for task in tasks:
+        missing = [f for f in TASK_FIELDS if f not in task]
+        if missing:
+            raise ValueError(f"task description {task} lacks {missing}")
+        if task["region"] not in regions:
+            raise ValueError(
+                f"task {task['name']!r} has region {task['region']!r}, not among regions {list(regions)}"
+            )
+        out.append({k: task[k] for k in TASK_FIELDS + OPTIONAL_TASK_FIELDS if k in task})
+    kinds = {t["kind"] for t in out}
+    if len(kinds) != 1:
+        raise ValueError(f"one model trains one task kind, got {sorted(kinds)}")
+    return out, list(regions)
+
+
+def task_metrics(task: Mapping[str, Any]) -> MetricCollection:
+    """Metrics of one task: Dice per foreground class (seg3d) or accuracy + macro AUROC (cls2d)."""
+    classes = len(task["classes"])
+    if task["kind"] == "seg3d":
+        return MetricCollection(
+            {
+                "dice": DiceScore(
+                    num_classes=classes, include_background=False, average="none", input_format="index"
+                )
+            }
+        )
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes=classes, average="micro"),
+            "auroc": MulticlassAUROC(num_classes=classes, average="macro"),
+        }
+    )
+
+
+class TaskModule(L.LightningModule):
+    """Base of :class:`GeneralistModule` and :class:`LoRKDModule`.
+
+    Subclasses implement :meth:`task_logits` (images of one task → that task's logits) and
+    ``training_step``.
+
+    Args:
+        task_info: task descriptions ``{"name", "region", "kind", "classes", "patch_size"}`` (linked
+            from the data module's ``task_info``).
+        regions: region names in expert order (linked from the data module).
+        optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9, Nesterov off).
+        lr: peak learning rate; ``weight_decay``: decoupled (AdamW) or L2 (SGD) weight decay.
+        warmup_steps: linear warm-up steps, then cosine decay to 0 over the run.
+        sw_overlap: sliding-window overlap for 3D evaluation; ``sw_batch_size``: windows per forward.
+    """
+
+    def __init__(
+        self,
+        task_info: list[dict[str, Any]] | None = None,
+        regions: list[str] | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        self.tasks, self.regions = check_tasks(task_info, regions)
+        self.kind: str = self.tasks[0]["kind"]
+        self.val_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
+        self.test_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
+
+    # ------------------------------------------------------------------ to implement
+    def task_logits(self, images: Tensor, task: int) -> Tensor:
+        """Logits of task ``task`` for images of that task.
+
+        Args:
+            images: ``(N, C, *S)``.
+            task: task index.
+
+        Returns:
+            ``(N, K_task, *S)`` (seg3d) or ``(N, K_task)`` (cls2d).
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ inference
+    def predict_logits(self, images: Tensor, task: int) -> Tensor:
+        """Whole-input logits: sliding windows over volumes (seg3d) or a direct forward (cls2d)."""
+        if self.kind != "seg3d":
+            return self.task_logits(images, task)
+        return sliding_window_inference(
+            images,
+            roi_size=tuple(self.tasks[task]["patch_size"]),
+            sw_batch_size=self.hparams.sw_batch_size,
+            predictor=lambda windows: self.task_logits(windows, task),
+            overlap=self.hparams.sw_overlap,
+            mode="gaussian",
+        )
+
+    def _evaluate(self, batch: Mapping[str, Any], task: int, metrics: nn.ModuleList) -> None:
+        logits = self.predict_logits(batch["image"], task)
+        label = batch["label"]
+        if self.kind == "seg3d":
+            metrics[task].update(logits.argmax(1), label[:, 0])
+        else:
+            metrics[task].update(logits.float().softmax(1), label)
+
+    def _log_metrics(self, stage: str, metrics: nn.ModuleList) -> dict[str, float]:
+        values: dict[str, float] = {}
+        means: dict[str, list[float]] = {}
+        for task, collection in zip(self.tasks, metrics, strict=True):
+            for name, value in collection.compute().items():
+                value = value.float()
+                if value.ndim:  # per-class Dice: log each class and their mean
+                    for class_name, v in zip(task["classes"][1:], value.tolist(), strict=True):
+                        values[f"{stage}/{task['name']}/{name}_{class_name}"] = v
+                    value = value.nanmean()
+                values[f"{stage}/{task['name']}/{name}"] = float(value)
+                means.setdefault(name, []).append(float(value))
+            collection.reset()
+        for name, items in means.items():
+            values[f"{stage}/mean_{name}"] = sum(items) / len(items)
+        primary = "dice" if self.kind == "seg3d" else "accuracy"
+        values[f"{stage}/score"] = values[f"{stage}/mean_{primary}"]
+        self.log_dict(values, sync_dist=False)  # torchmetrics already reduced across processes
+        return values
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(
+        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
+        """``{"case", "task", "prediction" (argmax, (N, *S) or (N,)), "probabilities"}``."""
+        probabilities = self.predict_logits(batch["image"], dataloader_idx).float().softmax(1)
+        return {
+            "case": batch.get("case"),
+            "task": self.tasks[dataloader_idx]["name"],
+            "prediction": probabilities.argmax(1),
+            "probabilities": probabilities,
+        }
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total - 1)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

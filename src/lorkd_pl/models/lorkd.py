@@ -1,0 +1,182 @@
+"""The LoRKD student: a shared backbone with one low-rank expert per region, per-task heads and KD.
+
+Training step on a mixed-region batch (sorted by region by the data module):
+
+1. ``with expert_routing(student, region)``: one forward of the backbone, each sample through its own
+   region's expert (``W0 + s·B_r A_r``); expert ``r`` gets gradients only from region-``r`` samples.
+2. Per task present: its head on its samples' features → task loss (Dice + CE, or CE).
+3. Knowledge distillation from the frozen teacher: ``KL(softmax(z_t/τ) ‖ softmax(z_s/τ))·τ²`` on the
+   task's classes (teacher channels from the task mapping), and/or feature KD (MSE between a learned
+   1×1 projection of the student's features and the teacher's features).
+4. Loss = task loss + λ·KD, each term weighted by its task's share of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorkd_pl.experts import expert_routing, inject_experts
+from lorkd_pl.experts.layers import Layout
+from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
+from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE
+from lorkd_pl.models.losses import TaskLoss, kd_kl
+from lorkd_pl.models.teacher import Teacher, load_teacher
+
+KDKind = Literal["logits", "features", "both", "none"]
+
+
+class LoRKDModule(TaskModule):
+    """Student with region experts, distilled from a frozen teacher.
+
+    Args:
+        task_info: task descriptions (linked from the data module's ``task_info``).
+        regions: region names in expert order (linked from the data module): expert ``i`` = ``regions[i]``.
+        backbone: ``{"class_path", "init_args"}`` of the student backbone.
+        in_channels: image channels (for probing the feature width).
+        rank: expert rank, or one rank per region (in ``regions`` order).
+        alpha: expert scaling numerator (scale ``alpha / rank``).
+        layout: ``"paper"`` or ``"factorized"`` expert factors.
+        strategy: knowledge-separation strategy (``"auto"`` picks the fastest exact one).
+        include, exclude: glob patterns of backbone layers that get / do not get experts.
+        teacher: path of the teacher (generalist checkpoint, TorchScript file, MONAI bundle folder or
+            a plain checkpoint with ``teacher_model``); ``None`` trains without KD.
+        teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network.
+        kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
+        kd_weight: λ, the weight of the KD term(s).
+        temperature: τ of the logit KD.
+        optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size: see :class:`TaskModule`.
+    """
+
+    def __init__(
+        self,
+        task_info: list[dict[str, Any]] | None = None,
+        regions: list[str] | None = None,
+        backbone: dict[str, Any] | None = None,
+        in_channels: int = 1,
+        rank: int | list[int] = 8,
+        alpha: float = 16.0,
+        layout: Layout = "paper",
+        strategy: str = "auto",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        teacher: str | None = None,
+        teacher_model: dict[str, Any] | None = None,
+        kd: KDKind = "logits",
+        kd_weight: float = 1.0,
+        temperature: float = 1.0,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 4,
+    ) -> None:
+        super().__init__(
+            task_info, regions, optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size
+        )
+        self.save_hyperparameters()
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        network = build_module(backbone or DEFAULT_SEG_BACKBONE)
+        width = feature_channels(network, self.kind, in_channels)
+        self.expert_free_parameters = count_parameters(network)
+        self.student = inject_experts(
+            network,
+            len(self.regions),
+            rank=rank,
+            alpha=alpha,
+            layout=layout,
+            strategy=strategy,
+            include=include,
+            exclude=exclude,
+        )
+        self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
+        self.loss = TaskLoss(self.kind)
+        self.__dict__["_teacher"] = None  # never a submodule: not saved, not synced by DDP
+        self.projection: nn.Module | None = None
+        if teacher is not None and kd in ("features", "both"):
+            teacher_width = self.teacher.feature_width
+            if teacher_width is None:
+                raise ValueError(f"teacher {teacher} exposes no feature width; use kd='logits'")
+            conv = nn.Conv3d if self.kind == "seg3d" else None
+            self.projection = conv(width, teacher_width, 1) if conv else nn.Linear(width, teacher_width)
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> Teacher:
+        """The frozen teacher, loaded on first use (a checkpoint reload for test/export needs none)."""
+        if self._teacher is None:
+            if self.hparams.teacher is None:
+                raise ValueError("no teacher configured (model.init_args.teacher)")
+            # Stored outside nn.Module's registry: not in state_dict, not wrapped or synced by DDP.
+            self.__dict__["_teacher"] = load_teacher(
+                self.hparams.teacher, self.tasks, self.hparams.teacher_model
+            )
+            missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.task_channels]
+            if missing and self.hparams.kd in ("logits", "both"):
+                self.print(f"lorkd-pl: no teacher class mapping for tasks {missing}: no logit KD for them")
+        self._teacher.to(self.device)
+        return self._teacher
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training distils (a teacher is set, KD is on and λ > 0)."""
+        return self.hparams.teacher is not None and self.hparams.kd != "none" and self.hparams.kd_weight > 0
+
+    # ------------------------------------------------------------------ forward
+    def features(self, images: Tensor, region: Tensor | int) -> Tensor:
+        """Student features of images ``(N, C, *S)``; ``region``: ``(N,)`` expert indices or one int."""
+        with expert_routing(self.student, region):
+            return self.student(images)
+
+    def task_logits(self, images: Tensor, task: int) -> Tensor:
+        region = self.regions.index(self.tasks[task]["region"])
+        return self.heads[task](self.features(images, region))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        images, labels, tasks = batch["image"], batch["label"], batch["task"]
+        total = images.shape[0]
+        features = self.features(images, batch["region"])
+        teacher_logits = teacher_features = None
+        if self.uses_teacher and self.hparams.kd in ("logits", "both"):
+            teacher_logits = self.teacher(images)
+        if self.uses_teacher and self.hparams.kd in ("features", "both"):
+            teacher_features = self.teacher.features(images)
+        task_loss = kd_loss = images.new_zeros(())
+        present = set(tasks.unique().tolist())
+        for task in range(len(self.tasks)):
+            if task not in present:  # keep every head in the graph: DDP then needs no unused-parameter search
+                task_loss = task_loss + 0.0 * self.heads[task](features[:0]).sum()
+                continue
+            rows = (tasks == task).nonzero().squeeze(1)
+            share = rows.numel() / total
+            logits = self.heads[task](features.index_select(0, rows))
+            task_loss = task_loss + share * self.loss(logits, labels.index_select(0, rows))
+            channels = (
+                self.teacher.task_channels.get(self.tasks[task]["name"])
+                if teacher_logits is not None
+                else None
+            )
+            if channels is not None:
+                target = teacher_logits.index_select(0, rows)[:, channels]
+                kd_loss = kd_loss + share * kd_kl(logits, target, self.hparams.temperature)
+        if teacher_features is not None and self.projection is not None:
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                kd_loss = kd_loss + F.mse_loss(self.projection(features.float()), teacher_features.float())
+        loss = task_loss + self.hparams.kd_weight * kd_loss
+        size = images.shape[0]
+        self.log_dict({"train/task_loss": task_loss, "train/kd_loss": kd_loss}, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lorkd_pl_model"] = type(self).__name__
+        checkpoint["regions"] = list(self.regions)
+        if self._teacher is not None:
+            checkpoint["teacher"] = {"path": self._teacher.source, "sha256": self._teacher.sha256}

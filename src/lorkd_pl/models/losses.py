@@ -1,0 +1,51 @@
+"""Task losses and knowledge distillation, computed in fp32 under autocast."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+
+
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) · τ²``, averaged over samples (and voxels).
+
+    Args:
+        student_logits: ``(N, K, *S)`` (or ``(N, K)``).
+        teacher_logits: same shape as ``student_logits``; no gradient flows into it.
+        temperature: τ > 0.
+
+    Returns:
+        A scalar: the mean over ``N·prod(S)`` positions of the class-wise KL sum, times τ².
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"KD needs teacher logits of the student's shape {tuple(student_logits.shape)}, got "
+            f"{tuple(teacher_logits.shape)}; check the task's teacher class mapping"
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+        kl = (t.exp() * (t - s)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+class TaskLoss(nn.Module):
+    """Segmentation: Dice + cross-entropy (MONAI ``DiceCELoss``); classification: cross-entropy.
+
+    Shapes:
+        seg3d: logits ``(N, K, *S)``, label ``(N, 1, *S)`` int64 class indices.
+        cls2d: logits ``(N, K)``, label ``(N,)`` int64.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True) if kind == "seg3d" else None
+
+    def forward(self, logits: Tensor, label: Tensor) -> Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            if self.dice_ce is not None:
+                return self.dice_ce(logits.float(), label)
+            return F.cross_entropy(logits.float(), label)

@@ -1,0 +1,195 @@
+"""Loading a frozen teacher (foundation model) for distillation.
+
+Sources, chosen by what ``path`` is:
+
+* a lorkd-pl :class:`~lorkd_pl.models.generalist.GeneralistModule` checkpoint (``.ckpt``): its union
+  classes give every task's teacher channels by task name;
+* a TorchScript file (``torch.jit.save``), loaded only from the path the user names;
+* a MONAI bundle folder (``configs/inference.json|yaml`` with ``network_def``, ``models/model.pt``);
+* any other checkpoint (a state dict, or a Lightning checkpoint's ``state_dict``) together with
+  ``model: {class_path, init_args}`` describing the network.
+
+Every load uses ``torch.load(weights_only=True)``. The teacher is frozen (``requires_grad_(False)``,
+``eval()``), run under ``no_grad``, and never part of the student's checkpoint: its path and sha256 are
+recorded instead. For teachers other than a generalist, a task's ``teacher_classes`` (task class →
+teacher output channel) map logits for distillation; tasks without a mapping get no logit KD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorkd_pl.models.backbones import build_module
+
+
+class TeacherError(ValueError):
+    """A teacher cannot be loaded or does not fit the tasks."""
+
+
+def sha256sum(path: str | Path) -> str:
+    """Hex sha256 of a file, or of a folder's files in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if item.is_file():
+            digest.update(item.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+            with item.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Teacher(nn.Module):
+    """A frozen network and, per task name, the output channels of that task's classes.
+
+    Args:
+        network: maps images ``(N, C, *S)`` to logits ``(N, K_teacher, *S)`` / ``(N, K_teacher)``.
+        task_channels: task name → teacher channel of each of the task's classes (in task order).
+        source: where it was loaded from; ``sha256``: the file's digest.
+        features: optional callable ``images → features`` for feature distillation.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        task_channels: Mapping[str, Sequence[int]],
+        source: str,
+        sha256: str,
+        feature_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        for parameter in network.parameters():  # (ScriptModules lack requires_grad_)
+            parameter.requires_grad_(False)
+        self.network = network.eval()
+        self.task_channels = {k: list(v) for k, v in task_channels.items()}
+        self.source, self.sha256 = source, sha256
+        self.feature_width = feature_width
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """A teacher always stays in eval mode (dropout off, norms frozen)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Teacher logits of ``images``."""
+        return self.network(images)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Teacher features (only for teachers that expose them, e.g. a generalist)."""
+        if not hasattr(self.network, "features"):
+            raise TeacherError(f"teacher {self.source} exposes no features; use kd='logits'")
+        return self.network.features(images)
+
+
+def _mapping_from_tasks(tasks: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    out = {}
+    for task in tasks:
+        mapping = task.get("teacher_classes")
+        if mapping:
+            missing = [c for c in task["classes"] if c not in mapping]
+            if missing:
+                raise TeacherError(
+                    f"task {task['name']!r}: teacher_classes has no channel for classes {missing}; "
+                    "map every class"
+                )
+            out[task["name"]] = [int(mapping[c]) for c in task["classes"]]
+    return out
+
+
+def _state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle refusals, corrupt files
+        raise TeacherError(f"cannot load teacher weights {path} with weights_only=True: {error}") from None
+    if isinstance(loaded, Mapping) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise TeacherError(f"teacher weights {path} hold a {type(loaded).__name__}, not a state dict")
+    return dict(loaded)
+
+
+def load_teacher(
+    path: str | Path, tasks: Sequence[Mapping[str, Any]], model: Mapping[str, Any] | None = None
+) -> Teacher:
+    """Load a frozen teacher from ``path`` (see the module docstring) for ``tasks``.
+
+    Raises:
+        TeacherError: naming the file and the fix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TeacherError(f"teacher not found: {path} (set model.init_args.teacher to a checkpoint)")
+    digest = sha256sum(path)
+    if path.is_dir():
+        network = _load_bundle(path)
+        return Teacher(network, _mapping_from_tasks(tasks), str(path), digest)
+    if _is_torchscript(path):
+        return Teacher(
+            torch.jit.load(str(path), map_location="cpu"), _mapping_from_tasks(tasks), str(path), digest
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TeacherError(f"cannot load teacher {path} with weights_only=True: {error}") from None
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
+    if checkpoint.get("lorkd_pl_model") == "GeneralistModule" if isinstance(checkpoint, Mapping) else False:
+        from lorkd_pl.models.generalist import GeneralistModule
+
+        accepted = inspect.signature(GeneralistModule.__init__).parameters
+        generalist = GeneralistModule(**{k: v for k, v in hparams.items() if k in accepted})
+        generalist.load_state_dict(checkpoint["state_dict"])
+        channels = {t["name"]: c for t, c in zip(generalist.tasks, generalist.task_channels, strict=True)}
+        unknown = [t["name"] for t in tasks if t["name"] not in channels]
+        channels.update({k: v for k, v in _mapping_from_tasks(tasks).items() if k in unknown})
+        width = (
+            generalist.head.in_channels
+            if hasattr(generalist.head, "in_channels")
+            else generalist.head.in_features
+        )
+        return Teacher(generalist, channels, str(path), digest, feature_width=width)
+    if model is None:
+        raise TeacherError(
+            f"teacher {path} is a plain checkpoint: also give model.init_args.teacher_model "
+            "{class_path, init_args} describing its network"
+        )
+    network = build_module(model)
+    network.load_state_dict(_state_dict(path))
+    return Teacher(network, _mapping_from_tasks(tasks), str(path), digest)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _load_bundle(folder: Path) -> nn.Module:
+    from monai.bundle import ConfigParser
+
+    configs = [folder / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")]
+    config = next((c for c in configs if c.is_file()), None)
+    weights = folder / "models" / "model.pt"
+    if config is None or not weights.is_file():
+        raise TeacherError(
+            f"MONAI bundle {folder} needs configs/inference.json (or .yaml) with 'network_def' "
+            "and models/model.pt"
+        )
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    if "network_def" not in parser.config:
+        raise TeacherError(f"MONAI bundle config {config} has no 'network_def'")
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(_state_dict(weights))
+    return network

@@ -1,0 +1,180 @@
+"""LoRKDModule and GeneralistModule: loss composition, gradients, teacher loading, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.models.generalist import GeneralistModule, union_label_space
+from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.models.losses import TaskLoss, kd_kl
+from lorkd_pl.models.teacher import TeacherError, load_teacher
+
+CNN = {
+    "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+    "init_args": {"in_channels": 1, "channels": [4, 8]},
+}
+TASKS = ["demo_brain_cls", "demo_thorax_cls", "demo_abdomen_cls"]
+
+
+@pytest.fixture(scope="module")
+def run():
+    data = MultiRegionDataModule(TASKS, validate=False)
+    return {"task_info": data.task_info, "regions": data.region_names}
+
+
+@pytest.fixture
+def teacher_path(run, tmp_path):
+    generalist = GeneralistModule(**run, backbone=CNN)
+    path = tmp_path / "teacher.ckpt"
+    checkpoint = {"state_dict": generalist.state_dict(), "hyper_parameters": dict(generalist.hparams)}
+    generalist.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def batch(regions=(0, 0, 1, 1, 1), tasks=None):
+    """A region-sorted batch: demo order abdomen(0), brain(1), thorax(2) = tasks 2, 0, 1."""
+    region = torch.tensor(regions)
+    task = torch.tensor([{0: 2, 1: 0, 2: 1}[r] for r in regions]) if tasks is None else torch.tensor(tasks)
+    return {
+        "image": torch.randn(len(regions), 1, 28, 28),
+        "label": torch.randint(0, 3, (len(regions),)),
+        "region": region,
+        "task": task,
+    }
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_union_label_space() -> None:
+    seg = [
+        {"name": "a", "kind": "seg3d", "classes": ["bg", "x", "y"]},
+        {"name": "b", "kind": "seg3d", "classes": ["bg", "z"]},
+    ]
+    names, channels = union_label_space(seg)
+    assert names == ["background", "a/x", "a/y", "b/z"] and channels == [[0, 1, 2], [0, 3]]
+    cls = [
+        {"name": "a", "kind": "cls2d", "classes": ["n", "m"]},
+        {"name": "b", "kind": "cls2d", "classes": ["n", "k"]},
+    ]
+    assert union_label_space(cls) == (["a/n", "a/m", "b/n", "b/k"], [[0, 1], [2, 3]])
+
+
+def test_generalist_labels_map_into_union(run) -> None:
+    model = GeneralistModule(**run, backbone=CNN)
+    label, task = torch.tensor([2, 0, 1]), torch.tensor([0, 1, 2])
+    assert model.union_labels(label, task).tolist() == [2, 3, 7]
+
+
+def test_lambda_zero_gives_task_only_gradients(run, teacher_path) -> None:
+    torch.manual_seed(1)
+    with_teacher = LoRKDModule(**run, backbone=CNN, rank=2, teacher=str(teacher_path), kd_weight=0.0)
+    without = LoRKDModule(**run, backbone=CNN, rank=2, teacher=None)
+    without.load_state_dict(with_teacher.state_dict())
+    for module in (with_teacher, without):
+        for p in module.parameters():  # B != 0 so that A gets gradients too
+            if p.ndim == 3:
+                torch.nn.init.normal_(p, std=0.1)
+    without.load_state_dict(with_teacher.state_dict())
+    data = batch()
+    with_teacher.training_step(data, 0).backward()
+    without.training_step(data, 0).backward()
+    a, b = grads(with_teacher), grads(without)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def test_loss_is_task_loss_plus_weighted_kd(run, teacher_path) -> None:
+    model = LoRKDModule(
+        **run, backbone=CNN, rank=2, teacher=str(teacher_path), kd_weight=0.7, temperature=3.0
+    )
+    model.eval()  # BatchNorm in eval: the hand computation below sees the same statistics
+    data = batch()
+    loss = model.training_step(data, 0)
+    features = model.features(data["image"], data["region"])
+    teacher_logits = model.teacher(data["image"])
+    expected_task = expected_kd = 0.0
+    for t in data["task"].unique().tolist():
+        rows = data["task"] == t
+        logits = model.heads[t](features[rows])
+        share = rows.sum() / len(rows)
+        expected_task += share * TaskLoss("cls2d")(logits, data["label"][rows])
+        channels = model.teacher.task_channels[model.tasks[t]["name"]]
+        expected_kd += share * kd_kl(logits, teacher_logits[rows][:, channels], 3.0)
+    torch.testing.assert_close(loss, expected_task + 0.7 * expected_kd)
+
+
+def test_experts_learn_only_from_their_regions(run) -> None:
+    model = LoRKDModule(**run, backbone=CNN, rank=2)
+    model.training_step(batch(regions=(1, 1, 2)), 0).backward()  # no abdomen (expert 0) sample
+    for name, p in model.named_parameters():
+        if name.endswith("expert_B"):
+            assert torch.count_nonzero(p.grad[0]) == 0, name
+            assert torch.count_nonzero(p.grad[1]) > 0 and torch.count_nonzero(p.grad[2]) > 0, name
+
+
+def test_checkpoint_keeps_teacher_out_and_hparams_plain(run, teacher_path) -> None:
+    model = LoRKDModule(**run, backbone=CNN, teacher=str(teacher_path))
+    _ = model.teacher
+    assert not any(k.startswith(("_teacher", "teacher")) for k in model.state_dict())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    model.train()
+    assert not model.teacher.training
+    json.dumps(dict(model.hparams))  # plain values only
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["teacher"]["path"] == str(teacher_path) and len(checkpoint["teacher"]["sha256"]) == 64
+    assert checkpoint["regions"] == run["regions"]
+
+
+def test_torchscript_state_dict_and_bundle_teachers(run, tmp_path) -> None:
+    from monai.networks.nets import Regressor
+
+    spec = {"in_shape": [1, 28, 28], "out_shape": [9], "channels": [4], "strides": [2]}
+    network = Regressor(**spec).eval()
+    tasks = [
+        dict(t, teacher_classes={c: i + 3 * k for i, c in enumerate(t["classes"])})
+        for k, t in enumerate(run["task_info"])
+    ]
+    x = torch.randn(2, 1, 28, 28)
+    expected = network(x)
+
+    scripted = tmp_path / "teacher.pt"
+    torch.jit.save(torch.jit.script(network), scripted)
+    teacher = load_teacher(scripted, tasks)
+    torch.testing.assert_close(teacher(x), expected)
+    assert teacher.task_channels["demo_thorax_cls"] == [3, 4, 5]
+
+    weights = tmp_path / "weights.pt"
+    torch.save(network.state_dict(), weights)
+    with pytest.raises(TeacherError, match="teacher_model"):
+        load_teacher(weights, tasks)
+    described = {"class_path": "monai.networks.nets.Regressor", "init_args": spec}
+    torch.testing.assert_close(load_teacher(weights, tasks, described)(x), expected)
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    config = {"network_def": {"_target_": "monai.networks.nets.Regressor", **spec}}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    torch.testing.assert_close(load_teacher(bundle, tasks)(x), expected)
+
+
+def test_pickled_code_payload_is_refused(tmp_path, run) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(TeacherError, match="weights_only=True"):
+        load_teacher(path, run["task_info"])

@@ -1,0 +1,92 @@
+"""Every shipped config: --print_config, fit (fast_dev_run), test and predict through main([...])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorkd_pl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DEMO = sorted((CONFIGS / "demo").glob("*.yaml"))
+PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml")) + sorted((CONFIGS / "logging").glob("*.yaml"))
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+
+
+def run(*args: str) -> None:
+    assert main(list(args)) == 0
+
+
+@pytest.mark.parametrize("config", DEMO, ids=lambda p: p.stem)
+def test_print_config(config, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"].endswith("MultiRegionDataModule")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_layer_on_a_demo_config(preset, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "demo" / "teacher_cls.yaml"),
+                "--config",
+                str(preset),
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load(preset.read_text())["trainer"]
+    for key, value in expected.items():
+        if key != "logger":
+            assert printed["trainer"][key] == value
+
+
+@pytest.mark.parametrize("kind", ["cls", "seg"])
+def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    teacher, student = (
+        str(CONFIGS / "demo" / f"teacher_{kind}.yaml"),
+        str(CONFIGS / "demo" / f"lorkd_{kind}.yaml"),
+    )
+    run("fit", "--config", teacher, *FAST)
+    teacher_ckpt = tmp_path / "runs" / "demo" / f"teacher_{kind}" / "checkpoints" / "last.ckpt"
+    assert teacher_ckpt.is_file()
+    run("fit", "--config", student, "--trainer.fast_dev_run=2")
+    run("fit", "--config", student, *FAST)
+    student_ckpt = tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
+    for config, ckpt in ((teacher, teacher_ckpt), (student, student_ckpt)):
+        run("test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches=1")
+        run("predict", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches=1")
+    logs = list((tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/config.yaml"))
+    assert len(logs) >= 2  # one folder and config per run
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_keys_are_accepted(sweep, capsys) -> None:
+    spec = yaml.safe_load(sweep.read_text())
+    command = spec["command"]
+    assert command[:3] == ["${env}", "lorkd-pl", "fit"] and command[-1] == "${args}"
+    configs = [str(ROOT / command[i + 1]) for i, item in enumerate(command) if item == "--config"]
+    args = []
+    for key, values in spec["parameters"].items():
+        value = values["values"][0] if "values" in values else values["min"]
+        args.append(f"--{key}={value}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *[a for c in configs for a in ("--config", c)], *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, values in spec["parameters"].items():
+        node = printed
+        for part in key.split("."):
+            node = node[part]
+        expected = values["values"][0] if "values" in values else values["min"]
+        assert node == expected, key

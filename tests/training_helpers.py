@@ -1,0 +1,41 @@
+"""Helpers imported by training tests and by the DDP processes they start (kept out of test discovery)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class SaveRankWeights(L.Callback):
+    """At the end of training, each process writes its parameters and the regions of its batches."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.regions: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.regions.append(batch["region"].tolist())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        rank = trainer.global_rank
+        # Parameters only: BatchNorm running statistics are per-process buffers, which DDP broadcasts
+        # from rank 0 before each forward and each process then updates locally.
+        weights = {name: p.detach().cpu() for name, p in pl_module.named_parameters()}
+        torch.save(weights, self.out / f"rank{rank}.pt")
+        (self.out / f"rank{rank}.json").write_text(json.dumps(self.regions))
+
+
+def write_generalist_checkpoint(path: Path, task_names: list[str], backbone: dict) -> Path:
+    """A (random) generalist teacher checkpoint for ``task_names``, as lorkd-pl saves it."""
+    from lorkd_pl.data.datamodule import MultiRegionDataModule
+    from lorkd_pl.models.generalist import GeneralistModule
+
+    data = MultiRegionDataModule(task_names, validate=False)
+    model = GeneralistModule(task_info=data.task_info, regions=data.region_names, backbone=backbone)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
