@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 VOLUMES_PER_REGION = 10
 SPLIT_OF_VOLUME = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
 CLS_SPLIT_SIZES = {"train": 240, "val": 60, "test": 60}
@@ -238,7 +238,7 @@ def make_cls_image(region: DemoRegion, label: int, rng: np.random.Generator, siz
         organ = organs[rng.integers(len(organs))]
         ys, xs = np.nonzero(organ)
         pick = rng.integers(len(ys))
-        radius = rng.uniform(0.07, 0.14)
+        radius = rng.uniform(0.1, 0.17)
         finding = blob(coords[ys[pick]], coords[xs[pick]], radius * rng.uniform(0.6, 1.4), radius) & body
         if region.region in ("thorax",) and label == 2:  # effusion: posterior crescent
             finding = organ & (yy > 0.2 + rng.uniform(0, 0.15))
@@ -249,7 +249,7 @@ def make_cls_image(region: DemoRegion, label: int, rng: np.random.Generator, siz
                 < 0.05
             )
             finding = organ & line
-        contrast = rng.uniform(0.18, 0.3) * (1 if label == 2 and region.region != "pelvis" else -1)
+        contrast = rng.uniform(0.28, 0.42) * (1 if label == 2 and region.region != "pelvis" else -1)
         image[finding] += contrast
     image += rng.normal(0, rng.uniform(0.06, 0.1), size=image.shape)
     return np.clip(image * 255, 0, 255).astype(np.uint8)

@@ -1,6 +1,12 @@
 """Low-rank region experts and the knowledge-separation convolution (pure PyTorch)."""
 
-from lorkd_pl.experts.inject import expert_layers, expert_routing, inject_experts, merge_expert
+from lorkd_pl.experts.inject import (
+    expert_layers,
+    expert_routing,
+    inject_experts,
+    load_base_weights,
+    merge_expert,
+)
 from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertLayer, ExpertLinear
 from lorkd_pl.experts.routing import Routing, RoutingError
 from lorkd_pl.experts.strategies import STRATEGIES
@@ -16,5 +22,6 @@ __all__ = [
     "expert_layers",
     "expert_routing",
     "inject_experts",
+    "load_base_weights",
     "merge_expert",
 ]

@@ -175,3 +175,36 @@ def merge_expert(model: nn.Module, region: int) -> nn.Module:
         parent = merged.get_submodule(parent_name) if parent_name else merged
         setattr(parent, child, base)
     return merged
+
+
+@torch.no_grad()
+def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
+    """Load a plain network's ``state_dict`` into a model with experts (into ``W0``; experts untouched).
+
+    Keys of wrapped layers (``<layer>.weight``/``.bias``) go to ``<layer>.base_layer.*``.
+
+    Args:
+        model: the network after :func:`inject_experts`.
+        state_dict: weights of the same network without experts.
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        ValueError: if a key is missing or unexpected or a shape differs (the networks differ).
+    """
+    wrapped = {name for name, _ in expert_layers(model)}
+    target = model.state_dict()
+    mapped = {}
+    for key, value in state_dict.items():
+        owner, _, leaf = key.rpartition(".")
+        mapped[f"{owner}.base_layer.{leaf}" if owner in wrapped else key] = value
+    expected = {k for k in target if ".expert_" not in k and not k.endswith((".scaling", ".rank_mask"))}
+    if set(mapped) != expected:
+        missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
+        raise ValueError(f"the plain weights do not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in mapped.items():
+        if target[key].shape != value.shape:
+            raise ValueError(f"shape of {key}: network {tuple(target[key].shape)}, weights {tuple(value.shape)}")
+        target[key].copy_(value)
+    return len(mapped)

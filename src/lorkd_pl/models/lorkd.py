@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorkd_pl.experts import expert_routing, inject_experts
+from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights
 from lorkd_pl.experts.layers import Layout
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
-from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE
+from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
 from lorkd_pl.models.teacher import Teacher, load_teacher
 
@@ -47,6 +47,9 @@ class LoRKDModule(TaskModule):
         teacher: path of the teacher (generalist checkpoint, TorchScript file, MONAI bundle folder or
             a plain checkpoint with ``teacher_model``); ``None`` trains without KD.
         teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network.
+        init_from_teacher: start the shared weights ``W0`` and the heads from a generalist teacher with
+            the same backbone (the experts then decompose the foundation model's own weights); done
+            once, when a fit starts without ``ckpt_path``.
         kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
         kd_weight: λ, the weight of the KD term(s).
         temperature: τ of the logit KD.
@@ -67,6 +70,7 @@ class LoRKDModule(TaskModule):
         exclude: list[str] | None = None,
         teacher: str | None = None,
         teacher_model: dict[str, Any] | None = None,
+        init_from_teacher: bool = False,
         kd: KDKind = "logits",
         kd_weight: float = 1.0,
         temperature: float = 1.0,
@@ -128,6 +132,27 @@ class LoRKDModule(TaskModule):
     def uses_teacher(self) -> bool:
         """Whether training distils (a teacher is set, KD is on and λ > 0)."""
         return self.hparams.teacher is not None and self.hparams.kd != "none" and self.hparams.kd_weight > 0
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init_from_teacher and self.trainer.ckpt_path is None:
+            self.initialise_from_teacher()
+
+    @torch.no_grad()
+    def initialise_from_teacher(self) -> None:
+        """Copy a generalist teacher's backbone into ``W0`` and its union head rows into the task heads.
+
+        Raises:
+            ValueError: if the teacher is not a lorkd-pl generalist with the same backbone.
+        """
+        network = self.teacher.network
+        if not isinstance(network, GeneralistModule):
+            raise ValueError("init_from_teacher needs a lorkd-pl generalist teacher checkpoint")
+        copied = load_base_weights(self.student, network.backbone.state_dict())
+        for task, head in zip(self.tasks, self.heads, strict=True):
+            channels = self.teacher.task_channels[task["name"]]
+            head.weight.copy_(network.head.weight[channels])
+            head.bias.copy_(network.head.bias[channels])
+        self.print(f"lorkd-pl: initialised {copied} backbone tensors and {len(self.heads)} heads from the teacher")
 
     # ------------------------------------------------------------------ forward
     def features(self, images: Tensor, region: Tensor | int) -> Tensor:
