@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q
 
-# The main job. Until the distillation loop lands it runs the expert-layer benchmark.
+# The main job: demo data, generalist teacher, LoRKD distillation, per-region test, report table.
 demo: install
-	$(PY) benchmarks/expert_conv.py --quick
+	$(VENV)/bin/lorkd-pl demo
 
 bench: install
 	$(PY) benchmarks/expert_conv.py

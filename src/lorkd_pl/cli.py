@@ -3,7 +3,8 @@
 * Lightning subcommands ``fit``, ``validate``, ``test``, ``predict`` (a LightningCLI: subclass mode for
   model and data, YAML configs with ``class_path``/``init_args``, ``--print_config``). The data
   module's task list defines the model's tasks, heads and experts (argument links).
-* Project commands: ``tasks`` (list registered tasks) and ``demo-data`` (write the demo data).
+* Project commands: ``tasks`` (list registered tasks), ``demo-data`` (write the demo data) and
+  ``demo`` (the main job on the demo data: teacher, LoRKD, per-region test, comparison table).
 
 Task plugins are loaded first, from ``--tasks-dir`` (repeatable, any position), ``$LORKD_PL_TASKS_DIR``
 or the repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry points.
@@ -85,6 +86,13 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lorkd_pl.demo_run import main as run_demo
+
+    run_demo(args.workdir, kinds=args.kind or ("cls", "seg"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the project's own commands."""
     parser = argparse.ArgumentParser(
@@ -109,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     demo.set_defaults(run=_demo_data)
+
+    job = commands.add_parser("demo", help="the main job on the demo data: teacher, LoRKD, test, report")
+    job.add_argument("--workdir", help="folder for runs/ (default: the current folder)")
+    job.add_argument("--kind", action="append", choices=["cls", "seg"], help="only this demo (repeatable)")
+    job.set_defaults(run=_demo)
     return parser
 
 

@@ -178,3 +178,24 @@ def test_pickled_code_payload_is_refused(tmp_path, run) -> None:
     torch.save({"state_dict": {}, "payload": Payload()}, path)
     with pytest.raises(TeacherError, match="weights_only=True"):
         load_teacher(path, run["task_info"])
+
+
+def test_merged_expert_has_the_plain_network_size(run) -> None:
+    from lorkd_pl.demo_run import merged_expert_parameters
+    from lorkd_pl.models.backbones import count_parameters
+
+    model = LoRKDModule(**run, backbone=CNN, rank=[2, 3, 4])
+    assert count_parameters(model.student) > model.expert_free_parameters
+    for task in range(len(model.tasks)):
+        expected = model.expert_free_parameters + count_parameters(model.heads[task])
+        assert merged_expert_parameters(model, task) == expected
+
+
+def test_init_from_teacher_copies_backbone_and_heads(run, teacher_path) -> None:
+    model = LoRKDModule(**run, backbone=CNN, teacher=str(teacher_path), init_from_teacher=True)
+    model.initialise_from_teacher()
+    generalist = model.teacher.network
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    for task in range(len(model.tasks)):
+        torch.testing.assert_close(model.task_logits(x, task), generalist.task_logits(x, task))

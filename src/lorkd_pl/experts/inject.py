@@ -202,9 +202,13 @@ def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
     expected = {k for k in target if ".expert_" not in k and not k.endswith((".scaling", ".rank_mask"))}
     if set(mapped) != expected:
         missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
-        raise ValueError(f"the plain weights do not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"the plain weights do not fit this network: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, value in mapped.items():
         if target[key].shape != value.shape:
-            raise ValueError(f"shape of {key}: network {tuple(target[key].shape)}, weights {tuple(value.shape)}")
+            raise ValueError(
+                f"shape of {key}: network {tuple(target[key].shape)}, weights {tuple(value.shape)}"
+            )
         target[key].copy_(value)
     return len(mapped)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights
@@ -124,7 +125,9 @@ class LoRKDModule(TaskModule):
             )
             missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.task_channels]
             if missing and self.hparams.kd in ("logits", "both"):
-                self.print(f"lorkd-pl: no teacher class mapping for tasks {missing}: no logit KD for them")
+                rank_zero_warn(
+                    f"lorkd-pl: no teacher class mapping for tasks {missing}: no logit KD for them"
+                )
         self._teacher.to(self.device)
         return self._teacher
 
@@ -152,7 +155,9 @@ class LoRKDModule(TaskModule):
             channels = self.teacher.task_channels[task["name"]]
             head.weight.copy_(network.head.weight[channels])
             head.bias.copy_(network.head.bias[channels])
-        self.print(f"lorkd-pl: initialised {copied} backbone tensors and {len(self.heads)} heads from the teacher")
+        rank_zero_info(
+            f"lorkd-pl: initialised {copied} backbone tensors and {len(self.heads)} heads from the teacher"
+        )
 
     # ------------------------------------------------------------------ forward
     def features(self, images: Tensor, region: Tensor | int) -> Tensor:
