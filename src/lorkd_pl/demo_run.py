@@ -70,7 +70,8 @@ def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), pro
         for index, task in enumerate(student.tasks):
             key = f"test/{task['name']}/{metric}"
             lines.append(
-                f"| {task['name']} | {task['region']} | {teacher_metrics[key]:.3f} | {student_metrics[key]:.3f} "
+                f"| {task['name']} | {task['region']} | {teacher_metrics[key]:.3f} "
+                f"| {student_metrics[key]:.3f} "
                 f"| {merged_expert_parameters(student, index):,} |"
             )
         mean_key = f"test/mean_{metric}"
@@ -79,7 +80,8 @@ def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), pro
         )
         lines += [
             "",
-            f"Parameters: teacher {count_parameters(teacher):,}; student with all {len(student.regions)} experts "
+            f"Parameters: teacher {count_parameters(teacher):,}; "
+            f"student with all {len(student.regions)} experts "
             f"and {len(student.heads)} heads {count_parameters(student):,}; expert-free backbone "
             f"{student.expert_free_parameters:,}. Fit time: teacher {timings['teacher']:.0f} s, "
             f"LoRKD {timings['lorkd']:.0f} s.",
