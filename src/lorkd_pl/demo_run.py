@@ -9,6 +9,7 @@ expert's metric plus the parameters of the teacher, the student with all experts
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,11 @@ KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
 def _cli(args: Sequence[str]):
     from lorkd_pl.cli import lightning_cli
 
-    return lightning_cli(args)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv also holds arguments
+    try:
+        return lightning_cli(args)
+    finally:
+        sys.argv = argv
 
 
 def _test_metrics(config: Path, checkpoint: Path, quiet: list[str]) -> tuple[dict[str, float], Any]:

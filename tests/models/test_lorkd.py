@@ -199,3 +199,21 @@ def test_init_from_teacher_copies_backbone_and_heads(run, teacher_path) -> None:
     model.eval()
     for task in range(len(model.tasks)):
         torch.testing.assert_close(model.task_logits(x, task), generalist.task_logits(x, task))
+
+
+def test_feature_kd_trains_a_projection(run, teacher_path) -> None:
+    model = LoRKDModule(**run, backbone=CNN, teacher=str(teacher_path), kd="features", kd_weight=2.0)
+    assert isinstance(model.projection, nn.Linear) and model.projection.out_features == 8
+    model.eval()
+    data = batch()
+    loss = model.training_step(data, 0)
+    features = model.features(data["image"], data["region"])
+    task_only = LoRKDModule(**run, backbone=CNN, kd="none")
+    task_only.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("projection")})
+    task_only.eval()
+    expected_kd = torch.nn.functional.mse_loss(
+        model.projection(features), model.teacher.features(data["image"])
+    )
+    torch.testing.assert_close(loss, task_only.training_step(data, 0) + 2.0 * expected_kd)
+    loss.backward()
+    assert model.projection.weight.grad is not None and torch.count_nonzero(model.projection.weight.grad) > 0

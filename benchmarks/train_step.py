@@ -1,0 +1,208 @@
+"""Training-step throughput and peak memory of the LoRKD student, side by side in one run.
+
+A full optimisation step (forward, per-task heads and losses, backward, AdamW step) on a batch that
+mixes 8 regions (one task each, sorted by region as the data module delivers it), for:
+
+* the same backbone and heads without experts (the baseline),
+* the LoRKD student with the ``auto`` strategy (the default) and with ``grouped`` (the paper's),
+* and, separately, the frozen teacher's forward (the KD cost on top of a student step).
+
+Usage::
+
+    python benchmarks/train_step.py            # 3D U-Net and 2D CNN, CPU (+ CUDA if available)
+    python benchmarks/train_step.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from expert_conv import machine_name, peak_memory, time_steps
+from lorkd_pl.experts import merge_expert
+from lorkd_pl.models.generalist import GeneralistModule
+from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.registry import DEFAULT_REGIONS
+
+BASELINE = "expert-free student"
+SETUPS = {
+    "3D U-Net": {
+        "backbone": {
+            "class_path": "monai.networks.nets.UNet",
+            "init_args": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 16,
+                "channels": [16, 32, 64],
+                "strides": [2, 2],
+                "num_res_units": 1,
+            },
+        },
+        "kind": "seg3d",
+        "batch": 8,
+        "shape": (1, 40, 40, 24),
+        "classes": 4,
+    },
+    "2D CNN": {
+        "backbone": {
+            "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+            "init_args": {"in_channels": 1, "channels": [32, 64, 128]},
+        },
+        "kind": "cls2d",
+        "batch": 128,
+        "shape": (1, 28, 28),
+        "classes": 3,
+    },
+}
+
+
+class ExpertFreeStudent(LoRKDModule):
+    """The same training step with the plain backbone (expert 0 merged, experts removed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.student = merge_expert(self.student, 0)
+
+    def features(self, images, region):
+        return self.student(images)
+
+
+def run_info(setup: dict) -> dict:
+    tasks = [
+        {
+            "name": f"{region}_task",
+            "region": region,
+            "kind": setup["kind"],
+            "classes": [f"c{i}" for i in range(setup["classes"])],
+            "patch_size": list(setup["shape"][1:]),
+        }
+        for region in DEFAULT_REGIONS
+    ]
+    return {"task_info": tasks, "regions": list(DEFAULT_REGIONS)}
+
+
+def make_batch(setup: dict, device: torch.device) -> dict:
+    n = setup["batch"]
+    region = (torch.arange(n) % len(DEFAULT_REGIONS)).sort().values
+    label_shape = (n, 1, *setup["shape"][1:]) if setup["kind"] == "seg3d" else (n,)
+    return {
+        "image": torch.randn(n, *setup["shape"], device=device),
+        "label": torch.randint(0, setup["classes"], label_shape, device=device),
+        "region": region.to(device),
+        "task": region.to(device),
+    }
+
+
+def make_step(module, batch: dict, dtype: torch.dtype) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    device = batch["image"].device
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
+    rows = []
+    for name, setup in SETUPS.items():
+        for dtype in dtypes:
+            torch.manual_seed(0)
+            info = run_info(setup)
+            common = {"backbone": setup["backbone"], "kd": "none", "rank": 8, "alpha": 16}
+            modules = {
+                BASELINE: ExpertFreeStudent(**info, **common),
+                "LoRKD student (auto)": LoRKDModule(**info, **common),
+                "LoRKD student (grouped, paper)": LoRKDModule(**info, **common, strategy="grouped"),
+            }
+            batch = make_batch(setup, device)
+            steps = {label: make_step(m.to(device).train(), batch, dtype) for label, m in modules.items()}
+            teacher = GeneralistModule(**info, backbone=setup["backbone"]).to(device).eval()
+
+            def teacher_forward(teacher=teacher, batch=batch, dtype=dtype) -> None:
+                with (
+                    torch.no_grad(),
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+                ):
+                    teacher(batch["image"])
+
+            steps["teacher forward (KD cost)"] = teacher_forward
+            memory = {label: peak_memory(step, device) for label, step in steps.items()}
+            times = time_steps(steps, device, rounds, budget)
+            for label in steps:
+                rows.append(
+                    {
+                        "setup": f"{name}, N={setup['batch']}, 8 regions",
+                        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+                        "variant": label,
+                        "ms": times[label] * 1e3,
+                        "samples_s": setup["batch"] / times[label],
+                        "time_ratio": times[label] / times[BASELINE],
+                        "mb": memory[label] / 2**20,
+                        "memory_ratio": memory[label] / memory[BASELINE],
+                    }
+                )
+            print(f"  measured {name} {rows[-1]['dtype']} on {device.type}", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| setup | dtype | variant | ms / step | samples/s | time × expert-free "
+        "| peak MB | memory × expert-free |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['dtype']} | {r['variant']} | {r['ms']:.1f} | {r['samples_s']:.1f} "
+            f"| {r['time_ratio']:.2f} | {r['mb']:.1f} | {r['memory_ratio']:.2f} |"
+        )
+    checks = [
+        f"- {'ok' if r['time_ratio'] <= 1.25 else 'MISSED'}: {r['setup']} {r['dtype']}: LoRKD student step "
+        f"≤ 1.25× the expert-free step ({r['time_ratio']:.2f}×)"
+        for r in rows
+        if r["variant"] == "LoRKD student (auto)"
+    ]
+    return "\n".join([*lines, "", "Target:", *checks])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fp32 only, shorter timing")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--output", help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda"))
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    rounds, budget = (3, 1.0) if args.quick else (5, 3.0)
+    sections = []
+    for device in devices:
+        rows = run(device, dtypes, rounds, budget)
+        sections.append(
+            markdown(rows, f"{device.type.upper()}: {machine_name(device)} (torch {torch.__version__})")
+        )
+    report = "\n\n".join(sections)
+    print(report)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
