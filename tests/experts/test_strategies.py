@@ -152,3 +152,18 @@ def test_merge_expert_equals_routed_layer(name, layout, strategy) -> None:
         assert type(merged) is type(layer.base_layer)
         with expert_routing(layer, t):
             torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["paper", "factorized"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_auto_with_one_sample_per_region(name, layout) -> None:
+    """auto switches to the grouped computation on CPU here; still equal to the oracle."""
+    layer, x = make_layer(name, layout, "auto", [1, 2, 3, 4])
+    x, region = x[:3], torch.tensor([3, 0, 1])
+    with expert_routing(layer, region):
+        out = layer(x)
+    torch.testing.assert_close(out, reference_forward(layer, x, region), rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(out)
+    got, want = grads_of(layer, out, probe), grads_of(layer, reference_forward(layer, x, region), probe)
+    for key in got:
+        assert_rel_close(got[key], want[key], msg=key)
