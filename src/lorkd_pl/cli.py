@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -93,6 +94,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from lorkd_pl.export import export_region, load_student, size_report
+
+    if args.dry_run:
+        print(size_report(args.ckpt))
+        return 0
+    if not args.out:
+        raise ValueError("export needs --out (a folder; with --all-regions one subfolder per region)")
+    student, _ = load_student(args.ckpt)
+    regions = student.regions if args.all_regions else [args.region]
+    if regions == [None]:
+        raise ValueError(f"give --region (one of {student.regions}) or --all-regions")
+    for region in regions:
+        out = Path(args.out) / region if args.all_regions else Path(args.out)
+        export_region(args.ckpt, region, out, overwrite=args.overwrite, student=student)
+        print(f"exported {region} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the project's own commands."""
     parser = argparse.ArgumentParser(
@@ -122,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--workdir", help="folder for runs/ (default: the current folder)")
     job.add_argument("--kind", action="append", choices=["cls", "seg"], help="only this demo (repeatable)")
     job.set_defaults(run=_demo)
+
+    export = commands.add_parser("export", help="merge a region's expert into a plain network folder")
+    export.add_argument("--ckpt", required=True, help="a LoRKD training checkpoint (e.g. RUN/last.ckpt)")
+    export.add_argument("--region", help="the region to export")
+    export.add_argument("--all-regions", action="store_true", help="export every region into OUT/<region>")
+    export.add_argument("--out", help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -195,6 +195,8 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "classes": list(spec.classes),
                 "patch_size": list(self.train_patch_size(spec)),
                 "teacher_classes": dict(spec.teacher_classes) if spec.teacher_classes else None,
+                "modality": spec.modality,
+                "spacing": list(self.hparams.spacing or spec.spacing or []) or None,
             }
             for spec in self.task_specs
         ]

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
 TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
-OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes",)
+OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing")
 
 
 def check_tasks(

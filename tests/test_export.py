@@ -1,0 +1,110 @@
+"""Export of a region's merged expert: equal outputs, plain size, atomic folder, loads without lorkd-pl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorkd_pl.cli import main
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.export import ExpertNetwork, ExportError, export_region, load_student
+from lorkd_pl.models.backbones import build_module, count_parameters, make_head
+from lorkd_pl.models.lorkd import LoRKDModule
+
+CNN = {
+    "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+    "init_args": {"in_channels": 1, "channels": [4, 8]},
+}
+TASKS = ["demo_brain_cls", "demo_thorax_cls", "demo_abdomen_cls"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    data = MultiRegionDataModule(TASKS, validate=False)
+    torch.manual_seed(0)
+    student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=[2, 3, 4])
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("expert_B"):
+                p.normal_(0, 0.2)  # experts differ from W0
+    student.eval()
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    ckpt = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}
+    student.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path, student
+
+
+def test_exported_network_equals_the_student(checkpoint, tmp_path) -> None:
+    path, student = checkpoint
+    x = torch.randn(5, 1, 28, 28)
+    for region in student.regions:
+        out = export_region(path, region, tmp_path / region)
+        program = torch.export.load(str(out / "model.pt2")).module()
+        metadata = json.loads((out / "metadata.json").read_text())
+        outputs = program(x)
+        for task in metadata["tasks"]:
+            index = [t["name"] for t in student.tasks].index(task["name"])
+            with torch.no_grad():
+                expected = student.task_logits(x, index)
+            torch.testing.assert_close(outputs[task["output_index"]], expected, rtol=1e-5, atol=1e-6)
+        heads = [make_head("cls2d", 8, len(t["classes"])) for t in metadata["tasks"]]
+        rebuilt = ExpertNetwork(build_module(metadata["backbone"]), heads).eval()
+        rebuilt.load_state_dict(torch.load(out / "state_dict.pt", weights_only=True))
+        torch.testing.assert_close(rebuilt(x)[0], outputs[0], rtol=1e-5, atol=1e-6)
+        assert metadata["parameters"] == student.expert_free_parameters + sum(
+            count_parameters(student.heads[[t["name"] for t in student.tasks].index(t["name"])])
+            for t in metadata["tasks"]
+        )
+        assert metadata["parameters"] == count_parameters(rebuilt)
+        assert len(metadata["source_checkpoint"]["sha256"]) == 64
+
+
+def test_export_loads_with_plain_pytorch(checkpoint, tmp_path) -> None:
+    path, _ = checkpoint
+    out = export_region(path, "brain", tmp_path / "brain")
+    code = (
+        "import sys, torch\n"
+        f"m = torch.export.load({str(out / 'model.pt2')!r}).module()\n"
+        "y = m(torch.randn(3, 1, 28, 28))\n"
+        "assert y[0].shape == (3, 3), y[0].shape\n"
+        "assert not [k for k in sys.modules if k.startswith(('lorkd_pl', 'monai'))]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_atomic_and_no_overwrite(checkpoint, tmp_path, monkeypatch) -> None:
+    path, _ = checkpoint
+    out = export_region(path, "thorax", tmp_path / "thorax")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_region(path, "thorax", out)
+    before = (out / "metadata.json").read_text()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_region(path, "thorax", out, overwrite=True)
+    assert (out / "metadata.json").read_text() == before  # the previous export is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thorax"]  # no temporary folder left
+
+
+def test_errors_and_dry_run(checkpoint, tmp_path, capsys) -> None:
+    path, student = checkpoint
+    with pytest.raises(ExportError, match=r"unknown region 'spine'; this checkpoint's regions are"):
+        export_region(path, "spine", tmp_path / "x")
+    not_lorkd = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, not_lorkd)
+    with pytest.raises(ExportError, match="not a LoRKD student checkpoint"):
+        load_student(not_lorkd)
+    assert main(["export", "--ckpt", str(path), "--dry-run"]) == 0
+    report = capsys.readouterr().out
+    assert f"| merged expert: brain | {student.expert_free_parameters + 27:,} |" in report
+    assert main(["export", "--ckpt", str(path), "--all-regions", "--out", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(student.regions)
