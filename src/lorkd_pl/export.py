@@ -181,6 +181,7 @@ def _intensity_description(modality: str | None, kind: str) -> str:
 
 def _readme(metadata: dict[str, Any]) -> str:
     tasks = ", ".join(f"{t['name']} ({len(t['classes'])} classes)" for t in metadata["tasks"])
+    shape = ", ".join(map(str, [metadata["input"]["channels"], *metadata["input"]["patch_size"]]))
     return f"""# lorkd-pl expert: {metadata["region"]}
 
 Plain network (the region's low-rank expert merged into the shared weights) with the heads of: {tasks}.
@@ -189,7 +190,7 @@ Parameters: {metadata["parameters"]:,}. Source checkpoint sha256: {metadata["sou
 ```python
 import torch
 network = torch.export.load("model.pt2").module()      # plain PyTorch, no lorkd-pl needed
-outputs = network(images)   # images: (N, {metadata["input"]["channels"]}, {", ".join(map(str, metadata["input"]["patch_size"]))})
+outputs = network(images)   # images: (N, {shape}); one logits tensor per task
 ```
 
 Preprocessing: {json.dumps(metadata["input"])}. `state_dict.pt` holds the same weights for the backbone in
@@ -211,7 +212,8 @@ def size_report(checkpoint: str | Path) -> str:
     else:
         lines.append("| teacher | (file not available) | |")
     lines.append(
-        f"| student, all {len(student.regions)} experts + {len(student.heads)} heads | {count_parameters(student):,} "
+        f"| student, all {len(student.regions)} experts + {len(student.heads)} heads "
+        f"| {count_parameters(student):,} "
         f"| {Path(checkpoint).stat().st_size / 2**20:.2f} MiB (checkpoint incl. optimizer) |"
     )
     for region in student.regions:
