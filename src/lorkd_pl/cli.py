@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lorkd_pl import __version__
@@ -113,6 +114,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_files(args: Sequence[str]) -> int:
+    """``lorkd-pl predict --input ... --source ...``: files in, predictions out (see lorkd_pl.predict)."""
+    from lorkd_pl.predict import predict_files
+
+    parser = argparse.ArgumentParser(prog="lorkd-pl predict", description="Predict on files with one expert.")
+    parser.add_argument(
+        "--input", action="append", required=True, help="file, DICOM folder, folder or manifest"
+    )
+    parser.add_argument("--source", required=True, help="an exported expert folder or a LoRKD checkpoint")
+    parser.add_argument("--region", help="the region (needed with a checkpoint)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options = parser.parse_args(args)
+    try:
+        for path in predict_files(options.input, options.source, options.out, options.region, options.device):
+            print(f"wrote {path}")
+    except (LookupError, ValueError, OSError) as error:
+        parser.exit(2, f"lorkd-pl: error: {error}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the project's own commands."""
     parser = argparse.ArgumentParser(
@@ -157,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line with ``args`` (default: ``sys.argv[1:]``) and return an exit code."""
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["predict"] and any(a == "--input" or a.startswith("--input=") for a in args):
+        return _predict_files(args[1:])
     if args and args[0] in LIGHTNING_COMMANDS:
         rest, folders = _split_tasks_dirs(args)
         try:
