@@ -174,7 +174,7 @@ def predict_segmentation(expert: Expert, image: str, out_dir: Path, device: str 
 
 
 def predict_classification(expert: Expert, images: Sequence[str], out_dir: Path, device: str = "cpu") -> Path:
-    """Write ``<out_dir>/<region>_predictions.csv``: image, task, predicted class, one probability per class."""
+    """Write ``<out_dir>/<region>_predictions.csv``: image, task, class, one probability per class."""
     transform = cls2d_transforms(False, expert.patch_size, expert.channels)
     out = out_dir / f"{expert.region}_predictions.csv"
     with out.open("w", newline="", encoding="utf-8") as handle:
