@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 VOLUMES_PER_REGION = 10
 SPLIT_OF_VOLUME = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
-CLS_SPLIT_SIZES = {"train": 240, "val": 60, "test": 60}
+CLS_SPLIT_SIZES = {"train": 240, "val": 60, "test": 150}
 SEG_SPACING = (2.0, 2.0, 3.0)
 SEG_PATCH = (40, 40, 24)
 CLS_IMAGE_SIZE = (28, 28)
