@@ -296,6 +296,22 @@ def check_targets(rows: list[dict]) -> list[str]:
     return report
 
 
+def devices_for(choice: str) -> list[torch.device]:
+    """``auto``: the CPU, plus CUDA when available; ``cpu``/``cuda``: that one."""
+    devices = [torch.device("cpu")] if choice in ("auto", "cpu") else []
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def emit(report: str, output: str | None) -> None:
+    """Print the report and, if asked, write it to ``output``."""
+    print(report)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
 
-    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        devices.append(torch.device("cuda"))
+    devices = devices_for(args.device)
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[
         args.dtype
     ]
@@ -338,10 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     report = (
         "\n\n".join(sections) + "\n\nTargets (mixed 8-region batch, sorted by region):\n" + "\n".join(targets)
     )
-    print(report)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    emit(report, args.output)
     return 0
 
 

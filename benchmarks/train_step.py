@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from expert_conv import machine_name, peak_memory, time_steps
+from expert_conv import devices_for, emit, machine_name, peak_memory, time_steps
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*self.log.*")
-    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        devices.append(torch.device("cuda"))
+    devices = devices_for(args.device)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rounds, budget = (3, 1.0) if args.quick else (5, 3.0)
     sections = []
@@ -197,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             markdown(rows, f"{device.type.upper()}: {machine_name(device)} (torch {torch.__version__})")
         )
     report = "\n\n".join(sections)
-    print(report)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(report + "\n")
+    emit(report, args.output)
     return 0
 
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorkd_pl.atomic import atomic_folder
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.backbones import count_parameters
 from lorkd_pl.models.lorkd import LoRKDModule
@@ -120,7 +118,7 @@ def export_region(
         ExportError: for a bad checkpoint or region, or an existing ``out`` without ``overwrite``.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # fail before the (slow) export
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     if student is None:
         student, _ = load_student(checkpoint)
@@ -129,9 +127,7 @@ def export_region(
     example = _example_input(tasks[0], in_channels)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite, ExportError) as work:
         torch.export.save(program, str(work / "model.pt2"))
         torch.save(network.state_dict(), work / "state_dict.pt")
         metadata = {
@@ -160,12 +156,6 @@ def export_region(
         }
         (work / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (work / "README.md").write_text(_readme(metadata), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 import yaml
+
+from lorkd_pl.atomic import atomic_folder
 
 DEMO_VERSION = 3
 VOLUMES_PER_REGION = 10
@@ -283,11 +283,7 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
         The output folder.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as work:
         rows = []
         for r_index, region in enumerate(DEMO_REGIONS):
             folder = work / "seg3d" / region.region
@@ -329,12 +325,6 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
                 spec = _task_spec(region, kind, data)
                 (work / "tasks" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         (work / "VERSION").write_text(f"{DEMO_VERSION} seed={seed}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 
