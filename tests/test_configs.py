@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,14 @@ def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
         run("predict", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches=1")
     logs = list((tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/config.yaml"))
     assert len(logs) >= 2  # one folder and config per run
+    summaries = sorted(
+        (tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/summary/*.json")
+    )
+    assert [p.stem for p in summaries] == [
+        f"demo_{r}_{kind}" for r in ("abdomen", "brain", "pelvis", "thorax")
+    ]
+    summary = json.loads(summaries[0].read_text())
+    assert summary["cases"] and ("per_class" in summary)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -20,6 +21,14 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
+
+from lorkd_pl.reports import (
+    classification_summary,
+    dice_per_class,
+    hd95_per_class,
+    segmentation_summary,
+    write_json_atomic,
+)
 
 TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
 OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing")
@@ -101,6 +110,7 @@ class TaskModule(L.LightningModule):
         self.kind: str = self.tasks[0]["kind"]
         self.val_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
         self.test_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
+        self._test_cases: list[list[dict[str, Any]]] = [[] for _ in self.tasks]
 
     # ------------------------------------------------------------------ to implement
     def task_logits(self, images: Tensor, task: int) -> Tensor:
@@ -129,13 +139,14 @@ class TaskModule(L.LightningModule):
             mode="gaussian",
         )
 
-    def _evaluate(self, batch: Mapping[str, Any], task: int, metrics: nn.ModuleList) -> None:
+    def _evaluate(self, batch: Mapping[str, Any], task: int, metrics: nn.ModuleList) -> Tensor:
         logits = self.predict_logits(batch["image"], task)
         label = batch["label"]
         if self.kind == "seg3d":
             metrics[task].update(logits.argmax(1), label[:, 0])
         else:
             metrics[task].update(logits.float().softmax(1), label)
+        return logits
 
     def _log_metrics(self, stage: str, metrics: nn.ModuleList) -> dict[str, float]:
         values: dict[str, float] = {}
@@ -164,10 +175,56 @@ class TaskModule(L.LightningModule):
         self._log_metrics("val", self.val_metrics)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, dataloader_idx, self.test_metrics)
+        logits = self._evaluate(batch, dataloader_idx, self.test_metrics)
+        task = self.tasks[dataloader_idx]
+        cases = batch.get("case") or [f"{batch_idx}_{i}" for i in range(len(logits))]
+        if self.kind == "seg3d":
+            prediction, label = logits.argmax(1).cpu(), batch["label"][:, 0].cpu()
+            for i, case in enumerate(cases):
+                self._test_cases[dataloader_idx].append(
+                    {
+                        "case": case,
+                        "dice": dice_per_class(prediction[i], label[i], len(task["classes"])),
+                        "hd95": hd95_per_class(
+                            prediction[i], label[i], len(task["classes"]), task.get("spacing")
+                        ),
+                    }
+                )
+        else:
+            probabilities = logits.float().softmax(1).cpu()
+            for i, case in enumerate(cases):
+                self._test_cases[dataloader_idx].append(
+                    {"case": case, "probabilities": probabilities[i], "label": int(batch["label"][i])}
+                )
+
+    def on_test_epoch_start(self) -> None:
+        self._test_cases = [[] for _ in self.tasks]
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+        self._write_summaries()
+
+    def _write_summaries(self) -> None:
+        """``<log_dir>/summary/<task>.json`` per task (nnU-Net style), all processes' cases gathered."""
+        cases = self._test_cases
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, cases)
+            cases = [[row for part in gathered for row in part[t]] for t in range(len(self.tasks))]
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if not self.trainer.is_global_zero or log_dir is None:
+            return
+        for task, rows in zip(self.tasks, cases, strict=True):
+            if self.kind == "seg3d":
+                summary = segmentation_summary(task, rows)
+            else:
+                summary = classification_summary(
+                    task,
+                    torch.stack([r["probabilities"] for r in rows]),
+                    torch.tensor([r["label"] for r in rows]),
+                    [r["case"] for r in rows],
+                )
+            write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", summary)
 
     def predict_step(
         self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0

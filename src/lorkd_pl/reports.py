@@ -1,0 +1,148 @@
+"""nnU-Net-style evaluation summaries per task (``summary.json``), written atomically.
+
+Dice rule for an empty ground truth (the torchmetrics ``DiceScore`` convention, used everywhere in
+lorkd-pl): a class absent from both ground truth and prediction gives NaN and is left out of means;
+a class absent from the ground truth but predicted gives 0 (false positives count). MONAI's
+``compute_dice`` gives NaN for any empty ground truth with ``ignore_empty=True`` and 1 for "both
+empty" with ``ignore_empty=False``; ``tests/test_reports.py`` checks the rule against both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.metrics import compute_hausdorff_distance
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_auroc, multiclass_confusion_matrix
+
+
+def dice_per_class(prediction: Tensor, label: Tensor, num_classes: int) -> list[float]:
+    """Dice of each foreground class (1..K-1) for one case, with lorkd-pl's empty-ground-truth rule.
+
+    Args:
+        prediction: ``(*S)`` int64 class indices.
+        label: ``(*S)`` int64 class indices.
+        num_classes: K (background included).
+    """
+    values = []
+    for c in range(1, num_classes):
+        p, g = prediction == c, label == c
+        total = int(p.sum() + g.sum())
+        values.append(float("nan") if total == 0 else 2.0 * int((p & g).sum()) / total)
+    return values
+
+
+def hd95_per_class(
+    prediction: Tensor, label: Tensor, num_classes: int, spacing: Sequence[float] | None
+) -> list[float]:
+    """95th-percentile Hausdorff distance (mm with ``spacing``) per foreground class; NaN if one is empty."""
+    pred = torch.nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 0)[None]
+    gt = torch.nn.functional.one_hot(label.long(), num_classes).movedim(-1, 0)[None]
+    with warnings.catch_warnings():  # empty classes are reported as NaN below
+        warnings.simplefilter("ignore")
+        distances = compute_hausdorff_distance(
+            pred, gt, include_background=False, percentile=95, spacing=spacing
+        )
+    out = []
+    for c, value in enumerate(distances[0].tolist(), start=1):
+        empty = not bool((prediction == c).any()) or not bool((label == c).any())
+        out.append(float("nan") if empty or math.isinf(value) else float(value))
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def segmentation_summary(task: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-class means over cases and per-case rows (``{"case", "dice": [...], "hd95": [...]}``)."""
+    classes = list(task["classes"][1:])
+    per_class = {}
+    for index, name in enumerate(classes):
+        per_class[name] = {
+            "dice": _nanmean([case["dice"][index] for case in cases]),
+            "hd95": _nanmean([case["hd95"][index] for case in cases]),
+        }
+    return {
+        "task": task["name"],
+        "region": task["region"],
+        "kind": task["kind"],
+        "dice_rule": "NaN if the class is absent from ground truth and prediction; 0 if only predicted",
+        "mean": {
+            "dice": _nanmean([v["dice"] for v in per_class.values()]),
+            "hd95": _nanmean([v["hd95"] for v in per_class.values()]),
+        },
+        "per_class": per_class,
+        "cases": [
+            {
+                "case": c["case"],
+                **{f"dice_{n}": c["dice"][i] for i, n in enumerate(classes)},
+                **{f"hd95_{n}": c["hd95"][i] for i, n in enumerate(classes)},
+            }
+            for c in cases
+        ],
+    }
+
+
+def classification_summary(
+    task: Mapping[str, Any], probabilities: Tensor, labels: Tensor, cases: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro AUROC, per-class recall, the confusion matrix and per-case rows.
+
+    Args:
+        probabilities: ``(N, K)`` class probabilities.
+        labels: ``(N,)`` int64.
+    """
+    classes = list(task["classes"])
+    k = len(classes)
+    predicted = probabilities.argmax(1)
+    confusion = multiclass_confusion_matrix(
+        predicted, labels, num_classes=k
+    )  # rows: truth, columns: prediction
+    support = confusion.sum(1)
+    recall = [float(confusion[i, i] / support[i]) if support[i] else float("nan") for i in range(k)]
+    return {
+        "task": task["name"],
+        "region": task["region"],
+        "kind": task["kind"],
+        "accuracy": float((predicted == labels).float().mean()),
+        "auroc_macro": float(multiclass_auroc(probabilities, labels, num_classes=k, average="macro")),
+        "per_class": {
+            name: {"recall": recall[i], "support": int(support[i])} for i, name in enumerate(classes)
+        },
+        "confusion_matrix": {"rows_truth_columns_prediction": classes, "counts": confusion.tolist()},
+        "cases": [
+            {
+                "case": case,
+                "label": classes[int(y)],
+                "prediction": classes[int(p)],
+                **{f"p_{n}": float(v) for n, v in zip(classes, row.tolist(), strict=True)},
+            }
+            for case, y, p, row in zip(cases, labels, predicted, probabilities, strict=True)
+        ],
+    }
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write JSON to a temporary file beside ``path`` and rename it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, allow_nan=True)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
