@@ -29,6 +29,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/expert_conv.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/inference.py
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks tasks
