@@ -240,6 +240,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "set data.patch_size"
             )
         rank, world = self._rank_world()
+        task_regions = self.task_regions
         for split in splits:
             if split in self._datasets:
                 continue
@@ -259,7 +260,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                         "image": r["image"],
                         "label": r["label"],
                         "case": f"{spec.name}/{r.get('case', i)}",
-                        "region": self.task_regions[index],
+                        "region": task_regions[index],
                         "task": index,
                     }
                     for i, r in enumerate(shard)

@@ -68,11 +68,6 @@ def read_image(path: str | Path) -> sitk.Image:
         ) from None
 
 
-def geometry(image: sitk.Image) -> dict[str, tuple[float, ...]]:
-    """Spacing, origin and direction of an image (ITK/LPS convention)."""
-    return {"spacing": image.GetSpacing(), "origin": image.GetOrigin(), "direction": image.GetDirection()}
-
-
 def affine_ras(image: sitk.Image) -> np.ndarray:
     """The ``(d+1, d+1)`` RAS affine: ``direction · diag(spacing)`` and ``origin``, LPS → RAS."""
     dims = min(image.GetDimension(), 3)

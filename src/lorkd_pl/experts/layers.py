@@ -202,12 +202,6 @@ class ExpertLayer(nn.Module):
         index = torch.tensor([expert], dtype=torch.long, device=self.weight.device)
         return self.merged_weights(index)[0]
 
-    def expert_parameter_count(self) -> int:
-        """Number of trainable expert entries, rank padding excluded (all ``T`` experts)."""
-        a_row = self.expert_A[0, 0].numel()
-        b_col = self.expert_B.shape[1]
-        return sum(r * self._rows_per_rank * (a_row + b_col) for r in self.ranks)
-
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """Compute every sample with its own region's weights.

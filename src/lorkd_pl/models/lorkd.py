@@ -128,7 +128,9 @@ class LoRKDModule(TaskModule):
                 rank_zero_warn(
                     f"lorkd-pl: no teacher class mapping for tasks {missing}: no logit KD for them"
                 )
-        self._teacher.to(self.device)
+        if self.__dict__.get("_teacher_device") != self.device:  # move once per device, not per call
+            self._teacher.to(self.device)
+            self.__dict__["_teacher_device"] = self.device
         return self._teacher
 
     @property
@@ -173,11 +175,12 @@ class LoRKDModule(TaskModule):
         images, labels, tasks = batch["image"], batch["label"], batch["task"]
         total = images.shape[0]
         features = self.features(images, batch["region"])
+        teacher = self.teacher if self.uses_teacher else None
         teacher_logits = teacher_features = None
-        if self.uses_teacher and self.hparams.kd in ("logits", "both"):
-            teacher_logits = self.teacher(images)
-        if self.uses_teacher and self.hparams.kd in ("features", "both"):
-            teacher_features = self.teacher.features(images)
+        if teacher is not None and self.hparams.kd in ("logits", "both"):
+            teacher_logits = teacher(images)
+        if teacher is not None and self.hparams.kd in ("features", "both"):
+            teacher_features = teacher.features(images)
         task_loss = kd_loss = images.new_zeros(())
         present = set(tasks.unique().tolist())
         for task in range(len(self.tasks)):
@@ -189,9 +192,7 @@ class LoRKDModule(TaskModule):
             logits = self.heads[task](features.index_select(0, rows))
             task_loss = task_loss + share * self.loss(logits, labels.index_select(0, rows))
             channels = (
-                self.teacher.task_channels.get(self.tasks[task]["name"])
-                if teacher_logits is not None
-                else None
+                teacher.task_channels.get(self.tasks[task]["name"]) if teacher_logits is not None else None
             )
             if channels is not None:
                 target = teacher_logits.index_select(0, rows)[:, channels]
