@@ -77,6 +77,28 @@ def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
     ]
     summary = json.loads(summaries[0].read_text())
     assert summary["cases"] and ("per_class" in summary)
+    runs = tmp_path / "runs" / "demo"
+    run(
+        "report",
+        "--teacher",
+        str(runs / f"teacher_{kind}"),
+        "--student",
+        str(runs / f"lorkd_{kind}"),
+        "--out",
+        str(tmp_path / "report"),
+    )
+    report = (tmp_path / "report" / "report.md").read_text()
+    metric = "dice" if kind == "seg" else "accuracy"
+    row = next(line for line in report.splitlines() if line.startswith(f"| abdomen | demo_abdomen_{kind} |"))
+    value = summary["mean"][metric] if kind == "seg" else summary[metric]
+    assert row.split(" | ")[3] == f"{value:.3f}"  # the expert's value, read back from its summary
+    plots = sorted(p.name for p in (tmp_path / "report" / "plots").glob("*.png"))
+    assert f"{metric}_by_region.png" in plots
+    if kind == "cls":
+        assert "confusion_demo_abdomen_cls.png" in plots
+    assert all(
+        (tmp_path / "report" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in plots
+    )
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)

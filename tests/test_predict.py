@@ -48,11 +48,22 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 
 def test_nifti_prediction_keeps_the_input_geometry(seg_checkpoint, tmp_path) -> None:
     expert = export_region(seg_checkpoint, "brain", tmp_path / "brain")
-    written = predict_files([NIFTI], expert, tmp_path / "out")
+    written = predict_files([NIFTI], expert, tmp_path / "out", probabilities=True)
     label, source = sitk.ReadImage(str(written[0])), sitk.ReadImage(str(NIFTI))
     assert written[0].name == "anatomical_demo_brain_seg.nii.gz"
     assert same_geometry(label, source)
-    assert set(sitk.GetArrayViewFromImage(label).ravel().tolist()) <= {0, 1, 2, 3}
+    labels = sitk.GetArrayFromImage(label)
+    assert set(labels.ravel().tolist()) <= {0, 1, 2, 3}
+    maps = sitk.ReadImage(str(tmp_path / "out" / "anatomical_demo_brain_seg_probabilities.nii.gz"))
+    assert same_geometry(maps, source) and maps.GetNumberOfComponentsPerPixel() == 4
+    probabilities = sitk.GetArrayFromImage(maps)  # (z, y, x, K)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-4)  # interpolation keeps the simplex
+    agreement = (probabilities.argmax(-1) == labels).mean()  # nearest labels vs linear probabilities
+    assert agreement > 0.9, agreement
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files left
+        "anatomical_demo_brain_seg.nii.gz",
+        "anatomical_demo_brain_seg_probabilities.nii.gz",
+    ]
 
 
 def test_dicom_folder_from_a_checkpoint_via_cli(seg_checkpoint, tmp_path) -> None:

@@ -1,18 +1,22 @@
-"""Evaluation summaries: the Dice rule vs MONAI and torchmetrics, HD95, classification by hand."""
+"""Evaluation summaries: Dice rule vs MONAI and torchmetrics, NSD vs its definition, HD95, classification."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
+import pytest
 import torch
 from monai.metrics import compute_dice
+from scipy import ndimage
 from torchmetrics.segmentation import DiceScore
 
 from lorkd_pl.reports import (
     classification_summary,
     dice_per_class,
     hd95_per_class,
+    nsd_per_class,
     segmentation_summary,
     write_json_atomic,
 )
@@ -54,11 +58,42 @@ def test_hd95_and_segmentation_summary(tmp_path) -> None:
     hd = hd95_per_class(prediction, label, 3, [2.0, 1.0, 1.0])
     assert hd[0] == 2.0 and math.isnan(hd[1])  # shifted by one voxel along x (2 mm); class 2 empty
     task = {"name": "t", "region": "brain", "kind": "seg3d", "classes": ["background", "a", "b"]}
-    cases = [{"case": "c1", "dice": dice_per_class(prediction, label, 3), "hd95": hd}]
+    nsd = nsd_per_class(prediction, label, 3, [2.0, 1.0, 1.0], 2.0)
+    cases = [{"case": "c1", "dice": dice_per_class(prediction, label, 3), "nsd": nsd, "hd95": hd}]
     summary = segmentation_summary(task, cases)
     assert summary["per_class"]["a"]["dice"] == 0.75 and summary["mean"]["dice"] == 0.75
+    assert summary["per_class"]["a"]["nsd"] == 1.0 and summary["nsd_tolerance_mm"] == 2.0
     path = write_json_atomic(tmp_path / "summary" / "t.json", summary)
     assert json.loads(path.read_text())["cases"][0]["dice_a"] == 0.75
+
+
+def _surface_dice_oracle(pred: np.ndarray, gt: np.ndarray, spacing: list[float], tolerance: float) -> float:
+    """Normalised surface Dice from its definition: boundary voxels by erosion, distances by EDT."""
+    surface_pred = pred ^ ndimage.binary_erosion(pred)
+    surface_gt = gt ^ ndimage.binary_erosion(gt)
+    to_gt = ndimage.distance_transform_edt(~surface_gt, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~surface_pred, sampling=spacing)
+    close = (to_gt[surface_pred] <= tolerance).sum() + (to_pred[surface_gt] <= tolerance).sum()
+    return float(close / (surface_pred.sum() + surface_gt.sum()))
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 1.0, 1.5, 2.0, 3.0])
+def test_nsd_matches_definition(tolerance: float) -> None:
+    label = torch.zeros(12, 12, 12, dtype=torch.long)
+    label[2:6, 2:6, 2:6] = 1
+    label[7:11, 6:10, 1:8] = 2
+    prediction = torch.zeros_like(label)
+    prediction[3:7, 2:6, 2:6] = 1
+    prediction[7:10, 7:10, 2:8] = 2
+    spacing = [2.0, 1.0, 1.0]
+    ours = nsd_per_class(prediction, label, 4, spacing, tolerance)  # class 3: absent from both
+    for c in (1, 2):
+        expected = _surface_dice_oracle((prediction == c).numpy(), (label == c).numpy(), spacing, tolerance)
+        assert math.isclose(ours[c - 1], expected, rel_tol=1e-6)
+    assert math.isnan(ours[2])
+    only_predicted = prediction.clone()
+    only_predicted[0:2, 0:2, 0:2] = 3
+    assert nsd_per_class(only_predicted, label, 4, spacing, tolerance)[2] == 0.0
 
 
 def test_classification_summary_by_hand() -> None:

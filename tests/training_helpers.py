@@ -39,3 +39,16 @@ def write_generalist_checkpoint(path: Path, task_names: list[str], backbone: dic
     model.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
+
+
+class PoisonBatch(L.Callback):
+    """Sets the images of one region's samples to NaN in the batch of global step ``step``."""
+
+    def __init__(self, step: int, region: str) -> None:
+        self.step, self.region = step, region
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            rows = batch["region"] == pl_module.regions.index(self.region)
+            assert rows.any(), "the poisoned batch must hold the region"
+            batch["image"][rows] = float("nan")

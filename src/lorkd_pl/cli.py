@@ -3,8 +3,10 @@
 * Lightning subcommands ``fit``, ``validate``, ``test``, ``predict`` (a LightningCLI: subclass mode for
   model and data, YAML configs with ``class_path``/``init_args``, ``--print_config``). The data
   module's task list defines the model's tasks, heads and experts (argument links).
-* Project commands: ``tasks`` (list registered tasks), ``demo-data`` (write the demo data) and
-  ``demo`` (the main job on the demo data: teacher, LoRKD, per-region test, comparison table).
+* Project commands: ``tasks`` (list registered tasks), ``demo-data`` (write the demo data),
+  ``demo`` (the main job on the demo data: teacher, LoRKD, per-region test, comparison report),
+  ``export`` (merge a region's expert into a plain network), ``report`` (teacher vs experts per
+  region from two test runs) and ``predict --input`` (predictions on image files).
 
 Task plugins are loaded first, from ``--tasks-dir`` (repeatable, any position), ``$LORKD_PL_TASKS_DIR``
 or the repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry points.
@@ -114,6 +116,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from lorkd_pl.comparison import write_report
+
+    path = write_report(args.teacher, args.student, args.out)
+    print(f"wrote {path} and its plots in {path.parent / 'plots'}")
+    return 0
+
+
 def _predict_files(args: Sequence[str]) -> int:
     """``lorkd-pl predict --input ... --source ...``: files in, predictions out (see lorkd_pl.predict)."""
     from lorkd_pl.predict import predict_files
@@ -126,9 +136,21 @@ def _predict_files(args: Sequence[str]) -> int:
     parser.add_argument("--region", help="the region (needed with a checkpoint)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--probabilities", action="store_true", help="segmentation: also write probability maps"
+    )
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the expert's)")
     options = parser.parse_args(args)
     try:
-        for path in predict_files(options.input, options.source, options.out, options.region, options.device):
+        for path in predict_files(
+            options.input,
+            options.source,
+            options.out,
+            options.region,
+            options.device,
+            options.probabilities,
+            options.overlap,
+        ):
             print(f"wrote {path}")
     except (LookupError, ValueError, OSError) as error:
         parser.exit(2, f"lorkd-pl: error: {error}\n")
@@ -173,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
     export.set_defaults(run=_export)
+
+    report = commands.add_parser("report", help="compare a teacher and a student test run per region")
+    report.add_argument("--teacher", required=True, help="the teacher's test run folder (holds summary/)")
+    report.add_argument("--student", required=True, help="the student's test run folder (holds summary/)")
+    report.add_argument("--out", required=True, help="output folder (report.md, plots/)")
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -3,7 +3,8 @@
 ``lorkd-pl demo`` (what ``make demo`` runs) does, for the 2D classification and the 3D segmentation
 demo: fit the generalist teacher (``configs/demo/teacher_*.yaml``), fit the LoRKD student
 (``configs/demo/lorkd_*.yaml``), test both per task, and print per task the teacher's and the
-expert's metric plus the parameters of the teacher, the student with all experts and one merged expert.
+expert's metrics plus the parameters of the teacher, the student with all experts and one merged expert;
+the full comparison (per-class tables, plots) goes to ``runs/demo/report_<kind>/``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any
 
 import torch
 
+from lorkd_pl.atomic import write_text_atomic
+from lorkd_pl.comparison import comparison_rows, find_summaries, markdown_table, write_report
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.backbones import count_parameters
+from lorkd_pl.reports import nanmean
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
@@ -34,10 +38,10 @@ def _cli(args: Sequence[str]):
         sys.argv = argv
 
 
-def _test_metrics(config: Path, checkpoint: Path, quiet: list[str]) -> tuple[dict[str, float], Any]:
+def _test(config: Path, checkpoint: Path, quiet: list[str]) -> tuple[Any, str]:
+    """Test ``checkpoint``; return the model and the log dir holding ``summary/<task>.json``."""
     cli = _cli(["test", "--config", str(config), "--ckpt_path", str(checkpoint), *quiet])
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-    return metrics, cli.model
+    return cli.model, cli.trainer.log_dir
 
 
 def merged_expert_parameters(student, task: int) -> int:
@@ -95,39 +99,28 @@ def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), pro
             start = time.perf_counter()
             _cli(["fit", "--config", str(config), *quiet])
             timings[name] = time.perf_counter() - start
-        teacher_metrics, teacher = _test_metrics(
-            teacher_cfg, Path("runs/demo") / f"teacher_{kind}" / "checkpoints" / "last.ckpt", quiet
-        )
-        student_metrics, student = _test_metrics(
-            student_cfg, Path("runs/demo") / f"lorkd_{kind}" / "checkpoints" / "last.ckpt", quiet
-        )
+        runs = Path("runs/demo")
+        last = Path("checkpoints") / "last.ckpt"
+        teacher, teacher_log = _test(teacher_cfg, runs / f"teacher_{kind}" / last, quiet)
+        student, student_log = _test(student_cfg, runs / f"lorkd_{kind}" / last, quiet)
+        report = write_report(teacher_log, student_log, runs / f"report_{kind}")
+        rows = comparison_rows(find_summaries(teacher_log), find_summaries(student_log))
+        merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
         lines = [
-            f"### {'2D classification' if kind == 'cls' else '3D segmentation'} (test split, {metric})",
+            f"### {'2D classification' if kind == 'cls' else '3D segmentation'} (test split)",
             "",
-            f"| task | region | teacher {metric} | LoRKD expert {metric} | merged expert params |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for index, task in enumerate(student.tasks):
-            key = f"test/{task['name']}/{metric}"
-            lines.append(
-                f"| {task['name']} | {task['region']} | {teacher_metrics[key]:.3f} "
-                f"| {student_metrics[key]:.3f} "
-                f"| {merged_expert_parameters(student, index):,} |"
-            )
-        mean_key = f"test/mean_{metric}"
-        lines.append(
-            f"| **mean** | | **{teacher_metrics[mean_key]:.3f}** | **{student_metrics[mean_key]:.3f}** | |"
-        )
-        lines += [
+            *markdown_table(rows),
             "",
             f"Parameters: teacher {count_parameters(teacher):,}; "
             f"student with all {len(student.regions)} experts "
             f"and {len(student.heads)} heads {count_parameters(student):,}; expert-free backbone "
-            f"{student.expert_free_parameters:,}. Fit time: teacher {timings['teacher']:.0f} s, "
-            f"LoRKD {timings['lorkd']:.0f} s.",
+            f"{student.expert_free_parameters:,}; one merged expert + its head "
+            f"{min(merged):,}–{max(merged):,}. Fit time: teacher {timings['teacher']:.0f} s, "
+            f"LoRKD {timings['lorkd']:.0f} s. Full report with per-class tables and plots: {report}.",
             "",
         ]
-        verdict = "reach" if student_metrics[mean_key] >= teacher_metrics[mean_key] else "do NOT reach"
+        teacher_mean, student_mean = (nanmean([row[metric][i] for row in rows]) for i in (0, 1))
+        verdict = "reach" if student_mean >= teacher_mean else "do NOT reach"
         lines.append(f"LoRKD experts {verdict} the teacher's mean {metric}.")
         lines.append(export_and_predict(kind, student))
         sections.append("\n".join(lines))
@@ -145,7 +138,7 @@ def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg")) -> s
             os.chdir(workdir)
         report = run_demo(kinds=kinds)
         report += f"\n\nTotal: {time.perf_counter() - start:.0f} s on {os.cpu_count()} CPU cores.\n"
-        Path("runs/demo/report.md").write_text(report, encoding="utf-8")
+        write_text_atomic("runs/demo/report.md", report)
     finally:
         os.chdir(previous)
     print(report)

@@ -6,7 +6,8 @@ files, or a manifest (JSONL/CSV with ``image`` and, optionally, ``region``).
 
 Segmentation: the training preprocessing (RAS orientation, target spacing, intensity by modality),
 sliding-window inference with Gaussian weighting, argmax, then the preprocessing inverted (MONAI
-``Invertd``) and the label map written with exactly the input's size, spacing, origin and direction.
+``Invertd``) and the label map written with exactly the input's size, spacing, origin and direction;
+optionally the softmax probabilities too (a K-component image, linearly resampled to the input grid).
 Classification: a CSV with one row per image and one probability column per class.
 """
 
@@ -26,7 +27,9 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from lorkd_pl.atomic import atomic_file
 from lorkd_pl.data.formats import read_manifest
 from lorkd_pl.data.readers import SUFFIXES, SimpleITKReader, read_image
 from lorkd_pl.data.transforms import cls2d_transforms, intensity_transforms
@@ -126,8 +129,41 @@ def _output_name(image: str) -> str:
     return name
 
 
-def predict_segmentation(expert: Expert, image: str, out_dir: Path, device: str = "cpu") -> Path:
-    """Write ``<out_dir>/<name>_<task>.nii.gz`` label maps in the geometry of ``image``; return the first."""
+def _in_input_geometry(array: np.ndarray, original: sitk.Image, vector: bool = False) -> sitk.Image:
+    """A SimpleITK image of ``array`` (``(x, y, z)`` or ``(K, x, y, z)``) carrying ``original``'s geometry."""
+    # SimpleITK arrays are (z, y, x) or (z, y, x, K)
+    image = sitk.GetImageFromArray(array.transpose(3, 2, 1, 0) if vector else array.T, isVector=vector)
+    if image.GetSize() != original.GetSize():
+        raise PredictError(f"inverted prediction size {image.GetSize()} != input size {original.GetSize()}")
+    image.CopyInformation(original)
+    return image
+
+
+def _write_image(image: sitk.Image, out: Path) -> Path:
+    with atomic_file(out) as temporary:  # the suffix is kept: SimpleITK picks NIfTI from it
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    return out
+
+
+def predict_segmentation(
+    expert: Expert,
+    image: str,
+    out_dir: Path,
+    device: str = "cpu",
+    probabilities: bool = False,
+    overlap: float | None = None,
+) -> Path:
+    """Write ``<out_dir>/<name>_<task>.nii.gz`` label maps in the geometry of ``image``; return the first.
+
+    Args:
+        expert: the region's network and input description.
+        image: a NIfTI/NRRD/MHA file or a DICOM series folder.
+        out_dir: output folder.
+        device: ``"cpu"`` or ``"cuda"`` (bf16 autocast on CUDA).
+        probabilities: also write ``<name>_<task>_probabilities.nii.gz``, a K-component float32 image
+            of softmax probabilities resampled (linearly) to the input grid.
+        overlap: sliding-window overlap (default: the expert's).
+    """
     steps: list[mt.Transform] = [
         mt.LoadImaged("image", reader=SimpleITKReader(), image_only=True),
         mt.EnsureChannelFirstd("image"),
@@ -150,26 +186,25 @@ def predict_segmentation(expert: Expert, image: str, out_dir: Path, device: str 
                 roi_size=tuple(expert.patch_size),
                 sw_batch_size=4,
                 predictor=lambda windows, t=task: expert.network(windows)[t["output_index"]],
-                overlap=expert.overlap,
+                overlap=expert.overlap if overlap is None else overlap,
                 mode="gaussian",
             )
-        prediction = logits.float().argmax(1, keepdim=True)[0].cpu()
-        prediction = MetaTensor(
-            prediction, meta=data["image"].meta, applied_operations=data["image"].applied_operations
-        )
-        inverted = mt.Invertd("pred", preprocess, orig_keys="image", nearest_interp=True)(
-            {"pred": prediction, "image": data["image"]}
-        )["pred"]
-        array = np.asarray(inverted[0]).round().astype(np.uint8)  # (x, y, z) of the input grid
-        label = sitk.GetImageFromArray(array.T)
-        if label.GetSize() != original.GetSize():
-            raise PredictError(
-                f"inverted prediction size {label.GetSize()} != input size {original.GetSize()}"
+        outputs = {"pred": logits.float().argmax(1, keepdim=True)[0].cpu()}  # (1, *S) in the model grid
+        if probabilities:
+            outputs["prob"] = logits.float().softmax(1)[0].cpu()  # (K, *S)
+        keys = list(outputs)
+        meta = {"meta": data["image"].meta, "applied_operations": data["image"].applied_operations}
+        inverted = mt.Invertd(
+            keys, preprocess, orig_keys="image", nearest_interp=[k == "pred" for k in keys]
+        )({**{k: MetaTensor(v, **meta) for k, v in outputs.items()}, "image": data["image"]})
+        stem = out_dir / f"{_output_name(image)}_{task['name']}"
+        label = np.asarray(inverted["pred"][0]).round().astype(np.uint8)  # (x, y, z) of the input grid
+        written.append(_write_image(_in_input_geometry(label, original), Path(f"{stem}.nii.gz")))
+        if probabilities:
+            maps = np.asarray(inverted["prob"], dtype=np.float32)
+            _write_image(
+                _in_input_geometry(maps, original, vector=True), Path(f"{stem}_probabilities.nii.gz")
             )
-        label.CopyInformation(original)
-        out = out_dir / f"{_output_name(image)}_{task['name']}.nii.gz"
-        sitk.WriteImage(label, str(out), useCompression=True)
-        written.append(out)
     return written[0]
 
 
@@ -177,12 +212,12 @@ def predict_classification(expert: Expert, images: Sequence[str], out_dir: Path,
     """Write ``<out_dir>/<region>_predictions.csv``: image, task, class, one probability per class."""
     transform = cls2d_transforms(False, expert.patch_size, expert.channels)
     out = out_dir / f"{expert.region}_predictions.csv"
-    with out.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_file(out) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["image", "task", "prediction", *[f"p_{c}" for t in expert.tasks for c in t["classes"]]]
         )
-        for image in images:
+        for image in tqdm(images, desc="images"):
             x = transform({"image": image, "label": 0})["image"][None].to(device)
             with torch.no_grad():
                 outputs = expert.network(x)
@@ -200,10 +235,20 @@ def predict_files(
     out_dir: str | Path,
     region: str | None = None,
     device: str = "cpu",
+    probabilities: bool = False,
+    overlap: float | None = None,
 ) -> list[Path]:
-    """Predict every input with the expert from ``source``; return the written files."""
-    from tqdm.auto import tqdm
+    """Predict every input with the expert from ``source``; return the written files.
 
+    Args:
+        inputs: files, DICOM series folders, folders of files or manifests (see :func:`collect_inputs`).
+        source: an exported expert folder or a LoRKD checkpoint (then ``region`` selects the expert).
+        out_dir: output folder; every file in it is written atomically.
+        region: the region (default: the inputs' ``region`` field where they all share one).
+        device: ``"cpu"`` or ``"cuda"``.
+        probabilities: segmentation: also write probability maps (see :func:`predict_segmentation`).
+        overlap: segmentation: sliding-window overlap (default: the expert's).
+    """
     rows = collect_inputs(inputs)
     regions = {row.get("region") for row in rows} - {None}
     if region is None and len(regions) == 1:
@@ -218,4 +263,7 @@ def predict_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     if expert.kind == "cls2d":
         return [predict_classification(expert, [row["image"] for row in rows], out_dir, device)]
-    return [predict_segmentation(expert, row["image"], out_dir, device) for row in tqdm(rows, desc="cases")]
+    return [
+        predict_segmentation(expert, row["image"], out_dir, device, probabilities, overlap)
+        for row in tqdm(rows, desc="cases")
+    ]

@@ -42,6 +42,9 @@ class RegistryError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+DEFAULT_NSD_TOLERANCE: float = 2.0  # mm: boundary tolerance of the normalised surface Dice
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: a dataset of one region, its kind, classes, data, head and metrics.
@@ -59,6 +62,8 @@ class TaskSpec:
         head: optional head factory ``head(in_channels, num_classes) -> nn.Module``; ``None`` uses
             the kind's default (segmentation: 1×1 conv; classification: pooled linear).
         metrics: metric names computed per task (default by kind).
+        nsd_tolerance: seg3d: surface tolerance of the normalised surface Dice, in mm (voxels when
+            ``spacing`` is ``None``).
         teacher_classes: map from this task's class names to the teacher's output channels, for
             logit distillation; ``None`` means no mapping (only feature KD or none applies).
         source: where the task came from (plugin file, spec file, entry point).
@@ -75,6 +80,7 @@ class TaskSpec:
     patch_size: tuple[int, ...] | None = None
     head: Callable[..., Any] | None = None
     metrics: tuple[str, ...] = ()
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE
     teacher_classes: Mapping[str, int] | None = None
     source: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)
@@ -90,6 +96,10 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}{where}: needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"task {self.name!r}{where}: class names repeat: {list(self.classes)}")
+        if not self.nsd_tolerance > 0:
+            raise ValueError(
+                f"task {self.name!r}{where}: nsd_tolerance must be > 0 (mm), got {self.nsd_tolerance}"
+            )
         if not self.metrics:
             object.__setattr__(self, "metrics", DEFAULT_METRICS[self.kind])
         if self.teacher_classes is not None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_confusion_matrix
+
+from lorkd_pl.atomic import write_text_atomic
+from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
 
 
 def dice_per_class(prediction: Tensor, label: Tensor, num_classes: int) -> list[float]:
@@ -40,16 +41,31 @@ def dice_per_class(prediction: Tensor, label: Tensor, num_classes: int) -> list[
     return values
 
 
+def _one_hot_pair(prediction: Tensor, label: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(1, K, *S)`` one-hot prediction and label, as MONAI's surface metrics expect."""
+    pred = torch.nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 0)[None]
+    gt = torch.nn.functional.one_hot(label.long(), num_classes).movedim(-1, 0)[None]
+    return pred, gt
+
+
 def hd95_per_class(
     prediction: Tensor, label: Tensor, num_classes: int, spacing: Sequence[float] | None
 ) -> list[float]:
-    """95th-percentile Hausdorff distance (mm with ``spacing``) per foreground class; NaN if one is empty."""
-    pred = torch.nn.functional.one_hot(prediction.long(), num_classes).movedim(-1, 0)[None]
-    gt = torch.nn.functional.one_hot(label.long(), num_classes).movedim(-1, 0)[None]
+    """95th-percentile Hausdorff distance per foreground class (MONAI); NaN where either side is empty.
+
+    Args:
+        prediction: ``(*S)`` int64 class indices.
+        label: ``(*S)`` int64 class indices.
+        num_classes: K (background included).
+        spacing: voxel spacing per axis of ``S`` (mm); ``None`` measures in voxels.
+    """
     with warnings.catch_warnings():  # empty classes are reported as NaN below
         warnings.simplefilter("ignore")
         distances = compute_hausdorff_distance(
-            pred, gt, include_background=False, percentile=95, spacing=spacing
+            *_one_hot_pair(prediction, label, num_classes),
+            include_background=False,
+            percentile=95,
+            spacing=spacing,
         )
     out = []
     for c, value in enumerate(distances[0].tolist(), start=1):
@@ -58,34 +74,76 @@ def hd95_per_class(
     return out
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nsd_per_class(
+    prediction: Tensor,
+    label: Tensor,
+    num_classes: int,
+    spacing: Sequence[float] | None,
+    tolerance: float,
+) -> list[float]:
+    """Normalised surface Dice per foreground class (MONAI ``compute_surface_dice``).
+
+    The fraction of both boundaries lying within ``tolerance`` of the other boundary. Same empty rule
+    as Dice: NaN when the class is absent from ground truth and prediction, 0 when only one has it.
+
+    Args:
+        prediction: ``(*S)`` int64 class indices.
+        label: ``(*S)`` int64 class indices.
+        num_classes: K (background included).
+        spacing: voxel spacing per axis of ``S`` (mm); ``None`` measures in voxels.
+        tolerance: boundary tolerance in mm (voxels without ``spacing``).
+    """
+    with warnings.catch_warnings():  # MONAI warns for empty classes; the rule above handles them
+        warnings.simplefilter("ignore")
+        values = compute_surface_dice(
+            *_one_hot_pair(prediction, label, num_classes),
+            class_thresholds=[float(tolerance)] * (num_classes - 1),
+            include_background=False,
+            spacing=list(spacing) if spacing else None,
+        )
+    return [float(v) for v in values[0].tolist()]
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN when there are none)."""
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
 
 def segmentation_summary(task: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-class means over cases and per-case rows (``{"case", "dice": [...], "hd95": [...]}``)."""
+    """Per-class means over cases and per-case rows.
+
+    Args:
+        task: the task description (``name``, ``region``, ``kind``, ``classes``, optional
+            ``nsd_tolerance``).
+        cases: ``{"case", "dice": [...], "nsd": [...], "hd95": [...]}`` per case, one value per
+            foreground class.
+    """
     classes = list(task["classes"][1:])
     per_class = {}
     for index, name in enumerate(classes):
         per_class[name] = {
-            "dice": _nanmean([case["dice"][index] for case in cases]),
-            "hd95": _nanmean([case["hd95"][index] for case in cases]),
+            "dice": nanmean([case["dice"][index] for case in cases]),
+            "nsd": nanmean([case["nsd"][index] for case in cases]),
+            "hd95": nanmean([case["hd95"][index] for case in cases]),
         }
     return {
         "task": task["name"],
         "region": task["region"],
         "kind": task["kind"],
         "dice_rule": "NaN if the class is absent from ground truth and prediction; 0 if only predicted",
+        "nsd_tolerance_mm": float(task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)),
         "mean": {
-            "dice": _nanmean([v["dice"] for v in per_class.values()]),
-            "hd95": _nanmean([v["hd95"] for v in per_class.values()]),
+            "dice": nanmean([v["dice"] for v in per_class.values()]),
+            "nsd": nanmean([v["nsd"] for v in per_class.values()]),
+            "hd95": nanmean([v["hd95"] for v in per_class.values()]),
         },
         "per_class": per_class,
         "cases": [
             {
                 "case": c["case"],
                 **{f"dice_{n}": c["dice"][i] for i, n in enumerate(classes)},
+                **{f"nsd_{n}": c["nsd"][i] for i, n in enumerate(classes)},
                 **{f"hd95_{n}": c["hd95"][i] for i, n in enumerate(classes)},
             }
             for c in cases
@@ -133,16 +191,5 @@ def classification_summary(
 
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, allow_nan=True)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON to ``path`` atomically: readers never see half a file, a crash keeps the old one."""
+    return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")

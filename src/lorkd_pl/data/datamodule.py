@@ -197,6 +197,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "teacher_classes": dict(spec.teacher_classes) if spec.teacher_classes else None,
                 "modality": spec.modality,
                 "spacing": list(self.hparams.spacing or spec.spacing or []) or None,
+                "nsd_tolerance": spec.nsd_tolerance,
             }
             for spec in self.task_specs
         ]

@@ -10,6 +10,7 @@ modality: CT              # CT | MR | other (intensity normalisation)
 spacing: [1.5, 1.5, 3.0]  # seg3d: target spacing (mm)
 patch_size: [96, 96, 48]  # seg3d: training crop; cls2d: image size
 teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher output channel
+nsd_tolerance: 2.0        # optional, seg3d: normalised surface Dice tolerance (mm)
 ```
 
 Relative paths are resolved against the spec file's folder. A manifest may hold several tasks: rows
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 from lorkd_pl.data.formats import DatasetFormatError, read_decathlon, read_manifest, read_medmnist
-from lorkd_pl.registry import TaskSpec
+from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE, TaskSpec
 
 DATA_KEYS: tuple[str, ...] = ("manifest", "dataset_json", "npz")
 KNOWN_KEYS: frozenset[str] = frozenset(
@@ -41,6 +42,7 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         "spacing",
         "patch_size",
         "metrics",
+        "nsd_tolerance",
         "teacher_classes",
         *DATA_KEYS,
     }
@@ -105,6 +107,7 @@ def load_task_spec(path: str | Path) -> TaskSpec:
             spacing=_floats(raw.get("spacing"), path, "spacing"),
             patch_size=_ints(raw.get("patch_size"), path, "patch_size"),
             metrics=tuple(raw.get("metrics") or ()),
+            nsd_tolerance=_number(raw.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE), path, "nsd_tolerance"),
             teacher_classes=raw.get("teacher_classes"),
             source=str(path),
         )
@@ -146,6 +149,13 @@ def _floats(value: Any, path: Path, key: str) -> tuple[float, ...] | None:
         raise DatasetFormatError(
             f"task spec {path}: field {key!r} must be a list of numbers, got {value!r}"
         ) from None
+
+
+def _number(value: Any, path: Path, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a number, got {value!r}") from None
 
 
 def _ints(value: Any, path: Path, key: str) -> tuple[int, ...] | None:

@@ -10,28 +10,36 @@ macro AUROC. Metrics are logged as ``<stage>/<task>/<metric>``, their means over
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
+from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
 from lorkd_pl.reports import (
     classification_summary,
     dice_per_class,
     hd95_per_class,
+    nsd_per_class,
     segmentation_summary,
     write_json_atomic,
 )
 
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf training loss; the message names the step, task, region and loss term."""
+
+
 TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
-OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing")
+OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing", "nsd_tolerance")
 
 
 def check_tasks(
@@ -92,6 +100,9 @@ class TaskModule(L.LightningModule):
         lr: peak learning rate; ``weight_decay``: decoupled (AdamW) or L2 (SGD) weight decay.
         warmup_steps: linear warm-up steps, then cosine decay to 0 over the run.
         sw_overlap: sliding-window overlap for 3D evaluation; ``sw_batch_size``: windows per forward.
+        nonfinite_loss: a NaN/inf training loss raises :class:`NonFiniteLossError` naming the step,
+            region, task and loss term (``"raise"``), or the batch contributes zero gradient and
+            ``train/nonfinite_skipped`` counts it (``"skip"``). All processes decide together.
     """
 
     def __init__(
@@ -104,9 +115,13 @@ class TaskModule(L.LightningModule):
         warmup_steps: int = 0,
         sw_overlap: float = 0.5,
         sw_batch_size: int = 4,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         self.tasks, self.regions = check_tasks(task_info, regions)
+        self.nonfinite_skipped = 0
         self.kind: str = self.tasks[0]["kind"]
         self.val_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
         self.test_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
@@ -124,6 +139,58 @@ class TaskModule(L.LightningModule):
             ``(N, K_task, *S)`` (seg3d) or ``(N, K_task)`` (cls2d).
         """
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ non-finite losses
+    def guard_loss(
+        self,
+        loss: Tensor,
+        batch: Mapping[str, Any],
+        batch_idx: int,
+        terms: Callable[[], Mapping[tuple[int, str], Tensor]],
+    ) -> Tensor:
+        """Return ``loss`` if it is finite on every process; otherwise raise or skip (``nonfinite_loss``).
+
+        One scalar check per step (and one all-reduce under DDP, so all processes raise or skip
+        together instead of leaving the others waiting in the gradient all-reduce).
+
+        Args:
+            loss: the scalar training loss.
+            batch: the training batch (``image`` ``(N, C, *S)``, ``label``, ``task`` ``(N,)``).
+            batch_idx: index of the batch in the epoch.
+            terms: called only on failure: ``{(task index, term name): scalar}``, to name the culprit.
+        """
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            return loss
+        culprits = [
+            f"{term} of task {self.tasks[task]['name']!r} (region {self.tasks[task]['region']!r}) = "
+            f"{float(value)}"
+            for (task, term), value in terms().items()
+            if not torch.isfinite(value.detach()).all()
+        ]
+        inputs = sorted(
+            {
+                f"{self.tasks[int(t)]['name']!r} (region {self.tasks[int(t)]['region']!r})"
+                for t, image in zip(batch["task"].tolist(), batch["image"], strict=True)
+                if not torch.isfinite(image).all()
+            }
+        )
+        message = (
+            f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}): {'; '.join(culprits) or 'on another process'}"
+            + (f". Images with NaN/inf voxels in this batch: tasks {', '.join(inputs)}" if inputs else "")
+            + ". Fix: check that data (keep data.validate=true), lower model.init_args.lr or add "
+            "warmup_steps, prefer bf16-mixed over 16-mixed; or set model.init_args.nonfinite_loss=skip"
+        )
+        if self.hparams.get("nonfinite_loss", "raise") == "raise":
+            raise NonFiniteLossError(message)
+        self.nonfinite_skipped += 1
+        rank_zero_warn(f"lorkd-pl: skipped batch: {message}")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(batch["task"]))
+        # zero gradient for every trainable parameter: under DDP all of them still join the all-reduce
+        return sum(0.0 * p.sum() for p in self.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ inference
     def predict_logits(self, images: Tensor, task: int) -> Tensor:
@@ -185,6 +252,13 @@ class TaskModule(L.LightningModule):
                     {
                         "case": case,
                         "dice": dice_per_class(prediction[i], label[i], len(task["classes"])),
+                        "nsd": nsd_per_class(
+                            prediction[i],
+                            label[i],
+                            len(task["classes"]),
+                            task.get("spacing"),
+                            task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE),
+                        ),
                         "hd95": hd95_per_class(
                             prediction[i], label[i], len(task["classes"]), task.get("spacing")
                         ),

@@ -56,7 +56,8 @@ class GeneralistModule(TaskModule):
         regions: region names (linked from the data module; unused by the network, kept for reports).
         backbone: ``{"class_path", "init_args"}`` of the backbone (features ``F``).
         in_channels: image channels (for probing the feature width).
-        optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size: see :class:`TaskModule`.
+        optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size, nonfinite_loss: see
+            :class:`TaskModule`.
     """
 
     def __init__(
@@ -71,9 +72,18 @@ class GeneralistModule(TaskModule):
         warmup_steps: int = 0,
         sw_overlap: float = 0.5,
         sw_batch_size: int = 4,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__(
-            task_info, regions, optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size
+            task_info,
+            regions,
+            optimizer,
+            lr,
+            weight_decay,
+            warmup_steps,
+            sw_overlap,
+            sw_batch_size,
+            nonfinite_loss,
         )
         self.save_hyperparameters()
         self.backbone = build_module(backbone or DEFAULT_SEG_BACKBONE)
@@ -109,9 +119,22 @@ class GeneralistModule(TaskModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
-        loss = self.loss(logits, self.union_labels(batch["label"], batch["task"]))
+        labels = self.union_labels(batch["label"], batch["task"])
+        loss = self.guard_loss(
+            self.loss(logits, labels),
+            batch,
+            batch_idx,
+            lambda: self._task_losses(logits, labels, batch["task"]),
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
+
+    @torch.no_grad()
+    def _task_losses(self, logits: Tensor, labels: Tensor, task: Tensor) -> dict[tuple[int, str], Tensor]:
+        """The union loss of each task's samples alone (only computed to name a non-finite culprit)."""
+        return {
+            (t, "task_loss"): self.loss(logits[task == t], labels[task == t]) for t in task.unique().tolist()
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lorkd_pl_model"] = type(self).__name__

@@ -54,7 +54,8 @@ class LoRKDModule(TaskModule):
         kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
         kd_weight: λ, the weight of the KD term(s).
         temperature: τ of the logit KD.
-        optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size: see :class:`TaskModule`.
+        optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size, nonfinite_loss: see
+            :class:`TaskModule`.
     """
 
     def __init__(
@@ -81,9 +82,18 @@ class LoRKDModule(TaskModule):
         warmup_steps: int = 0,
         sw_overlap: float = 0.5,
         sw_batch_size: int = 4,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__(
-            task_info, regions, optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size
+            task_info,
+            regions,
+            optimizer,
+            lr,
+            weight_decay,
+            warmup_steps,
+            sw_overlap,
+            sw_batch_size,
+            nonfinite_loss,
         )
         self.save_hyperparameters()
         if temperature <= 0:
@@ -182,6 +192,7 @@ class LoRKDModule(TaskModule):
         if teacher is not None and self.hparams.kd in ("features", "both"):
             teacher_features = teacher.features(images)
         task_loss = kd_loss = images.new_zeros(())
+        terms: dict[tuple[int, str], Tensor] = {}  # per task and term, to name a non-finite culprit
         present = set(tasks.unique().tolist())
         for task in range(len(self.tasks)):
             if task not in present:  # keep every head in the graph: DDP then needs no unused-parameter search
@@ -190,17 +201,19 @@ class LoRKDModule(TaskModule):
             rows = (tasks == task).nonzero().squeeze(1)
             share = rows.numel() / total
             logits = self.heads[task](features.index_select(0, rows))
-            task_loss = task_loss + share * self.loss(logits, labels.index_select(0, rows))
+            terms[task, "task_loss"] = self.loss(logits, labels.index_select(0, rows))
+            task_loss = task_loss + share * terms[task, "task_loss"]
             channels = (
                 teacher.task_channels.get(self.tasks[task]["name"]) if teacher_logits is not None else None
             )
             if channels is not None:
                 target = teacher_logits.index_select(0, rows)[:, channels]
-                kd_loss = kd_loss + share * kd_kl(logits, target, self.hparams.temperature)
+                terms[task, "kd_loss"] = kd_kl(logits, target, self.hparams.temperature)
+                kd_loss = kd_loss + share * terms[task, "kd_loss"]
         if teacher_features is not None and self.projection is not None:
             with torch.autocast(device_type=images.device.type, enabled=False):
                 kd_loss = kd_loss + F.mse_loss(self.projection(features.float()), teacher_features.float())
-        loss = task_loss + self.hparams.kd_weight * kd_loss
+        loss = self.guard_loss(task_loss + self.hparams.kd_weight * kd_loss, batch, batch_idx, lambda: terms)
         size = images.shape[0]
         self.log_dict({"train/task_loss": task_loss, "train/kd_loss": kd_loss}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

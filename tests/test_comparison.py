@@ -1,0 +1,149 @@
+"""Teacher-vs-expert report: values read back from summaries, deltas by hand, plots, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from lorkd_pl.comparison import ReportError, comparison_rows, find_summaries, write_report
+from lorkd_pl.reports import write_json_atomic
+
+
+def seg_summary(task: str, region: str, dice: list[float], nsd: list[float], hd95: list[float]) -> dict:
+    classes = [f"c{i}" for i in range(1, len(dice) + 1)]
+    return {
+        "task": task,
+        "region": region,
+        "kind": "seg3d",
+        "nsd_tolerance_mm": 2.0,
+        "mean": {
+            "dice": sum(dice) / len(dice),
+            "nsd": sum(nsd) / len(nsd),
+            "hd95": sum(hd95) / len(hd95),
+        },
+        "per_class": {
+            c: {"dice": d, "nsd": n, "hd95": h} for c, d, n, h in zip(classes, dice, nsd, hd95, strict=True)
+        },
+    }
+
+
+def cls_summary(task: str, region: str, counts: list[list[int]]) -> dict:
+    classes = [f"k{i}" for i in range(len(counts))]
+    total = sum(map(sum, counts))
+    return {
+        "task": task,
+        "region": region,
+        "kind": "cls2d",
+        "accuracy": sum(counts[i][i] for i in range(len(counts))) / total,
+        "auroc_macro": 0.5,
+        "per_class": {
+            c: {"recall": counts[i][i] / sum(counts[i]), "support": sum(counts[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": {"rows_truth_columns_prediction": classes, "counts": counts},
+    }
+
+
+def write_run(folder, summaries: list[dict]) -> None:
+    for summary in summaries:
+        write_json_atomic(folder / "logs" / "version_1" / "summary" / f"{summary['task']}.json", summary)
+
+
+def table_row(report: str, region: str, task: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {region} | {task} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_segmentation_report_by_hand(tmp_path) -> None:
+    write_run(
+        tmp_path / "teacher",
+        [
+            seg_summary("brain_seg", "brain", [0.5, 0.7], [0.4, 0.6], [8.0, 6.0]),
+            seg_summary("liver_seg", "abdomen", [0.8], [0.9], [3.0]),
+        ],
+    )
+    write_run(
+        tmp_path / "student",
+        [
+            seg_summary("brain_seg", "brain", [0.6, 0.9], [0.5, 0.5], [4.0, 4.0]),
+            seg_summary("liver_seg", "abdomen", [0.7], [0.9], [5.0]),
+        ],
+    )
+    path = write_report(tmp_path / "teacher", tmp_path / "student", tmp_path / "out")
+    report = path.read_text()
+    brain = table_row(report, "brain", "brain_seg")
+    # teacher Dice, expert Dice, Δ, teacher NSD, expert NSD, Δ, teacher HD95, expert HD95, Δ
+    assert brain[2:] == [
+        "0.600",
+        "0.750",
+        "+0.150 ✓",
+        "0.500",
+        "0.500",
+        "+0.000",
+        "7.000",
+        "4.000",
+        "-3.000 ✓",
+    ]
+    liver = table_row(report, "abdomen", "liver_seg")
+    assert liver[2:5] == ["0.800", "0.700", "-0.100"] and liver[8:] == ["3.000", "5.000", "+2.000"]
+    mean = table_row(report, "**mean**", "")
+    assert mean[2:4] == ["**0.700**", "**0.725**"]  # means over tasks: (0.6+0.8)/2, (0.75+0.7)/2
+    assert "| c2 | 0.700 | 0.900 | 0.600 | 0.500 |" in report  # per-class Dice and NSD
+    assert "NSD tolerance 2 mm" in report
+    plots = sorted(p.name for p in (tmp_path / "out" / "plots").iterdir())
+    assert plots == ["dice_by_region.png", "hd95_by_region.png", "nsd_by_region.png"]
+    assert all(f"](plots/{name})" in report for name in plots)
+
+
+def test_classification_report_and_confusion_plot(tmp_path) -> None:
+    write_run(tmp_path / "t", [cls_summary("chest_cls", "thorax", [[5, 5], [2, 8]])])
+    write_run(tmp_path / "s", [cls_summary("chest_cls", "thorax", [[9, 1], [2, 8]])])
+    report = write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out").read_text()
+    assert table_row(report, "thorax", "chest_cls")[2:5] == ["0.650", "0.850", "+0.200 ✓"]
+    assert "| k0 | 0.500 | 0.900 |" in report  # recall of class k0, teacher vs expert
+    png = (tmp_path / "out" / "plots" / "confusion_chest_cls.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_rewrite_replaces_the_report(tmp_path) -> None:
+    write_run(tmp_path / "t", [cls_summary("chest_cls", "thorax", [[5, 5], [2, 8]])])
+    write_run(tmp_path / "s", [cls_summary("chest_cls", "thorax", [[9, 1], [2, 8]])])
+    write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_errors_name_the_fix(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="lorkd-pl test --config"):
+        find_summaries(tmp_path / "empty")
+    write_run(tmp_path / "t", [cls_summary("a_cls", "thorax", [[1, 0], [0, 1]])])
+    write_run(tmp_path / "s", [cls_summary("b_cls", "thorax", [[1, 0], [0, 1]])])
+    with pytest.raises(ReportError, match=r"no test summary for tasks \['b_cls'\]"):
+        write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad" / "summary"
+    bad.mkdir(parents=True)
+    (bad / "x.json").write_text("{")
+    with pytest.raises(ReportError, match=r"x\.json: not a lorkd-pl test summary"):
+        find_summaries(tmp_path / "bad")
+
+
+def test_newest_summary_folder_is_used(tmp_path) -> None:
+    old = cls_summary("a_cls", "thorax", [[1, 1], [1, 1]])
+    new = cls_summary("a_cls", "thorax", [[2, 0], [0, 2]])
+    write_json_atomic(tmp_path / "logs" / "version_0" / "summary" / "a_cls.json", old)
+    write_json_atomic(tmp_path / "logs" / "version_1" / "summary" / "a_cls.json", new)
+    os.utime(tmp_path / "logs" / "version_0" / "summary" / "a_cls.json", (1e9, 1e9))  # older
+    rows = comparison_rows(find_summaries(tmp_path), find_summaries(tmp_path / "logs" / "version_0"))
+    assert rows[0]["accuracy"] == (1.0, 0.5)
+    assert math.isnan(
+        comparison_rows(
+            {"a": {**seg_summary("a", "brain", [0.1], [0.1], [1.0]), "mean": {"dice": None}}},
+            {"a": seg_summary("a", "brain", [0.1], [0.1], [1.0])},
+        )[0]["nsd"][0]
+    )
