@@ -52,3 +52,17 @@ class PoisonBatch(L.Callback):
             rows = batch["region"] == pl_module.regions.index(self.region)
             assert rows.any(), "the poisoned batch must hold the region"
             batch["image"][rows] = float("nan")
+
+
+class SigkillAtStep(L.Callback):
+    """Kills its own process with SIGKILL (no cleanup, like an OOM kill) before global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

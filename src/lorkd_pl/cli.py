@@ -18,11 +18,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lorkd_pl import __version__
+from lorkd_pl.checkpoint_io import AtomicCheckpointIO
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.plugins import PluginError, load_plugins
@@ -37,6 +41,13 @@ class LorkdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task_info", "model.init_args.task_info", apply_on="instantiate")
         parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:

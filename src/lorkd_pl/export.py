@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lorkd_pl.atomic import atomic_folder
+from lorkd_pl.checkpoint_io import CheckpointError, load_checkpoint_file
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.backbones import count_parameters
 from lorkd_pl.models.lorkd import LoRKDModule
@@ -61,12 +62,10 @@ def load_student(checkpoint: str | Path) -> tuple[LoRKDModule, dict[str, Any]]:
         ExportError: if the file is not a lorkd-pl LoRKD checkpoint.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ExportError(f"cannot load {path} with weights_only=True: {error}") from None
+        data = load_checkpoint_file(path)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
     if not isinstance(data, dict) or data.get("lorkd_pl_model") != "LoRKDModule":
         raise ExportError(
             f"{path} is not a LoRKD student checkpoint (train one with configs/demo/lorkd_*.yaml)"

@@ -81,14 +81,17 @@ class RegionBalancedSampler(DistributedSampler):
         self.task_weights = torch.tensor(task_weights, dtype=torch.double)
         self.length = int(length)
         self.offsets = [0, *torch.tensor(self.task_sizes).cumsum(0).tolist()[:-1]]
+        self.skip = 0  # samples of the next epoch already trained on (mid-epoch resume)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) % 2**62)
         draws = torch.multinomial(self.task_weights, self.length, replacement=True, generator=generator)
         orders = [torch.randperm(size, generator=generator) for size in self.task_sizes]
         cursors = [0] * len(self.task_sizes)
-        for task in draws.tolist():
-            yield self.offsets[task] + int(orders[task][cursors[task] % self.task_sizes[task]])
+        skip, self.skip = self.skip, 0  # applies to one iteration only
+        for position, task in enumerate(draws.tolist()):
+            if position >= skip:
+                yield self.offsets[task] + int(orders[task][cursors[task] % self.task_sizes[task]])
             cursors[task] += 1
 
     def __len__(self) -> int:
@@ -131,6 +134,12 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache_dir: folder for ``cache="disk"``.
         validate: check every record before training (files, geometry, label values).
         seed: sampling seed.
+        augment: random training augmentation (flips; 2D: also affine). ``False`` leaves only the
+            seg3d random crops, so a cls2d run is a pure function of the seed (exact resume).
+
+    Resume: the data module's checkpoint state records the epoch and the batches of it already
+    trained; a run resumed from a mid-epoch checkpoint continues with the next batch of the same
+    sampling order instead of restarting the epoch.
     """
 
     def __init__(
@@ -148,6 +157,7 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         validate: bool = True,
         seed: int = 0,
+        augment: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +182,7 @@ class MultiRegionDataModule(L.LightningDataModule):
             raise ValueError("data.cache='disk' needs data.cache_dir")
         self._records: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._datasets: dict[str, list[Dataset]] = {}
+        self._resume: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ run description
     @property
@@ -281,10 +292,12 @@ class MultiRegionDataModule(L.LightningDataModule):
         return table[split]
 
     def _transform(self, spec: TaskSpec, train: bool):
+        augment = self.hparams.get("augment", True)
         if spec.kind == "seg3d":
             spacing = self.hparams.spacing or spec.spacing
-            return seg3d_transforms(train, spec.modality, spacing, self.train_patch_size(spec))
-        return cls2d_transforms(train, self.train_patch_size(spec), self.hparams.channels)
+            patch = self.train_patch_size(spec)
+            return seg3d_transforms(train, spec.modality, spacing, patch, flip_prob=0.5 if augment else 0.0)
+        return cls2d_transforms(train and augment, self.train_patch_size(spec), self.hparams.channels)
 
     def _dataset(self, records: list[dict[str, Any]], transform) -> Dataset:
         if self.hparams.cache == "memory":
@@ -322,7 +335,26 @@ class MultiRegionDataModule(L.LightningDataModule):
         sampler = RegionBalancedSampler(
             [len(d) for d in datasets], task_weights, math.ceil(total / world), rank, world, self.hparams.seed
         )
+        if self._resume is not None:  # restored from a checkpoint (Lightning restores before this call)
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip = self._resume["batches_done"] * self.hparams.batch_size
+            self._resume = None
         return self._loader(ConcatDataset(datasets), self.hparams.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Checkpoint state: the training epoch and how many of its batches are done."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = trainer.current_epoch
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Remember the position to resume from; applied when the training loader is built."""
+        self._resume = dict(state_dict) if state_dict else None
 
     def _per_task_loaders(self, split: str) -> list[DataLoader]:
         size = self.hparams.val_batch_size or (1 if self.kind == "seg3d" else self.hparams.batch_size)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorkd_pl.checkpoint_io import CheckpointError, load_checkpoint_file
 from lorkd_pl.models.backbones import build_module
 
 
@@ -107,9 +108,9 @@ def _mapping_from_tasks(tasks: Sequence[Mapping[str, Any]]) -> dict[str, list[in
 
 def _state_dict(path: Path) -> dict[str, Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle refusals, corrupt files
-        raise TeacherError(f"cannot load teacher weights {path} with weights_only=True: {error}") from None
+        loaded = load_checkpoint_file(path)
+    except CheckpointError as error:  # pickle refusals, corrupt files
+        raise TeacherError(f"teacher weights: {error}") from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
@@ -137,9 +138,9 @@ def load_teacher(
             torch.jit.load(str(path), map_location="cpu"), _mapping_from_tasks(tasks), str(path), digest
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise TeacherError(f"cannot load teacher {path} with weights_only=True: {error}") from None
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as error:
+        raise TeacherError(f"teacher: {error}") from None
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
     if checkpoint.get("lorkd_pl_model") == "GeneralistModule" if isinstance(checkpoint, Mapping) else False:
         from lorkd_pl.models.generalist import GeneralistModule
