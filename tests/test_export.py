@@ -11,7 +11,7 @@ import torch
 
 from lorkd_pl.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.export import ExpertNetwork, ExportError, export_region, load_student
+from lorkd_pl.export import ExpertNetwork, ExportError, export_region, load_exported, load_student
 from lorkd_pl.models.backbones import build_module, count_parameters, make_head
 from lorkd_pl.models.lorkd import LoRKDModule
 
@@ -56,6 +56,9 @@ def test_exported_network_equals_the_student(checkpoint, tmp_path) -> None:
         rebuilt = ExpertNetwork(build_module(metadata["backbone"]), heads).eval()
         rebuilt.load_state_dict(torch.load(out / "state_dict.pt", weights_only=True))
         torch.testing.assert_close(rebuilt(x)[0], outputs[0], rtol=1e-5, atol=1e-6)
+        loaded, _ = load_exported(out)  # what lorkd-pl predict uses: no program unpickling
+        for got, want in zip(loaded(x), outputs, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert metadata["parameters"] == student.expert_free_parameters + sum(
             count_parameters(student.heads[[t["name"] for t in student.tasks].index(t["name"])])
             for t in metadata["tasks"]

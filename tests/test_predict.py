@@ -28,6 +28,7 @@ DICOM = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
 @pytest.fixture(scope="module")
 def seg_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
     data = MultiRegionDataModule(["demo_brain_seg", "demo_thorax_seg"], validate=False)
     student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=UNET, rank=2)
     path = tmp_path_factory.mktemp("seg") / "last.ckpt"
@@ -58,8 +59,12 @@ def test_nifti_prediction_keeps_the_input_geometry(seg_checkpoint, tmp_path) -> 
     assert same_geometry(maps, source) and maps.GetNumberOfComponentsPerPixel() == 4
     probabilities = sitk.GetArrayFromImage(maps)  # (z, y, x, K)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-4)  # interpolation keeps the simplex
-    agreement = (probabilities.argmax(-1) == labels).mean()  # nearest labels vs linear probabilities
-    assert agreement > 0.9, agreement
+    # labels are resampled nearest-neighbour, probabilities linearly: on the quarter of voxels where
+    # one class wins most clearly (largest margin over the runner-up), both must name the same class
+    ordered = np.sort(probabilities, axis=-1)
+    margin = ordered[..., -1] - ordered[..., -2]
+    clear = margin >= np.quantile(margin, 0.75)
+    assert (probabilities.argmax(-1)[clear] == labels[clear]).mean() > 0.99
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files left
         "anatomical_demo_brain_seg.nii.gz",
         "anatomical_demo_brain_seg_probabilities.nii.gz",

@@ -15,6 +15,7 @@ or the repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry poi
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,13 +27,28 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lorkd_pl import __version__
-from lorkd_pl.checkpoint_io import AtomicCheckpointIO
+from lorkd_pl.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.models.base import TaskModule
+from lorkd_pl.data.formats import DatasetFormatError
+from lorkd_pl.data.readers import ImageReadError
+from lorkd_pl.data.validation import DataValidationError
+from lorkd_pl.models.base import NonFiniteLossError, TaskModule
+from lorkd_pl.models.teacher import TeacherError
 from lorkd_pl.plugins import PluginError, load_plugins
-from lorkd_pl.registry import TASK_KINDS, list_tasks
+from lorkd_pl.registry import TASK_KINDS, RegistryError, list_tasks
 
 LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
+# lorkd-pl's own errors: their messages name the file/field and the fix, so no traceback is shown
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointError,
+    DataValidationError,
+    DatasetFormatError,
+    ImageReadError,
+    NonFiniteLossError,
+    PluginError,
+    RegistryError,
+    TeacherError,
+)
 
 
 class LorkdCLI(LightningCLI):
@@ -41,6 +57,16 @@ class LorkdCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task_info", "model.init_args.task_info", apply_on="instantiate")
         parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters (``weights_only=True``) before anything
+        else; a refused or corrupt file is reported with :func:`load_checkpoint_file`'s message."""
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            subcommand = self.config.get("subcommand")
+            load_checkpoint_file(self.config[subcommand].get("ckpt_path"))  # raises CheckpointError
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""
@@ -224,9 +250,10 @@ def main(args: Sequence[str] | None = None) -> int:
         rest, folders = _split_tasks_dirs(args)
         try:
             load_plugins(folders)
-        except PluginError as error:
-            raise SystemExit(f"lorkd-pl: error: {error}") from None
-        lightning_cli(rest)
+            lightning_cli(rest)
+        except USER_ERRORS as error:  # clear messages that name the file/field and the fix
+            sys.stderr.write(f"lorkd-pl: error: {error}\n")
+            raise SystemExit(2) from error
         return 0
     parser = build_parser()
     namespace = parser.parse_args(args)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lorkd_pl.atomic import atomic_folder
 from lorkd_pl.checkpoint_io import CheckpointError, load_checkpoint_file
 from lorkd_pl.experts import merge_expert
-from lorkd_pl.models.backbones import count_parameters
+from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.teacher import load_teacher, sha256sum
 
@@ -185,6 +185,40 @@ outputs = network(images)   # images: (N, {shape}); one logits tensor per task
 Preprocessing: {json.dumps(metadata["input"])}. `state_dict.pt` holds the same weights for the backbone in
 `metadata.json` (`backbone`) plus one head per task.
 """
+
+
+def load_exported(folder: str | Path) -> tuple[ExpertNetwork, dict[str, Any]]:
+    """Rebuild an exported expert from ``metadata.json`` and ``state_dict.pt`` (``weights_only=True``).
+
+    This is how lorkd-pl itself loads exports (``lorkd-pl predict``): unlike ``torch.export.load`` on
+    ``model.pt2``, which may unpickle objects, it runs no code from the folder — only the backbone class
+    named in ``metadata.json`` is imported, as a config's ``class_path`` would be.
+
+    Raises:
+        ExportError: naming the folder and the fix.
+    """
+    folder = Path(folder)
+    metadata_path = folder / "metadata.json"
+    if not metadata_path.is_file():
+        raise ExportError(f"{folder} is not an exported expert (no metadata.json); run lorkd-pl export first")
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+        kind, in_channels = metadata["kind"], metadata["input"]["channels"]
+        backbone = build_module(metadata["backbone"])
+        classes = [len(task["classes"]) for task in metadata["tasks"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ExportError(
+            f"{metadata_path}: unreadable export metadata ({type(error).__name__}: {error})"
+        ) from None
+    width = feature_channels(backbone, kind, in_channels)
+    network = ExpertNetwork(backbone, [make_head(kind, width, k) for k in classes])
+    try:
+        network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    except RuntimeError as error:  # keys or shapes do not match the metadata
+        raise ExportError(f"{folder / 'state_dict.pt'} does not match {metadata_path}: {error}") from None
+    return network.eval(), metadata
 
 
 def size_report(checkpoint: str | Path) -> str:

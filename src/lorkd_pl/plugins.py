@@ -66,7 +66,7 @@ def load_plugins(tasks_dirs: Iterable[str | Path] | None = None, use_entry_point
             raise PluginError(f"tasks folder {folder} does not exist (check --tasks-dir / ${ENV_TASKS_DIR})")
         for path in sorted(folder.iterdir()):
             key = str(path.resolve())
-            if key in _LOADED or path.name.startswith(("_", ".")):
+            if key in _LOADED or path.name.startswith(("_", ".")) or not path.is_file():
                 continue
             if path.suffix == ".py":
                 _import_file(path)

@@ -14,7 +14,6 @@ Classification: a CSV with one row per image and one probability column per clas
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,21 +54,21 @@ class Expert:
 
 
 def load_expert(source: str | Path, region: str | None = None, device: str = "cpu") -> Expert:
-    """An exported expert folder, or a LoRKD checkpoint plus ``region`` (merged in memory)."""
+    """An exported expert folder, or a LoRKD checkpoint plus ``region`` (merged in memory).
+
+    Both are read with ``weights_only=True`` (the folder through :func:`lorkd_pl.export.load_exported`,
+    not its ``model.pt2`` program), so an untrusted file cannot run code.
+    """
     source = Path(source)
     if source.is_dir():
-        metadata_path = source / "metadata.json"
-        if not metadata_path.is_file():
-            raise PredictError(
-                f"{source} is not an exported expert (no metadata.json); run lorkd-pl export first"
-            )
-        metadata = json.loads(metadata_path.read_text())
+        from lorkd_pl.export import load_exported
+
+        network, metadata = load_exported(source)
         if region is not None and region != metadata["region"]:
             raise PredictError(f"{source} is the {metadata['region']!r} expert, not {region!r}")
-        network = torch.export.load(str(source / "model.pt2")).module().to(device)
         inputs = metadata["input"]
         return Expert(
-            network,
+            network.to(device),
             metadata["region"],
             metadata["kind"],
             metadata["tasks"],

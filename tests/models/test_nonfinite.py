@@ -41,9 +41,10 @@ def test_nan_batch_raises_naming_step_region_and_term(
     config, model_args, term, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(NonFiniteLossError) as error:
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config, *model_args, *COMMON])
-    message = str(error.value)
+    assert exit_info.value.code == 2 and isinstance(exit_info.value.__cause__, NonFiniteLossError)
+    message = str(exit_info.value.__cause__)
     assert "global step 2 " in message and term in message
     assert "Images with NaN/inf voxels in this batch: tasks 'demo_brain_cls' (region 'brain')" in message
     assert "nonfinite_loss=skip" in message  # the fix is named

@@ -1,0 +1,179 @@
+"""Untrusted files: pickled code is refused everywhere, checkpoints are written atomically, plugins
+come only from the configured folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorkd_pl import checkpoint_io
+from lorkd_pl.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from lorkd_pl.cli import lightning_cli, main
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.export import export_region
+from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.models.teacher import TeacherError, load_teacher
+from lorkd_pl.plugins import load_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+LORKD_CLS = str(ROOT / "configs" / "demo" / "lorkd_cls.yaml")
+CNN = {
+    "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+    "init_args": {"in_channels": 1, "channels": [4, 8]},
+}
+
+
+class Payload:
+    """Unpickling this runs ``Path(marker).touch()``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def evil(tmp_path) -> tuple[Path, Path]:
+    """A Lightning-looking checkpoint carrying a code payload, and the marker the payload would create."""
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {}, "lorkd_pl_model": "LoRKDModule", "x": Payload(marker)},
+        path,
+    )
+    return path, marker
+
+
+@pytest.fixture(scope="module")
+def student_checkpoint(tmp_path_factory) -> Path:
+    data = MultiRegionDataModule(["demo_brain_cls", "demo_thorax_cls"], validate=False)
+    student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=2)
+    path = tmp_path_factory.mktemp("student") / "last.ckpt"
+    checkpoint = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}
+    student.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_payload_refused_by_every_loader(evil, tmp_path, capsys, monkeypatch) -> None:
+    path, marker = evil
+    with pytest.raises(CheckpointError, match=r"refused to load .*could run code"):
+        load_checkpoint_file(path)
+    with pytest.raises(TeacherError, match="refused to load"):
+        load_teacher(path, [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(path), "--region", "brain", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "refused to load" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "predict",
+                "--input",
+                str(path),
+                "--source",
+                str(path),
+                "--region",
+                "brain",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code == 2 and "refused to load" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # resume / test through Lightning go through AtomicCheckpointIO
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", LORKD_CLS, "--model.init_args.teacher=null", "--ckpt_path", str(path)])
+    assert isinstance(exit_info.value.__cause__, CheckpointError)
+    assert "lorkd-pl: error: refused to load" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_payload_in_an_exported_folder_is_refused(student_checkpoint, tmp_path, capsys) -> None:
+    folder = export_region(student_checkpoint, "brain", tmp_path / "brain")
+    marker = tmp_path / "code-ran"
+    torch.save({"backbone.x": Payload(marker)}, folder / "state_dict.pt")
+    image = tmp_path / "x.png"
+    image.touch()  # the expert is loaded (and refused) before any input is read
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--input", str(image), "--source", str(folder), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "refused to load" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_names_the_file(student_checkpoint, tmp_path) -> None:
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(student_checkpoint.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match=r"truncated\.ckpt: the file is truncated"):
+        load_checkpoint_file(truncated)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint_file(tmp_path / "missing.ckpt")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def crash(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the temporary file is gone
+
+
+def test_sigkill_during_a_write_keeps_the_previous_checkpoint(tmp_path) -> None:
+    script = f"""
+import os, signal, torch
+from lorkd_pl import checkpoint_io
+io = checkpoint_io.AtomicCheckpointIO()
+io.save_checkpoint({{"step": torch.tensor(1)}}, {str(tmp_path / "last.ckpt")!r})
+def killed_mid_write(obj, target, *args, **kwargs):
+    open(target, "wb").write(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint_io.torch.save = killed_mid_write
+io.save_checkpoint({{"step": torch.tensor(2)}}, {str(tmp_path / "last.ckpt")!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert load_checkpoint_file(tmp_path / "last.ckpt")["step"] == 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert all(name.startswith(".tmp") for name in leftovers)  # hidden, never mistaken for a checkpoint
+
+
+def test_cli_trainer_uses_atomic_weights_only_io(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli(["--config", LORKD_CLS, "--model.init_args.teacher=null"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_plugins_only_from_the_configured_folders(tmp_path, monkeypatch, clean_registry) -> None:
+    marker = tmp_path / "imported"
+    code = f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+    configured, elsewhere = tmp_path / "tasks", tmp_path / "elsewhere"
+    for folder in (configured / "nested", elsewhere):
+        folder.mkdir(parents=True)
+    (elsewhere / "evil.py").write_text(code)  # not configured
+    (configured / "nested" / "evil.py").write_text(code)  # sub-folders are not scanned
+    (configured / "_private.py").write_text(code)  # helpers starting with "_" are not imported
+    (configured / "notes.py.txt").write_text(code)
+    (configured / "good.py").write_text(
+        f"from pathlib import Path\nPath({str(tmp_path / 'good')!r}).touch()\n"
+    )
+    monkeypatch.chdir(elsewhere)  # the working folder is never scanned either
+    loaded = load_plugins([configured], use_entry_points=False)
+    assert loaded == [str(configured / "good.py")]
+    assert (tmp_path / "good").exists() and not marker.exists()
+    monkeypatch.setenv("LORKD_PL_TASKS_DIR", os.fspath(tmp_path / "missing"))
+    with pytest.raises(Exception, match="does not exist"):
+        load_plugins(use_entry_points=False)
