@@ -35,7 +35,11 @@ def write_generalist_checkpoint(path: Path, task_names: list[str], backbone: dic
 
     data = MultiRegionDataModule(task_names, validate=False)
     model = GeneralistModule(task_info=data.task_info, regions=data.region_names, backbone=backbone)
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": L.__version__,
+    }
     model.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
@@ -66,3 +70,13 @@ class SigkillAtStep(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepRecorder(L.Callback):
+    """Touches ``out`` when a training step starts (to prove that a bad input stopped the run before)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.out.touch()

@@ -15,7 +15,6 @@ or the repository's ``tasks/`` folder, and from the ``lorkd_pl.tasks`` entry poi
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lorkd_pl import __version__
-from lorkd_pl.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from lorkd_pl.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_checkpoint_tasks,
+    load_checkpoint_file,
+)
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.readers import ImageReadError
@@ -38,9 +42,16 @@ from lorkd_pl.plugins import PluginError, load_plugins
 from lorkd_pl.registry import TASK_KINDS, RegistryError, list_tasks
 
 LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
+
+
+class ConfigError(ValueError):
+    """A configuration value the model, data module or trainer refused (jsonargparse's message)."""
+
+
 # lorkd-pl's own errors: their messages name the file/field and the fix, so no traceback is shown
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
+    ConfigError,
     DataValidationError,
     DatasetFormatError,
     ImageReadError,
@@ -59,14 +70,39 @@ class LorkdCLI(LightningCLI):
         parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads ``--ckpt_path``'s hyperparameters (``weights_only=True``) before anything
-        else; a refused or corrupt file is reported with :func:`load_checkpoint_file`'s message."""
+        """Read ``--ckpt_path`` (a file) once, safely, and check it belongs to the configured tasks.
+
+        Replaces LightningCLI's step that loads the checkpoint to merge its model hyperparameters into
+        the config: here the file goes through :func:`load_checkpoint_file` (``weights_only=True``,
+        clear errors), a checkpoint of other tasks is refused before anything is built, and the task
+        list and regions stay linked from the data module rather than taken from the file.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():  # "last"/"best" are resolved (and checked) later
+            return
+        hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
+        data = self.config[subcommand].get("data")
+        configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
+        check_checkpoint_tasks(path, [t["name"] for t in hparams.get("task_info") or []], configured)
+        for key in ("_instantiator", "task_info", "regions"):
+            hparams.pop(key, None)
+        if "_class_path" not in hparams:  # not made by the CLI: the config alone describes the model
+            return
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """Build data module, model and trainer; a bad value becomes a :class:`ConfigError`."""
         try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
-            subcommand = self.config.get("subcommand")
-            load_checkpoint_file(self.config[subcommand].get("ckpt_path"))  # raises CheckpointError
-            raise
+            super().instantiate_classes()
+        except (TypeError, ValueError, KeyError) as error:
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, USER_ERRORS):  # jsonargparse wraps ours
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise ConfigError(f"invalid configuration: {error}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""

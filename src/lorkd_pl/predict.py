@@ -173,7 +173,7 @@ def predict_segmentation(
     steps += intensity_transforms(expert.modality or "other")
     preprocess = mt.Compose(steps)
     data = preprocess({"image": image})
-    original = read_image(image)
+    original = read_image(image, check=True)
     written = []
     for task in expert.tasks:
         with (

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from monai.data import NibabelReader
 from monai.transforms import LoadImage
 
-from lorkd_pl.data.readers import ImageReadError, SimpleITKReader, read_image
+from lorkd_pl.data.readers import ImageReadError, SimpleITKReader, check_complete, read_image
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -102,3 +102,32 @@ def test_missing_and_corrupt_files(tmp_path) -> None:
         read_image(corrupt)
     with pytest.raises(ImageReadError, match="no DICOM series"):
         read_image(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_detected(tmp_path, suffix) -> None:
+    """ITK's NIfTI reader zero-fills a truncated file silently; read_image(check=True) refuses it."""
+    array = np.random.default_rng(0).normal(size=(8, 8, 9)).astype(np.float32)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(whole))
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    silently_wrong = sitk.GetArrayFromImage(sitk.ReadImage(str(cut)))
+    assert not np.array_equal(silently_wrong, array)  # the reason for the check: no error, wrong voxels
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(whole, check=True)), array)
+    for size in (len(data) // 2, len(data) - 1):  # half the file, or only the last byte missing
+        cut.write_bytes(data[:size])
+        with pytest.raises(ImageReadError, match=r"cut\.nii.* truncated"):
+            read_image(cut, check=True)
+
+
+def test_complete_nifti_files_pass_the_check(tmp_path) -> None:
+    for path in sorted((Path(nibabel.__file__).parent / "tests" / "data").glob("*.nii*")):
+        check_complete(path)  # nibabel's samples: NIfTI-1, big/little endian, gz, 4D
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    nibabel.save(nibabel.Nifti2Image(array, np.eye(4)), tmp_path / "two.nii")
+    check_complete(tmp_path / "two.nii")
+    (tmp_path / "cut.nii").write_bytes((tmp_path / "two.nii").read_bytes()[:-2])
+    with pytest.raises(ImageReadError, match="truncated"):
+        check_complete(tmp_path / "cut.nii")

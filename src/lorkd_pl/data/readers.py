@@ -9,6 +9,10 @@ and 2D PNG/JPEG/TIFF files.
 
 from __future__ import annotations
 
+import gzip
+import math
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,8 +44,68 @@ class ImageReadError(OSError):
     """An image file or DICOM folder is missing or cannot be decoded."""
 
 
-def read_image(path: str | Path) -> sitk.Image:
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """``vox_offset + voxels × bytes per voxel`` from a NIfTI-1/2 header, or ``None`` if not NIfTI."""
+    for order in ("<", ">"):
+        (size,) = struct.unpack(f"{order}i", header[:4])
+        if size == 348:  # NIfTI-1: dim int16[8] at 40, bitpix int16 at 72, vox_offset float32 at 108
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+        elif size == 540:  # NIfTI-2: bitpix int16 at 14, dim int64[8] at 16, vox_offset int64 at 168
+            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            offset = struct.unpack(f"{order}q", header[168:176])[0]
+        else:
+            continue
+        voxels = math.prod(max(int(d), 1) for d in dims[1 : 1 + max(min(int(dims[0]), 7), 0)])
+        return offset + voxels * bitpix // 8
+    return None
+
+
+def check_complete(path: str | Path) -> None:
+    """Raise if a NIfTI file (``.nii``/``.nii.gz``) holds fewer bytes than its header announces.
+
+    ITK's NIfTI reader fills a truncated file's missing voxels with zeros without an error (tested);
+    this check reads the header and, for ``.gz``, decompresses the stream once to count its bytes.
+
+    Raises:
+        ImageReadError: naming the file, the bytes expected and found, and the fix.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir() or not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                header, found = stream.read(540), 0
+                found = len(header)
+                while chunk := stream.read(1 << 20):
+                    found += len(chunk)
+        else:
+            with path.open("rb") as stream:
+                header = stream.read(540)
+            found = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as error:  # gzip stream ends early or is damaged
+        raise ImageReadError(
+            f"cannot read image {path}: the file is truncated or damaged ({error}); copy it again"
+        ) from None
+    expected = _nifti_expected_bytes(header) if len(header) >= 348 else None
+    if expected is not None and found < expected:
+        raise ImageReadError(
+            f"cannot read image {path}: the file is truncated ({found} of {expected} bytes the header "
+            "announces); copy it again"
+        )
+
+
+def read_image(path: str | Path, check: bool = False) -> sitk.Image:
     """Read one file or one DICOM series folder with SimpleITK.
+
+    Args:
+        path: a file or a DICOM series folder.
+        check: first verify that a NIfTI file is complete (:func:`check_complete`; used by data
+            validation and prediction, not on every training read).
 
     Raises:
         ImageReadError: naming the path, if it does not exist, holds no DICOM series, or cannot be
@@ -50,6 +114,8 @@ def read_image(path: str | Path) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image file not found: {path} (check the path in the manifest)")
+    if check:
+        check_complete(path)
     try:
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))

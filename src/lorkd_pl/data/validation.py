@@ -31,7 +31,7 @@ def _where(task: TaskSpec, record: Mapping[str, Any]) -> str:
 def _load(task: TaskSpec, record: Mapping[str, Any], field: str) -> sitk.Image:
     value = record[field]
     try:
-        return read_image(value)
+        return read_image(value, check=True)
     except ImageReadError as error:
         raise DataValidationError(f"{_where(task, record)}: field {field!r}: {error}") from None
 

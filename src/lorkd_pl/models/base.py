@@ -23,6 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
+from lorkd_pl.checkpoint_io import CheckpointError
 from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
 from lorkd_pl.reports import (
     classification_summary,
@@ -139,6 +140,25 @@ class TaskModule(L.LightningModule):
             ``(N, K_task, *S)`` (seg3d) or ``(N, K_task)`` (cls2d).
         """
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made for other tasks/regions before its weights are loaded.
+
+        Raises:
+            CheckpointError: naming the checkpoint's tasks and regions and this run's.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        saved_tasks = [(t["name"], t["region"], list(t["classes"])) for t in saved.get("task_info") or []]
+        mine = [(t["name"], t["region"], list(t["classes"])) for t in self.tasks]
+        saved_regions = list(saved.get("regions") or [])
+        if (saved_tasks and saved_tasks != mine) or (saved_regions and saved_regions != self.regions):
+            raise CheckpointError(
+                f"the checkpoint was trained for regions {saved_regions} and tasks "
+                f"{[t[0] for t in saved_tasks]}, but this run has regions {self.regions} and tasks "
+                f"{[t[0] for t in mine]} (names, regions and class lists must match); use the training "
+                "run's data.tasks with this checkpoint, or `lorkd-pl export` the region you need"
+            )
 
     # ------------------------------------------------------------------ non-finite losses
     def guard_loss(

@@ -149,6 +149,10 @@ class LoRKDModule(TaskModule):
         return self.hparams.teacher is not None and self.hparams.kd != "none" and self.hparams.kd_weight > 0
 
     def on_fit_start(self) -> None:
+        """Load the teacher and check its class mapping before the first step; optionally copy it."""
+        if self.uses_teacher and self.hparams.kd in ("logits", "both"):
+            patch = self.tasks[0]["patch_size"]
+            self.teacher.check_channels(torch.zeros(1, self.hparams.in_channels, *patch, device=self.device))
         if self.hparams.init_from_teacher and self.trainer.ckpt_path is None:
             self.initialise_from_teacher()
 

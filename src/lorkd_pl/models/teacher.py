@@ -79,6 +79,28 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
+    def check_channels(self, example: Tensor) -> None:
+        """Check the class mapping against the teacher's real output width (one probe forward).
+
+        Args:
+            example: ``(1, C, *S)`` an input of the tasks' shape (e.g. zeros of a training patch).
+
+        Raises:
+            TeacherError: naming the tasks whose mapped channels the teacher does not output.
+        """
+        width = int(self.network(example).shape[1])
+        bad = {
+            task: [c for c in channels if not 0 <= c < width] for task, channels in self.task_channels.items()
+        }
+        bad = {task: channels for task, channels in bad.items() if channels}
+        if bad:
+            raise TeacherError(
+                f"teacher {self.source} outputs {width} channels, but the class mapping points tasks to "
+                f"channels it does not have: {bad}; fix teacher_classes in those tasks' specs "
+                f"(class name -> teacher channel 0..{width - 1})"
+            )
+
+    @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Teacher logits of ``images``."""
         return self.network(images)

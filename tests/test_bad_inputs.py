@@ -1,0 +1,285 @@
+"""The bad-input matrix (docs/reliability.md): every case through ``lorkd-pl fit``/``validate`` ends
+with exit code 2 and a message naming the file or field and the fix, before any training step."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from lorkd_pl.cli import main
+from lorkd_pl.plugins import load_plugins
+from training_helpers import write_generalist_checkpoint
+
+UNET = {
+    "class_path": "monai.networks.nets.UNet",
+    "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8], "strides": [2]},
+}
+SPEC = {
+    "name": "bad_task",
+    "region": "brain",
+    "kind": "seg3d",
+    "classes": ["background", "lesion"],
+    "manifest": "manifest.jsonl",
+    "patch_size": [8, 8, 8],
+}
+
+
+def write_volume(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+
+
+def good_pair(folder: Path, stem: str, suffix: str = ".nii.gz") -> dict[str, str]:
+    image = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    label = np.zeros((8, 8, 8), dtype=np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    write_volume(folder / f"{stem}_image{suffix}", image)
+    write_volume(folder / f"{stem}_label{suffix}", label)
+    return {"image": f"{stem}_image{suffix}", "label": f"{stem}_label{suffix}"}
+
+
+class Case:
+    """A task folder with one defect: ``tasks/bad_task.yaml`` + manifest + volumes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tasks = root / "tasks"
+        self.tasks.mkdir()
+        self.spec = dict(SPEC)
+        self.rows = [
+            {**good_pair(self.tasks, "a"), "split": "train"},
+            {**good_pair(self.tasks, "b"), "split": "train"},
+            {**good_pair(self.tasks, "c"), "split": "val"},
+        ]
+
+    def write(self) -> None:
+        (self.tasks / "bad_task.yaml").write_text(yaml.safe_dump(self.spec))
+        lines = [json.dumps(row) for row in self.rows]
+        (self.tasks / "manifest.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+def missing_file(case: Case) -> None:
+    case.rows[0]["image"] = "nope.nii.gz"
+
+
+def corrupt_file(case: Case) -> None:
+    (case.tasks / "a_image.nii.gz").write_bytes(b"\x00not an image" * 40)
+
+
+def truncated_file(case: Case) -> None:
+    data = (case.tasks / "a_image.nii.gz").read_bytes()
+    (case.tasks / "a_image.nii.gz").write_bytes(data[: len(data) // 2])
+
+
+def wrong_dimensionality(case: Case) -> None:
+    write_volume(case.tasks / "a_image.nii.gz", np.zeros((8, 8), np.float32), (1.0, 1.0), (0.0, 0.0))
+
+
+def size_mismatch(case: Case) -> None:
+    write_volume(case.tasks / "a_label.nii.gz", np.zeros((8, 8, 6), np.uint8))
+
+
+def geometry_mismatch(case: Case) -> None:
+    write_volume(case.tasks / "a_label.nii.gz", np.zeros((8, 8, 8), np.uint8), origin=(4.0, 0.0, 0.0))
+
+
+def label_out_of_range(case: Case) -> None:
+    write_volume(case.tasks / "a_label.nii.gz", np.full((8, 8, 8), 3, np.uint8))
+
+
+def non_finite(value: float) -> Callable[[Case], None]:
+    def defect(case: Case) -> None:
+        case.rows[0].update(good_pair(case.tasks, "f", ".mha"))  # NIfTI readers may turn NaN into 0
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(case.tasks / "f_image.mha")))
+        array[1, 2, 3] = value
+        write_volume(case.tasks / "f_image.mha", array)
+
+    return defect
+
+
+def empty_manifest(case: Case) -> None:
+    case.rows = []
+
+
+def unknown_region(case: Case) -> None:
+    case.spec["region"] = "elbow"
+
+
+def misspelt_spec_field(case: Case) -> None:
+    case.spec["patchsize"] = case.spec.pop("patch_size")
+
+
+# (defect, extra CLI arguments, the fragments the message must hold)
+MATRIX = {
+    "missing image file": (missing_file, [], ["nope.nii.gz", "'image'"]),
+    "corrupt image file": (corrupt_file, [], ["a_image.nii.gz", "'image'"]),
+    "truncated image file": (truncated_file, [], ["a_image.nii.gz", "'image'"]),
+    "2D image in a 3D task": (wrong_dimensionality, [], ["a_image.nii.gz", "is 2D", "use a cls2d task"]),
+    "image/label size mismatch": (size_mismatch, [], ["a_label.nii.gz", "resample the label"]),
+    "image/label geometry mismatch": (geometry_mismatch, [], ["disagree on origin", "resample it"]),
+    "label outside the class list": (label_out_of_range, [], ["a_label.nii.gz", "[3]", "class list"]),
+    "NaN voxels": (non_finite(float("nan")), [], ["f_image.mha", "NaN or infinite", "fix or drop"]),
+    "inf voxels": (non_finite(float("inf")), [], ["f_image.mha", "NaN or infinite", "fix or drop"]),
+    "empty manifest": (empty_manifest, [], ["manifest.jsonl"]),
+    "unknown region": (unknown_region, [], ["bad_task.yaml", "elbow"]),
+    "misspelt task-spec field": (misspelt_spec_field, [], ["bad_task.yaml", "patchsize"]),
+    "unknown task name": (lambda case: None, ["--data.init_args.tasks=[bad_tsak]"], ["bad_tsak", "bad_task"]),
+    "misspelt config key": (
+        lambda case: (case.root / "typo.yaml").write_text("trainer:\n  max_epoch: 1\n"),
+        ["--config", "typo.yaml"],
+        ["max_epoch"],
+    ),
+}
+
+
+def config(case: Case, model: dict | None = None) -> Path:
+    path = case.root / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "accelerator": "cpu",
+                    "max_steps": 2,
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "num_sanity_val_steps": 0,
+                    "callbacks": [
+                        {
+                            "class_path": "training_helpers.StepRecorder",
+                            "init_args": {"out": str(case.root / "trained")},
+                        }
+                    ],
+                },
+                "model": model
+                or {
+                    "class_path": "lorkd_pl.models.generalist.GeneralistModule",
+                    "init_args": {"backbone": UNET},
+                },
+                "data": {
+                    "class_path": "lorkd_pl.data.datamodule.MultiRegionDataModule",
+                    "init_args": {"tasks": ["bad_task"], "batch_size": 2},
+                },
+            }
+        )
+    )
+    return path
+
+
+def run_fails(args: list[str], case: Case, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert not (case.root / "trained").exists(), "a training step ran"
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_bad_input_fails_before_training(name, tmp_path, capsys, monkeypatch, clean_registry) -> None:
+    monkeypatch.chdir(tmp_path)
+    defect, extra, fragments = MATRIX[name]
+    case = Case(tmp_path)
+    defect(case)
+    case.write()
+    message = run_fails(
+        ["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case)), *extra], case, capsys
+    )
+    for fragment in fragments:
+        assert fragment in message, (name, fragment, message)
+
+
+def test_the_good_case_trains(tmp_path, monkeypatch, clean_registry) -> None:
+    """The matrix's baseline: without a defect the same command trains (so each failure is the defect)."""
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    assert main(["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case))]) == 0
+    assert (case.root / "trained").exists()
+
+
+def test_checkpoint_from_another_region_set(tmp_path, capsys, monkeypatch, clean_registry) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    other = write_generalist_checkpoint(
+        tmp_path / "other.ckpt", ["demo_abdomen_seg", "demo_thorax_seg"], UNET
+    )
+    message = run_fails(
+        [
+            "validate",
+            "--tasks-dir",
+            str(case.tasks),
+            "--config",
+            str(config(case)),
+            "--ckpt_path",
+            str(other),
+        ],
+        case,
+        capsys,
+    )
+    assert "was trained for tasks ['demo_abdomen_seg', 'demo_thorax_seg']" in message
+    assert (
+        "this run's data.tasks are ['bad_task']" in message and "use the training run's data.tasks" in message
+    )
+
+
+def test_checkpoint_with_other_classes_for_the_same_task(
+    tmp_path, capsys, monkeypatch, clean_registry
+) -> None:
+    """Same task name, another class list: refused by the model before its weights are loaded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trained_with").mkdir()
+    original = Case(tmp_path / "trained_with")
+    original.write()
+    load_plugins([original.tasks], use_entry_points=False)
+    saved = write_generalist_checkpoint(tmp_path / "saved.ckpt", ["bad_task"], UNET)
+    clean_registry._TASKS.pop("bad_task")  # the same task name, registered again with 3 classes
+    (tmp_path / "now").mkdir()
+    case = Case(tmp_path / "now")
+    case.spec["classes"] = ["background", "lesion", "oedema"]
+    case.write()
+    message = run_fails(
+        [
+            "validate",
+            "--tasks-dir",
+            str(case.tasks),
+            "--config",
+            str(config(case)),
+            "--ckpt_path",
+            str(saved),
+        ],
+        case,
+        capsys,
+    )
+    assert "names, regions and class lists must match" in message, message[-1500:]
+
+
+def test_teacher_classes_beyond_the_teacher_outputs(tmp_path, capsys, monkeypatch, clean_registry) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.spec["teacher_classes"] = {"background": 0, "lesion": 5}  # the teacher has 4 output channels
+    case.write()
+    teacher = tmp_path / "teacher.pt"
+    torch.save(__import__("monai").networks.nets.UNet(**UNET["init_args"]).state_dict(), teacher)
+    model = {
+        "class_path": "lorkd_pl.models.lorkd.LoRKDModule",
+        "init_args": {"backbone": UNET, "rank": 2, "teacher": str(teacher), "teacher_model": UNET},
+    }
+    message = run_fails(
+        ["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case, model))], case, capsys
+    )
+    assert (
+        "outputs 4 channels" in message
+        and "{'bad_task': [5]}" in message
+        and "fix teacher_classes" in message
+    )
