@@ -66,6 +66,7 @@ class LorkdCLI(LightningCLI):
     """LightningCLI whose data module defines the model's tasks and regions (one source of truth)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        """Link the data module's task list and regions into the model's arguments."""
         parser.link_arguments("data.task_info", "model.init_args.task_info", apply_on="instantiate")
         parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
 

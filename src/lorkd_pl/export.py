@@ -51,6 +51,7 @@ class ExpertNetwork(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``images`` ``(N, C, *S)`` → one logits tensor per task."""
         features = self.backbone(images)
         return tuple(head(features) for head in self.heads)
 

@@ -63,7 +63,7 @@ def test_good_task_passes(tmp_path) -> None:
     ("defect", "match"),
     [
         ("missing", r"manifest.jsonl, row 1: field 'image': image file not found: .*nope.nii.gz"),
-        ("corrupt", r"field 'image': cannot read image .*img.nii.gz: the file is corrupt"),
+        ("corrupt", r"field 'image': cannot read image .*img.nii.gz: the file is (corrupt|truncated)"),
         ("size", r"has size \(6, 6, 4\) but label .* has \(6, 5, 4\); resample the label"),
         ("geometry", r"disagree on origin .*the label must share the image's geometry"),
         ("label_values", r"field 'label' .* has values \[7\] outside the task's classes 0..1"),

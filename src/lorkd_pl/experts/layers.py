@@ -227,6 +227,7 @@ class ExpertLayer(nn.Module):
         pass
 
     def extra_repr(self) -> str:
+        """Experts, ranks, alpha, layout and strategy, shown in ``print(model)``."""
         ranks = self.ranks[0] if len(set(self.ranks)) == 1 else list(self.ranks)
         return (
             f"num_experts={self.num_experts}, rank={ranks}, alpha={self.alpha}, "
@@ -272,11 +273,13 @@ class ExpertConv(ExpertLayer):
         return x, conv.padding
 
     def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``conv(x, weight, bias)`` with the base conv's stride/padding/dilation (``(N, Cin, *S)`` in)."""
         conv = self.base_layer
         x, padding = self._padded(x)
         return _CONV_FUNCTIONS[self.spatial_dims](x, weight, bias, conv.stride, padding, conv.dilation, 1)
 
     def per_sample_forward(self, x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
+        """One grouped conv (``groups = N``): ``x`` ``(N, Cin, *S)``, ``weights`` ``(N, Cout, Cin, *k)``."""
         conv = self.base_layer
         n = x.shape[0]
         x, padding = self._padded(x)
@@ -309,9 +312,11 @@ class ExpertLinear(ExpertLayer):
             )
 
     def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear``: ``x`` ``(N, *, Cin)``, ``weight`` ``(Cout, Cin)`` → ``(N, *, Cout)``."""
         return F.linear(x, weight, bias)
 
     def per_sample_forward(self, x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
+        """One ``bmm``: ``x`` ``(N, *, Cin)``, ``weights`` ``(N, Cout, Cin)`` → ``(N, *, Cout)``."""
         n = x.shape[0]
         y = torch.bmm(x.reshape(n, -1, x.shape[-1]), weights.transpose(1, 2))
         if bias is not None:

@@ -54,7 +54,8 @@ def forward_homogeneous(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tens
 
     Args:
         layer: the expert layer.
-        x: layer input with ``N`` samples, all of region ``routing.present[0]``.
+        x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear), all of region
+            ``routing.present[0]``.
         routing: the batch's routing.
     """
     if len(routing.present) != 1:
@@ -71,7 +72,7 @@ def forward_by_region(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor
 
     Args:
         layer: the expert layer.
-        x: layer input with ``N`` samples.
+        x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear).
         routing: the batch's routing.
     """
     if len(routing.present) == 1:
@@ -109,7 +110,7 @@ def forward_grouped(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
 
     Args:
         layer: the expert layer.
-        x: layer input with ``N`` samples.
+        x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear).
         routing: the batch's routing.
     """
     weights = layer.merged_weights(routing.present_index(x.device))
@@ -125,7 +126,7 @@ def forward_factorized(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tenso
 
     Args:
         layer: the expert layer (factorized layout).
-        x: layer input with ``N`` samples.
+        x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear).
         routing: the batch's routing.
     """
     if layer.layout != "factorized":
@@ -157,6 +158,11 @@ def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
     sample (then both keep the same P weights, and one grouped call beats P single-sample calls:
     1.05× vs 1.47× the expert-free step of a 3D U-Net with N = 8 over 8 regions); otherwise
     ``by_region``.
+
+    Args:
+        layer: the expert layer.
+        x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear).
+        routing: the batch's routing.
     """
     if x.device.type == "cpu" and len(routing.present) > 1 and max(routing.counts) == 1:
         return forward_grouped(layer, x, routing)
@@ -173,5 +179,9 @@ _STRATEGY_FUNCTIONS: dict[str, Callable[[ExpertLayer, Tensor, Routing], Tensor]]
 
 
 def run_strategy(strategy: str, layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
-    """Compute ``layer`` on ``x`` with the named strategy (see the module docstring)."""
+    """Compute ``layer`` on ``x`` (``(N, Cin, *S)`` or ``(N, *, Cin)``) with the named strategy.
+
+    Returns:
+        ``(N, Cout, *S')`` (conv) or ``(N, *, Cout)`` (linear), as the base layer would.
+    """
     return _STRATEGY_FUNCTIONS[strategy](layer, x, routing)

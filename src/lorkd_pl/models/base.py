@@ -214,7 +214,15 @@ class TaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ inference
     def predict_logits(self, images: Tensor, task: int) -> Tensor:
-        """Whole-input logits: sliding windows over volumes (seg3d) or a direct forward (cls2d)."""
+        """Whole-input logits: sliding windows over volumes (seg3d) or a direct forward (cls2d).
+
+        Args:
+            images: ``(N, C, *S)`` whole volumes (any size ≥ 1 voxel) or 2D images.
+            task: task index.
+
+        Returns:
+            ``(N, K_task, *S)`` (seg3d) or ``(N, K_task)`` (cls2d).
+        """
         if self.kind != "seg3d":
             return self.task_logits(images, task)
         return sliding_window_inference(
@@ -256,12 +264,15 @@ class TaskModule(L.LightningModule):
         return values
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Update the metrics of task ``dataloader_idx`` (one loader per task) with ``batch``."""
         self._evaluate(batch, dataloader_idx, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``val/<task>/<metric>``, their means and ``val/score``."""
         self._log_metrics("val", self.val_metrics)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Update task ``dataloader_idx``'s metrics and keep per-case rows for the summaries."""
         logits = self._evaluate(batch, dataloader_idx, self.test_metrics)
         task = self.tasks[dataloader_idx]
         cases = batch.get("case") or [f"{batch_idx}_{i}" for i in range(len(logits))]
@@ -292,9 +303,11 @@ class TaskModule(L.LightningModule):
                 )
 
     def on_test_epoch_start(self) -> None:
+        """Forget the per-case rows of an earlier test run."""
         self._test_cases = [[] for _ in self.tasks]
 
     def on_test_epoch_end(self) -> None:
+        """Log ``test/...`` metrics and write ``<log_dir>/summary/<task>.json``."""
         self._log_metrics("test", self.test_metrics)
         self._write_summaries()
 
@@ -334,6 +347,7 @@ class TaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW or SGD over the trainable parameters; linear warm-up then cosine decay, per step."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.hparams.optimizer == "sgd":
             optimizer = torch.optim.SGD(

@@ -101,6 +101,7 @@ class GeneralistModule(TaskModule):
         return self.head(self.backbone(images))
 
     def task_logits(self, images: Tensor, task: int) -> Tensor:
+        """The task's channels of the union logits: ``(N, C, *S)`` → ``(N, K_task, *S)`` / ``(N, K_task)``."""
         return self(images)[:, self.task_channels[task]]
 
     def union_labels(self, label: Tensor, task: Tensor) -> Tensor:
@@ -118,6 +119,7 @@ class GeneralistModule(TaskModule):
         return out
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Loss on the union label space (task-local labels mapped to union channels); a scalar."""
         logits = self(batch["image"])
         labels = self.union_labels(batch["label"], batch["task"])
         loss = self.guard_loss(
@@ -137,5 +139,6 @@ class GeneralistModule(TaskModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Mark the checkpoint as a generalist (a teacher for LoRKD) and store its union classes."""
         checkpoint["lorkd_pl_model"] = type(self).__name__
         checkpoint["union_classes"] = list(self.union_classes)

@@ -182,10 +182,14 @@ class LoRKDModule(TaskModule):
             return self.student(images)
 
     def task_logits(self, images: Tensor, task: int) -> Tensor:
+        """Logits of one task through its region's expert: ``(N, C, *S)`` → ``(N, K_task, ...)``."""
         region = self.regions.index(self.tasks[task]["region"])
         return self.heads[task](self.features(images, region))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """One mixed-region step: each sample through its region's expert, per-task heads, task loss
+        (weighted by the task's share of the batch) + ``kd_weight`` × KD; a scalar (see ``guard_loss``).
+        """
         images, labels, tasks = batch["image"], batch["label"], batch["task"]
         total = images.shape[0]
         features = self.features(images, batch["region"])
@@ -224,6 +228,7 @@ class LoRKDModule(TaskModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the model kind, the region order and the teacher's path and sha256 (not its weights)."""
         checkpoint["lorkd_pl_model"] = type(self).__name__
         checkpoint["regions"] = list(self.regions)
         if self._teacher is not None:

@@ -45,6 +45,8 @@ class TaskLoss(nn.Module):
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True) if kind == "seg3d" else None
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
+        """Scalar loss in fp32: ``logits`` ``(N, K, *S)`` + ``label`` ``(N, 1, *S)`` (seg3d, Dice + CE) or
+        ``logits`` ``(N, K)`` + ``label`` ``(N,)`` (cls2d, CE)."""
         with torch.autocast(device_type=logits.device.type, enabled=False):
             if self.dice_ce is not None:
                 return self.dice_ce(logits.float(), label)

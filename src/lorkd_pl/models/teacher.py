@@ -102,12 +102,13 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        """Teacher logits of ``images``."""
+        """Teacher logits ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` of ``images`` ``(N, C, *S)``."""
         return self.network(images)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """Teacher features (only for teachers that expose them, e.g. a generalist)."""
+        """Teacher features ``(N, F, *S)`` / ``(N, F)`` of ``images`` ``(N, C, *S)`` (teachers that expose
+        them, e.g. a generalist)."""
         if not hasattr(self.network, "features"):
             raise TeacherError(f"teacher {self.source} exposes no features; use kd='logits'")
         return self.network.features(images)
