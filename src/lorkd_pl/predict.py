@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from lorkd_pl.atomic import atomic_file
 from lorkd_pl.data.formats import read_manifest
-from lorkd_pl.data.readers import SUFFIXES, SimpleITKReader, read_image
+from lorkd_pl.data.readers import SUFFIXES, Geometry, SimpleITKReader, check_complete, read_geometry
 from lorkd_pl.data.transforms import cls2d_transforms, intensity_transforms
 
 
@@ -128,14 +128,13 @@ def _output_name(image: str) -> str:
     return name
 
 
-def _in_input_geometry(array: np.ndarray, original: sitk.Image, vector: bool = False) -> sitk.Image:
+def _in_input_geometry(array: np.ndarray, original: Geometry, vector: bool = False) -> sitk.Image:
     """A SimpleITK image of ``array`` (``(x, y, z)`` or ``(K, x, y, z)``) carrying ``original``'s geometry."""
     # SimpleITK arrays are (z, y, x) or (z, y, x, K)
     image = sitk.GetImageFromArray(array.transpose(3, 2, 1, 0) if vector else array.T, isVector=vector)
-    if image.GetSize() != original.GetSize():
-        raise PredictError(f"inverted prediction size {image.GetSize()} != input size {original.GetSize()}")
-    image.CopyInformation(original)
-    return image
+    if image.GetSize() != original.size:
+        raise PredictError(f"inverted prediction size {image.GetSize()} != input size {original.size}")
+    return original.apply(image)
 
 
 def _write_image(image: sitk.Image, out: Path) -> Path:
@@ -173,7 +172,8 @@ def predict_segmentation(
     steps += intensity_transforms(expert.modality or "other")
     preprocess = mt.Compose(steps)
     data = preprocess({"image": image})
-    original = read_image(image, check=True)
+    check_complete(image)  # before MONAI reads it: ITK would zero-fill a truncated NIfTI silently
+    original = read_geometry(image)  # header only: the pixels are read once, by the pipeline
     written = []
     for task in expert.tasks:
         with (

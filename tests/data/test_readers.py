@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from monai.data import NibabelReader
 from monai.transforms import LoadImage
 
-from lorkd_pl.data.readers import ImageReadError, SimpleITKReader, check_complete, read_image
+from lorkd_pl.data.readers import ImageReadError, SimpleITKReader, check_complete, read_geometry, read_image
 
 NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -131,3 +131,21 @@ def test_complete_nifti_files_pass_the_check(tmp_path) -> None:
     (tmp_path / "cut.nii").write_bytes((tmp_path / "two.nii").read_bytes()[:-2])
     with pytest.raises(ImageReadError, match="truncated"):
         check_complete(tmp_path / "cut.nii")
+
+
+def test_header_geometry_equals_the_full_read(tmp_path) -> None:
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32))
+    image.SetSpacing((0.7, 1.1, 2.5))
+    image.SetOrigin((-3.0, 12.5, 40.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "rotated.mha"))
+    for path in (
+        tmp_path / "rotated.mha",
+        Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii",
+    ):
+        full = read_image(path)
+        geometry = read_geometry(path)
+        assert geometry.size == full.GetSize() and geometry.spacing == full.GetSpacing()
+        assert geometry.origin == full.GetOrigin() and geometry.direction == full.GetDirection()
+    with pytest.raises(ImageReadError, match="not found"):
+        read_geometry(tmp_path / "missing.nii.gz")

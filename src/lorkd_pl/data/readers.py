@@ -14,6 +14,7 @@ import math
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,51 @@ def read_image(path: str | Path, check: bool = False) -> sitk.Image:
             f"cannot read image {path}: the file is corrupt, truncated or not a medical image "
             f"(SimpleITK: {first_line})"
         ) from None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size, spacing, origin and direction of an image (ITK/LPS conventions, x-fastest order)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (of the same size) this geometry; return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """The geometry of an image file from its header only (a DICOM series folder is read whole).
+
+    Raises:
+        ImageReadError: as :func:`read_image`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        source = read_image(path)
+    else:
+        if not path.exists():
+            raise ImageReadError(f"image file not found: {path} (check the path in the manifest)")
+        source = sitk.ImageFileReader()
+        source.SetFileName(str(path))
+        try:
+            source.ReadImageInformation()
+        except RuntimeError as error:
+            raise ImageReadError(
+                f"cannot read the header of image {path}: {str(error).strip()[-200:]}"
+            ) from None
+    return Geometry(
+        tuple(source.GetSize()),
+        tuple(source.GetSpacing()),
+        tuple(source.GetOrigin()),
+        tuple(source.GetDirection()),
+    )
 
 
 def affine_ras(image: sitk.Image) -> np.ndarray:
