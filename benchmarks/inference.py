@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from expert_conv import devices_for, emit, machine_name, time_steps
+from lorkd_pl.experts import strip_experts
 from lorkd_pl.export import ExpertNetwork, export_region
 from lorkd_pl.models.lorkd import LoRKDModule
 from train_step import SETUPS, run_info
@@ -44,11 +45,7 @@ def build(setup: dict, folder: Path, device: torch.device) -> dict:
     out = export_region(checkpoint, region, folder / region, student=student)
     exported = torch.export.load(str(out / "model.pt2")).module().to(device)
     tasks = [i for i, t in enumerate(student.tasks) if t["region"] == region]
-    plain_backbone = copy.deepcopy(student.student)
-    for module in list(plain_backbone.modules()):  # unwrap every expert layer: W0 only
-        for child_name, child in list(module.named_children()):
-            if hasattr(child, "base_layer"):
-                setattr(module, child_name, child.base_layer)
+    plain_backbone = strip_experts(student.student)  # the expert-free network: W0 only
     plain = ExpertNetwork(plain_backbone, [copy.deepcopy(student.heads[i]) for i in tasks]).eval().to(device)
     student = student.to(device)
     images = torch.randn(setup["batch"], *setup["shape"], device=device)

@@ -16,6 +16,7 @@ from lorkd_pl.experts import (
     expert_routing,
     inject_experts,
     merge_expert,
+    strip_experts,
 )
 
 T = 3
@@ -84,6 +85,23 @@ def test_merged_network_is_plain_and_equals_expert(net, layout) -> None:
             torch.testing.assert_close(plain(x), routed, rtol=1e-5, atol=1e-5)
             keep = region == t
             torch.testing.assert_close(mixed[keep], plain(x)[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("net", list(NETWORKS))
+def test_strip_experts_gives_back_the_plain_network(net) -> None:
+    build, shape = NETWORKS[net]
+    original = build().eval()
+    reference = {k: v.clone() for k, v in original.state_dict().items()}
+    model = inject_experts(original, T, rank=2, alpha=4, b_init_std=0.3).eval()  # experts ≠ 0
+    plain = strip_experts(model)
+    assert not any(isinstance(m, ExpertLayer) for m in plain.modules())
+    assert plain.state_dict().keys() == reference.keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)  # W0 untouched
+    assert any(isinstance(m, ExpertLayer) for m in model.modules())  # the model keeps its experts
+    x = torch.randn(shape)
+    with torch.no_grad(), expert_routing(model, 0):
+        assert not torch.allclose(model(x), plain(x))  # the experts do change the output
 
 
 def test_experts_start_equal_to_the_shared_weights() -> None:

@@ -6,6 +6,7 @@ from lorkd_pl.experts.inject import (
     inject_experts,
     load_base_weights,
     merge_expert,
+    strip_experts,
 )
 from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertLayer, ExpertLinear
 from lorkd_pl.experts.routing import Routing, RoutingError
@@ -24,4 +25,5 @@ __all__ = [
     "inject_experts",
     "load_base_weights",
     "merge_expert",
+    "strip_experts",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -164,17 +164,35 @@ def merge_expert(model: nn.Module, region: int) -> nn.Module:
     """
     _, num_experts = _num_experts(model)
     Routing.build(int(region), num_experts)  # validates the index
-    merged = copy.deepcopy(model)
-    replacements = list(expert_layers(merged))
-    for name, layer in replacements:
-        base = layer.base_layer
-        base.weight.copy_(layer.merged_weight(int(region)))
+
+    def merge(layer: ExpertLayer) -> nn.Module:
+        layer.base_layer.weight.copy_(layer.merged_weight(int(region)))
+        return layer.base_layer
+
+    return _unwrapped_copy(model, merge)
+
+
+def strip_experts(model: nn.Module) -> nn.Module:
+    """A new plain network with the shared weights ``W0`` only (every expert dropped).
+
+    The expert-free network the experts were added to: the baseline of the benchmarks, and what the
+    shared backbone alone computes. ``model`` itself is not changed.
+    """
+    return _unwrapped_copy(model, lambda layer: layer.base_layer)
+
+
+@torch.no_grad()
+def _unwrapped_copy(model: nn.Module, replace: Callable[[ExpertLayer], nn.Module]) -> nn.Module:
+    """Deep copy of ``model`` with every expert layer replaced by ``replace(layer)``."""
+    copied = copy.deepcopy(model)
+    for name, layer in list(expert_layers(copied)):
+        plain = replace(layer)
         if not name:
-            return base
+            return plain
         parent_name, _, child = name.rpartition(".")
-        parent = merged.get_submodule(parent_name) if parent_name else merged
-        setattr(parent, child, base)
-    return merged
+        parent = copied.get_submodule(parent_name) if parent_name else copied
+        setattr(parent, child, plain)
+    return copied
 
 
 @torch.no_grad()
