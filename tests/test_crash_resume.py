@@ -46,7 +46,7 @@ def fit(folder: Path, *extra: str, kill_at: int | None = None) -> subprocess.Com
             "callbacks": callbacks,
         }
     )
-    config["data"]["init_args"].update({"augment": False, "batch_size": 16, "cache": "none"})
+    config["data"]["init_args"].update({"batch_size": 16, "cache": "none"})  # augmentation on
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
@@ -47,12 +49,41 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     return list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
 
 
+class SeededIndex(int):
+    """A sample index that carries the seed of that draw's random augmentation."""
+
+    seed: int | None
+
+    def __new__(cls, value: int, seed: int | None = None) -> SeededIndex:
+        index = super().__new__(cls, value)
+        index.seed = seed
+        return index
+
+
+class SeededConcatDataset(ConcatDataset):
+    """``ConcatDataset`` that seeds a sample's random transforms from its :class:`SeededIndex`.
+
+    The augmentation of a draw is then a function of ``(seed, epoch, rank, position in the epoch)``
+    only: the same with 0 or 8 workers, and the same after a resume.
+    """
+
+    def __getitem__(self, index: int) -> Any:
+        seed = getattr(index, "seed", None)
+        if seed is not None:
+            part = bisect.bisect_right(self.cumulative_sizes, int(index))
+            transform = getattr(self.datasets[part], "transform", None)
+            if isinstance(transform, Randomizable):
+                transform.set_random_state(seed=seed)
+        return super().__getitem__(int(index))
+
+
 class RegionBalancedSampler(DistributedSampler):
     """Per-rank sampler over a concatenation of task shards, with region weights.
 
     Each epoch draws ``length`` indices: a task per draw with probability ``task_weights`` and,
     within a task, the next index of a per-epoch shuffled cycle. Deterministic for ``(seed, epoch,
-    rank)``. Subclasses ``DistributedSampler`` so Lightning does not wrap it again; every rank gets the
+    rank)``; every index is a :class:`SeededIndex` carrying the seed of its augmentation.
+    Subclasses ``DistributedSampler`` so Lightning does not wrap it again; every rank gets the
     same length.
 
     Args:
@@ -88,10 +119,12 @@ class RegionBalancedSampler(DistributedSampler):
         draws = torch.multinomial(self.task_weights, self.length, replacement=True, generator=generator)
         orders = [torch.randperm(size, generator=generator) for size in self.task_sizes]
         cursors = [0] * len(self.task_sizes)
+        seeds = torch.randint(0, 2**31 - 1, (self.length,), generator=generator).tolist()
         skip, self.skip = self.skip, 0  # applies to one iteration only
         for position, task in enumerate(draws.tolist()):
             if position >= skip:
-                yield self.offsets[task] + int(orders[task][cursors[task] % self.task_sizes[task]])
+                index = self.offsets[task] + int(orders[task][cursors[task] % self.task_sizes[task]])
+                yield SeededIndex(index, seeds[position])
             cursors[task] += 1
 
     def __len__(self) -> int:
@@ -134,8 +167,9 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache_dir: folder for ``cache="disk"``.
         validate: check every record before training (files, geometry, label values).
         seed: sampling seed.
-        augment: random training augmentation (flips; 2D: also affine). ``False`` leaves only the
-            seg3d random crops, so a cls2d run is a pure function of the seed (exact resume).
+        augment: random training augmentation (flips; 2D: also affine); ``False`` leaves only the
+            seg3d random crops. Every random transform is seeded per draw (:class:`SeededIndex`):
+            the same with any number of workers and after a resume.
 
     Resume: the data module's checkpoint state records the epoch and the batches of it already
     trained; a run resumed from a mid-epoch checkpoint continues with the next batch of the same
@@ -339,7 +373,7 @@ class MultiRegionDataModule(L.LightningDataModule):
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip = self._resume["batches_done"] * self.hparams.batch_size
             self._resume = None
-        return self._loader(ConcatDataset(datasets), self.hparams.batch_size, sampler)
+        return self._loader(SeededConcatDataset(datasets), self.hparams.batch_size, sampler)
 
     def state_dict(self) -> dict[str, int]:
         """Checkpoint state: the training epoch and how many of its batches are done."""
