@@ -46,13 +46,14 @@ def write_generalist_checkpoint(path: Path, task_names: list[str], backbone: dic
 
 
 class PoisonBatch(L.Callback):
-    """Sets the images of one region's samples to NaN in the batch of global step ``step``."""
+    """Sets the images of one region's samples to NaN in the batch of global step ``step`` (on every
+    process, or only on process ``rank``)."""
 
-    def __init__(self, step: int, region: str) -> None:
-        self.step, self.region = step, region
+    def __init__(self, step: int, region: str, rank: int | None = None) -> None:
+        self.step, self.region, self.rank = step, region, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             rows = batch["region"] == pl_module.regions.index(self.region)
             assert rows.any(), "the poisoned batch must hold the region"
             batch["image"][rows] = float("nan")
