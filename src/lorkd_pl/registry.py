@@ -141,7 +141,12 @@ def get_region_index(name: str) -> int:
         return _REGIONS.index(name)
     except ValueError:
         raise RegistryError(
-            _unknown("region", name, _REGIONS, "register it with register_region()")
+            _unknown(
+                "region",
+                name,
+                _REGIONS,
+                f"known: {', '.join(_REGIONS)}; register a new one with register_region()",
+            )
         ) from None
 
 
