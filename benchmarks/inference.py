@@ -22,7 +22,7 @@ import torch
 
 from expert_conv import devices_for, emit, machine_name, time_steps
 from lorkd_pl.experts import strip_experts
-from lorkd_pl.export import ExpertNetwork, export_region
+from lorkd_pl.export import ExpertNetwork, export_region, load_exported
 from lorkd_pl.models.lorkd import LoRKDModule
 from train_step import SETUPS, run_info
 
@@ -44,6 +44,7 @@ def build(setup: dict, folder: Path, device: torch.device) -> dict:
     region = "brain"
     out = export_region(checkpoint, region, folder / region, student=student)
     exported = torch.export.load(str(out / "model.pt2")).module().to(device)
+    rebuilt = load_exported(out)[0].to(device)  # what `lorkd-pl predict` runs
     tasks = [i for i, t in enumerate(student.tasks) if t["region"] == region]
     plain_backbone = strip_experts(student.student)  # the expert-free network: W0 only
     plain = ExpertNetwork(plain_backbone, [copy.deepcopy(student.heads[i]) for i in tasks]).eval().to(device)
@@ -52,6 +53,7 @@ def build(setup: dict, folder: Path, device: torch.device) -> dict:
     return {
         BASELINE: lambda: plain(images),
         "exported merged expert (model.pt2)": lambda: exported(images),
+        "exported merged expert (state_dict.pt, as predict loads it)": lambda: rebuilt(images),
         "student routed to the region": lambda: student.task_logits(images, tasks[0]),
     }
 
