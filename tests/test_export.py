@@ -111,3 +111,5 @@ def test_errors_and_dry_run(checkpoint, tmp_path, capsys) -> None:
     assert f"| merged expert: brain | {student.expert_free_parameters + 27:,} |" in report
     assert main(["export", "--ckpt", str(path), "--all-regions", "--out", str(tmp_path / "all")]) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(student.regions)
+    on_disk = (tmp_path / "all" / "brain" / "state_dict.pt").stat().st_size / 2**20
+    assert f"| {on_disk:.2f} MiB (state_dict.pt) |" in report.split("merged expert: brain")[1].splitlines()[0]

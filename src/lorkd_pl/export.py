@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -242,5 +243,10 @@ def size_report(checkpoint: str | Path) -> str:
     )
     for region in student.regions:
         network, _ = expert_network(student, region)
-        lines.append(f"| merged expert: {region} | {count_parameters(network):,} | |")
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)  # the size of its state_dict.pt
+        lines.append(
+            f"| merged expert: {region} | {count_parameters(network):,} "
+            f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
+        )
     return "\n".join(lines)
