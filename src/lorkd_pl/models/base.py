@@ -201,7 +201,7 @@ class TaskModule(L.LightningModule):
             f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, "
             f"batch {batch_idx}): {'; '.join(culprits) or 'on another process'}"
             + (f". Images with NaN/inf voxels in this batch: tasks {', '.join(inputs)}" if inputs else "")
-            + ". Fix: check that data (keep data.validate=true), lower model.init_args.lr or add "
+            + ". Fix: check the data (keep data.validate=true), lower model.init_args.lr or add "
             "warmup_steps, prefer bf16-mixed over 16-mixed; or set model.init_args.nonfinite_loss=skip"
         )
         if self.hparams.get("nonfinite_loss", "raise") == "raise":
