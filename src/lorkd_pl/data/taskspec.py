@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +104,10 @@ def load_task_spec(path: str | Path) -> TaskSpec:
             classes=tuple(str(c) for c in classes),
             records=_split_getter(records),
             modality=str(modality or "other"),
-            spacing=_floats(raw.get("spacing"), path, "spacing"),
-            patch_size=_ints(raw.get("patch_size"), path, "patch_size"),
+            spacing=_field(raw, path, "spacing", lambda v: tuple(map(float, v)), "a list of numbers"),
+            patch_size=_field(raw, path, "patch_size", lambda v: tuple(map(int, v)), "a list of integers"),
             metrics=tuple(raw.get("metrics") or ()),
-            nsd_tolerance=_number(raw.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE), path, "nsd_tolerance"),
+            nsd_tolerance=_field(raw, path, "nsd_tolerance", float, "a number", DEFAULT_NSD_TOLERANCE),
             teacher_classes=raw.get("teacher_classes"),
             source=str(path),
         )
@@ -140,30 +140,26 @@ def _split_getter(records) -> Any:
     return get
 
 
-def _floats(value: Any, path: Path, key: str) -> tuple[float, ...] | None:
-    if value is None:
+def _field(
+    raw: Mapping[str, Any],
+    path: Path,
+    key: str,
+    convert: Callable[[Any], Any],
+    expected: str,
+    default: Any = None,
+) -> Any:
+    """``convert(raw[key])``, ``default`` when the field is absent, or an error naming file, field and type.
+
+    An explicit ``null`` is accepted only for fields whose default is ``None``.
+    """
+    if key not in raw:
+        return default
+    value = raw[key]
+    if value is None and default is None:
         return None
     try:
-        return tuple(float(v) for v in value)
+        return convert(value)
     except (TypeError, ValueError):
         raise DatasetFormatError(
-            f"task spec {path}: field {key!r} must be a list of numbers, got {value!r}"
-        ) from None
-
-
-def _number(value: Any, path: Path, key: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise DatasetFormatError(f"task spec {path}: field {key!r} must be a number, got {value!r}") from None
-
-
-def _ints(value: Any, path: Path, key: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise DatasetFormatError(
-            f"task spec {path}: field {key!r} must be a list of integers, got {value!r}"
+            f"task spec {path}: field {key!r} must be {expected}, got {value!r}"
         ) from None
