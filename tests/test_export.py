@@ -14,6 +14,7 @@ from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.export import ExpertNetwork, ExportError, export_region, load_exported, load_student
 from lorkd_pl.models.backbones import build_module, count_parameters, make_head
 from lorkd_pl.models.lorkd import LoRKDModule
+from training_helpers import save_checkpoint
 
 CNN = {
     "class_path": "lorkd_pl.models.backbones.ConvNet2d",
@@ -32,11 +33,7 @@ def checkpoint(tmp_path_factory):
             if name.endswith("expert_B"):
                 p.normal_(0, 0.2)  # experts differ from W0
     student.eval()
-    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
-    ckpt = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}
-    student.on_save_checkpoint(ckpt)
-    torch.save(ckpt, path)
-    return path, student
+    return save_checkpoint(student, tmp_path_factory.mktemp("ckpt") / "last.ckpt"), student
 
 
 def test_exported_network_equals_the_student(checkpoint, tmp_path) -> None:

@@ -17,6 +17,7 @@ from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.export import export_region
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.predict import PredictError, predict_files
+from training_helpers import save_checkpoint
 
 UNET = {
     "class_path": "monai.networks.nets.UNet",
@@ -31,11 +32,7 @@ def seg_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     data = MultiRegionDataModule(["demo_brain_seg", "demo_thorax_seg"], validate=False)
     student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=UNET, rank=2)
-    path = tmp_path_factory.mktemp("seg") / "last.ckpt"
-    checkpoint = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}
-    student.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
+    return save_checkpoint(student, tmp_path_factory.mktemp("seg") / "last.ckpt")
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:

@@ -20,6 +20,7 @@ from lorkd_pl.export import export_region
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.teacher import TeacherError, load_teacher
 from lorkd_pl.plugins import load_plugins
+from training_helpers import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LORKD_CLS = str(ROOT / "configs" / "demo" / "lorkd_cls.yaml")
@@ -55,11 +56,7 @@ def evil(tmp_path) -> tuple[Path, Path]:
 def student_checkpoint(tmp_path_factory) -> Path:
     data = MultiRegionDataModule(["demo_brain_cls", "demo_thorax_cls"], validate=False)
     student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=2)
-    path = tmp_path_factory.mktemp("student") / "last.ckpt"
-    checkpoint = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)}
-    student.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
+    return save_checkpoint(student, tmp_path_factory.mktemp("student") / "last.ckpt")
 
 
 def test_payload_refused_by_every_loader(evil, tmp_path, capsys, monkeypatch) -> None:

@@ -35,6 +35,11 @@ def write_generalist_checkpoint(path: Path, task_names: list[str], backbone: dic
 
     data = MultiRegionDataModule(task_names, validate=False)
     model = GeneralistModule(task_info=data.task_info, regions=data.region_names, backbone=backbone)
+    return save_checkpoint(model, path)
+
+
+def save_checkpoint(model: L.LightningModule, path: Path) -> Path:
+    """Save ``model`` as a Lightning checkpoint holds it: weights, hyperparameters, the model's extras."""
     checkpoint = {
         "state_dict": model.state_dict(),
         "hyper_parameters": dict(model.hparams),
