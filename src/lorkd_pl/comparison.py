@@ -132,13 +132,13 @@ def _per_class_lines(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> 
 
 
 def render_report(
+    rows: Sequence[Mapping[str, Any]],
     teacher: Mapping[str, Mapping[str, Any]],
     student: Mapping[str, Mapping[str, Any]],
     sources: tuple[str, str] = ("teacher", "student"),
     plots: Sequence[str] = (),
 ) -> str:
-    """The ``report.md`` text (plots are linked by their relative paths)."""
-    rows = comparison_rows(teacher, student)
+    """The ``report.md`` text of :func:`comparison_rows` ``rows`` (plots linked by relative path)."""
     lines = [
         "# Teacher vs LoRKD experts",
         "",
@@ -175,9 +175,19 @@ def write_report(teacher_run: str | Path, student_run: str | Path, out: str | Pa
     Returns:
         the path of ``report.md``.
     """
+    teacher, student = find_summaries(teacher_run), find_summaries(student_run)
+    return write_comparison(teacher, student, out, (str(teacher_run), str(student_run)))
+
+
+def write_comparison(
+    teacher: Mapping[str, Mapping[str, Any]],
+    student: Mapping[str, Mapping[str, Any]],
+    out: str | Path,
+    sources: tuple[str, str] = ("teacher", "student"),
+) -> Path:
+    """:func:`write_report` for summaries already loaded with :func:`find_summaries`."""
     from lorkd_pl.plots import confusion_matrices, region_bars
 
-    teacher, student = find_summaries(teacher_run), find_summaries(student_run)
     rows = comparison_rows(teacher, student)
     with atomic_folder(out, overwrite=True) as work:
         (work / "plots").mkdir()
@@ -193,6 +203,6 @@ def write_report(teacher_run: str | Path, student_run: str | Path, out: str | Pa
                 name = f"plots/confusion_{row['task']}.png"
                 confusion_matrices(teacher[row["task"]], student[row["task"]], work / name)
                 plots.append(name)
-        text = render_report(teacher, student, (str(teacher_run), str(student_run)), plots)
+        text = render_report(rows, teacher, student, sources, plots)
         (work / "report.md").write_text(text, encoding="utf-8")
     return Path(out) / "report.md"

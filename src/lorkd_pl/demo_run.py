@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lorkd_pl.atomic import write_text_atomic
-from lorkd_pl.comparison import comparison_rows, find_summaries, markdown_table, write_report
+from lorkd_pl.comparison import comparison_rows, find_summaries, markdown_table, write_comparison
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.backbones import count_parameters
 from lorkd_pl.reports import nanmean
@@ -103,8 +103,9 @@ def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), pro
         last = Path("checkpoints") / "last.ckpt"
         teacher, teacher_log = _test(teacher_cfg, runs / f"teacher_{kind}" / last, quiet)
         student, student_log = _test(student_cfg, runs / f"lorkd_{kind}" / last, quiet)
-        report = write_report(teacher_log, student_log, runs / f"report_{kind}")
-        rows = comparison_rows(find_summaries(teacher_log), find_summaries(student_log))
+        summaries = find_summaries(teacher_log), find_summaries(student_log)  # read once
+        report = write_comparison(*summaries, runs / f"report_{kind}", (teacher_log, student_log))
+        rows = comparison_rows(*summaries)
         merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
         lines = [
             f"### {'2D classification' if kind == 'cls' else '3D segmentation'} (test split)",
