@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
+
+from training_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_CLS = str(ROOT / "configs" / "demo" / "teacher_cls.yaml")
@@ -48,11 +48,7 @@ def fit(folder: Path, *extra: str, kill_at: int | None = None) -> subprocess.Com
     )
     config["data"]["init_args"].update({"batch_size": 16, "cache": "none"})  # augmentation on
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [sys.executable, "-m", "lorkd_pl.cli", "fit", "--config", str(folder / "config.yaml"), *extra]
-    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(["fit", "--config", str(folder / "config.yaml"), *extra], folder)
 
 
 def last_val_score(folder: Path) -> float:

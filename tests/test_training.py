@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lorkd_pl.cli import main
-from training_helpers import write_generalist_checkpoint
+from training_helpers import ddp_fit, rank_weights, write_generalist_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLS = str(ROOT / "configs" / "demo" / "lorkd_cls.yaml")
@@ -31,38 +27,9 @@ def teacher(tmp_path) -> str:
 
 
 def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, teacher) -> None:
-    extra = {
-        "trainer": {
-            "devices": 2,
-            "strategy": "ddp",
-            "max_steps": 3,
-            "limit_val_batches": 0,
-            "enable_checkpointing": False,
-            "logger": False,
-            "callbacks": [
-                {"class_path": "training_helpers.SaveRankWeights", "init_args": {"out": str(tmp_path)}}
-            ],
-        },
-        "model": {"init_args": {"teacher": teacher}},
-        "data": {"init_args": {"batch_size": 8, "cache": "none"}},
-    }
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(extra))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "lorkd_pl.cli",
-        "fit",
-        "--config",
-        CLS,
-        "--config",
-        str(tmp_path / "ddp.yaml"),
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = ddp_fit(tmp_path, CLS, [], {"teacher": teacher}, {"batch_size": 8, "cache": "none"})
     assert result.returncode == 0, result.stderr[-4000:]
-    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    weights = rank_weights(tmp_path)
     experts = [k for k in weights[0] if k.endswith("expert_B")]
     assert experts and all(torch.count_nonzero(weights[0][k]) > 0 for k in experts)  # B left 0: trained
     for key in weights[0]:

@@ -3,10 +3,51 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m lorkd_pl.cli ARGS`` in a subprocess that can import these helpers (as callbacks)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "lorkd_pl.cli", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ddp_fit(folder: Path, config: str, callbacks: list[dict], model: dict, data: dict, timeout: int = 600):
+    """A 3-step, 2-process CPU DDP ``fit`` of ``config``; each process saves its weights to ``folder``
+    (:class:`SaveRankWeights`). Returns the finished process."""
+    extra = {
+        "trainer": {
+            "devices": 2,
+            "strategy": "ddp",
+            "max_steps": 3,
+            "limit_val_batches": 0,
+            "enable_checkpointing": False,
+            "logger": False,
+            "callbacks": [
+                {"class_path": "training_helpers.SaveRankWeights", "init_args": {"out": str(folder)}},
+                *callbacks,
+            ],
+        },
+        "model": {"init_args": model},
+        "data": {"init_args": data},
+    }
+    (folder / "ddp.yaml").write_text(yaml.safe_dump(extra))
+    return run_cli(["fit", "--config", config, "--config", str(folder / "ddp.yaml")], folder, timeout)
+
+
+def rank_weights(folder: Path) -> list[dict[str, torch.Tensor]]:
+    """The parameters each DDP process saved (rank 0, rank 1)."""
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 class SaveRankWeights(L.Callback):

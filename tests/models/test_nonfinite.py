@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lorkd_pl.cli import main
 from lorkd_pl.models.base import NonFiniteLossError
+from training_helpers import ddp_fit, rank_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER_CLS = str(ROOT / "configs" / "demo" / "teacher_cls.yaml")
@@ -94,46 +91,18 @@ def test_finite_loss_passes_through_unchanged() -> None:
 @pytest.mark.parametrize("mode", ["raise", "skip"])
 def test_ddp_processes_decide_together(mode, tmp_path) -> None:
     """NaN on process 0 only: both processes raise (none waits forever) or both skip and stay equal."""
-    extra = {
-        "trainer": {
-            "devices": 2,
-            "strategy": "ddp",
-            "max_steps": 3,
-            "limit_val_batches": 0,
-            "enable_checkpointing": False,
-            "logger": False,
-            "callbacks": [
-                {"class_path": "training_helpers.SaveRankWeights", "init_args": {"out": str(tmp_path)}},
-                {
-                    "class_path": "training_helpers.PoisonBatch",
-                    "init_args": {"step": 1, "region": "brain", "rank": 0},
-                },
-            ],
-        },
-        "model": {"init_args": {"nonfinite_loss": mode}},
-        "data": {"init_args": {"batch_size": 16, "cache": "none"}},
+    poison = {
+        "class_path": "training_helpers.PoisonBatch",
+        "init_args": {"step": 1, "region": "brain", "rank": 0},
     }
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(extra))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "lorkd_pl.cli",
-        "fit",
-        "--config",
-        TEACHER_CLS,
-        "--config",
-        str(tmp_path / "ddp.yaml"),
-    ]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    data = {"batch_size": 16, "cache": "none"}
+    result = ddp_fit(tmp_path, TEACHER_CLS, [poison], {"nonfinite_loss": mode}, data, timeout=300)
     if mode == "raise":
         assert result.returncode != 0 and "non-finite training loss at global step 1" in result.stderr
         assert not (tmp_path / "rank1.pt").exists()  # process 1 stopped too, at the same step
         return
     assert result.returncode == 0, result.stderr[-3000:]
-    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    weights = rank_weights(tmp_path)
     for key in weights[0]:
         assert torch.isfinite(weights[0][key]).all()
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0, msg=key)
