@@ -176,6 +176,11 @@ def config(case: Case, model: dict | None = None) -> Path:
     return path
 
 
+def command(name: str, case: Case, *extra: str, model: dict | None = None) -> list[str]:
+    """``lorkd-pl NAME`` on the case's tasks folder and config, plus ``extra`` arguments."""
+    return [name, "--tasks-dir", str(case.tasks), "--config", str(config(case, model)), *extra]
+
+
 def run_fails(args: list[str], case: Case, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -191,9 +196,7 @@ def test_bad_input_fails_before_training(name, tmp_path, capsys, monkeypatch, cl
     case = Case(tmp_path)
     defect(case)
     case.write()
-    message = run_fails(
-        ["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case)), *extra], case, capsys
-    )
+    message = run_fails(command("fit", case, *extra), case, capsys)
     for fragment in fragments:
         assert fragment in message, (name, fragment, message)
 
@@ -203,7 +206,7 @@ def test_the_good_case_trains(tmp_path, monkeypatch, clean_registry) -> None:
     monkeypatch.chdir(tmp_path)
     case = Case(tmp_path)
     case.write()
-    assert main(["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case))]) == 0
+    assert main(command("fit", case)) == 0
     assert (case.root / "trained").exists()
 
 
@@ -214,19 +217,7 @@ def test_checkpoint_from_another_region_set(tmp_path, capsys, monkeypatch, clean
     other = write_generalist_checkpoint(
         tmp_path / "other.ckpt", ["demo_abdomen_seg", "demo_thorax_seg"], UNET
     )
-    message = run_fails(
-        [
-            "validate",
-            "--tasks-dir",
-            str(case.tasks),
-            "--config",
-            str(config(case)),
-            "--ckpt_path",
-            str(other),
-        ],
-        case,
-        capsys,
-    )
+    message = run_fails(command("validate", case, "--ckpt_path", str(other)), case, capsys)
     assert "was trained for tasks ['demo_abdomen_seg', 'demo_thorax_seg']" in message
     assert (
         "this run's data.tasks are ['bad_task']" in message and "use the training run's data.tasks" in message
@@ -248,19 +239,7 @@ def test_checkpoint_with_other_classes_for_the_same_task(
     case = Case(tmp_path / "now")
     case.spec["classes"] = ["background", "lesion", "oedema"]
     case.write()
-    message = run_fails(
-        [
-            "validate",
-            "--tasks-dir",
-            str(case.tasks),
-            "--config",
-            str(config(case)),
-            "--ckpt_path",
-            str(saved),
-        ],
-        case,
-        capsys,
-    )
+    message = run_fails(command("validate", case, "--ckpt_path", str(saved)), case, capsys)
     assert "names, regions and class lists must match" in message, message[-1500:]
 
 
@@ -275,9 +254,7 @@ def test_teacher_classes_beyond_the_teacher_outputs(tmp_path, capsys, monkeypatc
         "class_path": "lorkd_pl.models.lorkd.LoRKDModule",
         "init_args": {"backbone": UNET, "rank": 2, "teacher": str(teacher), "teacher_model": UNET},
     }
-    message = run_fails(
-        ["fit", "--tasks-dir", str(case.tasks), "--config", str(config(case, model))], case, capsys
-    )
+    message = run_fails(command("fit", case, model=model), case, capsys)
     assert (
         "outputs 4 channels" in message
         and "{'bad_task': [5]}" in message
