@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/expert_conv.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/startup.py
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks tasks

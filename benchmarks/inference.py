@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from expert_conv import devices_for, emit, machine_name, time_steps
+from lorkd_pl.deploy.export import ExpertNetwork, export_region, load_exported
 from lorkd_pl.experts import strip_experts
-from lorkd_pl.export import ExpertNetwork, export_region, load_exported
 from lorkd_pl.models.lorkd import LoRKDModule
 from train_step import SETUPS, run_info
 

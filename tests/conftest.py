@@ -18,7 +18,7 @@ os.environ.pop("LORKD_PL_TASKS_DIR", None)
 _DEMO_ROOT = Path(tempfile.mkdtemp(prefix="lorkd-pl-tests-")) / "demo"
 os.environ["LORKD_PL_DEMO_DATA"] = str(_DEMO_ROOT)
 
-from lorkd_pl.plugins import load_plugins  # noqa: E402
+from lorkd_pl.data.plugins import load_plugins  # noqa: E402
 
 load_plugins()
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lorkd_pl.atomic import atomic_file, atomic_folder, write_text_atomic
-from lorkd_pl.reports import write_json_atomic
+from lorkd_pl.evaluation.summaries import write_json_atomic
+from lorkd_pl.io.atomic import atomic_file, atomic_folder, write_text_atomic
 
 
 def test_replace_and_failure(tmp_path) -> None:

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from lorkd_pl.cli import main
-from lorkd_pl.plugins import load_plugins
+from lorkd_pl.app.cli import main
+from lorkd_pl.data.plugins import load_plugins
 from training_helpers import write_generalist_checkpoint
 
 UNET = {

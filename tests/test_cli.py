@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lorkd_pl import __version__
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
 
 
 def test_version(capsys) -> None:
@@ -44,3 +47,73 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["demo-data", "--out", str(tmp_path / "exists")])
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_help_and_tasks_import_neither_torch_nor_lightning() -> None:
+    """Fast start: the parser and the task listing load no deep-learning stack (timings: benchmarks/)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from lorkd_pl.app.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['tasks'])\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "stack = ('torch', 'lightning', 'monai', 'SimpleITK', 'numpy')\n"
+        "heavy = sorted(m for m in stack if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_command_documents_and_accepts_tasks_dir(tmp_path, capsys) -> None:
+    for command in ("predict", "tasks", "config", "demo-data", "demo", "export", "report"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--tasks-dir DIR" in capsys.readouterr().out, command
+    empty = tmp_path / "tasks"
+    empty.mkdir()
+    assert main(["--tasks-dir", str(empty), "config"]) == 0  # any position
+
+
+def test_predict_help_lists_the_file_options(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--input", "--source", "--region", "--out", "--device", "--probabilities", "--overlap"):
+        assert option in out, option
+
+
+def test_lightning_style_predict_points_at_the_file_command(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", "demo/lorkd_seg", "--ckpt_path", "x.ckpt"])
+    assert exit_info.value.code == 2
+    assert "lorkd-pl predict --source CHECKPOINT_OR_EXPORT" in capsys.readouterr().err
+
+
+def test_packaged_configs_by_name(tmp_path, capsys, monkeypatch) -> None:
+    from lorkd_pl.app.configs import config_root, packaged_configs, resolve_config_args
+
+    assert "demo/teacher_seg" in packaged_configs() and "trainer/cpu" in packaged_configs()
+    assert main(["config", "demo/teacher_seg"]) == 0
+    assert capsys.readouterr().out == (config_root() / "demo" / "teacher_seg.yaml").read_text()
+    assert main(["config", "demo/lorkd_cls", "trainer/cpu.yaml", "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "demo" / "lorkd_cls.yaml").is_file()
+    assert (tmp_path / "mine" / "trainer" / "cpu.yaml").is_file()
+    with pytest.raises(SystemExit):  # copies are never overwritten unless asked
+        main(["config", "demo/lorkd_cls", "--out", str(tmp_path / "mine")])
+    assert "pass --overwrite" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "teacher_seg").write_text("a local file wins\n")
+    resolved = resolve_config_args(["fit", "--config", "demo/teacher_seg", "--config=demo/lorkd_seg.yaml"])
+    assert resolved[2] == "demo/teacher_seg"  # an existing path is kept
+    assert resolved[3] == f"--config={config_root().resolve() / 'demo' / 'lorkd_seg.yaml'}"
+    assert resolve_config_args(["--config", "../../etc/passwd"])[1] == "../../etc/passwd"  # not a config
+    with pytest.raises(SystemExit):
+        main(["config", "no/such"])
+    assert "no packaged config 'no/such'" in capsys.readouterr().err

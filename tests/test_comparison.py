@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from lorkd_pl.comparison import ReportError, comparison_rows, find_summaries, write_report
-from lorkd_pl.reports import write_json_atomic
+from lorkd_pl.evaluation.comparison import ReportError, comparison_rows, find_summaries, write_report
+from lorkd_pl.evaluation.summaries import write_json_atomic
 
 
 def seg_summary(task: str, region: str, dice: list[float], nsd: list[float], hd95: list[float]) -> dict:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import yaml
 
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
+from lorkd_pl.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -62,11 +66,21 @@ def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
     teacher_ckpt = tmp_path / "runs" / "demo" / f"teacher_{kind}" / "checkpoints" / "last.ckpt"
     assert teacher_ckpt.is_file()
     run("fit", "--config", student, "--trainer.fast_dev_run=2")
-    run("fit", "--config", student, *FAST)
+    run("fit", "--config", student, *FAST, "--overwrite")  # the documented re-run replaces the first
     student_ckpt = tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
+    image = tmp_path / "case.nii.gz"
+    record = get_task(f"demo_brain_{kind}").records("test")[0]
+    if kind == "seg":
+        shutil.copy(record["image"], image)
+    else:  # a 2D image file, as a user would bring one
+        image = tmp_path / "case.png"
+        sitk.WriteImage(sitk.GetImageFromArray(np.asarray(record["image"])), str(image))
     for config, ckpt in ((teacher, teacher_ckpt), (student, student_ckpt)):
         run("test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches=1")
-        run("predict", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_predict_batches=1")
+        out = tmp_path / "predictions" / Path(config).stem
+        run("predict", "--source", str(ckpt), "--region", "brain", "--input", str(image), "--out", str(out))
+        expected = "case_demo_brain_seg.nii.gz" if kind == "seg" else "brain_predictions.csv"
+        assert [p.name for p in out.iterdir()] == [expected]
     logs = list((tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/config.yaml"))
     assert len(logs) >= 2  # one folder and config per run
     summaries = sorted(
@@ -106,7 +120,8 @@ def test_sweep_keys_are_accepted(sweep, capsys) -> None:
     spec = yaml.safe_load(sweep.read_text())
     command = spec["command"]
     assert command[:3] == ["${env}", "lorkd-pl", "fit"] and command[-1] == "${args}"
-    configs = [str(ROOT / command[i + 1]) for i, item in enumerate(command) if item == "--config"]
+    configs = [command[i + 1] for i, item in enumerate(command) if item == "--config"]
+    assert configs and not any(c.startswith("configs/") for c in configs)  # packaged names: any folder
     args = []
     for key, values in spec["parameters"].items():
         value = values["values"][0] if "values" in values else values["min"]

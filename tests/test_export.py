@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.export import ExpertNetwork, ExportError, export_region, load_exported, load_student
+from lorkd_pl.deploy.export import ExpertNetwork, ExportError, export_region, load_exported, load_student
 from lorkd_pl.models.backbones import build_module, count_parameters, make_head
 from lorkd_pl.models.lorkd import LoRKDModule
 from training_helpers import save_checkpoint
@@ -27,7 +27,12 @@ TASKS = ["demo_brain_cls", "demo_thorax_cls", "demo_abdomen_cls"]
 def checkpoint(tmp_path_factory):
     data = MultiRegionDataModule(TASKS, validate=False)
     torch.manual_seed(0)
-    student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=[2, 3, 4])
+    student = LoRKDModule(
+        task_info=data.task_info,
+        regions=data.region_names,
+        backbone=CNN,
+        rank={"abdomen": 2, "brain": 3, "thorax": 4},
+    )
     with torch.no_grad():
         for name, p in student.named_parameters():
             if name.endswith("expert_B"):
@@ -110,3 +115,47 @@ def test_errors_and_dry_run(checkpoint, tmp_path, capsys) -> None:
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(student.regions)
     on_disk = (tmp_path / "all" / "brain" / "state_dict.pt").stat().st_size / 2**20
     assert f"| {on_disk:.2f} MiB (state_dict.pt) |" in report.split("merged expert: brain")[1].splitlines()[0]
+
+
+def test_all_regions_checks_every_target_before_writing(checkpoint, tmp_path, capsys) -> None:
+    path, _ = checkpoint
+    (tmp_path / "all" / "thorax").mkdir(parents=True)  # one target exists: nothing may be written
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(path), "--all-regions", "--out", str(tmp_path / "all")])
+    assert exit_info.value.code == 2
+    assert "thorax exist(s); nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["thorax"]  # no partial set
+    assert not any((tmp_path / "all" / "thorax").iterdir())
+
+
+def test_export_accepts_tasks_dir_anywhere(checkpoint, tmp_path) -> None:
+    path, _ = checkpoint
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    args = ["export", "--ckpt", str(path), "--tasks-dir", str(folder), "--region", "brain"]
+    assert main([*args, "--out", str(tmp_path / "brain")]) == 0
+    assert (tmp_path / "brain" / "metadata.json").is_file()
+
+
+def test_expert_card_round_trip_and_refusals(checkpoint, tmp_path) -> None:
+    from lorkd_pl.deploy.card import CardError, ExpertCard
+
+    path, student = checkpoint
+    out = export_region(path, "brain", tmp_path / "brain")
+    card = ExpertCard.from_json(out / "metadata.json")
+    assert card.region == "brain" and card.model == "LoRKDModule" and card.kind == "cls2d"
+    assert [t["name"] for t in card.tasks] == ["demo_brain_cls"] and card.tasks[0]["output_index"] == 0
+    assert card.preprocessing.patch_size == [28, 28] and card.preprocessing.channels == 1
+    assert card.preprocessing.sw_batch_size == student.hparams.sw_batch_size
+    assert card.backbone == CNN and card.expert_free_backbone_parameters == student.expert_free_parameters
+    card.to_json(tmp_path / "again.json")
+    assert ExpertCard.from_json(tmp_path / "again.json") == card
+    data = json.loads((out / "metadata.json").read_text())
+    for broken, match in (
+        ({**data, "format": 99}, "card format 99"),
+        ({k: v for k, v in data.items() if k != "preprocessing"}, "malformed expert card"),
+        ({**data, "tasks": [{"name": "x"}]}, r"tasks lack \['classes', 'output_index'\]"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(CardError, match=match):
+            ExpertCard.from_json(tmp_path / "bad.json")

@@ -7,14 +7,28 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from lorkd_pl import plugins
-from lorkd_pl.plugins import PluginError, load_plugins, repository_tasks_dir
+from lorkd_pl.data import plugins
+from lorkd_pl.data.plugins import PluginError, load_plugins
 from lorkd_pl.registry import get_task
 
 
-def test_repository_folder_registers_the_demo_tasks() -> None:
-    assert repository_tasks_dir() is not None
-    assert get_task("demo_brain_seg").source == "lorkd_pl.data.demo"
+def test_the_package_entry_point_registers_the_demo_tasks() -> None:
+    from importlib.metadata import entry_points
+
+    (point,) = [p for p in entry_points(group=plugins.ENTRY_POINT_GROUP) if p.name == "demo"]
+    assert point.value == "lorkd_pl.data.demo_tasks:register"
+    assert get_task("demo_brain_seg").source == "lorkd_pl.data.demo_tasks"
+    assert plugins.default_tasks_dirs() == []  # no folder is scanned unless named
+
+
+def test_tasks_dir_without_a_folder_is_refused(capsys) -> None:
+    from lorkd_pl.app.cli import main
+
+    for args in (["tasks", "--tasks-dir"], ["tasks", "--tasks-dir="], ["tasks", "--tasks-dir", "--kind"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        assert "--tasks-dir needs a folder" in capsys.readouterr().err
 
 
 def test_folder_with_python_and_spec_files(tmp_path, clean_registry, monkeypatch) -> None:

@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.export import export_region
+from lorkd_pl.deploy.export import export_region
+from lorkd_pl.deploy.predict import PredictError, predict_files
 from lorkd_pl.models.lorkd import LoRKDModule
-from lorkd_pl.predict import PredictError, predict_files
 from training_helpers import save_checkpoint
 
 UNET = {
@@ -101,3 +101,52 @@ def test_errors(seg_checkpoint, tmp_path) -> None:
         predict_files([NIFTI], seg_checkpoint, tmp_path)
     with pytest.raises(PredictError, match="input not found"):
         predict_files([tmp_path / "missing.nii.gz"], seg_checkpoint, tmp_path, region="brain")
+
+
+@pytest.fixture(scope="module")
+def generalist_checkpoint(tmp_path_factory):
+    from training_helpers import write_generalist_checkpoint
+
+    torch.manual_seed(0)
+    return write_generalist_checkpoint(
+        tmp_path_factory.mktemp("generalist") / "teacher.ckpt", ["demo_brain_seg", "demo_thorax_seg"], UNET
+    )
+
+
+def test_a_generalist_checkpoint_predicts_its_tasks(generalist_checkpoint, tmp_path) -> None:
+    from lorkd_pl.deploy.predict import load_expert
+    from lorkd_pl.io.checkpoints import load_checkpoint_file
+    from lorkd_pl.models.restore import restore_module
+
+    generalist = restore_module(load_checkpoint_file(generalist_checkpoint), generalist_checkpoint)
+    expert = load_expert(generalist_checkpoint)
+    assert expert.card.region is None and expert.card.model == "GeneralistModule"
+    assert [t["name"] for t in expert.card.tasks] == ["demo_brain_seg", "demo_thorax_seg"]
+    x = torch.randn(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        outputs = expert.network(x)
+        for index, task in enumerate(expert.card.tasks):  # oracle: the training module's own task logits
+            torch.testing.assert_close(outputs[task["output_index"]], generalist.task_logits(x, index))
+    assert [t["name"] for t in load_expert(generalist_checkpoint, "thorax").card.tasks] == ["demo_thorax_seg"]
+    args = ["predict", "--input", str(NIFTI), "--source", str(generalist_checkpoint), "--out", str(tmp_path)]
+    assert main(args) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["anatomical_demo_brain_seg.nii.gz", "anatomical_demo_thorax_seg.nii.gz"]
+    for name in names:
+        assert same_geometry(sitk.ReadImage(str(tmp_path / name)), sitk.ReadImage(str(NIFTI)))
+
+
+def test_one_sliding_window_pass_serves_every_task(generalist_checkpoint, tmp_path) -> None:
+    from lorkd_pl.deploy.predict import load_expert, predict_segmentation
+
+    calls = []
+    counts = {}
+    for region in (None, "brain"):  # two tasks, then one: the same number of backbone forwards
+        expert = load_expert(generalist_checkpoint, region)
+        handle = expert.network.backbone.register_forward_hook(lambda *args: calls.append(1))
+        written = predict_segmentation(expert, str(NIFTI), tmp_path / str(region))
+        handle.remove()
+        counts[region] = len(calls)
+        calls.clear()
+        assert len(written) == len(expert.card.tasks)
+    assert counts[None] == counts["brain"] > 0

@@ -12,7 +12,7 @@ from monai.metrics import compute_dice
 from scipy import ndimage
 from torchmetrics.segmentation import DiceScore
 
-from lorkd_pl.reports import (
+from lorkd_pl.evaluation.summaries import (
     classification_summary,
     dice_per_class,
     hd95_per_class,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
 from training_helpers import ddp_fit, rank_weights, write_generalist_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

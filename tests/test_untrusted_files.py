@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorkd_pl import checkpoint_io
-from lorkd_pl.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
-from lorkd_pl.cli import lightning_cli, main
+from lorkd_pl.app.cli import main
+from lorkd_pl.app.lightning import lightning_cli
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.export import export_region
+from lorkd_pl.data.plugins import load_plugins
+from lorkd_pl.deploy.export import export_region
+from lorkd_pl.io import checkpoints as checkpoint_io
+from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.teacher import TeacherError, load_teacher
-from lorkd_pl.plugins import load_plugins
 from training_helpers import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> No
 def test_sigkill_during_a_write_keeps_the_previous_checkpoint(tmp_path) -> None:
     script = f"""
 import os, signal, torch
-from lorkd_pl import checkpoint_io
+from lorkd_pl.io import checkpoints as checkpoint_io
 io = checkpoint_io.AtomicCheckpointIO()
 io.save_checkpoint({{"step": torch.tensor(1)}}, {str(tmp_path / "last.ckpt")!r})
 def killed_mid_write(obj, target, *args, **kwargs):

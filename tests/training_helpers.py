@@ -16,9 +16,9 @@ TESTS = Path(__file__).resolve().parent
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m lorkd_pl.cli ARGS`` in a subprocess that can import these helpers (as callbacks)."""
+    """``python -m lorkd_pl.app.cli ARGS`` in a subprocess that can import these helpers (as callbacks)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "lorkd_pl.cli", *args]
+    command = [sys.executable, "-m", "lorkd_pl.app.cli", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 TaskKind = Literal["seg3d", "cls2d"]
 TASK_KINDS: tuple[str, ...] = ("seg3d", "cls2d")
+#: Metrics each kind can log per task during validation/test; the first is the task's score.
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {"seg3d": ("dice",), "cls2d": ("accuracy", "auroc")}
 
 #: The method's eight body regions, in expert order.
@@ -47,7 +48,7 @@ DEFAULT_NSD_TOLERANCE: float = 2.0  # mm: boundary tolerance of the normalised s
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: a dataset of one region, its kind, classes, data, head and metrics.
+    """One task: a dataset of one region, its kind, classes, data and metrics.
 
     Attributes:
         name: unique task name, e.g. ``"brain_seg"``.
@@ -59,9 +60,9 @@ class TaskSpec:
         modality: ``"CT"``, ``"MR"`` or ``"other"``: selects intensity normalisation.
         spacing: target voxel spacing in mm (x, y, z) for 3D resampling; ``None`` keeps it.
         patch_size: training crop (3D) or image size (2D) in voxels/pixels.
-        head: optional head factory ``head(in_channels, num_classes) -> nn.Module``; ``None`` uses
-            the kind's default (segmentation: 1×1 conv; classification: pooled linear).
-        metrics: metric names computed per task (default by kind).
+        metrics: metrics logged per task in validation/test, among the kind's
+            (:data:`DEFAULT_METRICS`; default all of them); the kind's first metric is always
+            computed (it is the task's score). Test summaries always hold every metric.
         nsd_tolerance: seg3d: surface tolerance of the normalised surface Dice, in mm (voxels when
             ``spacing`` is ``None``).
         teacher_classes: map from this task's class names to the teacher's output channels, for
@@ -78,7 +79,6 @@ class TaskSpec:
     modality: str = "CT"
     spacing: tuple[float, ...] | None = None
     patch_size: tuple[int, ...] | None = None
-    head: Callable[..., Any] | None = None
     metrics: tuple[str, ...] = ()
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE
     teacher_classes: Mapping[str, int] | None = None
@@ -102,6 +102,12 @@ class TaskSpec:
             )
         if not self.metrics:
             object.__setattr__(self, "metrics", DEFAULT_METRICS[self.kind])
+        unknown_metrics = sorted(set(self.metrics) - set(DEFAULT_METRICS[self.kind]))
+        if unknown_metrics:
+            raise ValueError(
+                f"task {self.name!r}{where}: metrics {unknown_metrics} are not {self.kind} metrics; "
+                f"choose among {list(DEFAULT_METRICS[self.kind])}"
+            )
         if self.teacher_classes is not None:
             unknown = sorted(set(self.teacher_classes) - set(self.classes))
             if unknown:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.plugins import load_plugins
+from lorkd_pl.data.plugins import load_plugins
 
 
 class Recorder(L.LightningModule):

@@ -160,9 +160,37 @@ def test_task_spec_file_with_manifest_of_several_tasks(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "spec_field"),
+    [("region", "thorax", "region: brain"), ("modality", "CT", "modality: MR")],
+)
+def test_manifest_row_disagreeing_with_its_task_is_refused(tmp_path, field, value, spec_field) -> None:
+    rows = [
+        {"image": "i1.nii.gz", "label": "l1.nii.gz", "region": "brain", "modality": "mr", "split": "train"},
+        {"image": "i2.nii.gz", "label": "l2.nii.gz", "region": "brain", "modality": "MR", "split": "val"},
+    ]
+    rows[1][field] = value
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "t.yaml").write_text(
+        f"name: t\nregion: brain\nkind: seg3d\nclasses: [a, b]\nmanifest: manifest.jsonl\n{spec_field}\n"
+    )
+    spec = load_task_spec(tmp_path / "t.yaml")
+    with pytest.raises(
+        DatasetFormatError, match=rf"manifest.jsonl, row 2: {field} '{value}' disagrees with task 't'"
+    ):
+        spec.records("train")
+    rows[1][field] = rows[0][field]  # agreeing rows (modality compared case-insensitively) pass
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert len(load_task_spec(tmp_path / "t.yaml").records("val")) == 1
+
+
+@pytest.mark.parametrize(
     ("text", "match"),
     [
         ("name: t\nregion: brain\nkind: seg3d\nclasses: [a, b]\n", "give exactly one of"),
+        (
+            "name: t\nregion: brain\nkind: cls2d\nclasses: [a, b]\nnpz: x.npz\nmetrics: [dice]\n",
+            r"metrics \['dice'\] are not cls2d metrics; choose among \['accuracy', 'auroc'\]",
+        ),
         (
             "name: t\nregion: brain\nkind: seg3d\nclasses: [a, b]\nnpz: x.npz\nspacnig: [1]\n",
             r"unknown field\(s\) \['spacnig'\]",

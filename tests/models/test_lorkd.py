@@ -181,10 +181,10 @@ def test_pickled_code_payload_is_refused(tmp_path, run) -> None:
 
 
 def test_merged_expert_has_the_plain_network_size(run) -> None:
-    from lorkd_pl.demo_run import merged_expert_parameters
+    from lorkd_pl.app.demo import merged_expert_parameters
     from lorkd_pl.models.backbones import count_parameters
 
-    model = LoRKDModule(**run, backbone=CNN, rank=[2, 3, 4])
+    model = LoRKDModule(**run, backbone=CNN, rank={"abdomen": 2, "brain": 3, "thorax": 4})
     assert count_parameters(model.student) > model.expert_free_parameters
     for task in range(len(model.tasks)):
         expected = model.expert_free_parameters + count_parameters(model.heads[task])
@@ -217,3 +217,39 @@ def test_feature_kd_trains_a_projection(run, teacher_path) -> None:
     torch.testing.assert_close(loss, task_only.training_step(data, 0) + 2.0 * expected_kd)
     loss.backward()
     assert model.projection.weight.grad is not None and torch.count_nonzero(model.projection.weight.grad) > 0
+
+
+def test_ranks_by_region_name(run) -> None:
+    from lorkd_pl.experts import expert_layers
+
+    assert run["regions"] == ["abdomen", "brain", "thorax"]
+    model = LoRKDModule(**run, backbone=CNN, rank={"thorax": 6, "abdomen": 2, "default": 5})
+    layers = [layer for _, layer in expert_layers(model.student)]
+    assert layers and all(list(layer.ranks) == [2, 5, 6] for layer in layers)  # matched by name
+    model = LoRKDModule(**run, backbone=CNN, rank={"brain": 3})  # no default: the method's 8
+    assert all(list(layer.ranks) == [8, 3, 8] for _, layer in expert_layers(model.student))
+
+
+@pytest.mark.parametrize(
+    ("rank", "match"),
+    [
+        (
+            [2, 3, 4],
+            r"ranks by region name, got \[2, 3, 4\]; write the mapping form, e.g. rank: \{abdomen: 8",
+        ),
+        ({"spine": 4}, r"names \['spine'\], which are not regions of this run"),
+        ({"brain": 0}, r"integers >= 1"),
+    ],
+)
+def test_rank_lists_and_unknown_regions_are_refused(run, rank, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LoRKDModule(**run, backbone=CNN, rank=rank)
+
+
+def test_task_metrics_follow_the_task_spec() -> None:
+    from lorkd_pl.models.base import task_metrics
+
+    task = {"name": "t", "kind": "cls2d", "classes": ["a", "b", "c"]}
+    assert sorted(task_metrics(task)) == ["accuracy", "auroc"]  # default: all of the kind
+    assert sorted(task_metrics({**task, "metrics": ["accuracy"]})) == ["accuracy"]
+    assert sorted(task_metrics({**task, "metrics": ["auroc"]})) == ["accuracy", "auroc"]  # the score stays

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorkd_pl.cli import main
+from lorkd_pl.app.cli import main
 from lorkd_pl.models.base import NonFiniteLossError
 from training_helpers import ddp_fit, rank_weights
 
@@ -57,13 +57,13 @@ def test_nan_batch_raises_naming_step_region_and_term(
 
 def test_skip_counts_and_keeps_weights_finite(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    import lorkd_pl.cli as cli_module
+    import lorkd_pl.app.lightning as cli_module
 
     built = []
     original = cli_module.lightning_cli
 
-    def run_and_keep(args, run=True):
-        built.append(original(args, run))
+    def run_and_keep(args, run=True, overwrite=False):
+        built.append(original(args, run, overwrite))
         return built[-1]
 
     monkeypatch.setattr(cli_module, "lightning_cli", run_and_keep)

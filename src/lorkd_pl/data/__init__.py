@@ -1,4 +1,13 @@
-"""Medical data: readers, dataset formats, transforms, the multi-region datamodule and demo data."""
+"""The task catalogue and medical data.
+
+Lives here: task plugins and task-spec files (:mod:`~lorkd_pl.data.plugins`,
+:mod:`~lorkd_pl.data.taskspec`), the demo tasks and their data (:mod:`~lorkd_pl.data.demo_tasks`,
+:mod:`~lorkd_pl.data.demo`), image readers, dataset formats, validation, the one preprocessing
+(:mod:`~lorkd_pl.data.transforms`) and the multi-region datamodule.
+
+May import: ``registry``, ``io``, MONAI, SimpleITK, Lightning's data module. Never ``models``,
+``evaluation``, ``deploy`` or ``app``.
+"""
 
 import logging
 import warnings

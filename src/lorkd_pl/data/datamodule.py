@@ -243,6 +243,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "modality": spec.modality,
                 "spacing": list(self.hparams.spacing or spec.spacing or []) or None,
                 "nsd_tolerance": spec.nsd_tolerance,
+                "metrics": list(spec.metrics),
             }
             for spec in self.task_specs
         ]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,46 +25,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lorkd_pl.atomic import atomic_folder
-
-DEMO_VERSION = 3
-VOLUMES_PER_REGION = 10
-SPLIT_OF_VOLUME = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
-CLS_SPLIT_SIZES = {"train": 240, "val": 60, "test": 150}
-SEG_SPACING = (2.0, 2.0, 3.0)
-SEG_PATCH = (40, 40, 24)
-CLS_IMAGE_SIZE = (28, 28)
-ANATOMY_SCALE = 0.5  # a child-sized phantom keeps the volumes small
-
-
-@dataclass(frozen=True)
-class DemoRegion:
-    """Classes and modality of one demo region."""
-
-    region: str
-    modality: str
-    seg_classes: tuple[str, ...]
-    cls_classes: tuple[str, ...]
-
-
-DEMO_REGIONS: tuple[DemoRegion, ...] = (
-    DemoRegion("abdomen", "CT", ("background", "liver", "kidney", "spleen"), ("normal", "cyst", "mass")),
-    DemoRegion(
-        "brain",
-        "MR",
-        ("background", "left_hemisphere", "right_hemisphere", "ventricles"),
-        ("normal", "infarct", "hemorrhage"),
-    ),
-    DemoRegion(
-        "pelvis", "CT", ("background", "bladder", "hip_left", "hip_right"), ("normal", "fracture", "mass")
-    ),
-    DemoRegion(
-        "thorax",
-        "CT",
-        ("background", "lung_left", "lung_right", "heart", "spine"),
-        ("normal", "nodule", "effusion"),
-    ),
+from lorkd_pl.data.demo_tasks import (
+    ANATOMY_SCALE,
+    CLS_SPLIT_SIZES,
+    DEMO_REGIONS,
+    DEMO_VERSION,
+    SPLIT_OF_VOLUME,
+    VOLUMES_PER_REGION,
+    DemoRegion,
+    demo_task_fields,
 )
+from lorkd_pl.io.atomic import atomic_folder
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -256,21 +225,6 @@ def make_cls_image(region: DemoRegion, label: int, rng: np.random.Generator, siz
 
 
 # ----------------------------------------------------------------------------- writing
-def _task_spec(region: DemoRegion, kind: str, data: str) -> dict:
-    spec = {
-        "name": f"demo_{region.region}_{'seg' if kind == 'seg3d' else 'cls'}",
-        "region": region.region,
-        "kind": kind,
-        "classes": list(region.seg_classes if kind == "seg3d" else region.cls_classes),
-        "modality": region.modality,
-    }
-    if kind == "seg3d":
-        spec.update(manifest=data, spacing=list(SEG_SPACING), patch_size=list(SEG_PATCH))
-    else:
-        spec.update(npz=data, patch_size=list(CLS_IMAGE_SIZE))
-    return spec
-
-
 def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Generate the demo data set into ``out`` (atomically: a temporary folder renamed at the end).
 
@@ -322,7 +276,7 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
                 ("seg3d", "../seg3d/manifest.jsonl"),
                 ("cls2d", f"../cls2d/{region.region}.npz"),
             ):
-                spec = _task_spec(region, kind, data)
+                spec = demo_task_fields(region, kind, data)
                 (work / "tasks" / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         (work / "VERSION").write_text(f"{DEMO_VERSION} seed={seed}\n")
     return out
@@ -340,51 +294,3 @@ def ensure_demo_data(out: str | Path, seed: int = 0) -> Path:
         if version.is_file():  # another process (e.g. a DDP rank) finished first
             return out
         raise
-
-
-def default_demo_root() -> Path:
-    """``$LORKD_PL_DEMO_DATA`` or ``$XDG_CACHE_HOME/lorkd-pl/demo`` (``~/.cache`` by default)."""
-    if os.environ.get("LORKD_PL_DEMO_DATA"):
-        return Path(os.environ["LORKD_PL_DEMO_DATA"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "lorkd-pl" / "demo"
-
-
-def demo_task_specs(root: str | Path | None = None, seed: int = 0) -> list:
-    """The demo tasks (4 regions × {seg3d, cls2d}); their data is generated on first use.
-
-    Args:
-        root: demo data folder (default :func:`default_demo_root`, resolved when data is first read).
-        seed: generator seed.
-
-    Returns:
-        ``TaskSpec`` objects named ``demo_<region>_seg`` and ``demo_<region>_cls``.
-    """
-    from lorkd_pl.data.taskspec import load_task_spec
-    from lorkd_pl.registry import TaskSpec
-
-    def lazy_records(name: str):
-        def records(split: str):
-            folder = ensure_demo_data(Path(root) if root is not None else default_demo_root(), seed=seed)
-            return load_task_spec(folder / "tasks" / f"{name}.yaml").records(split)
-
-        return records
-
-    specs = []
-    for region in DEMO_REGIONS:
-        for kind in ("seg3d", "cls2d"):
-            raw = _task_spec(region, kind, "")
-            specs.append(
-                TaskSpec(
-                    name=raw["name"],
-                    region=region.region,
-                    kind=kind,
-                    classes=tuple(raw["classes"]),
-                    records=lazy_records(raw["name"]),
-                    modality=region.modality,
-                    spacing=tuple(raw["spacing"]) if kind == "seg3d" else None,
-                    patch_size=tuple(raw["patch_size"]),
-                    source="lorkd_pl.data.demo",
-                )
-            )
-    return specs

@@ -87,7 +87,9 @@ def load_task_spec(path: str | Path) -> TaskSpec:
         records = functools.cache(lambda: read_medmnist(data_path))
     else:
         records = functools.cache(
-            lambda: _by_split(_task_rows(read_manifest(data_path), raw["name"], data_path))
+            lambda: _by_split(
+                _check_rows(_task_rows(read_manifest(data_path), raw["name"], data_path), raw, modality)
+            )
         )
     if not classes:
         raise DatasetFormatError(f"task spec {path}: missing field 'classes' (list the class names)")
@@ -123,6 +125,22 @@ def _task_rows(rows: list[dict[str, Any]], name: str, manifest: Path) -> list[di
         tasks = sorted({str(row.get("task")) for row in rows})
         raise DatasetFormatError(f"manifest {manifest} has no rows with task {name!r} (its tasks: {tasks})")
     return mine
+
+
+def _check_rows(rows: list[dict[str, Any]], raw: Mapping[str, Any], modality: Any) -> list[dict[str, Any]]:
+    """Refuse a manifest row whose ``region`` or ``modality`` disagrees with its task spec."""
+    expected = {"region": str(raw["region"])}
+    if modality:  # a spec without modality takes none from its rows either ("other")
+        expected["modality"] = str(modality)
+    for row in rows:
+        for field_name, value in expected.items():
+            given = row.get(field_name)
+            if given is not None and str(given).lower() != value.lower():
+                raise DatasetFormatError(
+                    f"{row.get('source', 'manifest row')}: {field_name} {given!r} disagrees with task "
+                    f"{raw['name']!r} ({field_name} {value!r}); fix the row or the task spec"
+                )
+    return rows
 
 
 def _by_split(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:

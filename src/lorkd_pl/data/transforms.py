@@ -40,6 +40,42 @@ def intensity_transforms(modality: str) -> list[mt.MapTransform]:
     return steps
 
 
+def seg3d_preprocessing(
+    keys: Sequence[str], modality: str, spacing: Sequence[float] | None
+) -> list[mt.Transform]:
+    """The one 3D preprocessing of training, validation, test and ``lorkd-pl predict``.
+
+    Load with :class:`SimpleITKReader` → channel first → RAS → resample to ``spacing`` (bilinear
+    ``image``, nearest for every other key) → intensity by modality (:func:`intensity_transforms`).
+
+    Args:
+        keys: ``["image"]`` or ``["image", "label"]``.
+        modality: ``"CT"``, ``"MR"`` or ``"other"``.
+        spacing: target spacing (mm, x y z) or ``None`` to keep the file's.
+    """
+    keys = list(keys)
+    steps: list[mt.Transform] = [
+        mt.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
+        mt.EnsureChannelFirstd(keys),
+        mt.Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if spacing:
+        modes = ["bilinear" if key == "image" else "nearest" for key in keys]
+        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
+    return steps + intensity_transforms(modality or "other")
+
+
+def describe_intensity(kind: str, modality: str | None) -> str:
+    """The intensity preprocessing in words (for exported expert cards)."""
+    if kind != "seg3d":
+        return "scale to [0, 1], resize to patch_size, z-score"
+    if (modality or "").upper() == "CT":
+        return f"clip to [{CT_WINDOW[0]:g}, {CT_WINDOW[1]:g}] HU, then z-score"
+    if (modality or "").upper() == "MR":
+        return f"clip to the {MR_PERCENTILES[0]:g}-{MR_PERCENTILES[1]:g} percentiles, then z-score"
+    return "z-score"
+
+
 def seg3d_transforms(
     train: bool,
     modality: str,
@@ -53,14 +89,7 @@ def seg3d_transforms(
     ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
     """
     keys = ["image", "label"]
-    steps: list[mt.Transform] = [
-        mt.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
-        mt.EnsureChannelFirstd(keys),
-        mt.Orientationd(keys, axcodes="RAS", labels=None),
-    ]
-    if spacing is not None:
-        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")))
-    steps += intensity_transforms(modality)
+    steps = seg3d_preprocessing(keys, modality, spacing)
     if train:
         steps += [
             mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),

@@ -1,4 +1,7 @@
-"""Low-rank region experts and the knowledge-separation convolution (pure PyTorch)."""
+"""Low-rank region experts and the knowledge-separation convolution (pure PyTorch).
+
+May import: torch only. Nothing of lorkd-pl, Lightning, MONAI or files.
+"""
 
 from lorkd_pl.experts.inject import (
     expert_layers,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,9 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
-from lorkd_pl.checkpoint_io import CheckpointError
-from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
-from lorkd_pl.reports import (
+from lorkd_pl.evaluation.summaries import (
     classification_summary,
     dice_per_class,
     hd95_per_class,
@@ -33,6 +31,8 @@ from lorkd_pl.reports import (
     segmentation_summary,
     write_json_atomic,
 )
+from lorkd_pl.io.compatibility import check_compatible
+from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
-OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing", "nsd_tolerance")
+OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing", "nsd_tolerance", "metrics")
 
 
 def check_tasks(
@@ -69,29 +69,31 @@ def check_tasks(
 
 
 def task_metrics(task: Mapping[str, Any]) -> MetricCollection:
-    """Metrics of one task: Dice per foreground class (seg3d) or accuracy + macro AUROC (cls2d)."""
+    """Metrics of one task: Dice per foreground class (seg3d) or accuracy and macro AUROC (cls2d).
+
+    Only the task's ``metrics`` (default: all of its kind) are built; the kind's first metric (its
+    score) always is.
+    """
     classes = len(task["classes"])
-    if task["kind"] == "seg3d":
-        return MetricCollection(
-            {
-                "dice": DiceScore(
-                    num_classes=classes, include_background=False, average="none", input_format="index"
-                )
-            }
-        )
-    return MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(num_classes=classes, average="micro"),
-            "auroc": MulticlassAUROC(num_classes=classes, average="macro"),
-        }
-    )
+    available = DEFAULT_METRICS[task["kind"]]
+    wanted = {available[0], *(task.get("metrics") or available)}
+    builders = {
+        "dice": lambda: DiceScore(
+            num_classes=classes, include_background=False, average="none", input_format="index"
+        ),
+        "accuracy": lambda: MulticlassAccuracy(num_classes=classes, average="micro"),
+        "auroc": lambda: MulticlassAUROC(num_classes=classes, average="macro"),
+    }
+    return MetricCollection({name: builders[name]() for name in available if name in wanted})
 
 
 class TaskModule(L.LightningModule):
     """Base of :class:`GeneralistModule` and :class:`LoRKDModule`.
 
     Subclasses implement :meth:`task_logits` (images of one task → that task's logits) and
-    ``training_step``.
+    ``training_step``. Their ``__init__`` lists every argument below in its own signature (these are
+    the config keys ``model.init_args.*``) and calls ``super().__init__()`` with nothing: the base
+    records the hyper-parameters from the subclass's frame and reads them from ``self.hparams``.
 
     Args:
         task_info: task descriptions ``{"name", "region", "kind", "classes", "patch_size"}`` (linked
@@ -106,22 +108,17 @@ class TaskModule(L.LightningModule):
             ``train/nonfinite_skipped`` counts it (``"skip"``). All processes decide together.
     """
 
-    def __init__(
-        self,
-        task_info: list[dict[str, Any]] | None = None,
-        regions: list[str] | None = None,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-2,
-        warmup_steps: int = 0,
-        sw_overlap: float = 0.5,
-        sw_batch_size: int = 4,
-        nonfinite_loss: Literal["raise", "skip"] = "raise",
-    ) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
-        self.tasks, self.regions = check_tasks(task_info, regions)
+        # torchgeo's pattern: the subclass's own signature holds every argument (the config keys);
+        # this call records all of them from the subclasses' frames, nothing is passed up by position
+        self.save_hyperparameters()
+        hparams = self.hparams
+        if hparams.get("nonfinite_loss", "raise") not in ("raise", "skip"):
+            raise ValueError(
+                f"model.nonfinite_loss must be 'raise' or 'skip', got {hparams['nonfinite_loss']!r}"
+            )
+        self.tasks, self.regions = check_tasks(hparams.get("task_info"), hparams.get("regions"))
         self.nonfinite_skipped = 0
         self.kind: str = self.tasks[0]["kind"]
         self.val_metrics = nn.ModuleList([task_metrics(t) for t in self.tasks])
@@ -148,17 +145,7 @@ class TaskModule(L.LightningModule):
         Raises:
             CheckpointError: naming the checkpoint's tasks and regions and this run's.
         """
-        saved = checkpoint.get("hyper_parameters") or {}
-        saved_tasks = [(t["name"], t["region"], list(t["classes"])) for t in saved.get("task_info") or []]
-        mine = [(t["name"], t["region"], list(t["classes"])) for t in self.tasks]
-        saved_regions = list(saved.get("regions") or [])
-        if (saved_tasks and saved_tasks != mine) or (saved_regions and saved_regions != self.regions):
-            raise CheckpointError(
-                f"the checkpoint was trained for regions {saved_regions} and tasks "
-                f"{[t[0] for t in saved_tasks]}, but this run has regions {self.regions} and tasks "
-                f"{[t[0] for t in mine]} (names, regions and class lists must match); use the training "
-                "run's data.tasks with this checkpoint, or `lorkd-pl export` the region you need"
-            )
+        check_compatible("the checkpoint", checkpoint.get("hyper_parameters") or {}, self.tasks, self.regions)
 
     # ------------------------------------------------------------------ non-finite losses
     def guard_loss(
@@ -186,7 +173,7 @@ class TaskModule(L.LightningModule):
             return loss
         culprits = [
             f"{term} of task {self.tasks[task]['name']!r} (region {self.tasks[task]['region']!r}) = "
-            f"{float(value)}"
+            f"{float(value.detach())}"
             for (task, term), value in terms().items()
             if not torch.isfinite(value.detach()).all()
         ]

@@ -74,18 +74,7 @@ class GeneralistModule(TaskModule):
         sw_batch_size: int = 4,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__(
-            task_info,
-            regions,
-            optimizer,
-            lr,
-            weight_decay,
-            warmup_steps,
-            sw_overlap,
-            sw_batch_size,
-            nonfinite_loss,
-        )
-        self.save_hyperparameters()
+        super().__init__()
         self.backbone = build_module(backbone or DEFAULT_SEG_BACKBONE)
         width = feature_channels(self.backbone, self.kind, in_channels)
         self.union_classes, self.task_channels = union_label_space(self.tasks)

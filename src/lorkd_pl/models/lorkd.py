@@ -13,7 +13,7 @@ Training step on a mixed-region batch (sorted by region by the data module):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -30,6 +30,38 @@ from lorkd_pl.models.losses import TaskLoss, kd_kl
 from lorkd_pl.models.teacher import Teacher, load_teacher
 
 KDKind = Literal["logits", "features", "both", "none"]
+DEFAULT_RANK = 8
+
+
+def ranks_by_region(rank: int | Mapping[str, int] | Sequence[int], regions: Sequence[str]) -> int | list[int]:
+    """The expert rank of every region of a run, in expert order.
+
+    Args:
+        rank: one rank for all, or ``{region: rank}`` with an optional ``default`` for the others.
+        regions: the run's regions in expert order.
+
+    Raises:
+        ValueError: for a list (positions are not regions), an unknown region name or a rank < 1.
+    """
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        return rank
+    example = ", ".join(f"{region}: 8" for region in regions[:2]) + ", default: 4"
+    if not isinstance(rank, Mapping):
+        raise ValueError(
+            f"model.rank must be one integer or ranks by region name, got {rank!r}; write the mapping "
+            f"form, e.g. rank: {{{example}}} (regions not named take `default`)"
+        )
+    unknown = sorted(set(rank) - set(regions) - {"default"})
+    if unknown:
+        raise ValueError(
+            f"model.rank names {unknown}, which are not regions of this run {list(regions)}; "
+            f"e.g. rank: {{{example}}}"
+        )
+    default = rank.get("default", DEFAULT_RANK)
+    ranks = [rank.get(region, default) for region in regions]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise ValueError(f"model.rank values must be integers >= 1, got {dict(rank)}")
+    return ranks
 
 
 class LoRKDModule(TaskModule):
@@ -40,7 +72,9 @@ class LoRKDModule(TaskModule):
         regions: region names in expert order (linked from the data module): expert ``i`` = ``regions[i]``.
         backbone: ``{"class_path", "init_args"}`` of the student backbone.
         in_channels: image channels (for probing the feature width).
-        rank: expert rank, or one rank per region (in ``regions`` order).
+        rank: expert rank of every region, or ranks by region name, e.g. ``{brain: 8, thorax: 4}``
+            (regions not named take the mapping's ``default``, else 8). A list is refused: regions
+            are matched by name, never by position.
         alpha: expert scaling numerator (scale ``alpha / rank``).
         layout: ``"paper"`` or ``"factorized"`` expert factors.
         strategy: knowledge-separation strategy (``"auto"`` picks the fastest exact one).
@@ -64,7 +98,7 @@ class LoRKDModule(TaskModule):
         regions: list[str] | None = None,
         backbone: dict[str, Any] | None = None,
         in_channels: int = 1,
-        rank: int | list[int] = 8,
+        rank: int | dict[str, int] | list[int] = DEFAULT_RANK,
         alpha: float = 16.0,
         layout: Layout = "paper",
         strategy: str = "auto",
@@ -84,18 +118,7 @@ class LoRKDModule(TaskModule):
         sw_batch_size: int = 4,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__(
-            task_info,
-            regions,
-            optimizer,
-            lr,
-            weight_decay,
-            warmup_steps,
-            sw_overlap,
-            sw_batch_size,
-            nonfinite_loss,
-        )
-        self.save_hyperparameters()
+        super().__init__()
         if temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}")
         network = build_module(backbone or DEFAULT_SEG_BACKBONE)
@@ -104,7 +127,7 @@ class LoRKDModule(TaskModule):
         self.student = inject_experts(
             network,
             len(self.regions),
-            rank=rank,
+            rank=ranks_by_region(rank, self.regions),
             alpha=alpha,
             layout=layout,
             strategy=strategy,

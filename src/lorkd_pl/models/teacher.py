@@ -17,8 +17,6 @@ teacher output channel) map logits for distillation; tasks without a mapping get
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,25 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorkd_pl.checkpoint_io import CheckpointError, load_checkpoint_file
+from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
+from lorkd_pl.io.hashing import sha256sum
 from lorkd_pl.models.backbones import build_module
 
 
 class TeacherError(ValueError):
     """A teacher cannot be loaded or does not fit the tasks."""
-
-
-def sha256sum(path: str | Path) -> str:
-    """Hex sha256 of a file, or of a folder's files in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for item in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if item.is_file():
-            digest.update(item.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-            with item.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Teacher(nn.Module):
@@ -164,13 +150,10 @@ def load_teacher(
         checkpoint = load_checkpoint_file(path)
     except CheckpointError as error:
         raise TeacherError(f"teacher: {error}") from None
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
-    if checkpoint.get("lorkd_pl_model") == "GeneralistModule" if isinstance(checkpoint, Mapping) else False:
-        from lorkd_pl.models.generalist import GeneralistModule
+    from lorkd_pl.models.restore import model_kind, restore_module  # restore imports the student
 
-        accepted = inspect.signature(GeneralistModule.__init__).parameters
-        generalist = GeneralistModule(**{k: v for k, v in hparams.items() if k in accepted})
-        generalist.load_state_dict(checkpoint["state_dict"])
+    if model_kind(checkpoint) == "GeneralistModule":
+        generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
         channels = {t["name"]: c for t, c in zip(generalist.tasks, generalist.task_channels, strict=True)}
         unknown = [t["name"] for t in tasks if t["name"] not in channels]
         channels.update({k: v for k, v in _mapping_from_tasks(tasks).items() if k in unknown})

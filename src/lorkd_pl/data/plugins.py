@@ -2,10 +2,12 @@
 
 Sources, in order:
 
-1. the folders in ``$LORKD_PL_TASKS_DIR`` (``os.pathsep``-separated) or given with ``--tasks-dir``;
-   without either, the repository's ``tasks/`` folder (next to ``src/`` in a source checkout);
+1. the folders given with ``--tasks-dir``, else those in ``$LORKD_PL_TASKS_DIR``
+   (``os.pathsep``-separated); nothing else is scanned (never the working folder by default);
 2. installed packages exposing the entry-point group ``lorkd_pl.tasks`` (an entry point names a
    module, or a callable that registers tasks), so a separate pip package can add regions and tasks.
+   lorkd-pl registers its own demo tasks this way (``demo = lorkd_pl.data.demo_tasks:register``), so
+   they exist in any installation, editable or from a wheel.
 
 In a folder, every ``*.py`` not starting with ``_`` is imported (it registers tasks with
 ``lorkd_pl.registry``) and every ``*.yaml``/``*.yml``/``*.json`` is loaded as a task spec. Only these
@@ -21,7 +23,6 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from lorkd_pl.data.taskspec import load_task_spec
 from lorkd_pl.registry import register_task
 
 ENTRY_POINT_GROUP = "lorkd_pl.tasks"
@@ -34,20 +35,10 @@ class PluginError(RuntimeError):
     """A task plugin (file or entry point) failed to load."""
 
 
-def repository_tasks_dir() -> Path | None:
-    """The ``tasks/`` folder of a source checkout of lorkd-pl, if this is one."""
-    root = Path(__file__).resolve().parents[2]
-    folder = root / "tasks"
-    return folder if (root / "pyproject.toml").is_file() and folder.is_dir() else None
-
-
 def default_tasks_dirs() -> list[Path]:
-    """``$LORKD_PL_TASKS_DIR`` folders, else the repository's ``tasks/`` (may be empty)."""
+    """The folders in ``$LORKD_PL_TASKS_DIR`` (none when it is unset)."""
     value = os.environ.get(ENV_TASKS_DIR)
-    if value:
-        return [Path(part) for part in value.split(os.pathsep) if part]
-    folder = repository_tasks_dir()
-    return [folder] if folder else []
+    return [Path(part) for part in value.split(os.pathsep) if part] if value else []
 
 
 def load_plugins(tasks_dirs: Iterable[str | Path] | None = None, use_entry_points: bool = True) -> list[str]:
@@ -71,6 +62,8 @@ def load_plugins(tasks_dirs: Iterable[str | Path] | None = None, use_entry_point
             if path.suffix == ".py":
                 _import_file(path)
             elif path.suffix.lower() in SPEC_SUFFIXES:
+                from lorkd_pl.data.taskspec import load_task_spec  # numpy/yaml only when needed
+
                 _guard(path, lambda p=path: register_task(load_task_spec(p)))
             else:
                 continue

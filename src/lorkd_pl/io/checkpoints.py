@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lorkd_pl.atomic import atomic_file
+from lorkd_pl.io.atomic import atomic_file
 
 
 class CheckpointError(ValueError):
@@ -56,22 +55,6 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); use an "
             "intact copy (lorkd-pl writes checkpoints atomically: last.ckpt is either old or complete)"
         ) from None
-
-
-def check_checkpoint_tasks(path: str | Path, saved: Sequence[str], configured: Sequence[str]) -> None:
-    """Refuse a checkpoint whose task list differs from the run's (before any model is built).
-
-    Args:
-        path: the checkpoint (for the message).
-        saved: task names stored in the checkpoint's hyperparameters (empty: not a lorkd-pl one).
-        configured: the run's ``data.tasks``.
-    """
-    if saved and configured and list(saved) != list(configured):
-        raise CheckpointError(
-            f"checkpoint {path} was trained for tasks {list(saved)}, but this run's data.tasks are "
-            f"{list(configured)}; use the training run's data.tasks with this checkpoint, or "
-            "`lorkd-pl export` the region you need"
-        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

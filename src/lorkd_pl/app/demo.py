@@ -1,8 +1,8 @@
 """The main job on the embedded demo data: teacher → LoRKD → per-region test → comparison table.
 
 ``lorkd-pl demo`` (what ``make demo`` runs) does, for the 2D classification and the 3D segmentation
-demo: fit the generalist teacher (``configs/demo/teacher_*.yaml``), fit the LoRKD student
-(``configs/demo/lorkd_*.yaml``), test both per task, and print per task the teacher's and the
+demo: fit the generalist teacher (packaged config ``demo/teacher_*``), fit the LoRKD student
+(``demo/lorkd_*``), test both per task, and print per task the teacher's and the
 expert's metrics plus the parameters of the teacher, the student with all experts and one merged expert;
 the full comparison (per-class tables, plots) goes to ``runs/demo/report_<kind>/``.
 """
@@ -10,7 +10,6 @@ the full comparison (per-class tables, plots) goes to ``runs/demo/report_<kind>/
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,29 +17,38 @@ from typing import Any
 
 import torch
 
-from lorkd_pl.atomic import write_text_atomic
-from lorkd_pl.comparison import comparison_rows, find_summaries, markdown_table, write_comparison
+from lorkd_pl.app.configs import config_root
+from lorkd_pl.evaluation.comparison import comparison_rows, find_summaries, markdown_table, write_comparison
+from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
 from lorkd_pl.experts import merge_expert
+from lorkd_pl.io.atomic import write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
-from lorkd_pl.reports import nanmean
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
+#: ``--quick``: the whole pipeline on tiny budgets (one short epoch per fit, two batches per evaluation).
+QUICK: dict[str, list[str]] = {
+    kind: [
+        "--trainer.max_epochs=1",
+        f"--data.init_args.samples_per_epoch={samples}",
+        # 2, not 1: through the CLI a limit of 1 is read as the float 1.0, i.e. 100 % of the batches
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--trainer.log_every_n_steps=1",
+    ]
+    for kind, samples in (("cls", 64), ("seg", 8))
+}
 
 
 def _cli(args: Sequence[str]):
-    from lorkd_pl.cli import lightning_cli
+    """Run a Lightning command; the demo owns ``runs/demo``, so a fit replaces its earlier run."""
+    from lorkd_pl.app.lightning import lightning_cli
 
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv also holds arguments
-    try:
-        return lightning_cli(args)
-    finally:
-        sys.argv = argv
+    return lightning_cli(args, overwrite=True)
 
 
-def _test(config: Path, checkpoint: Path, quiet: list[str]) -> tuple[Any, str]:
+def _test(config: Path, checkpoint: Path, extra: list[str]) -> tuple[Any, str]:
     """Test ``checkpoint``; return the model and the log dir holding ``summary/<task>.json``."""
-    cli = _cli(["test", "--config", str(config), "--ckpt_path", str(checkpoint), *quiet])
+    cli = _cli(["test", "--config", str(config), "--ckpt_path", str(checkpoint), *extra])
     return cli.model, cli.trainer.log_dir
 
 
@@ -52,7 +60,7 @@ def merged_expert_parameters(student, task: int) -> int:
 
 def export_and_predict(kind: str, student) -> str:
     """Export every region's expert; for 3D, predict one test volume with the exported brain expert."""
-    from lorkd_pl.export import export_region
+    from lorkd_pl.deploy.export import export_region
 
     checkpoint = Path("runs/demo") / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
     root = Path("runs/demo/experts") / kind
@@ -64,34 +72,49 @@ def export_and_predict(kind: str, student) -> str:
     )
     if kind != "seg" or "brain" not in student.regions:
         return text
-    import numpy as np
     import SimpleITK as sitk
 
-    from lorkd_pl.predict import predict_files
+    from lorkd_pl.deploy.predict import predict_files
     from lorkd_pl.registry import get_task
 
     record = get_task("demo_brain_seg").records("test")[0]
     written = predict_files([record["image"]], root / "brain", Path("runs/demo/predictions"))[0]
-    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(record["label"]))
-    dice = [
-        2 * ((prediction == c) & (truth == c)).sum() / max((prediction == c).sum() + (truth == c).sum(), 1)
-        for c in range(1, int(truth.max()) + 1)
-    ]
+    prediction = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(written))).astype("int64"))
+    truth = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(record["label"])).astype("int64"))
+    dice = dice_per_class(prediction, truth, len(get_task("demo_brain_seg").classes))
     return text + (
         f"\nPredicted {Path(record['image']).name} with the exported brain expert → {written} "
         f"(input geometry kept; Dice per class in the original grid: {', '.join(f'{d:.3f}' for d in dice)}; "
-        f"mean {float(np.mean(dice)):.3f})."
+        f"mean {nanmean(dice):.3f})."
     )
 
 
-def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), progress: bool = False) -> str:
-    """Run the demo in the current folder (writes ``runs/demo/...``) and return the report."""
-    quiet = (
-        [] if progress else ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    )
+def run_demo(
+    configs: Path | None = None,
+    kinds: Sequence[str] = ("cls", "seg"),
+    progress: bool = False,
+    quick: bool = False,
+) -> str:
+    """Run the demo in the current folder (writes ``runs/demo/...``) and return the report.
+
+    Args:
+        configs: folder of ``teacher_<kind>.yaml`` / ``lorkd_<kind>.yaml`` (default: the packaged
+            ``demo/`` configs).
+        kinds: ``"cls"`` and/or ``"seg"``.
+        progress: show progress bars.
+        quick: tiny budgets (:data:`QUICK`): checks the whole pipeline, the numbers mean nothing.
+    """
+    configs = configs or config_root() / "demo"
     sections = []
     for kind in kinds:
+        quiet = [
+            *(
+                []
+                if progress
+                else ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+            ),
+            *(QUICK[kind] if quick else []),
+        ]
         metric = KINDS[kind]
         teacher_cfg, student_cfg = configs / f"teacher_{kind}.yaml", configs / f"lorkd_{kind}.yaml"
         timings = {}
@@ -128,7 +151,7 @@ def run_demo(configs: Path = CONFIGS, kinds: Sequence[str] = ("cls", "seg"), pro
     return "\n\n".join(sections)
 
 
-def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg")) -> str:
+def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quick: bool = False) -> str:
     """Run the demo in ``workdir`` (default: the current folder), print and save the report."""
     torch.set_float32_matmul_precision("high")
     start = time.perf_counter()
@@ -137,7 +160,7 @@ def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg")) -> s
         if workdir:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             os.chdir(workdir)
-        report = run_demo(kinds=kinds)
+        report = run_demo(kinds=kinds, quick=quick)
         report += f"\n\nTotal: {time.perf_counter() - start:.0f} s on {os.cpu_count()} CPU cores.\n"
         write_text_atomic("runs/demo/report.md", report)
     finally:

@@ -20,25 +20,30 @@ import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_confusion_matrix
+from torchmetrics.functional.segmentation import dice_score
 
-from lorkd_pl.atomic import write_text_atomic
+from lorkd_pl.io.atomic import write_text_atomic
 from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
 
 
 def dice_per_class(prediction: Tensor, label: Tensor, num_classes: int) -> list[float]:
-    """Dice of each foreground class (1..K-1) for one case, with lorkd-pl's empty-ground-truth rule.
+    """Dice of each foreground class (1..K-1) for one case (torchmetrics ``dice_score``, the same metric
+    as validation's ``DiceScore``), with lorkd-pl's empty-ground-truth rule.
 
     Args:
         prediction: ``(*S)`` int64 class indices.
         label: ``(*S)`` int64 class indices.
         num_classes: K (background included).
     """
-    values = []
-    for c in range(1, num_classes):
-        p, g = prediction == c, label == c
-        total = int(p.sum() + g.sum())
-        values.append(float("nan") if total == 0 else 2.0 * int((p & g).sum()) / total)
-    return values
+    scores = dice_score(
+        prediction[None].long(),
+        label[None].long(),
+        num_classes=num_classes,
+        include_background=False,
+        average="none",
+        input_format="index",
+    )
+    return [float(v) for v in scores.reshape(-1).tolist()]
 
 
 def _one_hot_pair(prediction: Tensor, label: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """Teacher vs LoRKD experts per region: ``report.md`` and PNG plots from two test runs' summaries.
 
-``lorkd-pl test`` writes ``<log_dir>/summary/<task>.json`` per task (:mod:`lorkd_pl.reports`).
+``lorkd-pl test`` writes ``<log_dir>/summary/<task>.json`` per task (:mod:`lorkd_pl.evaluation.summaries`).
 :func:`write_report` reads those of a teacher run and of a student run and writes, atomically::
 
     OUT/report.md                    per-task table (teacher, expert, difference) + per-class tables
@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorkd_pl.atomic import atomic_folder
-from lorkd_pl.reports import nanmean
+from lorkd_pl.evaluation.summaries import nanmean
+from lorkd_pl.io.atomic import atomic_folder
 
 # Metrics per task kind (summary key, label, higher is better); the first is the primary one.
 METRICS: dict[str, tuple[tuple[str, str, bool], ...]] = {
@@ -186,7 +186,7 @@ def write_comparison(
     sources: tuple[str, str] = ("teacher", "student"),
 ) -> Path:
     """:func:`write_report` for summaries already loaded with :func:`find_summaries`."""
-    from lorkd_pl.plots import confusion_matrices, region_bars
+    from lorkd_pl.evaluation.plots import confusion_matrices, region_bars
 
     rows = comparison_rows(teacher, student)
     with atomic_folder(out, overwrite=True) as work:

@@ -28,10 +28,11 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lorkd_pl.atomic import atomic_file
 from lorkd_pl.data.formats import read_manifest
-from lorkd_pl.data.readers import SUFFIXES, Geometry, SimpleITKReader, check_complete, read_geometry
-from lorkd_pl.data.transforms import cls2d_transforms, intensity_transforms
+from lorkd_pl.data.readers import SUFFIXES, Geometry, check_complete, read_geometry
+from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
+from lorkd_pl.deploy.card import ExpertCard
+from lorkd_pl.io.atomic import atomic_file
 
 
 class PredictError(ValueError):
@@ -40,63 +41,41 @@ class PredictError(ValueError):
 
 @dataclass
 class Expert:
-    """A plain network for one region and what it needs to know about its input."""
+    """A network to run and its card (what it outputs and how to feed it).
+
+    ``network`` maps images ``(N, C, *S)`` to one logits tensor per task of ``card.tasks``.
+    """
 
     network: Callable[[Tensor], Sequence[Tensor]]
-    region: str
-    kind: str
-    tasks: list[dict[str, Any]]
-    patch_size: list[int]
-    spacing: list[float] | None
-    modality: str | None
-    channels: int
-    overlap: float = 0.5
+    card: ExpertCard
 
 
 def load_expert(source: str | Path, region: str | None = None, device: str = "cpu") -> Expert:
-    """An exported expert folder, or a LoRKD checkpoint plus ``region`` (merged in memory).
+    """An exported expert folder, a LoRKD checkpoint plus ``region`` (merged in memory), or a
+    generalist checkpoint (all its tasks, or ``region``'s).
 
-    Both are read with ``weights_only=True`` (the folder through :func:`lorkd_pl.export.load_exported`,
-    not its ``model.pt2`` program), so an untrusted file cannot run code.
+    Everything is read with ``weights_only=True`` (a folder through
+    :func:`lorkd_pl.deploy.export.load_exported`, not its ``model.pt2`` program), so an untrusted file
+    cannot run code.
+
+    Raises:
+        PredictError: for a region the source does not hold, naming the source.
     """
+    from lorkd_pl.deploy.export import ExportError, deployable, load_exported, load_module
+    from lorkd_pl.io.hashing import sha256sum
+
     source = Path(source)
-    if source.is_dir():
-        from lorkd_pl.export import load_exported
-
-        network, metadata = load_exported(source)
-        if region is not None and region != metadata["region"]:
-            raise PredictError(f"{source} is the {metadata['region']!r} expert, not {region!r}")
-        inputs = metadata["input"]
-        return Expert(
-            network.to(device),
-            metadata["region"],
-            metadata["kind"],
-            metadata["tasks"],
-            inputs["patch_size"],
-            inputs.get("spacing"),
-            inputs.get("modality"),
-            inputs["channels"],
-            (inputs.get("sliding_window") or {}).get("overlap", 0.5),
-        )
-    from lorkd_pl.export import expert_network, load_student
-
-    student, _ = load_student(source)
-    if region is None:
-        raise PredictError(f"a checkpoint holds several regions {student.regions}: give --region")
-    network, tasks = expert_network(student, region)
-    network = network.to(device)
-    first = tasks[0]
-    return Expert(
-        network,
-        region,
-        student.kind,
-        [{"name": t["name"], "classes": t["classes"], "output_index": i} for i, t in enumerate(tasks)],
-        list(first["patch_size"]),
-        first.get("spacing"),
-        first.get("modality"),
-        student.hparams.in_channels,
-        student.hparams.sw_overlap,
-    )
+    try:
+        if source.is_dir():
+            network, card = load_exported(source)
+            if region is not None and region != card.region:
+                raise PredictError(f"{source} is the {card.region!r} expert, not {region!r}")
+        else:
+            module, _ = load_module(source, ("LoRKDModule", "GeneralistModule"))
+            network, card = deployable(module, region, {"path": str(source), "sha256": sha256sum(source)})
+    except ExportError as error:
+        raise PredictError(str(error)) from None
+    return Expert(network.to(device), card)
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -150,77 +129,76 @@ def predict_segmentation(
     device: str = "cpu",
     probabilities: bool = False,
     overlap: float | None = None,
-) -> Path:
-    """Write ``<out_dir>/<name>_<task>.nii.gz`` label maps in the geometry of ``image``; return the first.
+) -> list[Path]:
+    """Write ``<out_dir>/<name>_<task>.nii.gz`` label maps in the geometry of ``image``; return them.
+
+    One sliding-window pass serves every task of the expert (the network answers all its heads).
 
     Args:
-        expert: the region's network and input description.
+        expert: the network and its card.
         image: a NIfTI/NRRD/MHA file or a DICOM series folder.
         out_dir: output folder.
         device: ``"cpu"`` or ``"cuda"`` (bf16 autocast on CUDA).
         probabilities: also write ``<name>_<task>_probabilities.nii.gz``, a K-component float32 image
             of softmax probabilities resampled (linearly) to the input grid.
-        overlap: sliding-window overlap (default: the expert's).
+        overlap: sliding-window overlap (default: the card's).
     """
-    steps: list[mt.Transform] = [
-        mt.LoadImaged("image", reader=SimpleITKReader(), image_only=True),
-        mt.EnsureChannelFirstd("image"),
-        mt.Orientationd("image", axcodes="RAS", labels=None),
-    ]
-    if expert.spacing:
-        steps.append(mt.Spacingd("image", pixdim=tuple(expert.spacing), mode="bilinear"))
-    steps += intensity_transforms(expert.modality or "other")
-    preprocess = mt.Compose(steps)
+    prep = expert.card.preprocessing
+    preprocess = mt.Compose(seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing))
     data = preprocess({"image": image})
     check_complete(image)  # before MONAI reads it: ITK would zero-fill a truncated NIfTI silently
     original = read_geometry(image)  # header only: the pixels are read once, by the pipeline
+    with (
+        torch.no_grad(),
+        torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"),
+    ):
+        outputs = sliding_window_inference(
+            data["image"][None].to(device),
+            roi_size=tuple(prep.patch_size),
+            sw_batch_size=prep.sw_batch_size,
+            predictor=lambda windows: tuple(expert.network(windows)),
+            overlap=prep.sw_overlap if overlap is None else overlap,
+            mode="gaussian",
+        )
+    if isinstance(outputs, Tensor):  # MONAI returns a one-element tuple as its tensor
+        outputs = (outputs,)
     written = []
-    for task in expert.tasks:
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"),
-        ):
-            logits = sliding_window_inference(
-                data["image"][None].to(device),
-                roi_size=tuple(expert.patch_size),
-                sw_batch_size=4,
-                predictor=lambda windows, t=task: expert.network(windows)[t["output_index"]],
-                overlap=expert.overlap if overlap is None else overlap,
-                mode="gaussian",
-            )
-        outputs = {"pred": logits.float().argmax(1, keepdim=True)[0].cpu()}  # (1, *S) in the model grid
+    for task in expert.card.tasks:
+        logits = outputs[task["output_index"]]
+        maps = {"pred": logits.float().argmax(1, keepdim=True)[0].cpu()}  # (1, *S) in the model grid
         if probabilities:
-            outputs["prob"] = logits.float().softmax(1)[0].cpu()  # (K, *S)
-        keys = list(outputs)
+            maps["prob"] = logits.float().softmax(1)[0].cpu()  # (K, *S)
+        keys = list(maps)
         meta = {"meta": data["image"].meta, "applied_operations": data["image"].applied_operations}
         inverted = mt.Invertd(
             keys, preprocess, orig_keys="image", nearest_interp=[k == "pred" for k in keys]
-        )({**{k: MetaTensor(v, **meta) for k, v in outputs.items()}, "image": data["image"]})
+        )({**{k: MetaTensor(v, **meta) for k, v in maps.items()}, "image": data["image"]})
         stem = out_dir / f"{_output_name(image)}_{task['name']}"
         label = np.asarray(inverted["pred"][0]).round().astype(np.uint8)  # (x, y, z) of the input grid
         written.append(_write_image(_in_input_geometry(label, original), Path(f"{stem}.nii.gz")))
         if probabilities:
-            maps = np.asarray(inverted["prob"], dtype=np.float32)
+            probability = np.asarray(inverted["prob"], dtype=np.float32)
             _write_image(
-                _in_input_geometry(maps, original, vector=True), Path(f"{stem}_probabilities.nii.gz")
+                _in_input_geometry(probability, original, vector=True), Path(f"{stem}_probabilities.nii.gz")
             )
-    return written[0]
+    return written
 
 
 def predict_classification(expert: Expert, images: Sequence[str], out_dir: Path, device: str = "cpu") -> Path:
-    """Write ``<out_dir>/<region>_predictions.csv``: image, task, class, one probability per class."""
-    transform = cls2d_transforms(False, expert.patch_size, expert.channels)
-    out = out_dir / f"{expert.region}_predictions.csv"
+    """Write ``<out_dir>/<name>_predictions.csv``: image, task, class, one probability per class."""
+    card = expert.card
+    transform = cls2d_transforms(False, card.preprocessing.patch_size, card.preprocessing.channels)
+    out = out_dir / f"{card.name}_predictions.csv"
     with atomic_file(out) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["image", "task", "prediction", *[f"p_{c}" for t in expert.tasks for c in t["classes"]]]
+            ["image", "task", "prediction", *[f"p_{c}" for t in card.tasks for c in t["classes"]]]
         )
         for image in tqdm(images, desc="images"):
             x = transform({"image": image, "label": 0})["image"][None].to(device)
             with torch.no_grad():
                 outputs = expert.network(x)
-            for task in expert.tasks:
+            for task in card.tasks:
                 probabilities = outputs[task["output_index"]].float().softmax(1)[0].cpu().tolist()
                 writer.writerow(
                     [image, task["name"], task["classes"][int(np.argmax(probabilities))], *probabilities]
@@ -241,7 +219,8 @@ def predict_files(
 
     Args:
         inputs: files, DICOM series folders, folders of files or manifests (see :func:`collect_inputs`).
-        source: an exported expert folder or a LoRKD checkpoint (then ``region`` selects the expert).
+        source: an exported expert folder, a LoRKD checkpoint (then ``region`` selects the expert) or a
+            generalist checkpoint (all its tasks, or those of ``region``).
         out_dir: output folder; every file in it is written atomically.
         region: the region (default: the inputs' ``region`` field where they all share one).
         device: ``"cpu"`` or ``"cuda"``.
@@ -253,16 +232,18 @@ def predict_files(
     if region is None and len(regions) == 1:
         region = regions.pop()
     expert = load_expert(source, region, device)
-    mismatched = [row["image"] for row in rows if row.get("region") not in (None, expert.region)]
+    regions = {t["region"] for t in expert.card.tasks}
+    mismatched = [row["image"] for row in rows if row.get("region") not in (None, *regions)]
     if mismatched:
         raise PredictError(
-            f"inputs {mismatched[:3]} belong to another region than the {expert.region!r} expert"
+            f"inputs {mismatched[:3]} belong to another region than the {expert.card.name!r} model's "
+            f"{sorted(regions)}"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if expert.kind == "cls2d":
+    if expert.card.kind == "cls2d":
         return [predict_classification(expert, [row["image"] for row in rows], out_dir, device)]
-    return [
-        predict_segmentation(expert, row["image"], out_dir, device, probabilities, overlap)
-        for row in tqdm(rows, desc="cases")
-    ]
+    written: list[Path] = []
+    for row in tqdm(rows, desc="cases"):
+        written += predict_segmentation(expert, row["image"], out_dir, device, probabilities, overlap)
+    return written

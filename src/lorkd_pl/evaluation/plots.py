@@ -24,8 +24,8 @@ def region_bars(
     """Grouped bars per region: the teacher's and the expert's value of ``metric``.
 
     Args:
-        rows: :func:`lorkd_pl.comparison.comparison_rows` of one task kind; ``row[metric]`` is the pair
-            (teacher, expert).
+        rows: :func:`lorkd_pl.evaluation.comparison.comparison_rows` of one task kind; ``row[metric]``
+            is the pair (teacher, expert).
         metric: summary key; ``label``: its axis label; ``higher_is_better``: noted in the title.
         path: the PNG to write.
     """

@@ -1,0 +1,298 @@
+"""The ``lorkd-pl`` command line.
+
+* ``fit``, ``validate``, ``test``: Lightning (see :mod:`lorkd_pl.app.lightning`; ``lorkd-pl fit --help``
+  lists every option). ``--config`` takes a file or a packaged config name (``demo/teacher_seg``).
+* ``predict`` (files/folders/DICOM series/manifests → label maps or class probabilities, with an
+  exported expert, a LoRKD checkpoint or a generalist checkpoint), ``export``, ``report``, ``tasks``,
+  ``config``, ``demo-data`` and ``demo``.
+
+Every command accepts ``--tasks-dir DIR`` (repeatable, any position): folders of task plugins and
+task specs, loaded before the command runs, together with ``$LORKD_PL_TASKS_DIR`` and the
+``lorkd_pl.tasks`` entry points (the demo tasks come from lorkd-pl's own entry point).
+
+This module imports only the standard library at start; a command's code is imported when it runs,
+so ``lorkd-pl --help`` does not pay for torch, Lightning or MONAI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test")
+LIGHTNING_HELP = {
+    "fit": "train a model (Lightning fit; --overwrite replaces an earlier run's checkpoints)",
+    "validate": "validate a checkpoint per task (Lightning validate)",
+    "test": "test a checkpoint per task and write summary/<task>.json (Lightning test)",
+}
+
+
+class _Version(argparse.Action):
+    """``--version``: reads the installed version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from lorkd_pl import __version__
+
+        print(f"lorkd-pl {__version__}")
+        parser.exit(0)
+
+
+def split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """Remove ``--tasks-dir X`` / ``--tasks-dir=X`` (any position) from ``args``.
+
+    Returns:
+        The remaining arguments and the tasks folders (``None`` if none were given).
+
+    Raises:
+        SystemExit: (exit 2) for ``--tasks-dir`` without a folder.
+    """
+    rest, folders = [], []
+    items = iter(args)
+    for item in items:
+        if item == "--tasks-dir" or item.startswith("--tasks-dir="):
+            folder = next(items, "") if item == "--tasks-dir" else item.split("=", 1)[1]
+            if not folder or folder.startswith("-"):
+                sys.stderr.write("lorkd-pl: error: --tasks-dir needs a folder (e.g. --tasks-dir tasks)\n")
+                raise SystemExit(2)
+            folders.append(folder)
+        else:
+            rest.append(item)
+    return rest, folders or None
+
+
+# ----------------------------------------------------------------------------- commands
+def _lightning(args: Sequence[str], folders: list[str] | None, overwrite: bool) -> int:
+    from lorkd_pl.app.configs import resolve_config_args
+    from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli
+    from lorkd_pl.data.plugins import load_plugins
+
+    try:
+        load_plugins(folders)
+        lightning_cli(resolve_config_args(args), overwrite=overwrite)
+    except USER_ERRORS as error:  # clear messages that name the file/field and the fix
+        sys.stderr.write(f"lorkd-pl: error: {error}\n")
+        raise SystemExit(2) from error
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from lorkd_pl.registry import list_tasks
+
+    rows = [
+        (t.name, t.region, t.kind, str(t.num_classes), t.modality, t.source or "code")
+        for t in list_tasks(region=args.region, kind=args.kind)
+    ]
+    header = ("task", "region", "kind", "#classes", "modality", "source")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no tasks registered: add a plugin or task spec with --tasks-dir)")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from lorkd_pl.app.configs import copy_configs, packaged_config, packaged_configs
+
+    if args.out:
+        for path in copy_configs(args.name or [], args.out, args.overwrite):
+            print(f"wrote {path}")
+        return 0
+    if not args.name:
+        print("packaged configs (use as --config NAME, or copy with lorkd-pl config NAME --out DIR):")
+        for name in packaged_configs():
+            print(f"  {name}")
+        return 0
+    for name in args.name:
+        path = packaged_config(name)
+        if path is None:
+            raise LookupError(f"no packaged config {name!r}; `lorkd-pl config` lists them")
+        print(path.read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from lorkd_pl.data.demo import write_demo_data
+
+    out = write_demo_data(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote demo data to {out}: seg3d/manifest.jsonl, cls2d/*.npz, task specs in {out / 'tasks'}")
+    print(f"use them with: lorkd-pl tasks --tasks-dir {out / 'tasks'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lorkd_pl.app.demo import main as run_demo
+
+    run_demo(args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lorkd_pl.deploy.export import export_regions, load_student, size_report
+
+    if args.dry_run:
+        print(size_report(args.ckpt))
+        return 0
+    if not args.out:
+        raise ValueError("export needs --out (a folder; with --all-regions one subfolder per region)")
+    if not args.all_regions and not args.region:
+        raise ValueError(
+            "give --region REGION or --all-regions (`lorkd-pl export --ckpt X --dry-run` lists them)"
+        )
+    student, _ = load_student(args.ckpt)
+    regions = student.regions if args.all_regions else [args.region]
+    outs = {r: Path(args.out) / r if args.all_regions else Path(args.out) for r in regions}
+    for region, out in zip(
+        regions, export_regions(args.ckpt, regions, outs, args.overwrite, student), strict=True
+    ):
+        print(f"exported {region} to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorkd_pl.evaluation.comparison import write_report
+
+    path = write_report(args.teacher, args.student, args.out)
+    print(f"wrote {path} and its plots in {path.parent / 'plots'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lorkd_pl.deploy.predict import predict_files
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for path in predict_files(
+        args.input, args.source, args.out, args.region, device, args.probabilities, args.overlap
+    ):
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all commands (Lightning's take their own options after the name)."""
+    parser = argparse.ArgumentParser(
+        prog="lorkd-pl",
+        description="Decompose a medical foundation model into lightweight per-region experts (LoRKD).",
+        epilog="Every command also takes --tasks-dir DIR (repeatable): folders of task plugins/specs.",
+    )
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        commands.add_parser(name, help=f"{LIGHTNING_HELP[name]}; `lorkd-pl {name} --help`", add_help=False)
+    tasks_dir = argparse.ArgumentParser(add_help=False)
+    tasks_dir.add_argument(
+        "--tasks-dir", action="append", metavar="DIR", help="folder of task plugins/specs (repeatable)"
+    )
+
+    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, parents=[tasks_dir])
+        sub.set_defaults(run=run)
+        return sub
+
+    predict = command(
+        "predict",
+        "predict image files with an exported expert, a LoRKD checkpoint (+ --region) or a generalist",
+        _predict,
+    )
+    predict.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="NIfTI/NRRD/MHA file, DICOM series folder, folder of files, or manifest (.jsonl/.csv); "
+        "repeatable",
+    )
+    predict.add_argument(
+        "--source",
+        required=True,
+        help="an exported expert folder (lorkd-pl export), a LoRKD checkpoint or a generalist checkpoint",
+    )
+    predict.add_argument(
+        "--region", help="the expert's region (a LoRKD checkpoint needs it; a generalist: only its tasks)"
+    )
+    predict.add_argument("--out", required=True, help="output folder (files written atomically)")
+    predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    predict.add_argument(
+        "--probabilities", action="store_true", help="segmentation: also write probability maps"
+    )
+    predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the card's)")
+
+    tasks = command("tasks", "list the registered tasks", _tasks)
+    tasks.add_argument("--region", help="only tasks of this region")
+    tasks.add_argument("--kind", choices=("seg3d", "cls2d"), help="only tasks of this kind")
+
+    config = command("config", "list, print or copy the packaged configs (demo/, trainer/, ...)", _config)
+    config.add_argument("name", nargs="*", help="config names, e.g. demo/teacher_seg (none: list them)")
+    config.add_argument("--out", help="copy the named configs (all without names) into this folder")
+    config.add_argument("--overwrite", action="store_true", help="replace existing copies")
+
+    demo_data = command("demo-data", "write the embedded demo data set", _demo_data)
+    demo_data.add_argument("--out", required=True, help="output folder")
+    demo_data.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    demo_data.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+    demo = command("demo", "the main job on the demo data: teacher, LoRKD, test, report, export", _demo)
+    demo.add_argument("--workdir", help="folder for runs/ (default: the current folder)")
+    demo.add_argument("--kind", action="append", choices=["cls", "seg"], help="only this demo (repeatable)")
+    demo.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in ~1 minute")
+
+    export = command("export", "merge a region's expert into a plain network folder", _export)
+    export.add_argument("--ckpt", required=True, help="a LoRKD training checkpoint (e.g. RUN/last.ckpt)")
+    export.add_argument("--region", help="the region to export")
+    export.add_argument("--all-regions", action="store_true", help="export every region into OUT/<region>")
+    export.add_argument("--out", help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
+
+    report = command("report", "compare a teacher and a student test run per region", _report)
+    report.add_argument("--teacher", required=True, help="the teacher's test run folder (holds summary/)")
+    report.add_argument("--student", required=True, help="the student's test run folder (holds summary/)")
+    report.add_argument("--out", required=True, help="output folder (report.md, plots/)")
+    return parser
+
+
+def _lightning_predict_pointer(args: Sequence[str]) -> None:
+    if any(a.split("=", 1)[0] in ("--config", "--ckpt_path", "-c") for a in args):
+        sys.stderr.write(
+            "lorkd-pl: error: `lorkd-pl predict` predicts files and writes its outputs: "
+            "lorkd-pl predict --source CHECKPOINT_OR_EXPORT [--region REGION] --input FILES --out DIR "
+            "(the checkpoint replaces --config/--ckpt_path; see lorkd-pl predict --help)\n"
+        )
+        raise SystemExit(2)
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the command line with ``args`` (default: ``sys.argv[1:]``) and return an exit code."""
+    args = list(sys.argv[1:] if args is None else args)
+    rest, folders = split_tasks_dirs(args)
+    if rest and rest[0] in LIGHTNING_COMMANDS:
+        overwrite = "--overwrite" in rest
+        return _lightning([a for a in rest if a != "--overwrite"], folders, overwrite)
+    if rest[:1] == ["predict"]:
+        _lightning_predict_pointer(rest[1:])
+    parser = build_parser()
+    namespace = parser.parse_args(rest)
+    if namespace.command is None:
+        parser.print_help()
+        return 0
+    from lorkd_pl.data.plugins import PluginError, load_plugins
+
+    try:
+        load_plugins(folders)
+        return namespace.run(namespace)
+    except (LookupError, ValueError, OSError, PluginError) as error:
+        parser.exit(2, f"lorkd-pl: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

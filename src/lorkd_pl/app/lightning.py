@@ -1,0 +1,220 @@
+"""``lorkd-pl fit|validate|test``: the Lightning command line (LightningCLI + jsonargparse).
+
+Subclass mode for model and data, YAML configs with ``class_path``/``init_args``, ``--print_config``.
+The data module's task list defines the model's tasks, heads and experts (argument links). On top of
+LightningCLI:
+
+* ``--ckpt_path FILE`` is read once with ``weights_only=True`` and checked against the configured tasks
+  (:func:`lorkd_pl.io.compatibility.check_compatible`) before anything is built;
+* checkpoints are written atomically (:class:`~lorkd_pl.io.checkpoints.AtomicCheckpointIO`);
+* a fit refuses a checkpoint folder that already holds an earlier run's checkpoints, unless it resumes
+  (``--ckpt_path``) or is told to replace them (``--overwrite``): the documented ``last.ckpt`` is
+  always the run just made;
+* ``validate``/``test`` print one results table; lorkd-pl's own errors (:data:`USER_ERRORS`) end the
+  command with one ``lorkd-pl: error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.data.formats import DatasetFormatError
+from lorkd_pl.data.plugins import PluginError
+from lorkd_pl.data.readers import ImageReadError
+from lorkd_pl.data.validation import DataValidationError
+from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from lorkd_pl.io.compatibility import check_compatible
+from lorkd_pl.models.base import NonFiniteLossError, TaskModule
+from lorkd_pl.models.teacher import TeacherError
+from lorkd_pl.registry import RegistryError, get_task, order_regions
+
+LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test")
+
+
+class _NothingToActOn(logging.Filter):
+    """Drops Lightning's messages a lorkd-pl user cannot act on (an advert, a restated default)."""
+
+    NOISE: tuple[str, ...] = ("💡 Tip:", "was configured so 100% of the batches will be used")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.getMessage())
+        return not any(noise in message for noise in self.NOISE)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NothingToActOn())
+# Lightning's own pytree helper uses an API the installed torch deprecates: not the user's to fix
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class ConfigError(ValueError):
+    """A configuration value the model, data module or trainer refused (jsonargparse's message)."""
+
+
+class RunExistsError(FileExistsError):
+    """A fit would write into a checkpoint folder holding an earlier run's checkpoints."""
+
+
+# lorkd-pl's own errors: their messages name the file/field and the fix, so no traceback is shown
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointError,
+    ConfigError,
+    DataValidationError,
+    DatasetFormatError,
+    ImageReadError,
+    NonFiniteLossError,
+    PluginError,
+    RegistryError,
+    RunExistsError,
+    TeacherError,
+)
+
+
+class LorkdCLI(LightningCLI):
+    """LightningCLI whose data module defines the model's tasks and regions (one source of truth).
+
+    Args:
+        overwrite: let a fit replace the checkpoints of an earlier run in its checkpoint folder.
+        **kwargs: passed to ``LightningCLI``.
+    """
+
+    def __init__(self, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        self.overwrite = overwrite
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Link the data module's task list and regions into the model's arguments."""
+        parser.link_arguments("data.task_info", "model.init_args.task_info", apply_on="instantiate")
+        parser.link_arguments("data.region_names", "model.init_args.regions", apply_on="instantiate")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; file prediction is ``lorkd-pl predict`` (it writes its outputs)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        """Lightning's subcommands, with ``verbose`` off: :meth:`_print_results` prints one table."""
+        super()._add_subcommands(parser, **kwargs)
+        for name in ("validate", "test"):
+            self._subcommand_parsers[name].set_defaults(verbose=False)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse ``args`` (lorkd-pl passes them explicitly: no warning about ``sys.argv`` also holding
+        them). ``sys.argv`` is set aside only while parsing: Lightning's DDP launcher re-executes it."""
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` (a file) once, safely, and check it belongs to the configured tasks.
+
+        Replaces LightningCLI's step that loads the checkpoint to merge its model hyperparameters into
+        the config: here the file goes through :func:`load_checkpoint_file` (``weights_only=True``,
+        clear errors), a checkpoint of other tasks is refused before anything is built, and the task
+        list and regions stay linked from the data module rather than taken from the file.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():  # "last"/"best" are resolved (and checked) later
+            return
+        hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
+        data = self.config[subcommand].get("data")
+        configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
+        if configured:
+            specs = [get_task(name) for name in configured]
+            tasks = [{"name": s.name, "region": s.region, "classes": s.classes} for s in specs]
+            check_compatible(f"checkpoint {path}", hparams, tasks, order_regions(s.region for s in specs))
+        for key in ("_instantiator", "task_info", "regions"):
+            hparams.pop(key, None)
+        if "_class_path" not in hparams:  # not made by the CLI: the config alone describes the model
+            return
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """Build data module, model and trainer; a bad value becomes a :class:`ConfigError`."""
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError, KeyError) as error:
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, USER_ERRORS):  # jsonargparse wraps ours
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
+            raise ConfigError(f"invalid configuration: {error}") from error
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        """Refuse (or, with ``--overwrite``, clear) a checkpoint folder holding an earlier run's files."""
+        if self.config_init[self.subcommand].get("ckpt_path"):
+            return  # resuming: the folder is this run's
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None) if isinstance(callback, ModelCheckpoint) else None
+            earlier = sorted(Path(folder).glob("*.ckpt")) if folder and Path(folder).is_dir() else []
+            if not earlier:
+                continue
+            if not self.overwrite:
+                names = ", ".join(p.name for p in earlier[:4]) + (", …" if len(earlier) > 4 else "")
+                raise RunExistsError(
+                    f"checkpoint folder {folder} holds an earlier run's checkpoints ({names}); resume it "
+                    "with --ckpt_path last, replace them with --overwrite, or set another checkpoint "
+                    "dirpath (trainer.callbacks ModelCheckpoint init_args.dirpath)"
+                )
+            if self.trainer.is_global_zero:
+                for path in earlier:
+                    path.unlink(missing_ok=True)
+
+    def after_validate(self) -> None:
+        """Print the validation results once."""
+        self._print_results("val")
+
+    def after_test(self) -> None:
+        """Print the test results once."""
+        self._print_results("test")
+
+    def _print_results(self, stage: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        rows = [
+            (name, float(value))
+            for name, value in sorted(self.trainer.callback_metrics.items())
+            if name.startswith(f"{stage}/") and getattr(value, "numel", lambda: 1)() == 1
+        ]
+        width = max([len(name) for name, _ in rows] + [len("metric")])
+        print(f"{'metric'.ljust(width)}  value")
+        for name, value in rows:
+            print(f"{name.ljust(width)}  {value:.4f}")
+
+
+def lightning_cli(args: Sequence[str], run: bool = True, overwrite: bool = False) -> LorkdCLI:
+    """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
+    return LorkdCLI(
+        TaskModule,
+        MultiRegionDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        overwrite=overwrite,
+    )

@@ -1,0 +1,192 @@
+"""The expert card: one description of a deployable network, written by export and read by predict.
+
+An :class:`ExpertCard` says what a network is for (region, tasks and their class names in output
+order), how to feed it (the training preprocessing and sliding window), how to rebuild it (the backbone
+config), how big it is and where it came from. ``lorkd-pl export`` writes it as ``metadata.json``;
+``lorkd-pl predict`` builds its input pipeline and output files from it, whether the network comes from
+an export folder, a LoRKD checkpoint (one region merged in memory) or a generalist checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from lorkd_pl.data.transforms import describe_intensity
+from lorkd_pl.io.atomic import write_text_atomic
+
+CARD_FORMAT = 1
+VERSIONED_PACKAGES: tuple[str, ...] = ("lorkd-pl", "torch", "lightning", "monai", "torchmetrics", "SimpleITK")
+
+
+class CardError(ValueError):
+    """An expert card that cannot be read; names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the network (the training pipeline, without augmentation).
+
+    Attributes:
+        channels: image channels C.
+        patch_size: training crop (seg3d, sliding-window size) or image size (cls2d).
+        spacing: seg3d: target voxel spacing (mm, x y z), ``None`` keeps the file's.
+        modality: ``"CT"``, ``"MR"`` or ``"other"``: intensity normalisation.
+        orientation: ``"RAS"`` for seg3d, ``None`` for cls2d.
+        intensity: the intensity steps in words (for people; the code follows ``modality``).
+        sw_overlap: seg3d: sliding-window overlap; ``sw_batch_size``: windows per forward.
+    """
+
+    channels: int
+    patch_size: list[int]
+    spacing: list[float] | None = None
+    modality: str | None = None
+    orientation: str | None = None
+    intensity: str = ""
+    sw_overlap: float = 0.5
+    sw_batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class ExpertCard:
+    """One deployable network: a region's merged expert, or a generalist.
+
+    Attributes:
+        region: the expert's region; ``None`` for a generalist (tasks of several regions).
+        kind: ``"seg3d"`` or ``"cls2d"``.
+        tasks: ``[{"name", "region", "classes", "output_index"}]`` in the network's output order.
+        preprocessing: see :class:`Preprocessing`.
+        backbone: ``{"class_path", "init_args"}`` of the backbone (to rebuild from ``state_dict.pt``).
+        model: the training module it came from (``"LoRKDModule"`` or ``"GeneralistModule"``).
+        parameters: parameters of the network; ``expert_free_backbone_parameters``: of the backbone
+            without experts (equal to the merged backbone's).
+        source_checkpoint: ``{"path", "sha256"}`` of the training checkpoint.
+        versions: package versions at export time.
+    """
+
+    region: str | None
+    kind: str
+    tasks: list[dict[str, Any]]
+    preprocessing: Preprocessing
+    backbone: dict[str, Any]
+    model: str = "LoRKDModule"
+    parameters: int = 0
+    expert_free_backbone_parameters: int = 0
+    source_checkpoint: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """What to call it in messages and file names: the region, or ``"generalist"``."""
+        return self.region or "generalist"
+
+    @classmethod
+    def from_module(
+        cls,
+        module: Any,
+        tasks: list[dict[str, Any]],
+        region: str | None,
+        parameters: int,
+        source: dict[str, Any] | None = None,
+    ) -> ExpertCard:
+        """The card of a network cut from a trained :class:`~lorkd_pl.models.base.TaskModule`.
+
+        Args:
+            module: the LoRKD student or generalist (its hyper-parameters give preprocessing and
+                backbone).
+            tasks: the task descriptions the network outputs, in output order.
+            region: the merged expert's region (``None`` for a generalist).
+            parameters: parameters of the deployable network.
+            source: ``{"path", "sha256"}`` of the checkpoint it came from.
+        """
+        first = tasks[0]
+        seg = module.kind == "seg3d"
+        preprocessing = Preprocessing(
+            channels=int(module.hparams.in_channels),
+            patch_size=[int(v) for v in first["patch_size"]],
+            spacing=[float(v) for v in first["spacing"]] if first.get("spacing") else None,
+            modality=first.get("modality"),
+            orientation="RAS" if seg else None,
+            intensity=describe_intensity(module.kind, first.get("modality")),
+            sw_overlap=float(module.hparams.sw_overlap),
+            sw_batch_size=int(module.hparams.sw_batch_size),
+        )
+        return cls(
+            region=region,
+            kind=module.kind,
+            tasks=[
+                {"name": t["name"], "region": t["region"], "classes": list(t["classes"]), "output_index": i}
+                for i, t in enumerate(tasks)
+            ],
+            preprocessing=preprocessing,
+            backbone=dict(module.hparams.backbone) if module.hparams.get("backbone") else {},
+            model=type(module).__name__,
+            parameters=int(parameters),
+            expert_free_backbone_parameters=int(getattr(module, "expert_free_parameters", 0) or 0),
+            source_checkpoint=dict(source or {}),
+            versions=package_versions(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (the content of ``metadata.json``)."""
+        return {"format": CARD_FORMAT, **asdict(self)}
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the card to ``path`` atomically."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "expert card") -> ExpertCard:
+        """The card of :meth:`to_dict`'s data.
+
+        Raises:
+            CardError: naming ``source`` and the missing or malformed field.
+        """
+        try:
+            data = dict(data)
+            found = data.pop("format", None)
+            if found != CARD_FORMAT:
+                raise CardError(
+                    f"{source}: card format {found!r}, this lorkd-pl reads format {CARD_FORMAT}; "
+                    "export the expert again with this version"
+                )
+            data["preprocessing"] = Preprocessing(**data["preprocessing"])
+            card = cls(**data)
+        except CardError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise CardError(f"{source}: malformed expert card ({type(error).__name__}: {error})") from None
+        missing = sorted({k for t in card.tasks for k in ("name", "classes", "output_index") if k not in t})
+        if missing:
+            raise CardError(f"{source}: malformed expert card (tasks lack {missing})")
+        return card
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ExpertCard:
+        """Read a card written by :meth:`to_json`.
+
+        Raises:
+            CardError: naming the file for an unreadable or malformed card.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CardError(f"cannot read expert card {path}: {error}") from None
+        if not isinstance(data, dict):
+            raise CardError(f"{path}: an expert card is a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, str(path))
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages an export depends on."""
+    out = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out

@@ -1,0 +1,284 @@
+"""Export one region's expert as a plain, self-contained network: ``W0 + s·ΔW_r`` plus the region's heads.
+
+``lorkd-pl export --ckpt RUN/last.ckpt --region brain --out experts/brain`` writes a folder:
+
+* ``model.pt2`` — a ``torch.export`` program (batch dimension dynamic): ``torch.export.load(path)
+  .module()(x)`` returns one logits tensor per task, with plain PyTorch only;
+* ``state_dict.pt`` — the same weights as a state dict (``backbone.*``, ``heads.<i>.*``) for rebuilding
+  the network from the card's ``backbone`` (``class_path``/``init_args``, e.g. MONAI);
+* ``metadata.json`` — the :class:`~lorkd_pl.deploy.card.ExpertCard` (region, tasks and class names,
+  preprocessing, backbone config, sizes, source checkpoint sha256, package versions); ``README.md``.
+
+The folder is written atomically (a temporary folder renamed at the end); an existing output is kept
+unless ``overwrite``; with several regions every target is checked before any is written. The merged
+network has exactly the expert-free backbone's parameters: no LoRA overhead at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorkd_pl.deploy.card import CardError, ExpertCard
+from lorkd_pl.experts import merge_expert
+from lorkd_pl.io.atomic import atomic_folder
+from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
+from lorkd_pl.io.hashing import sha256sum
+from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
+from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.generalist import GeneralistModule
+from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.models.restore import restore_module
+from lorkd_pl.models.teacher import load_teacher
+
+
+class ExportError(ValueError):
+    """A checkpoint cannot be exported (wrong kind, unknown region, existing output)."""
+
+
+class ExpertNetwork(nn.Module):
+    """A merged backbone and the heads of one region's tasks.
+
+    Shapes:
+        ``(N, C, *S) → tuple`` of one ``(N, K_task, *S)`` (seg3d) or ``(N, K_task)`` (cls2d) per task.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``images`` ``(N, C, *S)`` → one logits tensor per task."""
+        features = self.backbone(images)
+        return tuple(head(features) for head in self.heads)
+
+
+class GeneralistNetwork(nn.Module):
+    """A generalist's backbone and union head, answering with the chosen tasks' channels.
+
+    Shapes:
+        ``(N, C, *S) → tuple`` of one ``(N, K_task, *S)`` / ``(N, K_task)`` per chosen task.
+    """
+
+    def __init__(self, generalist: GeneralistModule, tasks: Sequence[int]) -> None:
+        super().__init__()
+        self.backbone, self.head = generalist.backbone, generalist.head
+        self.channels = [list(generalist.task_channels[t]) for t in tasks]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``images`` ``(N, C, *S)`` → one logits tensor per chosen task (one backbone forward)."""
+        logits = self.head(self.backbone(images))
+        return tuple(logits[:, channels] for channels in self.channels)
+
+
+def load_module(checkpoint: str | Path, accept: Sequence[str]) -> tuple[TaskModule, dict[str, Any]]:
+    """Rebuild a generalist or LoRKD student from a checkpoint (``weights_only=True``; no teacher).
+
+    Raises:
+        ExportError: if the file is missing, unsafe, or not a lorkd-pl checkpoint of an accepted kind.
+    """
+    try:
+        data = load_checkpoint_file(checkpoint)
+        return restore_module(data, checkpoint, accept), data
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+
+
+def load_student(checkpoint: str | Path) -> tuple[LoRKDModule, dict[str, Any]]:
+    """Rebuild a LoRKD student from a checkpoint (see :func:`load_module`)."""
+    student, data = load_module(checkpoint, ("LoRKDModule",))
+    assert isinstance(student, LoRKDModule)
+    return student, data
+
+
+def region_tasks(module: TaskModule, region: str | None) -> list[int]:
+    """Indices of ``region``'s tasks (all tasks for ``None``).
+
+    Raises:
+        ExportError: for a region the module was not trained for, listing its regions.
+    """
+    if region is not None and region not in module.regions:
+        raise ExportError(f"unknown region {region!r}; this checkpoint's regions are {module.regions}")
+    return [i for i, t in enumerate(module.tasks) if region is None or t["region"] == region]
+
+
+def expert_network(student: LoRKDModule, region: str) -> tuple[ExpertNetwork, list[dict[str, Any]]]:
+    """The plain network of ``region`` and the descriptions of its tasks (in output order)."""
+    tasks = region_tasks(student, region)
+    backbone = merge_expert(student.student, student.regions.index(region))
+    heads = [copy.deepcopy(student.heads[i]) for i in tasks]
+    return ExpertNetwork(backbone, heads).eval(), [student.tasks[i] for i in tasks]
+
+
+def deployable(
+    module: TaskModule, region: str | None, source: dict[str, Any] | None = None
+) -> tuple[nn.Module, ExpertCard]:
+    """The network to run for ``region`` and its card: a merged expert, or a generalist's tasks.
+
+    Args:
+        module: a LoRKD student (``region`` required) or a generalist (``region`` optional: its tasks).
+        region: the region.
+        source: ``{"path", "sha256"}`` of the checkpoint, for the card.
+
+    Raises:
+        ExportError: for a missing or unknown region.
+    """
+    if isinstance(module, LoRKDModule):
+        if region is None:
+            raise ExportError(
+                f"a LoRKD checkpoint holds one expert per region {module.regions}: give --region"
+            )
+        network, tasks = expert_network(module, region)
+    else:
+        assert isinstance(module, GeneralistModule)
+        indices = region_tasks(module, region)
+        network, tasks = GeneralistNetwork(module, indices).eval(), [module.tasks[i] for i in indices]
+    card = ExpertCard.from_module(module, tasks, region, count_parameters(network), source)
+    return network, card
+
+
+def export_region(
+    checkpoint: str | Path,
+    region: str,
+    out: str | Path,
+    overwrite: bool = False,
+    student: LoRKDModule | None = None,
+) -> Path:
+    """Write the exported folder of one region (see the module docstring) and return it.
+
+    Raises:
+        ExportError: for a bad checkpoint or region, or an existing ``out`` without ``overwrite``.
+    """
+    return export_regions(checkpoint, [region], {region: out}, overwrite, student)[0]
+
+
+def export_regions(
+    checkpoint: str | Path,
+    regions: Sequence[str],
+    outs: dict[str, str | Path],
+    overwrite: bool = False,
+    student: LoRKDModule | None = None,
+) -> list[Path]:
+    """Export several regions; every region and output folder is checked before anything is written.
+
+    Args:
+        checkpoint: a LoRKD training checkpoint.
+        regions: the regions to export.
+        outs: output folder of each region.
+        overwrite: replace existing output folders.
+        student: the already loaded student of ``checkpoint`` (saves a reload).
+
+    Raises:
+        ExportError: for a bad checkpoint, an unknown region, or (without ``overwrite``) every
+            existing output folder, all named at once.
+    """
+    existing = [str(outs[r]) for r in regions if Path(outs[r]).exists()]
+    if existing and not overwrite:  # fail before the (slow) export, and before writing any
+        raise ExportError(
+            f"{', '.join(existing)} exist(s); nothing was written: pass --overwrite to replace, or "
+            "choose another --out"
+        )
+    if student is None:
+        student, _ = load_student(checkpoint)
+    for region in regions:
+        region_tasks(student, region)
+    source = {"path": str(checkpoint), "sha256": sha256sum(checkpoint)}
+    written = []
+    for region in regions:
+        network, card = deployable(student, region, source)
+        example = torch.randn(2, card.preprocessing.channels, *card.preprocessing.patch_size)
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+        with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
+            torch.export.save(program, str(work / "model.pt2"))
+            torch.save(network.state_dict(), work / "state_dict.pt")
+            card.to_json(work / "metadata.json")
+            (work / "README.md").write_text(_readme(card), encoding="utf-8")
+        written.append(Path(outs[region]))
+    return written
+
+
+def _readme(card: ExpertCard) -> str:
+    tasks = ", ".join(f"{t['name']} ({len(t['classes'])} classes)" for t in card.tasks)
+    shape = ", ".join(map(str, [card.preprocessing.channels, *card.preprocessing.patch_size]))
+    return f"""# lorkd-pl expert: {card.region}
+
+Plain network (the region's low-rank expert merged into the shared weights) with the heads of: {tasks}.
+Parameters: {card.parameters:,}. Source checkpoint sha256: {card.source_checkpoint.get("sha256")}.
+
+```python
+import torch
+network = torch.export.load("model.pt2").module()      # plain PyTorch, no lorkd-pl needed
+outputs = network(images)   # images: (N, {shape}); one logits tensor per task
+```
+
+Preprocessing: {json.dumps(card.to_dict()["preprocessing"])}. `state_dict.pt` holds the same weights for
+the backbone in `metadata.json` (`backbone`) plus one head per task.
+"""
+
+
+def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
+    """Rebuild an exported expert from its card and ``state_dict.pt`` (``weights_only=True``).
+
+    This is how lorkd-pl itself loads exports (``lorkd-pl predict``): unlike ``torch.export.load`` on
+    ``model.pt2``, which may unpickle objects, it runs no code from the folder — only the backbone class
+    named in the card is imported, as a config's ``class_path`` would be.
+
+    Raises:
+        ExportError: naming the folder and the fix.
+    """
+    folder = Path(folder)
+    card_path = folder / "metadata.json"
+    if not card_path.is_file():
+        raise ExportError(f"{folder} is not an exported expert (no metadata.json); run lorkd-pl export first")
+    try:
+        card = ExpertCard.from_json(card_path)
+        backbone = build_module(card.backbone)
+    except (CardError, ValueError) as error:
+        raise ExportError(f"{card_path}: {error}") from None
+    width = feature_channels(backbone, card.kind, card.preprocessing.channels)
+    network = ExpertNetwork(backbone, [make_head(card.kind, width, len(t["classes"])) for t in card.tasks])
+    try:
+        network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    except RuntimeError as error:  # keys or shapes do not match the card
+        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {error}") from None
+    return network.eval(), card
+
+
+def size_report(checkpoint: str | Path) -> str:
+    """Parameters (and on-disk sizes) of the teacher, the student with all experts and one merged expert."""
+    student, data = load_student(checkpoint)
+    teacher = data.get("teacher") or {}
+    lines = ["| model | parameters | on disk |", "|---|---:|---:|"]
+    teacher_path = Path(teacher["path"]) if teacher.get("path") else None
+    if teacher_path is not None and teacher_path.exists():
+        count = count_parameters(load_teacher(teacher_path, student.tasks).network)
+        lines.append(
+            f"| teacher ({teacher_path.name}) | {count:,} | {teacher_path.stat().st_size / 2**20:.2f} MiB |"
+        )
+    else:
+        lines.append("| teacher | (file not available) | |")
+    lines.append(
+        f"| student, all {len(student.regions)} experts + {len(student.heads)} heads "
+        f"| {count_parameters(student):,} "
+        f"| {Path(checkpoint).stat().st_size / 2**20:.2f} MiB (checkpoint incl. optimizer) |"
+    )
+    for region in student.regions:
+        network, _ = expert_network(student, region)
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)  # the size of its state_dict.pt
+        lines.append(
+            f"| merged expert: {region} | {count_parameters(network):,} "
+            f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The one rule for which checkpoint fits which run, used before anything is built and again on load.
+
+A checkpoint fits a run when its tasks (names, regions and class lists, in order) and its region order
+equal the run's. The command line applies the rule to ``--ckpt_path`` before the data is validated;
+:meth:`lorkd_pl.models.base.TaskModule.on_load_checkpoint` applies it again to whatever Lightning loads
+(``last``/``best`` included). Both raise the same :class:`~lorkd_pl.io.checkpoints.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lorkd_pl.io.checkpoints import CheckpointError
+
+
+def _signature(tasks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[str]]]:
+    return [(str(t["name"]), str(t["region"]), [str(c) for c in t["classes"]]) for t in tasks]
+
+
+def check_compatible(
+    source: str,
+    saved: Mapping[str, Any],
+    tasks: Sequence[Mapping[str, Any]],
+    regions: Sequence[str],
+) -> None:
+    """Refuse a checkpoint whose tasks or regions differ from the run's.
+
+    Args:
+        source: the checkpoint, for the message (a path, or "the checkpoint").
+        saved: the checkpoint's hyper-parameters (``task_info``, ``regions``); a checkpoint without
+            them (not made by lorkd-pl) is not checked.
+        tasks: the run's task descriptions (``name``, ``region``, ``classes``), in order.
+        regions: the run's region names in expert order.
+
+    Raises:
+        CheckpointError: naming both task and region lists and the fix.
+    """
+    saved_tasks = _signature(saved.get("task_info") or [])
+    saved_regions = [str(r) for r in saved.get("regions") or []]
+    mine = _signature(tasks)
+    if (saved_tasks and saved_tasks != mine) or (saved_regions and saved_regions != list(regions)):
+        raise CheckpointError(
+            f"{source} was trained for tasks {[t[0] for t in saved_tasks]} (regions {saved_regions}), but "
+            f"this run's data.tasks are {[t[0] for t in mine]} (regions {list(regions)}); names, regions "
+            "and class lists must match: use the training run's data.tasks with this checkpoint, or "
+            "`lorkd-pl export` the region you need"
+        )

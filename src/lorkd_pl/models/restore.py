@@ -1,0 +1,66 @@
+"""Rebuilding a lorkd-pl module from a checkpoint's plain data (hyper-parameters + state dict).
+
+The one place that turns a loaded checkpoint back into a :class:`~lorkd_pl.models.base.TaskModule`:
+used for generalist teachers, ``lorkd-pl export`` and ``lorkd-pl predict``. The checkpoint's own
+marker (``lorkd_pl_model``) selects the class from a fixed table; nothing named in the file is imported
+beyond it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorkd_pl.io.checkpoints import CheckpointError
+from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.generalist import GeneralistModule
+from lorkd_pl.models.lorkd import LoRKDModule
+
+MODEL_CLASSES: dict[str, type[TaskModule]] = {
+    "GeneralistModule": GeneralistModule,
+    "LoRKDModule": LoRKDModule,
+}
+DESCRIPTIONS: dict[str, str] = {"GeneralistModule": "generalist", "LoRKDModule": "LoRKD student"}
+#: Arguments that would load a teacher or copy weights: never wanted when restoring trained weights.
+STUDENT_OVERRIDES: dict[str, Any] = {"teacher": None, "kd": "none", "init_from_teacher": False}
+
+
+def model_kind(checkpoint: Mapping[str, Any]) -> str | None:
+    """``"GeneralistModule"``, ``"LoRKDModule"`` or ``None`` (not a lorkd-pl model checkpoint)."""
+    kind = checkpoint.get("lorkd_pl_model") if isinstance(checkpoint, Mapping) else None
+    return kind if kind in MODEL_CLASSES else None
+
+
+def restore_module(
+    checkpoint: Mapping[str, Any], source: str | Path, accept: Sequence[str] = tuple(MODEL_CLASSES)
+) -> TaskModule:
+    """The module saved in ``checkpoint`` (already loaded with ``weights_only=True``), in eval mode.
+
+    Args:
+        checkpoint: a Lightning checkpoint dict written by a lorkd-pl run.
+        source: where it came from (for messages).
+        accept: the model kinds the caller can use.
+
+    Raises:
+        CheckpointError: if it is not a lorkd-pl checkpoint of an accepted kind.
+    """
+    kind = model_kind(checkpoint)
+    if kind not in accept:
+        found = f"it is a {DESCRIPTIONS[kind]} checkpoint" if kind else "no lorkd-pl model marker"
+        raise CheckpointError(
+            f"{source} is not a {' or '.join(DESCRIPTIONS[k] for k in accept)} checkpoint ({found}); "
+            "train one with the packaged configs (`lorkd-pl config`)"
+        )
+    cls = MODEL_CLASSES[kind]
+    accepted = inspect.signature(cls.__init__).parameters
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    if kind == "LoRKDModule":
+        hparams.update(STUDENT_OVERRIDES)
+        if isinstance(hparams.get("rank"), (list, tuple)):  # saved in the checkpoint's own region order
+            hparams["rank"] = dict(zip(hparams["regions"], hparams["rank"], strict=True))
+    module = cls(**hparams)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("projection.")}
+    module.load_state_dict(state)
+    return module.eval()
