@@ -43,8 +43,10 @@ def clean_registry():
     """Restore the registry's tasks and regions after a test that registers its own."""
     from lorkd_pl import registry
 
-    tasks, regions = dict(registry._TASKS), list(registry._REGIONS)
+    tasks, regions, defaults = dict(registry._TASKS), list(registry._REGIONS), set(registry._DEFAULTS)
     yield registry
     registry._TASKS.clear()
     registry._TASKS.update(tasks)
     registry._REGIONS[:] = regions
+    registry._DEFAULTS.clear()
+    registry._DEFAULTS.update(defaults)

@@ -30,12 +30,18 @@ def test_tasks_lists_the_registry(capsys) -> None:
 def test_demo_data_then_tasks_from_its_specs(tmp_path, capsys, clean_registry) -> None:
     assert main(["demo-data", "--out", str(tmp_path / "demo"), "--seed", "3"]) == 0
     assert (tmp_path / "demo" / "seg3d" / "manifest.jsonl").is_file()
-    for name in [n for n in clean_registry._TASKS if n.startswith("demo_")]:
-        clean_registry._TASKS.pop(name)  # a fresh process given --tasks-dir loads only that folder
     capsys.readouterr()
     assert main(["tasks", "--region", "brain", "--tasks-dir", str(tmp_path / "demo" / "tasks")]) == 0
     out = capsys.readouterr().out
-    assert "demo_brain_seg.yaml" in out and "demo_brain_cls.yaml" in out
+    assert "demo_brain_seg.yaml" in out and "demo_brain_cls.yaml" in out  # the copies replace the built-ins
+    # the same in a fresh process, which loads the folder first and the entry point after it
+    tasks = str(tmp_path / "demo" / "tasks")
+    code = (
+        f"from lorkd_pl.app.cli import main; main(['tasks', '--region', 'brain', '--tasks-dir', {tasks!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "demo_brain_seg.yaml" in result.stdout and "lorkd_pl.data.demo_tasks" not in result.stdout
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys) -> None:

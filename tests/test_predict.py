@@ -103,13 +103,18 @@ def test_errors(seg_checkpoint, tmp_path) -> None:
         predict_files([tmp_path / "missing.nii.gz"], seg_checkpoint, tmp_path, region="brain")
 
 
-@pytest.fixture(scope="module")
-def generalist_checkpoint(tmp_path_factory):
+def generalist(folder, tasks):
     from training_helpers import write_generalist_checkpoint
 
     torch.manual_seed(0)
-    return write_generalist_checkpoint(
-        tmp_path_factory.mktemp("generalist") / "teacher.ckpt", ["demo_brain_seg", "demo_thorax_seg"], UNET
+    return write_generalist_checkpoint(folder / "teacher.ckpt", tasks, UNET)
+
+
+@pytest.fixture(scope="module")
+def generalist_checkpoint(tmp_path_factory):
+    """Two CT tasks that share one preprocessing, and the brain's MR task that does not."""
+    return generalist(
+        tmp_path_factory.mktemp("generalist"), ["demo_abdomen_seg", "demo_brain_seg", "demo_thorax_seg"]
     )
 
 
@@ -118,35 +123,67 @@ def test_a_generalist_checkpoint_predicts_its_tasks(generalist_checkpoint, tmp_p
     from lorkd_pl.io.checkpoints import load_checkpoint_file
     from lorkd_pl.models.restore import restore_module
 
-    generalist = restore_module(load_checkpoint_file(generalist_checkpoint), generalist_checkpoint)
-    expert = load_expert(generalist_checkpoint)
-    assert expert.card.region is None and expert.card.model == "GeneralistModule"
-    assert [t["name"] for t in expert.card.tasks] == ["demo_brain_seg", "demo_thorax_seg"]
+    module = restore_module(load_checkpoint_file(generalist_checkpoint), generalist_checkpoint)
+    with pytest.raises(PredictError, match=r"need different preprocessing .*demo_brain_seg: modality MR"):
+        load_expert(generalist_checkpoint)  # CT and MR tasks cannot share one input pipeline
+    expert = load_expert(generalist_checkpoint, "thorax")
+    assert expert.card.region == "thorax" and expert.card.model == "GeneralistModule"
+    assert [t["name"] for t in expert.card.tasks] == ["demo_thorax_seg"]
+    assert expert.card.preprocessing.modality == "CT" and expert.card.preprocessing.spacing == [2.0, 2.0, 3.0]
+    assert load_expert(generalist_checkpoint, "brain").card.preprocessing.modality == "MR"
     x = torch.randn(2, 1, 16, 16, 8)
-    with torch.no_grad():
-        outputs = expert.network(x)
-        for index, task in enumerate(expert.card.tasks):  # oracle: the training module's own task logits
-            torch.testing.assert_close(outputs[task["output_index"]], generalist.task_logits(x, index))
-    assert [t["name"] for t in load_expert(generalist_checkpoint, "thorax").card.tasks] == ["demo_thorax_seg"]
+    with torch.no_grad():  # oracle: the training module's own task logits
+        torch.testing.assert_close(expert.network(x)[0], module.task_logits(x, 2))
     args = ["predict", "--input", str(NIFTI), "--source", str(generalist_checkpoint), "--out", str(tmp_path)]
-    assert main(args) == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["anatomical_demo_brain_seg.nii.gz", "anatomical_demo_thorax_seg.nii.gz"]
-    for name in names:
-        assert same_geometry(sitk.ReadImage(str(tmp_path / name)), sitk.ReadImage(str(NIFTI)))
+    assert main([*args, "--region", "brain"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["anatomical_demo_brain_seg.nii.gz"]
+    assert same_geometry(
+        sitk.ReadImage(str(tmp_path / "anatomical_demo_brain_seg.nii.gz")), sitk.ReadImage(str(NIFTI))
+    )
 
 
-def test_one_sliding_window_pass_serves_every_task(generalist_checkpoint, tmp_path) -> None:
+def test_one_sliding_window_pass_serves_every_task(tmp_path) -> None:
     from lorkd_pl.deploy.predict import load_expert, predict_segmentation
 
+    both_ct = generalist(tmp_path, ["demo_abdomen_seg", "demo_thorax_seg"])
     calls = []
     counts = {}
-    for region in (None, "brain"):  # two tasks, then one: the same number of backbone forwards
-        expert = load_expert(generalist_checkpoint, region)
+    for region in (None, "thorax"):  # two tasks, then one: the same number of backbone forwards
+        expert = load_expert(both_ct, region)
         handle = expert.network.backbone.register_forward_hook(lambda *args: calls.append(1))
         written = predict_segmentation(expert, str(NIFTI), tmp_path / str(region))
         handle.remove()
         counts[region] = len(calls)
         calls.clear()
-        assert len(written) == len(expert.card.tasks)
-    assert counts[None] == counts["brain"] > 0
+        assert [p.name for p in written] == [f"anatomical_{t['name']}.nii.gz" for t in expert.card.tasks]
+    assert counts[None] == counts["thorax"] > 0
+
+
+def test_classification_csv_of_several_tasks_keeps_columns_aligned(tmp_path) -> None:
+    import csv
+
+    from training_helpers import write_generalist_checkpoint
+
+    cnn = {
+        "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+        "init_args": {"in_channels": 1, "channels": [4, 8]},
+    }
+    checkpoint = write_generalist_checkpoint(
+        tmp_path / "cls.ckpt", ["demo_abdomen_cls", "demo_brain_cls"], cnn
+    )
+    image = tmp_path / "image.png"
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (28, 28)).astype(np.uint8)),
+        str(image),
+    )
+    written = predict_files([image], checkpoint, tmp_path / "out")
+    assert [p.name for p in written] == ["generalist_predictions.csv"]
+    rows = list(csv.DictReader(written[0].open()))
+    assert [r["task"] for r in rows] == ["demo_abdomen_cls", "demo_brain_cls"]
+    for row in rows:
+        mine = {k: v for k, v in row.items() if k.startswith(f"p_{row['task']}/")}
+        others = {k: v for k, v in row.items() if k.startswith("p_") and k not in mine}
+        assert len(mine) == 3 and len(others) == 3 and set(others.values()) == {""}
+        assert abs(sum(float(v) for v in mine.values()) - 1) < 1e-5
+        best = max(mine, key=lambda k: float(mine[k]))
+        assert best == f"p_{row['task']}/{row['prediction']}"

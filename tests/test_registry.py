@@ -100,3 +100,15 @@ def test_unknown_names_list_close_matches() -> None:
 def test_invalid_specs(kwargs, match) -> None:
     with pytest.raises((ValueError, RegistryError), match=match):
         spec(**kwargs)
+
+
+def test_default_registrations_yield_to_any_other(clean_registry) -> None:
+    register_task(spec("fallback"), default=True)
+    register_task(spec("fallback", "brain"), default=True)  # a default never replaces
+    assert get_task("fallback").region == "abdomen"
+    register_task(spec("fallback", "thorax"))  # a real registration replaces the default silently
+    assert get_task("fallback").region == "thorax"
+    with pytest.raises(RegistryError, match="registered already"):  # and is itself protected
+        register_task(spec("fallback", "brain"))
+    register_task(spec("fallback", "brain"), default=True)
+    assert get_task("fallback").region == "thorax"

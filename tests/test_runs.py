@@ -41,11 +41,24 @@ def test_a_documented_fit_run_twice_leaves_the_second_run_at_the_documented_path
     assert "--ckpt_path last" in error and "--overwrite" in error
     assert (tmp_path / LAST).read_bytes() == first  # nothing of the first run was touched
 
+    (tmp_path / LAST).with_name("my_backup.ckpt").write_bytes(first)  # a file the user put there
     assert fit(2, "--overwrite") == 0
     saved = torch.load(tmp_path / LAST, weights_only=True)
     assert saved["global_step"] == 2  # the run just made, at the path the docs use
     names = sorted(p.name for p in (tmp_path / LAST).parent.iterdir())
     assert names == ["last.ckpt"]  # no last-v1.ckpt beside a stale last.ckpt
+    (aside,) = (tmp_path / LAST).parent.parent.glob("checkpoints.replaced-*")  # moved, never deleted
+    assert (aside / "last.ckpt").read_bytes() == first and (aside / "my_backup.ckpt").read_bytes() == first
+
+
+def test_overwrite_is_a_fit_option_only(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", "demo/teacher_cls", "--overwrite"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
 
 
 def test_resuming_is_not_refused(tmp_path, monkeypatch) -> None:

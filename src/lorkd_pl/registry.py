@@ -34,6 +34,7 @@ DEFAULT_REGIONS: tuple[str, ...] = (
 )
 _REGIONS: list[str] = list(DEFAULT_REGIONS)
 _TASKS: dict[str, TaskSpec] = {}
+_DEFAULTS: set[str] = set()  # names registered as fallbacks (see register_task)
 
 
 class RegistryError(KeyError):
@@ -162,29 +163,44 @@ def order_regions(names: Iterable[str]) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- tasks
-def register_task(spec: TaskSpec | Callable[[], TaskSpec] | None = None, *, override: bool = False) -> Any:
+def register_task(
+    spec: TaskSpec | Callable[[], TaskSpec] | None = None, *, override: bool = False, default: bool = False
+) -> Any:
     """Register a task, directly or as a decorator.
 
     ``register_task(TaskSpec(...))`` registers a spec and returns it. As a decorator on a zero-argument
     function returning a ``TaskSpec`` (``@register_task`` or ``@register_task(override=True)``), it
     registers the function's spec and returns the function.
 
+    Args:
+        spec: the task, or a function returning it.
+        override: replace a task registered under the same name.
+        default: a fallback (lorkd-pl's built-in demo tasks): it never replaces a registered task,
+            and any later registration of the name replaces it without an error — so
+            ``lorkd-pl demo-data --out X`` followed by ``--tasks-dir X/tasks`` uses X's copies.
+
     Raises:
-        RegistryError: if the name is registered already and ``override`` is false.
+        RegistryError: if the name is registered already (not as a default) and ``override`` is false.
         TypeError: if ``spec`` is neither a ``TaskSpec`` nor a function returning one.
     """
     if spec is None:
-        return lambda function: register_task(function, override=override)
+        return lambda function: register_task(function, override=override, default=default)
     task = spec if isinstance(spec, TaskSpec) else spec() if callable(spec) else None
     if not isinstance(task, TaskSpec):
         raise TypeError(f"register_task needs a TaskSpec or a function returning one, got {spec!r}")
     existing = _TASKS.get(task.name)
-    if existing is not None and not override:
+    if existing is not None and default:
+        return spec  # a fallback never replaces a registered task
+    if existing is not None and not override and task.name not in _DEFAULTS:
         raise RegistryError(
             f"task {task.name!r} is registered already (from {existing.source or 'code'}); "
             f"rename the task from {task.source or 'code'} or pass override=True"
         )
     _TASKS[task.name] = task
+    if default:
+        _DEFAULTS.add(task.name)
+    else:
+        _DEFAULTS.discard(task.name)
     return spec
 
 
@@ -192,6 +208,7 @@ def unregister_task(name: str) -> None:
     """Remove a task (for tests and interactive sessions)."""
     get_task(name)
     del _TASKS[name]
+    _DEFAULTS.discard(name)
 
 
 def get_task(name: str) -> TaskSpec:

@@ -239,6 +239,8 @@ def test_ranks_by_region_name(run) -> None:
         ),
         ({"spine": 4}, r"names \['spine'\], which are not regions of this run"),
         ({"brain": 0}, r"integers >= 1"),
+        ({"brain": True}, r"integers >= 1"),
+        (0, r"an integer >= 1"),
     ],
 )
 def test_rank_lists_and_unknown_regions_are_refused(run, rank, match) -> None:
@@ -253,3 +255,34 @@ def test_task_metrics_follow_the_task_spec() -> None:
     assert sorted(task_metrics(task)) == ["accuracy", "auroc"]  # default: all of the kind
     assert sorted(task_metrics({**task, "metrics": ["accuracy"]})) == ["accuracy"]
     assert sorted(task_metrics({**task, "metrics": ["auroc"]})) == ["accuracy", "auroc"]  # the score stays
+
+
+def test_rank_errors_reach_the_user_as_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from lorkd_pl.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "demo/lorkd_cls", "--model.init_args.rank=[4, 4, 4, 4]"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("lorkd-pl: error: invalid configuration: model.rank must be one integer or ")
+    assert "e.g. rank: {abdomen: 8, brain: 8, default: 4}" in error[-1] and "Namespace(" not in error[-1]
+
+
+def test_a_checkpoint_saved_with_a_rank_list_still_loads(run, tmp_path) -> None:
+    """Checkpoints from before ranks by name hold a list in their own region order: read by name."""
+    from lorkd_pl.experts import expert_layers
+    from lorkd_pl.models.restore import restore_module, upgrade_hyperparameters
+    from training_helpers import save_checkpoint
+
+    model = LoRKDModule(**run, backbone=CNN, rank={"abdomen": 2, "brain": 3, "thorax": 4})
+    path = save_checkpoint(model, tmp_path / "old.ckpt")
+    data = torch.load(path, weights_only=True)
+    data["hyper_parameters"]["rank"] = [2, 3, 4]  # as an earlier lorkd-pl saved it
+    assert upgrade_hyperparameters(data["hyper_parameters"])["rank"] == {
+        "abdomen": 2,
+        "brain": 3,
+        "thorax": 4,
+    }
+    restored = restore_module(data, "old.ckpt")
+    assert all(list(layer.ranks) == [2, 3, 4] for _, layer in expert_layers(restored.student))

@@ -62,8 +62,8 @@ def test_skip_counts_and_keeps_weights_finite(tmp_path, monkeypatch) -> None:
     built = []
     original = cli_module.lightning_cli
 
-    def run_and_keep(args, run=True, overwrite=False):
-        built.append(original(args, run, overwrite))
+    def run_and_keep(args, run=True):
+        built.append(original(args, run))
         return built[-1]
 
     monkeypatch.setattr(cli_module, "lightning_cli", run_and_keep)

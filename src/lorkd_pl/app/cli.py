@@ -23,7 +23,7 @@ from pathlib import Path
 
 LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test")
 LIGHTNING_HELP = {
-    "fit": "train a model (Lightning fit; --overwrite replaces an earlier run's checkpoints)",
+    "fit": "train a model (Lightning fit; --overwrite moves an earlier run's checkpoints aside)",
     "validate": "validate a checkpoint per task (Lightning validate)",
     "test": "test a checkpoint per task and write summary/<task>.json (Lightning test)",
 }
@@ -66,15 +66,15 @@ def split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
 
 
 # ----------------------------------------------------------------------------- commands
-def _lightning(args: Sequence[str], folders: list[str] | None, overwrite: bool) -> int:
+def _lightning(args: Sequence[str], folders: list[str] | None) -> int:
     from lorkd_pl.app.configs import resolve_config_args
     from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli
     from lorkd_pl.data.plugins import load_plugins
 
     try:
         load_plugins(folders)
-        lightning_cli(resolve_config_args(args), overwrite=overwrite)
-    except USER_ERRORS as error:  # clear messages that name the file/field and the fix
+        lightning_cli(resolve_config_args(args))
+    except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
         sys.stderr.write(f"lorkd-pl: error: {error}\n")
         raise SystemExit(2) from error
     return 0
@@ -140,6 +140,8 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("export needs --out (a folder; with --all-regions one subfolder per region)")
+    if args.all_regions and args.region:
+        raise ValueError("give either --region REGION or --all-regions, not both")
     if not args.all_regions and not args.region:
         raise ValueError(
             "give --region REGION or --all-regions (`lorkd-pl export --ckpt X --dry-run` lists them)"
@@ -276,8 +278,7 @@ def main(args: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     rest, folders = split_tasks_dirs(args)
     if rest and rest[0] in LIGHTNING_COMMANDS:
-        overwrite = "--overwrite" in rest
-        return _lightning([a for a in rest if a != "--overwrite"], folders, overwrite)
+        return _lightning(rest, folders)
     if rest[:1] == ["predict"]:
         _lightning_predict_pointer(rest[1:])
     parser = build_parser()

@@ -35,14 +35,18 @@ def packaged_config(name: str) -> Path | None:
 
 
 def resolve_config_args(args: Sequence[str]) -> list[str]:
-    """``args`` with every ``--config NAME`` that is not a file replaced by the packaged config's path."""
+    """``args`` with every ``--config``/``-c`` value that is not a file replaced by a packaged config.
+
+    Raises:
+        LookupError: for a value that is neither an existing file nor a packaged config's name.
+    """
     out: list[str] = []
     expecting = False
     for item in args:
         if expecting:
             item = _resolve(item)
             expecting = False
-        elif item == "--config":
+        elif item in ("--config", "-c"):
             expecting = True
         elif item.startswith("--config="):
             item = "--config=" + _resolve(item.split("=", 1)[1])
@@ -51,10 +55,15 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
 
 
 def _resolve(value: str) -> str:
-    if Path(value).exists():
+    if Path(value).exists() or value.lstrip().startswith(("{", "[")):  # a file, or inline YAML/JSON
         return value
     packaged = packaged_config(value)
-    return str(packaged) if packaged is not None else value
+    if packaged is None:
+        raise LookupError(
+            f"config {value!r} is neither a file nor a packaged config; `lorkd-pl config` lists the "
+            "packaged ones (e.g. demo/teacher_seg)"
+        )
+    return str(packaged)
 
 
 def copy_configs(names: Sequence[str], out: str | Path, overwrite: bool = False) -> list[Path]:

@@ -40,10 +40,10 @@ QUICK: dict[str, list[str]] = {
 
 
 def _cli(args: Sequence[str]):
-    """Run a Lightning command; the demo owns ``runs/demo``, so a fit replaces its earlier run."""
+    """Run a Lightning command (fit, validate or test) with ``args``."""
     from lorkd_pl.app.lightning import lightning_cli
 
-    return lightning_cli(args, overwrite=True)
+    return lightning_cli(args)
 
 
 def _test(config: Path, checkpoint: Path, extra: list[str]) -> tuple[Any, str]:
@@ -120,7 +120,7 @@ def run_demo(
         timings = {}
         for name, config in (("teacher", teacher_cfg), ("lorkd", student_cfg)):
             start = time.perf_counter()
-            _cli(["fit", "--config", str(config), *quiet])
+            _cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns runs/demo
             timings[name] = time.perf_counter() - start
         runs = Path("runs/demo")
         last = Path("checkpoints") / "last.ckpt"

@@ -8,8 +8,8 @@ LightningCLI:
   (:func:`lorkd_pl.io.compatibility.check_compatible`) before anything is built;
 * checkpoints are written atomically (:class:`~lorkd_pl.io.checkpoints.AtomicCheckpointIO`);
 * a fit refuses a checkpoint folder that already holds an earlier run's checkpoints, unless it resumes
-  (``--ckpt_path``) or is told to replace them (``--overwrite``): the documented ``last.ckpt`` is
-  always the run just made;
+  (``--ckpt_path``) or is told to move them aside (``--overwrite``): the documented ``last.ckpt`` is
+  always the run just made, and nothing is deleted;
 * ``validate``/``test`` print one results table; lorkd-pl's own errors (:data:`USER_ERRORS`) end the
   command with one ``lorkd-pl: error:`` line and exit code 2.
 """
@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ActionYesNo
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
@@ -36,6 +39,7 @@ from lorkd_pl.data.validation import DataValidationError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.io.compatibility import check_compatible
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
+from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
 from lorkd_pl.registry import RegistryError, get_task, order_regions
 
@@ -82,16 +86,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class LorkdCLI(LightningCLI):
-    """LightningCLI whose data module defines the model's tasks and regions (one source of truth).
-
-    Args:
-        overwrite: let a fit replace the checkpoints of an earlier run in its checkpoint folder.
-        **kwargs: passed to ``LightningCLI``.
-    """
-
-    def __init__(self, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
-        self.overwrite = overwrite
-        super().__init__(*args, **kwargs)
+    """LightningCLI whose data module defines the model's tasks and regions (one source of truth)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         """Link the data module's task list and regions into the model's arguments."""
@@ -102,6 +97,19 @@ class LorkdCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test; file prediction is ``lorkd-pl predict`` (it writes its outputs)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """Lightning's subcommand parser; ``fit`` also takes ``--overwrite``."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--overwrite",
+                action=ActionYesNo,
+                default=False,
+                help="lorkd-pl: the checkpoint folder holds an earlier run's checkpoints: move them aside "
+                "to <folder>.replaced-<time>/ and start a new run there (default: stop with an error)",
+            )
+        return parser
 
     def _add_subcommands(self, parser, **kwargs: Any) -> None:
         """Lightning's subcommands, with ``verbose`` off: :meth:`_print_results` prints one table."""
@@ -130,7 +138,7 @@ class LorkdCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():  # "last"/"best" are resolved (and checked) later
             return
-        hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
+        hparams = upgrade_hyperparameters(load_checkpoint_file(path).get("hyper_parameters") or {})
         data = self.config[subcommand].get("data")
         configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
         if configured:
@@ -154,7 +162,7 @@ class LorkdCLI(LightningCLI):
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise cause from None
-            raise ConfigError(f"invalid configuration: {error}") from error
+            raise ConfigError(f"invalid configuration: {_reason(str(error))}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""
@@ -164,24 +172,30 @@ class LorkdCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Refuse (or, with ``--overwrite``, clear) a checkpoint folder holding an earlier run's files."""
-        if self.config_init[self.subcommand].get("ckpt_path"):
+        """Refuse a checkpoint folder holding an earlier run's checkpoints, or (``--overwrite``) move
+        them aside to ``<folder>.replaced-<time>/``: nothing is deleted, and the documented
+        ``last.ckpt`` is the run about to be made."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path"):
             return  # resuming: the folder is this run's
         for callback in self.trainer.checkpoint_callbacks:
             folder = getattr(callback, "dirpath", None) if isinstance(callback, ModelCheckpoint) else None
             earlier = sorted(Path(folder).glob("*.ckpt")) if folder and Path(folder).is_dir() else []
             if not earlier:
                 continue
-            if not self.overwrite:
+            if not config.get("overwrite"):
                 names = ", ".join(p.name for p in earlier[:4]) + (", …" if len(earlier) > 4 else "")
                 raise RunExistsError(
                     f"checkpoint folder {folder} holds an earlier run's checkpoints ({names}); resume it "
-                    "with --ckpt_path last, replace them with --overwrite, or set another checkpoint "
+                    "with --ckpt_path last, move them aside with --overwrite, or set another checkpoint "
                     "dirpath (trainer.callbacks ModelCheckpoint init_args.dirpath)"
                 )
             if self.trainer.is_global_zero:
+                aside = Path(f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside.mkdir(parents=True, exist_ok=True)
                 for path in earlier:
-                    path.unlink(missing_ok=True)
+                    path.rename(aside / path.name)
+                rank_zero_info(f"lorkd-pl: moved the earlier run's checkpoints from {folder} to {aside}")
 
     def after_validate(self) -> None:
         """Print the validation results once."""
@@ -205,7 +219,20 @@ class LorkdCLI(LightningCLI):
             print(f"{name.ljust(width)}  {value:.4f}")
 
 
-def lightning_cli(args: Sequence[str], run: bool = True, overwrite: bool = False) -> LorkdCLI:
+def _reason(message: str) -> str:
+    """The model's or data module's own message inside jsonargparse's "Does not validate against any of
+    the Union subtypes" report (which lists every subtype tried and dumps the whole config)."""
+    if not message.startswith("Does not validate against any of the Union subtypes"):
+        return message
+    reasons = [
+        line[4:].strip()
+        for line in message.splitlines()
+        if line.startswith("  - ") and not line.startswith("  - Expected a <class 'NoneType'>")
+    ]
+    return reasons[0] if reasons else message
+
+
+def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
     """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
     return LorkdCLI(
         TaskModule,
@@ -216,5 +243,4 @@ def lightning_cli(args: Sequence[str], run: bool = True, overwrite: bool = False
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        overwrite=overwrite,
     )

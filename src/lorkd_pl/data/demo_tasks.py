@@ -78,7 +78,7 @@ def default_demo_root() -> Path:
     return cache / "lorkd-pl" / "demo"
 
 
-def demo_task_specs(root: str | Path | None = None, seed: int = 0) -> list:
+def demo_task_specs(root: str | Path | None = None, seed: int = 0) -> list[TaskSpec]:
     """The demo tasks (4 regions × {seg3d, cls2d}); their data is generated on first use.
 
     Args:
@@ -120,6 +120,7 @@ def demo_task_specs(root: str | Path | None = None, seed: int = 0) -> list:
 
 
 def register() -> None:
-    """Register the demo tasks (the target of lorkd-pl's ``lorkd_pl.tasks`` entry point)."""
+    """Register the demo tasks (the target of lorkd-pl's ``lorkd_pl.tasks`` entry point) as defaults:
+    a task of the same name from a tasks folder (e.g. ``lorkd-pl demo-data``'s specs) takes precedence."""
     for spec in demo_task_specs():
-        register_task(spec)
+        register_task(spec, default=True)

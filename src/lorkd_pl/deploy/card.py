@@ -101,7 +101,21 @@ class ExpertCard:
             region: the merged expert's region (``None`` for a generalist).
             parameters: parameters of the deployable network.
             source: ``{"path", "sha256"}`` of the checkpoint it came from.
+
+        Raises:
+            CardError: if the tasks need different preprocessing (modality, spacing or patch size).
         """
+        pipelines = {_pipeline(t) for t in tasks}
+        if len(pipelines) > 1:
+            described = "; ".join(
+                f"{t['name']}: modality {t.get('modality')}, spacing {t.get('spacing')}, "
+                f"patch {list(t['patch_size'])}"
+                for t in tasks
+            )
+            raise CardError(
+                f"the tasks {[t['name'] for t in tasks]} need different preprocessing ({described}), so one "
+                "input pipeline cannot serve them all; choose one region (--region) whose tasks share it"
+            )
         first = tasks[0]
         seg = module.kind == "seg3d"
         preprocessing = Preprocessing(
@@ -179,6 +193,16 @@ class ExpertCard:
         if not isinstance(data, dict):
             raise CardError(f"{path}: an expert card is a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
+
+
+def _pipeline(task: dict[str, Any]) -> tuple[Any, ...]:
+    """What a task's input preprocessing depends on: seg3d modality, spacing and patch size; cls2d
+    image size (2D images are scaled and z-scored whatever the modality)."""
+    patch = tuple(int(v) for v in task["patch_size"])
+    if task.get("kind") == "cls2d":
+        return (patch,)
+    spacing = tuple(float(v) for v in task["spacing"]) if task.get("spacing") else None
+    return (str(task.get("modality") or "other").upper(), spacing, patch)
 
 
 def package_versions() -> dict[str, str]:

@@ -141,7 +141,10 @@ def deployable(
         assert isinstance(module, GeneralistModule)
         indices = region_tasks(module, region)
         network, tasks = GeneralistNetwork(module, indices).eval(), [module.tasks[i] for i in indices]
-    card = ExpertCard.from_module(module, tasks, region, count_parameters(network), source)
+    try:
+        card = ExpertCard.from_module(module, tasks, region, count_parameters(network), source)
+    except CardError as error:
+        raise ExportError(str(error)) from None
     return network, card
 
 
@@ -191,12 +194,15 @@ def export_regions(
     for region in regions:
         region_tasks(student, region)
     source = {"path": str(checkpoint), "sha256": sha256sum(checkpoint)}
-    written = []
+    prepared = []  # every program is made before any folder is written: a failure writes nothing
     for region in regions:
         network, card = deployable(student, region, source)
         example = torch.randn(2, card.preprocessing.channels, *card.preprocessing.patch_size)
         batch = torch.export.Dim("batch", min=1, max=1024)
         program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+        prepared.append((region, network, card, program))
+    written = []
+    for region, network, card, program in prepared:
         with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
             torch.export.save(program, str(work / "model.pt2"))
             torch.save(network.state_dict(), work / "state_dict.pt")

@@ -185,24 +185,34 @@ def predict_segmentation(
 
 
 def predict_classification(expert: Expert, images: Sequence[str], out_dir: Path, device: str = "cpu") -> Path:
-    """Write ``<out_dir>/<name>_predictions.csv``: image, task, class, one probability per class."""
+    """Write ``<out_dir>/<name>_predictions.csv``: one row per image and task with the predicted class
+    and that task's class probabilities.
+
+    Columns: ``image, task, prediction``, then ``p_<class>`` for a one-task network, or
+    ``p_<task>/<class>`` for every task's classes (a row fills its own task's columns, the others stay
+    empty) when the network answers several tasks.
+    """
     card = expert.card
     transform = cls2d_transforms(False, card.preprocessing.patch_size, card.preprocessing.channels)
+    single = len(card.tasks) == 1
+    columns = [
+        (task["name"], f"p_{c}" if single else f"p_{task['name']}/{c}")
+        for task in card.tasks
+        for c in task["classes"]
+    ]
     out = out_dir / f"{card.name}_predictions.csv"
     with atomic_file(out) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            ["image", "task", "prediction", *[f"p_{c}" for t in card.tasks for c in t["classes"]]]
-        )
+        writer.writerow(["image", "task", "prediction", *[name for _, name in columns]])
         for image in tqdm(images, desc="images"):
             x = transform({"image": image, "label": 0})["image"][None].to(device)
             with torch.no_grad():
                 outputs = expert.network(x)
             for task in card.tasks:
                 probabilities = outputs[task["output_index"]].float().softmax(1)[0].cpu().tolist()
-                writer.writerow(
-                    [image, task["name"], task["classes"][int(np.argmax(probabilities))], *probabilities]
-                )
+                mine = iter(probabilities)
+                cells = [next(mine) if owner == task["name"] else "" for owner, _ in columns]
+                writer.writerow([image, task["name"], task["classes"][int(np.argmax(probabilities))], *cells])
     return out
 
 

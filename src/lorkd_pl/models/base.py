@@ -320,18 +320,6 @@ class TaskModule(L.LightningModule):
                 )
             write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", summary)
 
-    def predict_step(
-        self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0
-    ) -> dict[str, Any]:
-        """``{"case", "task", "prediction" (argmax, (N, *S) or (N,)), "probabilities"}``."""
-        probabilities = self.predict_logits(batch["image"], dataloader_idx).float().softmax(1)
-        return {
-            "case": batch.get("case"),
-            "task": self.tasks[dataloader_idx]["name"],
-            "prediction": probabilities.argmax(1),
-            "probabilities": probabilities,
-        }
-
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over the trainable parameters; linear warm-up then cosine decay, per step."""

@@ -44,6 +44,8 @@ def ranks_by_region(rank: int | Mapping[str, int] | Sequence[int], regions: Sequ
         ValueError: for a list (positions are not regions), an unknown region name or a rank < 1.
     """
     if isinstance(rank, int) and not isinstance(rank, bool):
+        if rank < 1:
+            raise ValueError(f"model.rank must be an integer >= 1 (or ranks by region name), got {rank}")
         return rank
     example = ", ".join(f"{region}: 8" for region in regions[:2]) + ", default: 4"
     if not isinstance(rank, Mapping):

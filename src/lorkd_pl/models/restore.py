@@ -33,6 +33,19 @@ def model_kind(checkpoint: Mapping[str, Any]) -> str | None:
     return kind if kind in MODEL_CLASSES else None
 
 
+def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters in today's form.
+
+    ``rank`` saved as a list (one rank per region, before ranks were given by name) becomes the mapping
+    ``{region: rank}``: in a checkpoint the list's order is its own ``regions``, so the names are known.
+    """
+    out = dict(hparams)
+    ranks, regions = out.get("rank"), out.get("regions")
+    if isinstance(ranks, (list, tuple)) and isinstance(regions, (list, tuple)) and len(ranks) == len(regions):
+        out["rank"] = dict(zip(regions, ranks, strict=True))
+    return out
+
+
 def restore_module(
     checkpoint: Mapping[str, Any], source: str | Path, accept: Sequence[str] = tuple(MODEL_CLASSES)
 ) -> TaskModule:
@@ -56,10 +69,9 @@ def restore_module(
     cls = MODEL_CLASSES[kind]
     accepted = inspect.signature(cls.__init__).parameters
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
+    hparams = upgrade_hyperparameters(hparams)
     if kind == "LoRKDModule":
         hparams.update(STUDENT_OVERRIDES)
-        if isinstance(hparams.get("rank"), (list, tuple)):  # saved in the checkpoint's own region order
-            hparams["rank"] = dict(zip(hparams["regions"], hparams["rank"], strict=True))
     module = cls(**hparams)
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("projection.")}
     module.load_state_dict(state)
