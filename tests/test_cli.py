@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -80,9 +81,18 @@ def test_every_command_documents_and_accepts_tasks_dir(tmp_path, capsys) -> None
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--tasks-dir DIR" in capsys.readouterr().out, command
-    empty = tmp_path / "tasks"
-    empty.mkdir()
-    assert main(["--tasks-dir", str(empty), "config"]) == 0  # any position
+    for index, command in enumerate(
+        (["--tasks-dir", "{}", "config"], ["tasks", "--tasks-dir={}"], ["fit", "--tasks-dir", "{}", "--help"])
+    ):
+        folder = tmp_path / f"tasks{index}"
+        folder.mkdir()
+        marker = tmp_path / f"loaded{index}"
+        (folder / f"marker{index}.py").write_text(
+            f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        )
+        with contextlib.suppress(SystemExit):  # --help exits
+            main([part.format(folder) for part in command])  # any position, every command
+        assert marker.is_file(), command
 
 
 def test_predict_help_lists_the_file_options(capsys) -> None:
@@ -119,7 +129,15 @@ def test_packaged_configs_by_name(tmp_path, capsys, monkeypatch) -> None:
     resolved = resolve_config_args(["fit", "--config", "demo/teacher_seg", "--config=demo/lorkd_seg.yaml"])
     assert resolved[2] == "demo/teacher_seg"  # an existing path is kept
     assert resolved[3] == f"--config={config_root().resolve() / 'demo' / 'lorkd_seg.yaml'}"
-    assert resolve_config_args(["--config", "../../etc/passwd"])[1] == "../../etc/passwd"  # not a config
+    with pytest.raises(LookupError, match="neither a file nor a packaged config"):
+        resolve_config_args(["--config", "../../etc/passwd"])  # outside the packaged folder: refused
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "no/such"])
+    assert exit_info.value.code == 2
+    assert (
+        "lorkd-pl: error: config 'no/such' is neither a file nor a packaged config" in capsys.readouterr().err
+    )
+    assert resolve_config_args(["-c", "trainer/cpu"])[1].endswith("trainer/cpu.yaml")
     with pytest.raises(SystemExit):
         main(["config", "no/such"])
     assert "no packaged config 'no/such'" in capsys.readouterr().err

@@ -132,9 +132,12 @@ def test_export_accepts_tasks_dir_anywhere(checkpoint, tmp_path) -> None:
     path, _ = checkpoint
     folder = tmp_path / "my_tasks"
     folder.mkdir()
+    marker = tmp_path / "plugin_loaded"
+    (folder / "export_marker.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
     args = ["export", "--ckpt", str(path), "--tasks-dir", str(folder), "--region", "brain"]
     assert main([*args, "--out", str(tmp_path / "brain")]) == 0
     assert (tmp_path / "brain" / "metadata.json").is_file()
+    assert marker.is_file()  # the folder's plugins were loaded before the export
 
 
 def test_expert_card_round_trip_and_refusals(checkpoint, tmp_path) -> None:

@@ -31,7 +31,9 @@ def imported_layers(path: Path) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module == "lorkd_pl":  # a layer, or a name of __init__
             names = [f"lorkd_pl.{a.name}" if a.name in ALLOWED else "lorkd_pl" for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            names = ["lorkd_pl.<relative import: write it absolute>"]
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         for name in names:
             parts = name.split(".")
