@@ -162,3 +162,39 @@ def test_expert_card_round_trip_and_refusals(checkpoint, tmp_path) -> None:
         (tmp_path / "bad.json").write_text(json.dumps(broken))
         with pytest.raises(CardError, match=match):
             ExpertCard.from_json(tmp_path / "bad.json")
+
+
+def test_an_export_from_before_the_card_still_loads(checkpoint, tmp_path) -> None:
+    """lorkd-pl 0.1's first exports wrote metadata.json with an ``input`` block and no format."""
+    path, _ = checkpoint
+    out = export_region(path, "brain", tmp_path / "brain")
+    card = json.loads((out / "metadata.json").read_text())
+    first_layout = {
+        "region": "brain",
+        "kind": "cls2d",
+        "tasks": [
+            {"name": t["name"], "classes": t["classes"], "output_index": t["output_index"]}
+            for t in card["tasks"]
+        ],
+        "input": {
+            "channels": 1,
+            "patch_size": [28, 28],
+            "orientation": None,
+            "spacing": None,
+            "modality": "MR",
+            "intensity": "scale to [0, 1], resize to patch_size, z-score",
+            "sliding_window": None,
+        },
+        "backbone": card["backbone"],
+        "parameters": card["parameters"],
+        "expert_free_backbone_parameters": card["expert_free_backbone_parameters"],
+        "source_checkpoint": card["source_checkpoint"],
+        "versions": card["versions"],
+    }
+    (out / "metadata.json").write_text(json.dumps(first_layout))
+    network, loaded = load_exported(out)
+    assert loaded.region == "brain" and loaded.preprocessing.patch_size == [28, 28]
+    assert loaded.tasks[0]["region"] == "brain" and loaded.parameters == card["parameters"]
+    x = torch.randn(2, 1, 28, 28)
+    program = torch.export.load(str(out / "model.pt2")).module()
+    torch.testing.assert_close(network(x)[0], program(x)[0], rtol=1e-5, atol=1e-6)

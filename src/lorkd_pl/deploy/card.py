@@ -161,6 +161,8 @@ class ExpertCard:
         """
         try:
             data = dict(data)
+            if "format" not in data and "input" in data:  # an export written before the card existed
+                data = _from_first_export_layout(data)
             found = data.pop("format", None)
             if found != CARD_FORMAT:
                 raise CardError(
@@ -193,6 +195,32 @@ class ExpertCard:
         if not isinstance(data, dict):
             raise CardError(f"{path}: an expert card is a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
+
+
+def _from_first_export_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """The card of a ``metadata.json`` written by lorkd-pl 0.1's first export (``input`` block, no format)."""
+    inputs = dict(data["input"])
+    window = inputs.get("sliding_window") or {}
+    return {
+        "format": CARD_FORMAT,
+        "region": data["region"],
+        "kind": data["kind"],
+        "tasks": [{"region": data["region"], **task} for task in data["tasks"]],
+        "preprocessing": {
+            "channels": inputs["channels"],
+            "patch_size": inputs["patch_size"],
+            "spacing": inputs.get("spacing"),
+            "modality": inputs.get("modality"),
+            "orientation": inputs.get("orientation"),
+            "intensity": inputs.get("intensity") or "",
+            "sw_overlap": window.get("overlap", 0.5),
+        },
+        "backbone": data["backbone"],
+        "parameters": data.get("parameters", 0),
+        "expert_free_backbone_parameters": data.get("expert_free_backbone_parameters", 0),
+        "source_checkpoint": data.get("source_checkpoint") or {},
+        "versions": data.get("versions") or {},
+    }
 
 
 def _pipeline(task: dict[str, Any]) -> tuple[Any, ...]:
