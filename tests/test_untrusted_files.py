@@ -3,6 +3,7 @@ come only from the configured folders."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from lorkd_pl.io import checkpoints as checkpoint_io
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.teacher import TeacherError, load_teacher
-from training_helpers import save_checkpoint
+from training_helpers import save_checkpoint, write_generalist_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LORKD_CLS = str(ROOT / "configs" / "demo" / "lorkd_cls.yaml")
@@ -175,3 +176,149 @@ def test_plugins_only_from_the_configured_folders(tmp_path, monkeypatch, clean_r
     monkeypatch.setenv("LORKD_PL_TASKS_DIR", os.fspath(tmp_path / "missing"))
     with pytest.raises(Exception, match="does not exist"):
         load_plugins(use_entry_points=False)
+
+
+# ----------------------------------------------------------------------------- class names from files
+def popen(marker: Path) -> dict:
+    """A backbone config that, if built, runs a command creating ``marker``."""
+    return {"class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(marker)]}}
+
+
+def with_backbone(checkpoint: Path, backbone: dict, out: Path, **extra) -> Path:
+    """A copy of ``checkpoint`` whose hyper-parameters name ``backbone`` (weights only: loadable)."""
+    data = torch.load(checkpoint, weights_only=True)
+    data["hyper_parameters"] = {**data["hyper_parameters"], "backbone": backbone, **extra}
+    torch.save(data, out)
+    return out
+
+
+def fails_with(args: list[str], capsys, fragment: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lorkd-pl: error: ") and fragment in error, error
+
+
+def test_a_class_path_payload_runs_through_no_entry_point(student_checkpoint, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "code-ran"
+    crafted = with_backbone(student_checkpoint, popen(marker), tmp_path / "crafted.ckpt")
+    untrusted = "names the class 'subprocess.Popen', which lorkd-pl will not import from a file"
+    fails_with(
+        ["export", "--ckpt", str(crafted), "--region", "brain", "--out", str(tmp_path / "x")],
+        capsys,
+        untrusted,
+    )
+    image = tmp_path / "x.png"
+    image.touch()
+    fails_with(
+        [
+            "predict",
+            "--input",
+            str(image),
+            "--source",
+            str(crafted),
+            "--region",
+            "brain",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+        untrusted,
+    )
+    folder = export_region(student_checkpoint, "brain", tmp_path / "brain")  # an export whose card names it
+    card = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**card, "backbone": popen(marker)}))
+    fails_with(
+        ["predict", "--input", str(image), "--source", str(folder), "--out", str(tmp_path / "p")],
+        capsys,
+        untrusted,
+    )
+    # a generalist teacher checkpoint naming it
+    generalist = write_generalist_checkpoint(
+        tmp_path / "teacher.ckpt", ["demo_brain_cls", "demo_thorax_cls"], CNN
+    )
+    crafted_teacher = with_backbone(generalist, popen(marker), tmp_path / "crafted_teacher.ckpt")
+    with pytest.raises(TeacherError, match=r"subprocess\.Popen"):
+        load_teacher(crafted_teacher, [])
+    # --ckpt_path: neither its backbone nor its _class_path is honoured
+    monkeypatch.chdir(tmp_path)
+    config = [
+        "--config",
+        LORKD_CLS,
+        "--model.init_args.teacher=null",
+        "--data.init_args.tasks=[demo_brain_cls, demo_thorax_cls]",
+    ]
+    fails_with(["validate", *config, "--ckpt_path", str(crafted)], capsys, untrusted)
+    swapped = with_backbone(
+        student_checkpoint, CNN, tmp_path / "swapped.ckpt", _class_path="subprocess.Popen"
+    )
+    fails_with(
+        ["validate", *config, "--ckpt_path", str(swapped)],
+        capsys,
+        "a checkpoint never changes the model class",
+    )
+    assert not marker.exists()
+
+
+def test_trusted_modules_can_be_extended_by_the_user(student_checkpoint, tmp_path, monkeypatch) -> None:
+    from lorkd_pl.deploy.export import ExportError, load_student
+    from lorkd_pl.io.trust import ENV_TRUSTED_MODULES
+
+    backbone = {"class_path": "tests_trusted_nets.TinyNet", "init_args": {}}
+    (tmp_path / "tests_trusted_nets.py").write_text(
+        "import torch\nclass TinyNet(torch.nn.Module):\n"
+        "    out_channels = 8\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = torch.nn.Conv2d(1, 8, 3)\n"
+        "    def forward(self, x):\n        return self.conv(x).mean((2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crafted = with_backbone(student_checkpoint, backbone, tmp_path / "mine.ckpt")
+    with pytest.raises(ExportError, match=r"tests_trusted_nets\.TinyNet"):
+        load_student(crafted)
+    monkeypatch.setenv(ENV_TRUSTED_MODULES, "tests_trusted_nets")
+    with pytest.raises(ExportError, match=r"weights do not match the network its hyper-parameters describe"):
+        load_student(crafted)  # now it is built (and only then its weights are found not to fit)
+
+
+def test_bundle_expressions_and_untrusted_targets_are_refused(tmp_path, monkeypatch) -> None:
+    from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE
+
+    marker = tmp_path / "code-ran"
+    net = {
+        "_target_": "monai.networks.nets.UNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "strides": [2],
+    }
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    torch.save(
+        __import__("monai").networks.nets.UNet(3, 1, 2, [4, 8], [2]).state_dict(),
+        bundle / "models" / "model.pt",
+    )
+    cases = {
+        "expression": {
+            "touch": f"$__import__('pathlib').Path({str(marker)!r}).touch()",
+            "network_def": {**net, "out_channels": "$@touch or 2"},
+        },
+        "target": {"network_def": {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]}},
+        "referenced target": {
+            "evil": {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]},
+            "network_def": {**net, "act": "@evil"},
+        },
+    }
+    for name, config in cases.items():
+        (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+        with pytest.raises(TeacherError, match=r"expression|subprocess\.Popen"):
+            load_teacher(bundle, [])
+        assert not marker.exists(), name
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"network_def": net}))
+    assert load_teacher(bundle, []).network is not None  # a plain bundle loads
+    monkeypatch.setenv(ENV_TRUST_BUNDLE_CODE, "1")  # the user's explicit trust
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cases["expression"]))
+    load_teacher(bundle, [])
+    assert marker.exists()

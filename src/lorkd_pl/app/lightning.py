@@ -38,6 +38,7 @@ from lorkd_pl.data.readers import ImageReadError
 from lorkd_pl.data.validation import DataValidationError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.io.compatibility import check_compatible
+from lorkd_pl.io.trust import UntrustedFileError, check_trusted, named_classes
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
@@ -82,6 +83,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RegistryError,
     RunExistsError,
     TeacherError,
+    UntrustedFileError,
 )
 
 
@@ -138,7 +140,22 @@ class LorkdCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():  # "last"/"best" are resolved (and checked) later
             return
-        hparams = upgrade_hyperparameters(load_checkpoint_file(path).get("hyper_parameters") or {})
+        checkpoint = load_checkpoint_file(path)
+        hparams = upgrade_hyperparameters(checkpoint.get("hyper_parameters") or {})
+        model = self.config[subcommand].get("model")
+        configured_class = str(getattr(model, "class_path", "") or "")
+        saved_class = str(hparams.get("_class_path") or "")
+        saved_kind = checkpoint.get("lorkd_pl_model") if isinstance(checkpoint, dict) else None
+        if (saved_class and configured_class and saved_class != configured_class) or (
+            saved_kind and configured_class and configured_class.rpartition(".")[2] != saved_kind
+        ):
+            raise CheckpointError(
+                f"checkpoint {path} holds a {saved_kind or saved_class}, but the config builds "
+                f"{configured_class}; a checkpoint never changes the model class: use the config the "
+                "checkpoint was trained with (e.g. demo/teacher_* for a generalist)"
+            )
+        # the classes the file names must be trusted, or named by the user's own config
+        check_trusted(hparams, f"checkpoint {path}", extra=named_classes(_plain(model)))
         data = self.config[subcommand].get("data")
         configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
         if configured:
@@ -217,6 +234,13 @@ class LorkdCLI(LightningCLI):
         print(f"{'metric'.ljust(width)}  value")
         for name, value in rows:
             print(f"{name.ljust(width)}  {value:.4f}")
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse namespace as plain dicts and lists (to read the class names it holds)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
 
 
 def _reason(message: str) -> str:

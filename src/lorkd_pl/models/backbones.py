@@ -8,11 +8,11 @@ segmentation a 1×1 convolution, classification a linear layer (on pooled featur
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import instantiate_class
 from torch import Tensor, nn
 
 PROBE_SIZE = {"seg3d": (32, 32, 32), "cls2d": (32, 32)}
@@ -55,19 +55,27 @@ class ConvNet2d(nn.Module):
 def build_module(config: Mapping[str, Any]) -> nn.Module:
     """Instantiate ``{"class_path": "pkg.Class", "init_args": {...}}`` (plain data, as in YAML).
 
+    The class must be a ``torch.nn.Module`` subclass: nothing else is called. Names read from files are
+    checked against the trusted modules before this (:func:`lorkd_pl.io.trust.check_trusted`).
+
     Raises:
-        ValueError: naming the config if ``class_path`` is missing or the class cannot be built.
+        ValueError: naming the config if ``class_path`` is missing, not a module class, or the class
+            cannot be built.
     """
     if not isinstance(config, Mapping) or "class_path" not in config:
         raise ValueError(f"a backbone needs {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    name, init_args = str(config["class_path"]), dict(config.get("init_args") or {})
+    module_name, _, attribute = name.rpartition(".")
     try:
-        return instantiate_class(
-            (), {"class_path": config["class_path"], "init_args": dict(config.get("init_args", {}))}
-        )
-    except (ImportError, AttributeError, TypeError) as error:
-        raise ValueError(
-            f"cannot build {config['class_path']} with init_args {config.get('init_args')}: {error}"
-        ) from None
+        target = getattr(importlib.import_module(module_name), attribute) if module_name else None
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import {name}: {error}") from None
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        raise ValueError(f"{name} is not a torch.nn.Module class; a backbone's class_path must name one")
+    try:
+        return target(**init_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot build {name} with init_args {init_args}: {error}") from None
 
 
 def feature_channels(backbone: nn.Module, kind: str, in_channels: int) -> int:

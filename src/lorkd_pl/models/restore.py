@@ -2,8 +2,9 @@
 
 The one place that turns a loaded checkpoint back into a :class:`~lorkd_pl.models.base.TaskModule`:
 used for generalist teachers, ``lorkd-pl export`` and ``lorkd-pl predict``. The checkpoint's own
-marker (``lorkd_pl_model``) selects the class from a fixed table; nothing named in the file is imported
-beyond it.
+marker (``lorkd_pl_model``) selects the class from a fixed table, and every class the hyper-parameters
+name (the backbone's ``class_path``) must lie in a trusted module (:mod:`lorkd_pl.io.trust`) before
+anything is imported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorkd_pl.io.checkpoints import CheckpointError
+from lorkd_pl.io.trust import UntrustedFileError, check_trusted
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
@@ -67,6 +69,10 @@ def restore_module(
             "train one with the packaged configs (`lorkd-pl config`)"
         )
     cls = MODEL_CLASSES[kind]
+    try:  # before anything named in the file is imported
+        check_trusted(checkpoint.get("hyper_parameters") or {}, str(source))
+    except UntrustedFileError as error:
+        raise CheckpointError(str(error)) from None
     accepted = inspect.signature(cls.__init__).parameters
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
     hparams = upgrade_hyperparameters(hparams)
@@ -74,5 +80,12 @@ def restore_module(
         hparams.update(STUDENT_OVERRIDES)
     module = cls(**hparams)
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("projection.")}
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"{source}: its weights do not match the network its hyper-parameters describe "
+            f"({' '.join(first[:2])[:300]}); the file was altered or mixed from two runs"
+        ) from None
     return module.eval()

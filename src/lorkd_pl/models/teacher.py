@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
+from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE, UntrustedFileError, bundle_code_trusted, check_trusted
 from lorkd_pl.models.backbones import build_module
 
 
@@ -153,7 +154,10 @@ def load_teacher(
     from lorkd_pl.models.restore import model_kind, restore_module  # restore imports the student
 
     if model_kind(checkpoint) == "GeneralistModule":
-        generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
+        try:
+            generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
+        except CheckpointError as error:
+            raise TeacherError(f"teacher: {error}") from None
         channels = {t["name"]: c for t, c in zip(generalist.tasks, generalist.task_channels, strict=True)}
         unknown = [t["name"] for t in tasks if t["name"] not in channels]
         channels.update({k: v for k, v in _mapping_from_tasks(tasks).items() if k in unknown})
@@ -182,6 +186,47 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+def _check_bundle_network(parser: Any, config: Path) -> None:
+    """Refuse a bundle whose ``network_def`` (with everything it references) names an untrusted class
+    (``_target_``), holds a ``$`` expression (unless ``$LORKD_PL_TRUST_BUNDLE_CODE=1``) or a ``%`` macro.
+
+    Raises:
+        TeacherError: naming the config file, the entry and the fix.
+    """
+    seen: set[str] = set()
+
+    def visit(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{where}::{key}")
+            target = node.get("_target_")
+            if isinstance(target, str) and not target.startswith("$"):
+                try:
+                    check_trusted({"_target_": target}, f"MONAI bundle config {config} ({where})")
+                except UntrustedFileError as error:
+                    raise TeacherError(str(error)) from None
+        elif isinstance(node, (list, tuple)):
+            for index, item in enumerate(node):
+                visit(item, f"{where}::{index}")
+        elif isinstance(node, str) and node.startswith("$") and not bundle_code_trusted():
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} is the expression {node!r}; lorkd-pl runs no code "
+                f"from a bundle unless you trust it: set {ENV_TRUST_BUNDLE_CODE}=1"
+            )
+        elif isinstance(node, str) and node.startswith("%"):
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} loads another file ({node!r}); put the network "
+                "definition in the bundle's own inference config"
+            )
+        elif isinstance(node, str) and node.startswith("@"):
+            reference = node[1:].replace("#", "::")
+            if reference not in seen:
+                seen.add(reference)
+                visit(parser.get(reference), reference)
+
+    visit(parser.config["network_def"], "network_def")
+
+
 def _load_bundle(folder: Path) -> nn.Module:
     from monai.bundle import ConfigParser
 
@@ -197,6 +242,7 @@ def _load_bundle(folder: Path) -> nn.Module:
     parser.read_config(str(config))
     if "network_def" not in parser.config:
         raise TeacherError(f"MONAI bundle config {config} has no 'network_def'")
+    _check_bundle_network(parser, config)  # before MONAI imports or evaluates anything of it
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(_state_dict(weights))
     return network
