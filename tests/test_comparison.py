@@ -107,14 +107,38 @@ def test_classification_report_and_confusion_plot(tmp_path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_rewrite_replaces_the_report(tmp_path) -> None:
+def test_rewrite_replaces_an_earlier_report_and_keeps_every_other_file(tmp_path, capsys) -> None:
+    from lorkd_pl.app.cli import main
+
     write_run(tmp_path / "t", [cls_summary("chest_cls", "thorax", [[5, 5], [2, 8]])])
     write_run(tmp_path / "s", [cls_summary("chest_cls", "thorax", [[9, 1], [2, 8]])])
-    write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
-    (tmp_path / "out" / "stale.txt").write_text("old")
-    write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
-    assert not (tmp_path / "out" / "stale.txt").exists()
+    first = write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out").read_text()
+    (tmp_path / "out" / "report.md").write_text("old")
+    assert write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out").read_text() == first  # replaced
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    run = tmp_path / "s"  # a run folder: checkpoints, logs, a note of the user's
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (run / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    args = ["report", "--teacher", str(tmp_path / "t"), "--student", str(run), "--out", str(run)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "is not an earlier report: it holds checkpoints, logs, notes.txt" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # refused: nothing written
+    assert main([*args, "--overwrite"]) == 0  # beside them: every file kept
+    after = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert set(before) <= set(after) and "report.md" in after
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"weights" and (
+        run / "notes.txt"
+    ).read_text() == "mine"
+
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(ReportError, match="is a file"):
+        write_report(tmp_path / "t", tmp_path / "s", tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep"
 
 
 def test_errors_name_the_fix(tmp_path) -> None:

@@ -159,7 +159,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lorkd_pl.evaluation.comparison import write_report
 
-    path = write_report(args.teacher, args.student, args.out)
+    path = write_report(args.teacher, args.student, args.out, args.overwrite)
     print(f"wrote {path} and its plots in {path.parent / 'plots'}")
     return 0
 
@@ -259,7 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", "compare a teacher and a student test run per region", _report)
     report.add_argument("--teacher", required=True, help="the teacher's test run folder (holds summary/)")
     report.add_argument("--student", required=True, help="the student's test run folder (holds summary/)")
-    report.add_argument("--out", required=True, help="output folder (report.md, plots/)")
+    report.add_argument(
+        "--out", required=True, help="output folder (report.md, plots/); new or an earlier report"
+    )
+    report.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds other files: write report.md and plots/ beside them (nothing else is touched)",
+    )
     return parser
 
 

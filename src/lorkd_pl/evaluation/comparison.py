@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,16 +170,58 @@ def render_report(
     return "\n".join(lines)
 
 
-def write_report(teacher_run: str | Path, student_run: str | Path, out: str | Path) -> Path:
+def write_report(
+    teacher_run: str | Path, student_run: str | Path, out: str | Path, overwrite: bool = False
+) -> Path:
     """Write ``report.md`` and ``plots/*.png`` comparing a teacher and a student test run.
 
-    The folder is replaced atomically (an older report stays until the new one is complete).
+    ``out`` may be new or an earlier report (replaced atomically: the older report stays until the new
+    one is complete). A folder holding anything else (a run folder, say) is refused unless
+    ``overwrite``, and then only ``report.md`` and ``plots/`` are written into it: nothing else is
+    touched. A file is always refused.
 
     Returns:
         the path of ``report.md``.
+
+    Raises:
+        ReportError: for a file, or a folder that is not a report (without ``overwrite``).
     """
+    report_target(out, overwrite)  # before reading the runs: a refused --out costs nothing
     teacher, student = find_summaries(teacher_run), find_summaries(student_run)
-    return write_comparison(teacher, student, out, (str(teacher_run), str(student_run)))
+    return write_comparison(teacher, student, out, (str(teacher_run), str(student_run)), overwrite)
+
+
+def _is_report_part(path: Path) -> bool:
+    if path.name == "report.md" and path.is_file():
+        return True
+    return path.name == "plots" and path.is_dir() and all(p.suffix == ".png" for p in path.iterdir())
+
+
+def report_target(out: str | Path, overwrite: bool = False) -> str:
+    """How ``out`` can take a report: ``"new"``, ``"replace"`` (an earlier report) or ``"beside"``
+    (``overwrite`` given for a folder holding other files: report.md and plots/ are written beside them).
+
+    Raises:
+        ReportError: for a file, or a folder that is not a report without ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; give a folder for report.md and plots/")
+    if not out.exists():
+        return "new"
+    others = sorted(p.name for p in out.iterdir() if not _is_report_part(p))
+    if not others:
+        return "replace"
+    if not overwrite:
+        raise ReportError(
+            f"--out {out} is not an earlier report: it holds {', '.join(others[:5])}"
+            f"{', …' if len(others) > 5 else ''}; choose a new folder, or pass --overwrite to write "
+            "report.md and plots/ beside those files (nothing else is touched)"
+        )
+    plots = out / "plots"
+    if plots.exists() and not _is_report_part(plots):
+        raise ReportError(f"{plots} holds files other than plots; choose another --out")
+    return "beside"
 
 
 def write_comparison(
@@ -184,25 +229,50 @@ def write_comparison(
     student: Mapping[str, Mapping[str, Any]],
     out: str | Path,
     sources: tuple[str, str] = ("teacher", "student"),
+    overwrite: bool = False,
 ) -> Path:
     """:func:`write_report` for summaries already loaded with :func:`find_summaries`."""
+    out = Path(out)
+    mode = report_target(out, overwrite)
+    rows = comparison_rows(teacher, student)
+    if mode != "beside":
+        with atomic_folder(out, overwrite=True) as work:
+            _render(rows, teacher, student, sources, work)
+        return out / "report.md"
+    work = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
+    try:  # report.md and plots/ are swapped in; the folder's other files stay as they are
+        _render(rows, teacher, student, sources, work)
+        if (out / "plots").exists():
+            shutil.rmtree(out / "plots")  # only PNGs (checked by report_target)
+        os.replace(work / "plots", out / "plots")
+        os.replace(work / "report.md", out / "report.md")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out / "report.md"
+
+
+def _render(
+    rows: list[dict[str, Any]],
+    teacher: Mapping[str, Mapping[str, Any]],
+    student: Mapping[str, Mapping[str, Any]],
+    sources: tuple[str, str],
+    work: Path,
+) -> None:
+    """Write ``report.md`` and ``plots/`` into the (empty) folder ``work``."""
     from lorkd_pl.evaluation.plots import confusion_matrices, region_bars
 
-    rows = comparison_rows(teacher, student)
-    with atomic_folder(out, overwrite=True) as work:
-        (work / "plots").mkdir()
-        plots = []
-        for kind, metrics in METRICS.items():
-            kind_rows = [row for row in rows if row["kind"] == kind]
-            for metric, label, higher in metrics if kind_rows else ():
-                name = f"plots/{metric}_by_region.png"
-                region_bars(kind_rows, metric, label, higher, work / name)
-                plots.append(name)
-        for row in rows:
-            if row["kind"] == "cls2d":
-                name = f"plots/confusion_{row['task']}.png"
-                confusion_matrices(teacher[row["task"]], student[row["task"]], work / name)
-                plots.append(name)
-        text = render_report(rows, teacher, student, sources, plots)
-        (work / "report.md").write_text(text, encoding="utf-8")
-    return Path(out) / "report.md"
+    (work / "plots").mkdir()
+    plots = []
+    for kind, metrics in METRICS.items():
+        kind_rows = [row for row in rows if row["kind"] == kind]
+        for metric, label, higher in metrics if kind_rows else ():
+            name = f"plots/{metric}_by_region.png"
+            region_bars(kind_rows, metric, label, higher, work / name)
+            plots.append(name)
+    for row in rows:
+        if row["kind"] == "cls2d":
+            name = f"plots/confusion_{row['task']}.png"
+            confusion_matrices(teacher[row["task"]], student[row["task"]], work / name)
+            plots.append(name)
+    text = render_report(rows, teacher, student, sources, plots)
+    (work / "report.md").write_text(text, encoding="utf-8")
