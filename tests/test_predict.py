@@ -187,3 +187,43 @@ def test_classification_csv_of_several_tasks_keeps_columns_aligned(tmp_path) -> 
         assert abs(sum(float(v) for v in mine.values()) - 1) < 1e-5
         best = max(mine, key=lambda k: float(mine[k]))
         assert best == f"p_{row['task']}/{row['prediction']}"
+
+
+def test_inputs_of_the_same_name_get_their_own_outputs(seg_checkpoint, tmp_path) -> None:
+    for folder in ("site_a", "site_b"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    shutil.copy(NIFTI, tmp_path / "in" / "site_a" / "scan.nii")
+    image = sitk.ReadImage(str(NIFTI))
+    flipped = sitk.Flip(image, [True, False, False])  # different pixels, same name
+    sitk.WriteImage(flipped, str(tmp_path / "in" / "site_b" / "scan.nii"))
+    inputs = [tmp_path / "in" / "site_a", tmp_path / "in" / "site_b"]
+    written = predict_files(inputs, seg_checkpoint, tmp_path / "out", region="brain")
+    assert sorted(p.name for p in written) == [
+        "site_a_scan_demo_brain_seg.nii.gz",
+        "site_b_scan_demo_brain_seg.nii.gz",
+    ]
+    for site, path in zip(("site_a", "site_b"), sorted(written), strict=True):  # oracle: each alone
+        alone = predict_files(
+            [tmp_path / "in" / site / "scan.nii"], seg_checkpoint, tmp_path / site, region="brain"
+        )
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(path))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(alone[0]))),
+        )
+
+
+def test_output_folder_inside_the_inputs_is_refused_and_earlier_predictions_skipped(
+    seg_checkpoint, tmp_path, capsys
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(NIFTI, inputs / "scan.nii")
+    for out in (inputs, inputs / "predictions"):
+        with pytest.raises(PredictError, match="inside the input folder"):
+            predict_files([inputs], seg_checkpoint, out, region="brain")
+    assert sorted(p.name for p in inputs.iterdir()) == ["scan.nii"]
+    (written,) = predict_files([inputs], seg_checkpoint, tmp_path / "out", region="brain")
+    shutil.copy(written, inputs / written.name)  # an earlier prediction copied among the inputs
+    again = predict_files([inputs], seg_checkpoint, tmp_path / "out2", region="brain")
+    assert [p.name for p in again] == ["scan_demo_brain_seg.nii.gz"]  # not scan_demo_brain_seg_demo_brain_seg
+    assert "skipping 1 earlier prediction(s)" in capsys.readouterr().out

@@ -92,7 +92,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
             files = [p for p in sorted(item.iterdir()) if p.is_file() and p.name.lower().endswith(SUFFIXES)]
             if not files:
                 raise PredictError(f"folder {item} holds no image files ({', '.join(SUFFIXES)})")
-            rows += [{"image": str(p)} for p in files]
+            rows += [{"image": str(p), "from_folder": True} for p in files]
         else:
             rows.append({"image": str(item)})
     return rows
@@ -105,6 +105,55 @@ def _output_name(image: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def output_stems(images: Sequence[str]) -> dict[str, str]:
+    """A unique output name stem per input: the file name, with as many parent folders prefixed
+    (``parent_name``) as it takes to tell inputs of the same name apart."""
+    paths = {image: Path(image).resolve() for image in images}
+    depth = dict.fromkeys(images, 0)
+
+    def stem(image: str) -> str:
+        parents = list(paths[image].parents)[: depth[image]]
+        return "_".join([*(p.name for p in reversed(parents)), _output_name(image)])
+
+    for _ in range(64):
+        seen: dict[str, list[str]] = {}
+        for image in images:
+            seen.setdefault(stem(image), []).append(image)
+        clashes = [group for group in seen.values() if len(group) > 1]
+        if not clashes:
+            break
+        for group in clashes:
+            for image in group:
+                depth[image] += 1
+    return {image: stem(image) for image in images}
+
+
+def check_output_folder(inputs: Sequence[str | Path], out_dir: str | Path) -> None:
+    """Refuse an output folder equal to, or inside, an input folder (the next run would predict the
+    predictions).
+
+    Raises:
+        PredictError: naming both folders.
+    """
+    out = Path(out_dir).resolve()
+    for item in map(Path, inputs):
+        folder = item.resolve()
+        if item.is_dir() and (out == folder or folder in out.parents):
+            raise PredictError(
+                f"--out {out_dir} is inside the input folder {item}: the predictions would become inputs of "
+                "the next run; choose an output folder outside the inputs"
+            )
+
+
+def is_own_output(image: str, card: ExpertCard) -> bool:
+    """Whether ``image`` is named like a prediction this model writes (``<name>_<task>[...].nii.gz``)."""
+    name = Path(image).name
+    return any(
+        name.endswith((f"_{task['name']}.nii.gz", f"_{task['name']}_probabilities.nii.gz"))
+        for task in card.tasks
+    )
 
 
 def _in_input_geometry(array: np.ndarray, original: Geometry, vector: bool = False) -> sitk.Image:
@@ -129,6 +178,7 @@ def predict_segmentation(
     device: str = "cpu",
     probabilities: bool = False,
     overlap: float | None = None,
+    stem: str | None = None,
 ) -> list[Path]:
     """Write ``<out_dir>/<name>_<task>.nii.gz`` label maps in the geometry of ``image``; return them.
 
@@ -142,6 +192,7 @@ def predict_segmentation(
         probabilities: also write ``<name>_<task>_probabilities.nii.gz``, a K-component float32 image
             of softmax probabilities resampled (linearly) to the input grid.
         overlap: sliding-window overlap (default: the card's).
+        stem: output name stem (default: the input's file name without its suffix).
     """
     prep = expert.card.preprocessing
     preprocess = mt.Compose(seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing))
@@ -173,13 +224,13 @@ def predict_segmentation(
         inverted = mt.Invertd(
             keys, preprocess, orig_keys="image", nearest_interp=[k == "pred" for k in keys]
         )({**{k: MetaTensor(v, **meta) for k, v in maps.items()}, "image": data["image"]})
-        stem = out_dir / f"{_output_name(image)}_{task['name']}"
+        base = out_dir / f"{stem or _output_name(image)}_{task['name']}"
         label = np.asarray(inverted["pred"][0]).round().astype(np.uint8)  # (x, y, z) of the input grid
-        written.append(_write_image(_in_input_geometry(label, original), Path(f"{stem}.nii.gz")))
+        written.append(_write_image(_in_input_geometry(label, original), Path(f"{base}.nii.gz")))
         if probabilities:
             probability = np.asarray(inverted["prob"], dtype=np.float32)
             _write_image(
-                _in_input_geometry(probability, original, vector=True), Path(f"{stem}_probabilities.nii.gz")
+                _in_input_geometry(probability, original, vector=True), Path(f"{base}_probabilities.nii.gz")
             )
     return written
 
@@ -237,7 +288,9 @@ def predict_files(
         probabilities: segmentation: also write probability maps (see :func:`predict_segmentation`).
         overlap: segmentation: sliding-window overlap (default: the expert's).
     """
-    rows = collect_inputs(inputs)
+    check_output_folder(inputs, out_dir)
+    unique = {str(Path(row["image"]).resolve()): row for row in reversed(collect_inputs(inputs))}
+    rows = list(reversed(unique.values()))  # an input given twice is predicted once
     regions = {row.get("region") for row in rows} - {None}
     if region is None and len(regions) == 1:
         region = regions.pop()
@@ -249,11 +302,22 @@ def predict_files(
             f"inputs {mismatched[:3]} belong to another region than the {expert.card.name!r} model's "
             f"{sorted(regions)}"
         )
+    own = [
+        row["image"] for row in rows if row.get("from_folder") and is_own_output(row["image"], expert.card)
+    ]
+    if own:  # predictions of an earlier run in an input folder are not inputs
+        print(f"lorkd-pl: skipping {len(own)} earlier prediction(s) in the input folders, e.g. {own[0]}")
+        rows = [row for row in rows if row["image"] not in own]
+    if not rows:
+        raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if expert.card.kind == "cls2d":
         return [predict_classification(expert, [row["image"] for row in rows], out_dir, device)]
+    stems = output_stems([row["image"] for row in rows])
     written: list[Path] = []
     for row in tqdm(rows, desc="cases"):
-        written += predict_segmentation(expert, row["image"], out_dir, device, probabilities, overlap)
+        written += predict_segmentation(
+            expert, row["image"], out_dir, device, probabilities, overlap, stems[row["image"]]
+        )
     return written
