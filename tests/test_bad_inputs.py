@@ -118,8 +118,69 @@ def misspelt_spec_field(case: Case) -> None:
     case.spec["patchsize"] = case.spec.pop("patch_size")
 
 
+def zero_spacing(case: Case) -> None:
+    case.spec["spacing"] = [0, 0, 0]
+
+
+def second_task_with_other_patch(case: Case) -> None:
+    (case.tasks / "other_task.yaml").write_text(
+        yaml.safe_dump({**SPEC, "name": "other_task", "region": "thorax", "patch_size": [8, 8, 4]})
+    )
+
+
+def nothing(case: Case) -> None:
+    """No defect in the files: the bad value is on the command line."""
+
+
 # (defect, extra CLI arguments, the fragments the message must hold)
 MATRIX = {
+    "learning rate 0": (nothing, ["--model.init_args.lr=0"], ["model.init_args.lr must be > 0"]),
+    "sliding-window overlap 1": (
+        nothing,
+        ["--model.init_args.sw_overlap=1.0"],
+        ["sw_overlap must be in [0, 1)"],
+    ),
+    "sliding-window batch 0": (
+        nothing,
+        ["--model.init_args.sw_batch_size=0"],
+        ["sw_batch_size must be an integer >= 1"],
+    ),
+    "batch size 0": (
+        nothing,
+        ["--data.init_args.batch_size=0"],
+        ["data.init_args.batch_size must be an integer >= 1"],
+    ),
+    "negative workers": (
+        nothing,
+        ["--data.init_args.num_workers=-1"],
+        ["data.init_args.num_workers must be"],
+    ),
+    "negative samples per epoch": (
+        nothing,
+        ["--data.init_args.samples_per_epoch=-5"],
+        ["samples_per_epoch must be"],
+    ),
+    "region weight 0": (
+        nothing,
+        ["--data.init_args.region_weights={brain: 0}"],
+        ["region_weights['brain'] must be > 0"],
+    ),
+    "patch size of another dimension": (
+        nothing,
+        ["--data.init_args.patch_size=[8, 8]"],
+        ["data.init_args.patch_size must be 3 integers >= 1"],
+    ),
+    "spacing 0 in the task spec": (zero_spacing, [], ["bad_task.yaml", "spacing must be 3 numbers > 0"]),
+    "tasks with different patch sizes": (
+        second_task_with_other_patch,
+        ["--data.init_args.tasks=[bad_task, other_task]"],
+        ["different patch sizes", "set data.init_args.patch_size"],
+    ),
+    "an accelerator the machine lacks": (
+        nothing,
+        ["--trainer.accelerator=gpu"],
+        ["invalid trainer configuration", "check trainer.accelerator", "trainer/cpu"],
+    ),
     "missing image file": (missing_file, [], ["nope.nii.gz", "'image'"]),
     "corrupt image file": (corrupt_file, [], ["a_image.nii.gz", "'image'"]),
     "truncated image file": (truncated_file, [], ["a_image.nii.gz", "'image'"]),
@@ -260,3 +321,24 @@ def test_teacher_classes_beyond_the_teacher_outputs(tmp_path, capsys, monkeypatc
         and "{'bad_task': [5]}" in message
         and "fix teacher_classes" in message
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [
+        ("--model.init_args.alpha=0", "model.init_args.alpha must be > 0"),
+        ("--model.init_args.kd_weight=-1", "model.init_args.kd_weight must be >= 0"),
+        ("--model.init_args.rank=[4]", "write the mapping form"),
+    ],
+)
+def test_bad_student_options_fail_before_training(
+    option, fragment, tmp_path, capsys, monkeypatch, clean_registry
+):
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    model = {"class_path": "lorkd_pl.models.lorkd.LoRKDModule", "init_args": {"backbone": UNET, "rank": 2}}
+    message = run_fails(command("fit", case, option, model=model), case, capsys)
+    assert message.strip().splitlines()[-1].startswith("lorkd-pl: error: ") and fragment in message, message[
+        -800:
+    ]

@@ -97,6 +97,19 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}{where}: needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"task {self.name!r}{where}: class names repeat: {list(self.classes)}")
+        dims = 3 if self.kind == "seg3d" else 2
+        if self.patch_size is not None and (
+            len(self.patch_size) != dims or not all(int(v) == v and v >= 1 for v in self.patch_size)
+        ):
+            raise ValueError(
+                f"task {self.name!r}{where}: patch_size must be {dims} integers >= 1 for {self.kind}, "
+                f"got {list(self.patch_size)}"
+            )
+        if self.spacing is not None and (len(self.spacing) != 3 or not all(v > 0 for v in self.spacing)):
+            raise ValueError(
+                f"task {self.name!r}{where}: spacing must be 3 numbers > 0 (mm, x y z), "
+                f"got {list(self.spacing)}"
+            )
         if not self.nsd_tolerance > 0:
             raise ValueError(
                 f"task {self.name!r}{where}: nsd_tolerance must be > 0 (mm), got {self.nsd_tolerance}"

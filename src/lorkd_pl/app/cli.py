@@ -165,13 +165,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import torch
+
     from lorkd_pl.deploy.predict import predict_files
 
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise ValueError(
+            f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"
+        )
     for path in predict_files(
         args.input, args.source, args.out, args.region, device, args.probabilities, args.overlap
     ):

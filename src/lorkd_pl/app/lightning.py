@@ -26,6 +26,7 @@ from typing import Any
 
 from jsonargparse import ActionYesNo
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -173,6 +174,11 @@ class LorkdCLI(LightningCLI):
         """Build data module, model and trainer; a bad value becomes a :class:`ConfigError`."""
         try:
             super().instantiate_classes()
+        except MisconfigurationException as error:  # e.g. more devices than the machine has
+            raise ConfigError(
+                f"invalid trainer configuration: {str(error).strip()} (check trainer.accelerator and "
+                "trainer.devices against this machine; --config trainer/cpu runs on the CPU)"
+            ) from None
         except (TypeError, ValueError, KeyError) as error:
             cause: BaseException | None = error
             while cause is not None and not isinstance(cause, USER_ERRORS):  # jsonargparse wraps ours

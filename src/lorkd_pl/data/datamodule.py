@@ -214,9 +214,68 @@ class MultiRegionDataModule(L.LightningDataModule):
                 )
         if cache == "disk" and not cache_dir:
             raise ValueError("data.cache='disk' needs data.cache_dir")
+        self._check_numbers()
         self._records: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._datasets: dict[str, list[Dataset]] = {}
         self._resume: dict[str, int] | None = None
+
+    def _check_numbers(self) -> None:
+        """Every numeric option in range, and one patch size for all tasks, before anything is read.
+
+        Raises:
+            ValueError: naming the option (``data.init_args.<name>``), the value and the fix.
+        """
+        h = self.hparams
+        checks = [
+            (h.batch_size >= 1, "batch_size", h.batch_size, "an integer >= 1 (samples per step and process)"),
+            (
+                h.val_batch_size is None or h.val_batch_size >= 1,
+                "val_batch_size",
+                h.val_batch_size,
+                "null or >= 1",
+            ),
+            (
+                h.num_workers >= 0,
+                "num_workers",
+                h.num_workers,
+                "an integer >= 0 (0: load in the main process)",
+            ),
+            (
+                h.samples_per_epoch is None or h.samples_per_epoch >= 1,
+                "samples_per_epoch",
+                h.samples_per_epoch,
+                "null (all training records) or >= 1",
+            ),
+            (h.channels >= 1, "channels", h.channels, "an integer >= 1"),
+        ]
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ValueError(f"data.init_args.{name} must be {expected}, got {value}")
+        for region, weight in (h.region_weights or {}).items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise ValueError(
+                    f"data.init_args.region_weights[{region!r}] must be > 0, got {weight}; a region must be "
+                    "drawn to train its expert (leave its task out of data.tasks instead)"
+                )
+        dims = 3 if self.kind == "seg3d" else 2
+        if h.patch_size is not None and (len(h.patch_size) != dims or not all(v >= 1 for v in h.patch_size)):
+            raise ValueError(
+                f"data.init_args.patch_size must be {dims} integers >= 1 for {self.kind} tasks, "
+                f"got {list(h.patch_size)}"
+            )
+        if h.spacing is not None and (len(h.spacing) != 3 or not all(v > 0 for v in h.spacing)):
+            raise ValueError(
+                f"data.init_args.spacing must be 3 numbers > 0 (mm, x y z), got {list(h.spacing)}"
+            )
+        sizes = {spec.name: self.train_patch_size(spec) for spec in self.task_specs}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"data.tasks have different patch sizes {sizes}: one batch stacks them, so they must agree; "
+                "set data.init_args.patch_size to one size for all tasks"
+            )
+        for name, size in sizes.items():
+            if len(size) != dims or not all(v >= 1 for v in size):
+                raise ValueError(f"task {name!r}: patch_size must be {dims} integers >= 1, got {list(size)}")
 
     # ------------------------------------------------------------------ run description
     @property

@@ -68,6 +68,28 @@ def check_tasks(
     return out, list(regions)
 
 
+def check_ranges(hparams: Mapping[str, Any], rules: Sequence[tuple[str, Callable[[Any], bool], str]]) -> None:
+    """Refuse a model option outside its range, before anything is built.
+
+    Args:
+        hparams: the module's hyper-parameters.
+        rules: ``(name, test, expected)``; options absent from ``hparams`` are skipped.
+
+    Raises:
+        ValueError: ``model.init_args.<name> must be <expected>, got <value>``.
+    """
+    for name, test, expected in rules:
+        if name not in hparams or hparams[name] is None:
+            continue
+        value = hparams[name]
+        try:
+            ok = bool(test(value)) and (not isinstance(value, float) or math.isfinite(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"model.init_args.{name} must be {expected}, got {value!r}")
+
+
 def task_metrics(task: Mapping[str, Any]) -> MetricCollection:
     """Metrics of one task: Dice per foreground class (seg3d) or accuracy and macro AUROC (cls2d).
 
@@ -118,6 +140,17 @@ class TaskModule(L.LightningModule):
             raise ValueError(
                 f"model.nonfinite_loss must be 'raise' or 'skip', got {hparams['nonfinite_loss']!r}"
             )
+        check_ranges(
+            hparams,
+            [
+                ("lr", lambda v: v > 0, "> 0 (0 trains nothing)"),
+                ("weight_decay", lambda v: v >= 0, ">= 0"),
+                ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+                ("sw_overlap", lambda v: 0 <= v < 1, "in [0, 1) (1 would never move the window)"),
+                ("sw_batch_size", lambda v: v >= 1, "an integer >= 1 (windows per forward)"),
+                ("in_channels", lambda v: v >= 1, "an integer >= 1"),
+            ],
+        )
         self.tasks, self.regions = check_tasks(hparams.get("task_info"), hparams.get("regions"))
         self.nonfinite_skipped = 0
         self.kind: str = self.tasks[0]["kind"]

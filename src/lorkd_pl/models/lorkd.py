@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights
 from lorkd_pl.experts.layers import Layout
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
-from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.base import TaskModule, check_ranges
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
 from lorkd_pl.models.teacher import Teacher, load_teacher
@@ -121,8 +121,14 @@ class LoRKDModule(TaskModule):
         nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        check_ranges(
+            self.hparams,
+            [
+                ("alpha", lambda v: v > 0, "> 0 (the experts' scale alpha/rank; 0 leaves them untrained)"),
+                ("kd_weight", lambda v: v >= 0, ">= 0"),
+                ("temperature", lambda v: v > 0, "> 0"),
+            ],
+        )
         network = build_module(backbone or DEFAULT_SEG_BACKBONE)
         width = feature_channels(network, self.kind, in_channels)
         self.expert_free_parameters = count_parameters(network)
