@@ -128,12 +128,43 @@ def second_task_with_other_patch(case: Case) -> None:
     )
 
 
+def three_components(case: Case) -> None:
+    rgb = sitk.GetImageFromArray(np.zeros((8, 8, 8, 3), np.float32), isVector=True)
+    sitk.WriteImage(rgb, str(case.tasks / "a_image.nii.gz"))
+
+
+def near_miss_column(case: Case) -> None:
+    case.rows[2]["Split"] = case.rows[2].pop("split")
+
+
+def duplicate_case_id(case: Case) -> None:
+    case.rows[0]["case"] = case.rows[1]["case"] = "patient_7"
+
+
+def image_in_train_and_test(case: Case) -> None:
+    case.rows.append(
+        {"image": case.rows[0]["image"], "label": case.rows[0]["label"], "split": "test", "case": "t"}
+    )
+
+
 def nothing(case: Case) -> None:
     """No defect in the files: the bad value is on the command line."""
 
 
 # (defect, extra CLI arguments, the fragments the message must hold)
 MATRIX = {
+    "three-component (RGB) image": (three_components, [], ["a_image.nii.gz", "3 components per voxel"]),
+    "near-miss column name (Split)": (
+        near_miss_column,
+        [],
+        ["manifest.jsonl", "column 'Split'", "rename it to 'split'"],
+    ),
+    "duplicate case id": (duplicate_case_id, [], ["case id 'patient_7' appears twice", "allow_duplicates"]),
+    "the same image in train and test": (
+        image_in_train_and_test,
+        [],
+        ["a_image.nii.gz", "appears twice", "(train) and", "(test)", "allow_duplicates=true"],
+    ),
     "learning rate 0": (nothing, ["--model.init_args.lr=0"], ["model.init_args.lr must be > 0"]),
     "sliding-window overlap 1": (
         nothing,
@@ -342,3 +373,12 @@ def test_bad_student_options_fail_before_training(
     assert message.strip().splitlines()[-1].startswith("lorkd-pl: error: ") and fragment in message, message[
         -800:
     ]
+
+
+def test_deliberate_reuse_is_allowed_explicitly(tmp_path, monkeypatch, clean_registry) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    image_in_train_and_test(case)
+    case.write()
+    assert main(command("fit", case, "--data.init_args.allow_duplicates=true")) == 0
+    assert (case.root / "trained").exists()

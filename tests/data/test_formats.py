@@ -210,3 +210,15 @@ def test_bad_task_specs(tmp_path, text, match) -> None:
     (tmp_path / "t.yaml").write_text(text)
     with pytest.raises(DatasetFormatError, match=match):
         load_task_spec(tmp_path / "t.yaml")
+
+
+def test_fractional_npz_labels_are_refused(tmp_path) -> None:
+    arrays = {f"{split}_images": np.zeros((3, 4, 4), np.uint8) for split in ("train", "val", "test")}
+    arrays.update({f"{split}_labels": np.array([0.0, 1.0, 2.0]) for split in ("train", "val", "test")})
+    arrays["val_labels"] = np.array([0.0, 1.5, 2.0])
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DatasetFormatError, match=r"val_labels\[1\] is 1.5, not a class index"):
+        read_medmnist(tmp_path / "d.npz")
+    arrays["val_labels"] = np.array([0.0, 1.0, 2.0])  # whole numbers stored as floats are fine
+    np.savez(tmp_path / "d.npz", **arrays)
+    assert [r["label"] for r in read_medmnist(tmp_path / "d.npz")["val"]] == [0, 1, 2]

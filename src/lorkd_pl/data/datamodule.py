@@ -29,7 +29,7 @@ from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
-from lorkd_pl.data.validation import validate_task
+from lorkd_pl.data.validation import check_duplicates, validate_task
 from lorkd_pl.registry import TaskSpec, get_region_index, get_task, order_regions
 
 BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case")
@@ -170,6 +170,8 @@ class MultiRegionDataModule(L.LightningDataModule):
         augment: random training augmentation (flips; 2D: also affine); ``False`` leaves only the
             seg3d random crops. Every random transform is seeded per draw (:class:`SeededIndex`):
             the same with any number of workers and after a resume.
+        allow_duplicates: accept a case id used twice or the same image in two records (e.g. in train
+            and test); off by default, because such a leak makes the metrics lie.
 
     Resume: the data module's checkpoint state records the epoch and the batches of it already
     trained; a run resumed from a mid-epoch checkpoint continues with the next batch of the same
@@ -192,6 +194,7 @@ class MultiRegionDataModule(L.LightningDataModule):
         validate: bool = True,
         seed: int = 0,
         augment: bool = True,
+        allow_duplicates: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -376,6 +379,8 @@ class MultiRegionDataModule(L.LightningDataModule):
 
     def _task_records(self, spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         if spec.name not in self._records:
+            if not self.hparams.get("allow_duplicates", False):
+                check_duplicates(spec)  # all splits' records, before any image is read
             self._records[spec.name] = {}
         table = self._records[spec.name]
         if split not in table:

@@ -16,6 +16,7 @@ A record is ``{"image": path | array, "label": path | int | None, "case": str, .
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.15, 0.15)
 REQUIRED_FIELDS: tuple[str, ...] = ("image", "label")
+KNOWN_FIELDS: tuple[str, ...] = ("image", "label", "split", "case", "region", "task", "modality")
 
 
 class DatasetFormatError(ValueError):
@@ -76,7 +78,20 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         raise DatasetFormatError(
             f"manifest {path} has no rows; add one row per image (fields: image, label, region)"
         )
+    _check_columns(path, {key for row in rows for key in row})
     return [_normalise_row(row, index, path) for index, row in enumerate(rows)]
+
+
+def _check_columns(path: Path, columns: set[str]) -> None:
+    """Refuse a column that nearly names a known field (``Split``, ``imgae``): it would be ignored."""
+    for column in sorted(columns - set(KNOWN_FIELDS)):
+        close = difflib.get_close_matches(column.lower(), KNOWN_FIELDS, n=1, cutoff=0.8)
+        if column.lower() in KNOWN_FIELDS or close:
+            field = column.lower() if column.lower() in KNOWN_FIELDS else close[0]
+            raise DatasetFormatError(
+                f"manifest {path}: column {column!r} looks like the field {field!r} (names are lower-case "
+                f"and exact; as written it would be ignored); rename it to {field!r}"
+            )
 
 
 def _normalise_row(row: Mapping[str, Any], index: int, manifest: Path) -> dict[str, Any]:
@@ -192,6 +207,13 @@ def read_medmnist(path: str | Path) -> dict[str, list[dict[str, Any]]]:
                     "train_/val_/test_ images (N, H, W[, 3]) and labels (N,) or (N, 1))"
                 )
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].reshape(-1)
+            fractional = np.flatnonzero(labels != np.round(labels)) if labels.dtype.kind == "f" else []
+            if len(fractional):
+                index = int(fractional[0])
+                raise DatasetFormatError(
+                    f"{path}: {split}_labels[{index}] is {labels[index]}, not a class index; labels must be "
+                    f"whole numbers ({len(fractional)} are not): fix the file (they would be truncated)"
+                )
             if len(images) != len(labels):
                 raise DatasetFormatError(
                     f"{path}: {split}_images has {len(images)} entries but {split}_labels has {len(labels)}"

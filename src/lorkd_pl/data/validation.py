@@ -9,6 +9,7 @@ classification labels are integers in range; a split used for training is not em
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,12 @@ def validate_seg3d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
                 f"{where}: field {field!r} ({record[field]}) is {item.GetDimension()}D; "
                 "a seg3d task needs 3D "
                 "volumes (use a cls2d task for 2D images)"
+            )
+        if item.GetNumberOfComponentsPerPixel() != 1:
+            raise DataValidationError(
+                f"{where}: field {field!r} ({record[field]}) has {item.GetNumberOfComponentsPerPixel()} "
+                "components per voxel (RGB or a vector image); a seg3d task needs one value per voxel "
+                "(convert it to a scalar volume)"
             )
     if image.GetSize() != label.GetSize():
         raise DataValidationError(
@@ -106,6 +113,34 @@ def validate_cls2d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
         )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise DataValidationError(f"{where}: field 'image' contains NaN or infinite values")
+
+
+def check_duplicates(task: TaskSpec) -> None:
+    """Refuse a case id used twice, or the same image file in two records (e.g. in train and test).
+
+    All splits are read (records only, no images), so a test case that leaks into training is found
+    whichever splits a run uses.
+
+    Raises:
+        DataValidationError: naming both records and the option for deliberate reuse.
+    """
+    cases: dict[str, str] = {}
+    images: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        for record in task.records(split):
+            where = f"{record.get('source', record.get('case'))} ({split})"
+            case = str(record.get("case", ""))
+            image = record.get("image")
+            key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else None
+            for table, value, what in ((cases, case, "case id"), (images, key, "image")):
+                if value and value in table:
+                    raise DataValidationError(
+                        f"task {task.name!r}: {what} {value!r} appears twice: {table[value]} and {where}; "
+                        "a case in two places (worst: in train and test) makes the metrics lie — fix the "
+                        "data, or set data.init_args.allow_duplicates=true if the reuse is deliberate"
+                    )
+                if value:
+                    table[value] = where
 
 
 def validate_task(task: TaskSpec, splits: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
