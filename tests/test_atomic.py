@@ -39,3 +39,39 @@ def test_atomic_file_keeps_the_previous_version(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # temporary removed
     write_text_atomic(out, '{"version": 3}')
     assert json.loads(out.read_text()) == {"version": 3}
+
+
+def test_leftovers_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname().replace("-", "_")
+    stale = tmp_path / f".result.tmp-{host}-{int(dead.stdout)}-abc"  # a folder a killed export left
+    live = tmp_path / f".result.tmp-{host}-{os.getpid()}-xyz"  # a writer still running
+    other_host = tmp_path / f".result.tmp-othernode-{int(dead.stdout)}-q"  # another node's: unknown
+    for folder in (stale, live, other_host):
+        folder.mkdir()
+    with atomic_folder(tmp_path / "result") as work:
+        (work / "a.txt").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["result", live.name, other_host.name])
+
+
+def test_written_files_follow_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o002)  # a group-shared cluster folder
+    try:
+        write_text_atomic(tmp_path / "shared.txt", "x")
+        with atomic_folder(tmp_path / "folder") as work:
+            (work / "inner.txt").write_text("y")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o775
+    assert stat.S_IMODE((tmp_path / "folder" / "inner.txt").stat().st_mode) == 0o664

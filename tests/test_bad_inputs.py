@@ -147,6 +147,10 @@ def image_in_train_and_test(case: Case) -> None:
     )
 
 
+def symlink_loop(case: Case) -> None:
+    (case.tasks / "loop.yaml").symlink_to("loop.yaml")
+
+
 def nothing(case: Case) -> None:
     """No defect in the files: the bad value is on the command line."""
 
@@ -165,6 +169,7 @@ MATRIX = {
         [],
         ["a_image.nii.gz", "appears twice", "(train) and", "(test)", "allow_duplicates=true"],
     ),
+    "a symlink loop in the tasks folder": (symlink_loop, [], ["loop.yaml", "cannot be resolved"]),
     "learning rate 0": (nothing, ["--model.init_args.lr=0"], ["model.init_args.lr must be > 0"]),
     "sliding-window overlap 1": (
         nothing,
@@ -382,3 +387,16 @@ def test_deliberate_reuse_is_allowed_explicitly(tmp_path, monkeypatch, clean_reg
     case.write()
     assert main(command("fit", case, "--data.init_args.allow_duplicates=true")) == 0
     assert (case.root / "trained").exists()
+
+
+def test_an_exports_state_dict_as_ckpt_path(tmp_path, capsys, monkeypatch, clean_registry) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    torch.save(
+        __import__("monai").networks.nets.UNet(**UNET["init_args"]).state_dict(), tmp_path / "state_dict.pt"
+    )
+    message = run_fails(
+        command("validate", case, "--ckpt_path", str(tmp_path / "state_dict.pt")), case, capsys
+    )
+    assert "state_dict.pt is not a training checkpoint" in message and "lorkd-pl predict" in message

@@ -147,7 +147,9 @@ io.save_checkpoint({{"step": torch.tensor(2)}}, {str(tmp_path / "last.ckpt")!r})
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert load_checkpoint_file(tmp_path / "last.ckpt")["step"] == 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
-    assert all(name.startswith(".tmp") for name in leftovers)  # hidden, never mistaken for a checkpoint
+    assert leftovers and all(name.startswith(".tmp") for name in leftovers)  # hidden, not a checkpoint
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the next write removed them
 
 
 def test_cli_trainer_uses_atomic_weights_only_io(tmp_path, monkeypatch) -> None:

@@ -142,6 +142,11 @@ class LorkdCLI(LightningCLI):
         if not path or not Path(path).is_file():  # "last"/"best" are resolved (and checked) later
             return
         checkpoint = load_checkpoint_file(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointError(
+                f"{path} is not a training checkpoint (no state_dict: an export's state_dict.pt or a bare "
+                "weights file?); --ckpt_path takes RUN/checkpoints/last.ckpt, exports go to lorkd-pl predict"
+            )
         hparams = upgrade_hyperparameters(checkpoint.get("hyper_parameters") or {})
         model = self.config[subcommand].get("model")
         configured_class = str(getattr(model, "class_path", "") or "")

@@ -56,7 +56,12 @@ def load_plugins(tasks_dirs: Iterable[str | Path] | None = None, use_entry_point
         if not folder.is_dir():
             raise PluginError(f"tasks folder {folder} does not exist (check --tasks-dir / ${ENV_TASKS_DIR})")
         for path in sorted(folder.iterdir()):
-            key = str(path.resolve())
+            try:
+                key = str(path.resolve(strict=path.is_symlink()))
+            except (OSError, RuntimeError) as error:  # a broken link or a symlink loop
+                raise PluginError(
+                    f"tasks folder entry {path} cannot be resolved ({error}); remove or fix the link"
+                ) from None
             if key in _LOADED or path.name.startswith(("_", ".")) or not path.is_file():
                 continue
             if path.suffix == ".py":

@@ -1,13 +1,72 @@
-"""Atomic writes: a folder or file appears complete or not at all, and a crash keeps the old one."""
+"""Atomic writes: a folder or file appears complete or not at all, and a crash keeps the old one.
+
+Temporary siblings are named ``.<name>.tmp-<host>-<pid>-…`` (folders) or ``.tmp-<host>-<pid>-….<name>``
+(files): the next write of the same target removes those a dead process of this host left behind (a
+crash or SIGKILL mid-write), and never touches a live writer's. What is written follows the umask (the
+temporary files Python creates are private, 0600/0700; shared group folders on clusters need better).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _tag() -> str:
+    return f"tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def _dead_writer(name: str) -> bool:
+    """Whether a temporary name (holding ``tmp-<host>-<pid>-``) belongs to a dead process of this host."""
+    try:
+        host, pid = name.split("tmp-", 1)[1].split("-")[:2]
+        if host != socket.gethostname().replace("-", "_"):
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError, PermissionError, OSError):
+        return False
+    return False
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the temporary siblings of ``target`` that a dead writer of this host left; return them."""
+    removed = []
+    patterns = (f".{target.name}.tmp-*", f".{target.name}.old.tmp-*", f".tmp-*.{target.name}")
+    for pattern in patterns:
+        for path in target.parent.glob(pattern):
+            if not _dead_writer(path.name):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path) -> None:
+    """Give a new file or folder the permissions the umask allows (not Python's private temp modes)."""
+    mask = _umask()
+    if path.is_dir():
+        for folder, _, files in os.walk(path):
+            os.chmod(folder, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 @contextmanager
@@ -25,12 +84,14 @@ def atomic_folder(
     if out.exists() and not overwrite:
         raise error(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_leftovers(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}", dir=out.parent))
     try:
         yield work
+        _follow_umask(work)
         backup = None
         if out.exists():  # move the old folder aside first: `out` is never half-written
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.{_tag()}", dir=out.parent))
             os.replace(out, backup / out.name)
         os.replace(work, out)
         if backup is not None:
@@ -45,18 +106,21 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
     A crash (or an exception) before the rename leaves the previous ``path`` untouched and removes the
-    temporary file. The temporary name (``.tmpXXXX.<name>``) ends with ``path``'s whole name, so writers
-    that pick a format from the suffixes (SimpleITK's ``.nii.gz``, ``savefig``) behave as for ``path``.
+    temporary file. The temporary name (``.tmp-<host>-<pid>-XXXX.<name>``) ends with ``path``'s whole
+    name, so writers that pick a format from the suffixes (SimpleITK's ``.nii.gz``, ``savefig``) behave
+    as for ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=".tmp", suffix=f".{path.name}", dir=path.parent)
+    remove_leftovers(path)
+    handle, name = tempfile.mkstemp(prefix=f".{_tag()}", suffix=f".{path.name}", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
         with open(temporary, "rb") as stream:  # data on disk before the rename makes it visible
             os.fsync(stream.fileno())
+        _follow_umask(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
