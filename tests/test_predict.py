@@ -68,10 +68,24 @@ def test_nifti_prediction_keeps_the_input_geometry(seg_checkpoint, tmp_path) -> 
     ]
 
 
-def test_dicom_folder_from_a_checkpoint_via_cli(seg_checkpoint, tmp_path) -> None:
-    series = tmp_path / "series"
-    series.mkdir()
-    shutil.copy(DICOM, series / "slice.dcm")
+def dicom_series(folder: Path, slices: int = 4, modality: str | None = None) -> Path:
+    """A series of ``slices`` copies of pydicom's CT_small, stacked along its normal."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    for k in range(slices):
+        ds = pydicom.dcmread(DICOM)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 5.0 * k]
+        ds.InstanceNumber, ds.SOPInstanceUID, ds.SeriesInstanceUID = k + 1, generate_uid(), series_uid
+        if modality:
+            ds.Modality = modality
+        ds.save_as(folder / f"slice{k}.dcm")
+    return folder
+
+
+def test_dicom_folder_from_a_checkpoint_via_cli(seg_checkpoint, tmp_path, capsys) -> None:
+    series = dicom_series(tmp_path / "series")
     code = main(
         [
             "predict",
@@ -94,6 +108,29 @@ def test_dicom_folder_from_a_checkpoint_via_cli(seg_checkpoint, tmp_path) -> Non
     # NIfTI stores spacing and origin as float32: equal to DICOM's values up to that precision
     np.testing.assert_allclose(label.GetSpacing(), source.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(label.GetOrigin(), source.GetOrigin(), rtol=1e-6)
+    assert f"{series}: DICOM series, 128×128×4, CT → demo_thorax_seg" in capsys.readouterr().out  # the plan
+
+
+def test_inputs_the_model_cannot_mean_stop_before_inference(seg_checkpoint, tmp_path, capsys) -> None:
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(DICOM, single / "slice.dcm")
+    with pytest.raises(PredictError, match=r"DICOM series of one file, 128×128×1, CT\) is not a 3D volume"):
+        predict_files([single], seg_checkpoint, tmp_path / "o1", region="thorax")
+    rgb = tmp_path / "rgb.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 7, 8, 3), np.float32), isVector=True), str(rgb))
+    with pytest.raises(PredictError, match="3 components per voxel"):
+        predict_files([rgb], seg_checkpoint, tmp_path / "o2", region="thorax")
+    mixed = dicom_series(tmp_path / "mixed")
+    shutil.copy(NIFTI, mixed / "other.nii")
+    with pytest.raises(PredictError, match=r"holds 1 DICOM series and other files \(other.nii\)"):
+        predict_files([mixed], seg_checkpoint, tmp_path / "o3", region="thorax")
+    mr = dicom_series(tmp_path / "mr", modality="MR")  # the thorax expert was trained on CT
+    with pytest.raises(PredictError, match="is MR by its DICOM tag, but the thorax model was trained on CT"):
+        predict_files([mr], seg_checkpoint, tmp_path / "o4", region="thorax")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing ran, nothing written
+    written = predict_files([mr], seg_checkpoint, tmp_path / "o5", region="thorax", force=True)
+    assert len(written) == 1 and "warning: " in capsys.readouterr().err
 
 
 def test_errors(seg_checkpoint, tmp_path) -> None:
@@ -227,3 +264,36 @@ def test_output_folder_inside_the_inputs_is_refused_and_earlier_predictions_skip
     again = predict_files([inputs], seg_checkpoint, tmp_path / "out2", region="brain")
     assert [p.name for p in again] == ["scan_demo_brain_seg.nii.gz"]  # not scan_demo_brain_seg_demo_brain_seg
     assert "skipping 1 earlier prediction(s)" in capsys.readouterr().out
+
+
+def test_a_2d_image_file_is_classified_as_its_array_would_be(tmp_path) -> None:
+    """2D files (PNG, a 2D DICOM) keep the rows × columns of the arrays the model was trained on."""
+    import csv
+
+    from lorkd_pl.data.transforms import cls2d_transforms
+    from lorkd_pl.deploy.predict import load_expert
+    from lorkd_pl.registry import get_task
+    from training_helpers import write_generalist_checkpoint
+
+    cnn = {
+        "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+        "init_args": {"in_channels": 1, "channels": [4, 8]},
+    }
+    torch.manual_seed(0)
+    checkpoint = write_generalist_checkpoint(tmp_path / "cls.ckpt", ["demo_thorax_cls"], cnn)
+    array = np.asarray(get_task("demo_thorax_cls").records("test")[0]["image"])  # (H, W) uint8
+    array[:5, :] = 255  # not symmetric under a transpose
+    png = tmp_path / "case.png"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(png))
+    (written,) = predict_files([png], checkpoint, tmp_path / "out")
+    row = next(csv.DictReader(written.open()))
+    expert = load_expert(checkpoint)
+    x = cls2d_transforms(False, [28, 28], 1)({"image": array, "label": 0})["image"][None]  # training path
+    with torch.no_grad():
+        expected = expert.network(x)[0].softmax(1)[0].tolist()
+    got = [float(row[f"p_{c}"]) for c in ("normal", "nodule", "effusion")]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    dicom = tmp_path / "slice.dcm"
+    shutil.copy(DICOM, dicom)  # a 2D DICOM classifies too (CT, like the thorax task)
+    (written,) = predict_files([dicom], checkpoint, tmp_path / "out_dicom")
+    assert next(csv.DictReader(written.open()))["task"] == "demo_thorax_cls"

@@ -179,7 +179,7 @@ def _predict(args: argparse.Namespace) -> int:
             f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"
         )
     for path in predict_files(
-        args.input, args.source, args.out, args.region, device, args.probabilities, args.overlap
+        args.input, args.source, args.out, args.region, device, args.probabilities, args.overlap, args.force
     ):
         print(f"wrote {path}")
     return 0
@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--probabilities", action="store_true", help="segmentation: also write probability maps"
     )
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the card's)")
+    predict.add_argument(
+        "--force",
+        action="store_true",
+        help="predict inputs whose DICOM modality differs from the model's (warns instead of stopping)",
+    )
 
     tasks = command("tasks", "list the registered tasks", _tasks)
     tasks.add_argument("--region", help="only tasks of this region")

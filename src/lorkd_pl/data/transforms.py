@@ -161,7 +161,12 @@ class _LoadArrayOrFile(mt.MapTransform):
         sample = dict(data)
         image = sample["image"]
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-            array = self.loader(image)
+            array = self.loader(image)  # (C, x, y[, 1]): ITK's x-fastest order
+            if array.ndim == 4 and array.shape[-1] == 1:  # a single-slice volume (e.g. a 2D DICOM)
+                array = array[..., 0]
+            # rows × columns, as an in-memory (H, W) array (MedMNIST) holds the same picture: a file
+            # written from such an array reads back identically
+            array = torch.as_tensor(array).transpose(-1, -2)
         else:
             array = torch.as_tensor(np.asarray(image, dtype=np.float32))
             array = array.unsqueeze(0) if array.ndim == 2 else array.movedim(-1, 0)

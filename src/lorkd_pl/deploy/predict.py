@@ -14,6 +14,7 @@ Classification: a CSV with one row per image and one probability column per clas
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,19 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if item.is_file() and item.suffix.lower() in (".jsonl", ".csv"):
             rows += [{k: r[k] for k in ("image", "region") if k in r} for r in read_manifest(item)]
         elif item.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item)):
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item))
+            dicom = {
+                Path(f).name
+                for s in series
+                for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item), s)
+            }
+            others = [p.name for p in sorted(item.iterdir()) if p.is_file() and p.name not in dicom]
+            if len(series) > 1 or others:
+                raise PredictError(
+                    f"folder {item} holds {len(series)} DICOM series"
+                    + (f" and other files ({', '.join(others[:3])})" if others else "")
+                    + "; give one series per folder (each as its own --input)"
+                )
             rows.append({"image": str(item)})
         elif item.is_dir():
             files = [p for p in sorted(item.iterdir()) if p.is_file() and p.name.lower().endswith(SUFFIXES)]
@@ -105,6 +119,96 @@ def _output_name(image: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What an input is, from its header (no pixels read): how it will be read, its size, components
+    per voxel and the DICOM ``Modality`` tag when it has one."""
+
+    what: str
+    size: tuple[int, ...]
+    components: int
+    modality: str | None
+
+    @property
+    def describe(self) -> str:
+        """``DICOM series, 512×512×80, CT`` and the like."""
+        parts = [self.what, "×".join(map(str, self.size))]
+        if self.components > 1:
+            parts.append(f"{self.components} components")
+        if self.modality:
+            parts.append(self.modality)
+        return ", ".join(parts)
+
+
+def inspect_input(image: str) -> InputInfo:
+    """Classify one input from its header: a DICOM series folder, a DICOM file or another image file.
+
+    Raises:
+        PredictError: naming the input if its header cannot be read.
+    """
+    path = Path(image)
+    try:
+        if path.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
+            if not files:
+                raise PredictError(f"{path}: no DICOM series in this folder")
+            header = _header(files[0])
+            size = (*header.GetSize()[:2], len(files)) if len(files) > 1 else tuple(header.GetSize())
+            what = "DICOM series" if len(files) > 1 else "DICOM series of one file"
+        else:
+            header = _header(str(path))
+            size = tuple(header.GetSize())
+            what = (
+                "DICOM file"
+                if header.HasMetaDataKey("0008|0060")
+                else f"{path.suffix.lstrip('.') or 'image'} file"
+            )
+        modality = (
+            header.GetMetaData("0008|0060").strip().upper() if header.HasMetaDataKey("0008|0060") else None
+        )
+    except RuntimeError as error:
+        raise PredictError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
+    return InputInfo(what, size, header.GetNumberOfComponents(), modality or None)
+
+
+def _header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = False) -> str | None:
+    """Refuse an input the model cannot mean: wrong dimensionality or components, or (unless
+    ``force``) a DICOM modality other than the card's. Returns a warning for a forced mismatch.
+
+    Raises:
+        PredictError: naming the input, what it is, what the model expects and the fix.
+    """
+    spatial = [s for s in info.size if s > 1]
+    name = f"{image} ({info.describe})"
+    if card.kind == "seg3d" and (len(info.size) < 3 or len(spatial) < 3):
+        raise PredictError(f"{name} is not a 3D volume; the {card.name} model segments 3D volumes")
+    if card.kind == "seg3d" and (len(info.size) > 3 and info.size[3] > 1):
+        raise PredictError(f"{name} is 4D; give one 3D volume (e.g. one time point) per input")
+    if card.kind == "cls2d" and len(spatial) > 2:
+        raise PredictError(f"{name} is 3D; the {card.name} model classifies 2D images (give one slice)")
+    if info.components > 1 and not (card.kind == "cls2d" and info.components in (3, 4)):
+        raise PredictError(
+            f"{name} has {info.components} components per voxel; the model takes one value per voxel"
+        )
+    expected = (card.preprocessing.modality or "").upper()
+    if info.modality in ("CT", "MR") and expected in ("CT", "MR") and info.modality != expected:
+        message = (
+            f"{name} is {info.modality} by its DICOM tag, but the {card.name} model was trained on {expected}"
+        )
+        if not force:
+            raise PredictError(f"{message}; use a {info.modality} model, or --force to predict anyway")
+        return f"lorkd-pl: warning: {message} (--force)"
+    return None
 
 
 def output_stems(images: Sequence[str]) -> dict[str, str]:
@@ -275,8 +379,13 @@ def predict_files(
     device: str = "cpu",
     probabilities: bool = False,
     overlap: float | None = None,
+    force: bool = False,
 ) -> list[Path]:
     """Predict every input with the expert from ``source``; return the written files.
+
+    Every input is inspected first (its header only) and the plan printed, one line per input; an
+    input the model cannot mean (dimensionality, components, a DICOM modality other than the card's)
+    stops the run before any inference.
 
     Args:
         inputs: files, DICOM series folders, folders of files or manifests (see :func:`collect_inputs`).
@@ -287,6 +396,7 @@ def predict_files(
         device: ``"cpu"`` or ``"cuda"``.
         probabilities: segmentation: also write probability maps (see :func:`predict_segmentation`).
         overlap: segmentation: sliding-window overlap (default: the expert's).
+        force: predict inputs whose DICOM modality differs from the card's (a warning instead).
     """
     check_output_folder(inputs, out_dir)
     unique = {str(Path(row["image"]).resolve()): row for row in reversed(collect_inputs(inputs))}
@@ -310,6 +420,13 @@ def predict_files(
         rows = [row for row in rows if row["image"] not in own]
     if not rows:
         raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")
+    tasks = ", ".join(t["name"] for t in expert.card.tasks)
+    for row in rows:  # every input is checked before the first inference
+        info = inspect_input(row["image"])
+        warning = check_input(row["image"], info, expert.card, force)
+        print(f"{row['image']}: {info.describe} → {tasks}")
+        if warning:
+            print(warning, file=sys.stderr)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if expert.card.kind == "cls2d":
