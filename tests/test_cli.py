@@ -141,3 +141,13 @@ def test_packaged_configs_by_name(tmp_path, capsys, monkeypatch) -> None:
     with pytest.raises(SystemExit):
         main(["config", "no/such"])
     assert "no packaged config 'no/such'" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback_behind_an_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tasks", "--region", "brian"])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    from lorkd_pl.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="unknown region 'brian'"):
+        main(["tasks", "--region", "brian", "--debug"])

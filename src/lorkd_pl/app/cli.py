@@ -66,7 +66,7 @@ def split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
 
 
 # ----------------------------------------------------------------------------- commands
-def _lightning(args: Sequence[str], folders: list[str] | None) -> int:
+def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = False) -> int:
     from lorkd_pl.app.configs import resolve_config_args
     from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli
     from lorkd_pl.data.plugins import load_plugins
@@ -75,6 +75,8 @@ def _lightning(args: Sequence[str], folders: list[str] | None) -> int:
         load_plugins(folders)
         lightning_cli(resolve_config_args(args))
     except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
+        if debug:
+            raise
         sys.stderr.write(f"lorkd-pl: error: {error}\n")
         raise SystemExit(2) from error
     return 0
@@ -191,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorkd-pl",
         description="Decompose a medical foundation model into lightweight per-region experts (LoRKD).",
-        epilog="Every command also takes --tasks-dir DIR (repeatable): folders of task plugins/specs.",
+        epilog="Every command also takes --tasks-dir DIR (repeatable): folders of task plugins/specs, and "
+        "--debug: show the traceback behind a `lorkd-pl: error:` line.",
     )
     parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -294,9 +297,10 @@ def _lightning_predict_pointer(args: Sequence[str]) -> None:
 def main(args: Sequence[str] | None = None) -> int:
     """Run the command line with ``args`` (default: ``sys.argv[1:]``) and return an exit code."""
     args = list(sys.argv[1:] if args is None else args)
-    rest, folders = split_tasks_dirs(args)
+    debug = "--debug" in args  # show the traceback behind a lorkd-pl error
+    rest, folders = split_tasks_dirs([a for a in args if a != "--debug"])
     if rest and rest[0] in LIGHTNING_COMMANDS:
-        return _lightning(rest, folders)
+        return _lightning(rest, folders, debug)
     if rest[:1] == ["predict"]:
         _lightning_predict_pointer(rest[1:])
     parser = build_parser()
@@ -310,6 +314,8 @@ def main(args: Sequence[str] | None = None) -> int:
         load_plugins(folders)
         return namespace.run(namespace)
     except (LookupError, ValueError, OSError, PluginError) as error:
+        if debug:
+            raise
         parser.exit(2, f"lorkd-pl: error: {error}\n")
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lorkd_pl.data.formats import read_manifest
-from lorkd_pl.data.readers import SUFFIXES, Geometry, check_complete, read_geometry
+from lorkd_pl.data.readers import SUFFIXES, Geometry, ImageReadError, check_complete, read_geometry
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
 from lorkd_pl.deploy.card import ExpertCard
 from lorkd_pl.io.atomic import atomic_file
@@ -300,8 +300,8 @@ def predict_segmentation(
     """
     prep = expert.card.preprocessing
     preprocess = mt.Compose(seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing))
-    data = preprocess({"image": image})
     check_complete(image)  # before MONAI reads it: ITK would zero-fill a truncated NIfTI silently
+    data = preprocess({"image": image})
     original = read_geometry(image)  # header only: the pixels are read once, by the pipeline
     with (
         torch.no_grad(),
@@ -422,6 +422,10 @@ def predict_files(
         raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")
     tasks = ", ".join(t["name"] for t in expert.card.tasks)
     for row in rows:  # every input is checked before the first inference
+        try:
+            check_complete(row["image"])  # ITK would zero-fill a truncated NIfTI silently
+        except ImageReadError as error:
+            raise PredictError(str(error)) from None
         info = inspect_input(row["image"])
         warning = check_input(row["image"], info, expert.card, force)
         print(f"{row['image']}: {info.describe} → {tasks}")
