@@ -97,19 +97,7 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}{where}: needs at least 2 classes, got {list(self.classes)}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"task {self.name!r}{where}: class names repeat: {list(self.classes)}")
-        dims = 3 if self.kind == "seg3d" else 2
-        if self.patch_size is not None and (
-            len(self.patch_size) != dims or not all(int(v) == v and v >= 1 for v in self.patch_size)
-        ):
-            raise ValueError(
-                f"task {self.name!r}{where}: patch_size must be {dims} integers >= 1 for {self.kind}, "
-                f"got {list(self.patch_size)}"
-            )
-        if self.spacing is not None and (len(self.spacing) != 3 or not all(v > 0 for v in self.spacing)):
-            raise ValueError(
-                f"task {self.name!r}{where}: spacing must be 3 numbers > 0 (mm, x y z), "
-                f"got {list(self.spacing)}"
-            )
+        check_patch_and_spacing(self.kind, self.patch_size, self.spacing, f"task {self.name!r}{where}: ")
         if not self.nsd_tolerance > 0:
             raise ValueError(
                 f"task {self.name!r}{where}: nsd_tolerance must be > 0 (mm), got {self.nsd_tolerance}"
@@ -134,6 +122,30 @@ class TaskSpec:
     def num_classes(self) -> int:
         """Number of classes (background included for segmentation)."""
         return len(self.classes)
+
+
+def check_patch_and_spacing(
+    kind: str, patch_size: Sequence[int] | None, spacing: Sequence[float] | None, owner: str
+) -> None:
+    """Refuse a patch size that is not ``3`` (seg3d) or ``2`` (cls2d) integers >= 1, or a spacing that
+    is not 3 numbers > 0.
+
+    Args:
+        kind: the task kind.
+        patch_size: the training crop / image size, or ``None``.
+        spacing: the target spacing in mm, or ``None``.
+        owner: the message's start, naming where the values come from (e.g. ``"data.init_args."``).
+
+    Raises:
+        ValueError: naming ``owner``, the field, the value and what it must be.
+    """
+    dims = 3 if kind == "seg3d" else 2
+    if patch_size is not None and (
+        len(patch_size) != dims or not all(int(v) == v and v >= 1 for v in patch_size)
+    ):
+        raise ValueError(f"{owner}patch_size must be {dims} integers >= 1 for {kind}, got {list(patch_size)}")
+    if spacing is not None and (len(spacing) != 3 or not all(v > 0 for v in spacing)):
+        raise ValueError(f"{owner}spacing must be 3 numbers > 0 (mm, x y z), got {list(spacing)}")
 
 
 # ----------------------------------------------------------------------------- regions

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
-from lorkd_pl.registry import TaskSpec, get_region_index, get_task, order_regions
+from lorkd_pl.registry import TaskSpec, check_patch_and_spacing, get_region_index, get_task, order_regions
 
 BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case")
 DEFAULT_CLS_SIZE: tuple[int, int] = (28, 28)
@@ -260,25 +260,13 @@ class MultiRegionDataModule(L.LightningDataModule):
                     f"data.init_args.region_weights[{region!r}] must be > 0, got {weight}; a region must be "
                     "drawn to train its expert (leave its task out of data.tasks instead)"
                 )
-        dims = 3 if self.kind == "seg3d" else 2
-        if h.patch_size is not None and (len(h.patch_size) != dims or not all(v >= 1 for v in h.patch_size)):
-            raise ValueError(
-                f"data.init_args.patch_size must be {dims} integers >= 1 for {self.kind} tasks, "
-                f"got {list(h.patch_size)}"
-            )
-        if h.spacing is not None and (len(h.spacing) != 3 or not all(v > 0 for v in h.spacing)):
-            raise ValueError(
-                f"data.init_args.spacing must be 3 numbers > 0 (mm, x y z), got {list(h.spacing)}"
-            )
+        check_patch_and_spacing(self.kind, h.patch_size, h.spacing, "data.init_args.")
         sizes = {spec.name: self.train_patch_size(spec) for spec in self.task_specs}
         if len(set(sizes.values())) > 1:
             raise ValueError(
                 f"data.tasks have different patch sizes {sizes}: one batch stacks them, so they must agree; "
                 "set data.init_args.patch_size to one size for all tasks"
             )
-        for name, size in sizes.items():
-            if len(size) != dims or not all(v >= 1 for v in size):
-                raise ValueError(f"task {name!r}: patch_size must be {dims} integers >= 1, got {list(size)}")
 
     # ------------------------------------------------------------------ run description
     @property
