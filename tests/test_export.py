@@ -198,3 +198,15 @@ def test_an_export_from_before_the_card_still_loads(checkpoint, tmp_path) -> Non
     x = torch.randn(2, 1, 28, 28)
     program = torch.export.load(str(out / "model.pt2")).module()
     torch.testing.assert_close(network(x)[0], program(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_export_that_does_not_fit_on_the_disk_writes_nothing(checkpoint, tmp_path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    path, _ = checkpoint
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError, match=r"not enough free space .* MiB needed, 0.0 MiB free"):
+        export_region(path, "brain", tmp_path / "brain")
+    assert list(tmp_path.iterdir()) == []

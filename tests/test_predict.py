@@ -297,3 +297,30 @@ def test_a_2d_image_file_is_classified_as_its_array_would_be(tmp_path) -> None:
     shutil.copy(DICOM, dicom)  # a 2D DICOM classifies too (CT, like the thorax task)
     (written,) = predict_files([dicom], checkpoint, tmp_path / "out_dicom")
     assert next(csv.DictReader(written.open()))["task"] == "demo_thorax_cls"
+
+
+def multiframe(path: Path, pixel_spacing=None) -> Path:
+    """CT_small as one multi-frame DICOM file of 3 frames."""
+    ds = pydicom.dcmread(DICOM)
+    ds.NumberOfFrames, ds.PixelData = 3, ds.PixelData * 3
+    if pixel_spacing is not None:
+        ds.PixelSpacing = pixel_spacing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    return path
+
+
+def test_a_multiframe_dicom_in_a_folder_reads_as_the_file_does(seg_checkpoint, tmp_path) -> None:
+    from lorkd_pl.data.readers import read_image
+
+    file = multiframe(tmp_path / "mf" / "volume.dcm")
+    assert read_image(tmp_path / "mf").GetSize() == read_image(file).GetSize() == (128, 128, 3)
+    (written,) = predict_files([tmp_path / "mf"], seg_checkpoint, tmp_path / "out", region="thorax")
+    assert sitk.ReadImage(str(written)).GetSize() == (128, 128, 3)
+
+
+def test_negative_spacing_in_a_header_stops_before_inference(seg_checkpoint, tmp_path) -> None:
+    file = multiframe(tmp_path / "neg.dcm", pixel_spacing=[-0.66, 0.66])
+    with pytest.raises(PredictError, match=r"has the spacing \(0.66, -0.66, .*voxel sizes must be > 0"):
+        predict_files([file], seg_checkpoint, tmp_path / "out", region="thorax")
+    assert not (tmp_path / "out").exists()

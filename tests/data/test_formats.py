@@ -222,3 +222,16 @@ def test_fractional_npz_labels_are_refused(tmp_path) -> None:
     arrays["val_labels"] = np.array([0.0, 1.0, 2.0])  # whole numbers stored as floats are fine
     np.savez(tmp_path / "d.npz", **arrays)
     assert [r["label"] for r in read_medmnist(tmp_path / "d.npz")["val"]] == [0, 1, 2]
+
+
+def test_rows_lacking_the_task_column_are_not_dropped_silently(tmp_path) -> None:
+    rows = [
+        {"image": "i1.nii.gz", "label": "l1.nii.gz", "task": "brain_seg", "split": "train"},
+        {"image": "i2.nii.gz", "label": "l2.nii.gz", "split": "train"},  # no task: it would vanish
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "t.yaml").write_text(
+        "name: brain_seg\nregion: brain\nkind: seg3d\nclasses: [a, b]\nmanifest: manifest.jsonl\n"
+    )
+    with pytest.raises(DatasetFormatError, match=r"row 2 has no 'task' while other rows .* do \(1 row"):
+        load_task_spec(tmp_path / "t.yaml").records("train")

@@ -123,6 +123,8 @@ def read_image(path: str | Path, check: bool = False) -> sitk.Image:
             if not series:
                 raise ImageReadError(f"no DICOM series in folder {path} (expected a folder of .dcm slices)")
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+            if len(files) == 1:  # one file (e.g. a multi-frame DICOM): read it as it is
+                return sitk.ReadImage(files[0])
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             return reader.Execute()

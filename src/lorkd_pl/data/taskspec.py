@@ -120,6 +120,12 @@ def load_task_spec(path: str | Path) -> TaskSpec:
 def _task_rows(rows: list[dict[str, Any]], name: str, manifest: Path) -> list[dict[str, Any]]:
     if not any("task" in row for row in rows):
         return rows
+    lacking = [row.get("source", "a row") for row in rows if "task" not in row]
+    if lacking:  # they would belong to no task and vanish without a word
+        raise DatasetFormatError(
+            f"{lacking[0]} has no 'task' while other rows of {manifest} do ({len(lacking)} row(s) lack it); "
+            "give every row its task, or none (then every row belongs to the spec's task)"
+        )
     mine = [row for row in rows if row.get("task") == name]
     if not mine:
         tasks = sorted({str(row.get("task")) for row in rows})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,7 @@ def export_regions(
         batch = torch.export.Dim("batch", min=1, max=1024)
         program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
         prepared.append((region, network, card, program))
+    _check_free_space([network for _, network, _, _ in prepared], [Path(outs[r]) for r in regions])
     written = []
     for region, network, card, program in prepared:
         with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
@@ -211,6 +213,26 @@ def export_regions(
             (work / "README.md").write_text(_readme(card), encoding="utf-8")
         written.append(Path(outs[region]))
     return written
+
+
+def _check_free_space(networks: Sequence[nn.Module], outs: Sequence[Path]) -> None:
+    """Refuse to start writing exports that will not fit on the disk (a full disk mid-write can abort
+    the process inside torch's C++ writer instead of raising).
+
+    Raises:
+        ExportError: naming the folder, the space needed and the space free.
+    """
+    needed = sum(
+        2 * sum(t.numel() * t.element_size() for t in network.state_dict().values()) + 2**20
+        for network in networks
+    )  # model.pt2 and state_dict.pt each hold the weights once, plus the card and program text
+    folder = next((p for p in [outs[0], *outs[0].parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ExportError(
+            f"not enough free space for the export in {folder}: about {needed / 2**20:.1f} MiB needed, "
+            f"{free / 2**20:.1f} MiB free; free some space or choose another --out"
+        )
 
 
 def _readme(card: ExpertCard) -> str:

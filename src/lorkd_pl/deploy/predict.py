@@ -130,6 +130,7 @@ class InputInfo:
     size: tuple[int, ...]
     components: int
     modality: str | None
+    spacing: tuple[float, ...] = ()
 
     @property
     def describe(self) -> str:
@@ -171,7 +172,7 @@ def inspect_input(image: str) -> InputInfo:
         )
     except RuntimeError as error:
         raise PredictError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
-    return InputInfo(what, size, header.GetNumberOfComponents(), modality or None)
+    return InputInfo(what, size, header.GetNumberOfComponents(), modality or None, tuple(header.GetSpacing()))
 
 
 def _header(path: str) -> sitk.ImageFileReader:
@@ -196,6 +197,11 @@ def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = Fal
         raise PredictError(f"{name} is 4D; give one 3D volume (e.g. one time point) per input")
     if card.kind == "cls2d" and len(spatial) > 2:
         raise PredictError(f"{name} is 3D; the {card.name} model classifies 2D images (give one slice)")
+    if card.kind == "seg3d" and not all(s > 0 for s in info.spacing[:3]):
+        raise PredictError(
+            f"{name} has the spacing {tuple(info.spacing)} in its header; voxel sizes must be > 0 "
+            "(fix the header, e.g. re-export the series)"
+        )
     if info.components > 1 and not (card.kind == "cls2d" and info.components in (3, 4)):
         raise PredictError(
             f"{name} has {info.components} components per voxel; the model takes one value per voxel"
