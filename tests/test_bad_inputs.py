@@ -400,3 +400,17 @@ def test_an_exports_state_dict_as_ckpt_path(tmp_path, capsys, monkeypatch, clean
         command("validate", case, "--ckpt_path", str(tmp_path / "state_dict.pt")), case, capsys
     )
     assert "state_dict.pt is not a training checkpoint" in message and "lorkd-pl predict" in message
+
+
+def test_a_checkpoint_of_another_network_for_the_same_tasks(
+    tmp_path, capsys, monkeypatch, clean_registry
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    load_plugins([case.tasks], use_entry_points=False)
+    wider = {**UNET, "init_args": {**UNET["init_args"], "channels": [8, 16]}}
+    other = write_generalist_checkpoint(tmp_path / "wider.ckpt", ["bad_task"], wider)
+    message = run_fails(command("validate", case, "--ckpt_path", str(other)), case, capsys)
+    assert "the checkpoint's weights do not fit the configured model" in message and "config.yaml" in message
+    assert "Traceback" not in message

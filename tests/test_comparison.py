@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from lorkd_pl.evaluation.comparison import ReportError, comparison_rows, find_summaries, write_report
+from lorkd_pl.evaluation.comparison import (
+    REPORT_MARK,
+    ReportError,
+    comparison_rows,
+    find_summaries,
+    write_report,
+)
 from lorkd_pl.evaluation.summaries import write_json_atomic
 
 
@@ -113,7 +119,8 @@ def test_rewrite_replaces_an_earlier_report_and_keeps_every_other_file(tmp_path,
     write_run(tmp_path / "t", [cls_summary("chest_cls", "thorax", [[5, 5], [2, 8]])])
     write_run(tmp_path / "s", [cls_summary("chest_cls", "thorax", [[9, 1], [2, 8]])])
     first = write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out").read_text()
-    (tmp_path / "out" / "report.md").write_text("old")
+    assert first.startswith(REPORT_MARK)  # how a later run knows the folder is a report
+    (tmp_path / "out" / "report.md").write_text(f"{REPORT_MARK}\nold")
     assert write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out").read_text() == first  # replaced
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
@@ -135,6 +142,24 @@ def test_rewrite_replaces_an_earlier_report_and_keeps_every_other_file(tmp_path,
         run / "notes.txt"
     ).read_text() == "mine"
 
+    figures = tmp_path / "figures"  # PNGs of the user's, no report.md: not a report
+    (figures / "plots").mkdir(parents=True)
+    (figures / "plots" / "fig1.png").write_bytes(b"precious")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    "report",
+                    "--teacher",
+                    str(tmp_path / "t"),
+                    "--student",
+                    str(run),
+                    "--out",
+                    str(figures),
+                    *extra,
+                ]
+            )
+    assert (figures / "plots" / "fig1.png").read_bytes() == b"precious"
     (tmp_path / "a_file").write_text("keep")
     with pytest.raises(ReportError, match="is a file"):
         write_report(tmp_path / "t", tmp_path / "s", tmp_path / "a_file")

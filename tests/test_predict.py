@@ -324,3 +324,44 @@ def test_negative_spacing_in_a_header_stops_before_inference(seg_checkpoint, tmp
     with pytest.raises(PredictError, match=r"has the spacing \(0.66, -0.66, .*voxel sizes must be > 0"):
         predict_files([file], seg_checkpoint, tmp_path / "out", region="thorax")
     assert not (tmp_path / "out").exists()
+
+
+def test_linked_inputs_of_one_name_and_files_beside_the_output(seg_checkpoint, tmp_path, capsys) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(NIFTI, real / "q.nii")
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(str(NIFTI)), [True, False, False]), str(real / "r.nii"))
+    for folder, target in (("d1", "q.nii"), ("d2", "r.nii")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.nii").symlink_to(real / target)
+    inputs = [tmp_path / "d1" / "x.nii", tmp_path / "d2" / "x.nii"]
+    written = predict_files(inputs, seg_checkpoint, tmp_path / "out", region="brain")
+    assert sorted(p.name for p in written) == ["d1_x_demo_brain_seg.nii.gz", "d2_x_demo_brain_seg.nii.gz"]
+    with pytest.raises(PredictError, match="inside the input folder"):  # --out = the files' own folder
+        predict_files([real / "q.nii"], seg_checkpoint, real, region="brain")
+    shutil.copy(written[0], real / "q_demo_brain_seg.nii.gz")  # an earlier prediction passed as an input
+    again = predict_files(
+        [real / "q.nii", real / "q_demo_brain_seg.nii.gz"], seg_checkpoint, tmp_path / "o", region="brain"
+    )
+    assert [p.name for p in again] == ["q_demo_brain_seg.nii.gz"]
+    assert "skipping 1 earlier prediction(s)" in capsys.readouterr().out
+
+
+def test_unreadable_manifests_and_non_finite_inputs(seg_checkpoint, tmp_path) -> None:
+    manifest = tmp_path / "inputs.jsonl"
+    manifest.write_text('{"image": 123}\n')
+    with pytest.raises(ValueError, match=r"row 1: field 'image' is 123; give the image's path"):
+        predict_files([manifest], seg_checkpoint, tmp_path / "o1", region="brain")
+    shutil.copy(NIFTI, tmp_path / "scan.nii")
+    csv_manifest = tmp_path / "inputs.csv"  # no label column (inputs to predict have none), Excel's BOM
+    csv_manifest.write_text("image\nscan.nii\n", encoding="utf-8-sig")
+    (written,) = predict_files([csv_manifest], seg_checkpoint, tmp_path / "o2", region="brain")
+    assert written.name == "scan_demo_brain_seg.nii.gz"
+    image = sitk.ReadImage(str(NIFTI), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(tmp_path / "nan.mha"))
+    with pytest.raises(PredictError, match="holds NaN or infinite voxels"):
+        predict_files([tmp_path / "nan.mha"], seg_checkpoint, tmp_path / "o3", region="brain")

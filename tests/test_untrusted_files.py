@@ -81,7 +81,7 @@ def test_payload_refused_by_every_loader(evil, tmp_path, capsys, monkeypatch) ->
                 "--region",
                 "brain",
                 "--out",
-                str(tmp_path),
+                str(tmp_path / "out"),
             ]
         )
     assert exit_info.value.code == 2 and "refused to load" in capsys.readouterr().err
@@ -324,3 +324,106 @@ def test_bundle_expressions_and_untrusted_targets_are_refused(tmp_path, monkeypa
     (bundle / "configs" / "inference.json").write_text(json.dumps(cases["expression"]))
     load_teacher(bundle, [])
     assert marker.exists()
+
+
+def test_names_that_look_trusted_but_are_not(student_checkpoint, tmp_path, capsys, monkeypatch) -> None:
+    """Attribute walks, training modules and downloads: each refused, no marker, no network."""
+    marker = tmp_path / "code-ran"
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    torch.save({"w": torch.zeros(1)}, bundle / "models" / "model.pt")
+    walks = {"_target_": "torch.nn.modules.module.torch.os.system", "command": f"touch {marker}"}
+    for network_def, match in (
+        (walks, "not a network class of a trusted module"),  # pydoc.locate would reach os.system
+        (
+            {
+                "_target_": "UNet",
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [4, 8],
+                "strides": [2],
+                "_mode_": "debug",
+            },
+            "_requires_ or _mode_",
+        ),
+        (
+            {
+                "_target_": "DenseNet121",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "out_channels": 2,
+                "pretrained": True,
+            },
+            r"fetch weights \(pretrained=True\)",
+        ),
+    ):
+        (bundle / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def}))
+        with pytest.raises(TeacherError, match=match):
+            load_teacher(bundle, [])
+    net = {
+        "_target_": "UNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "strides": [2],
+    }
+    (bundle / "configs" / "inference.json").write_text(
+        json.dumps({"network_def": net})
+    )  # MONAI's short names
+    torch.save(
+        __import__("monai").networks.nets.UNet(3, 1, 2, [4, 8], [2]).state_dict(),
+        bundle / "models" / "model.pt",
+    )
+    assert type(load_teacher(bundle, []).network).__name__ == "UNet"
+
+    # a trusted training module as a "backbone" could load a teacher of the file's choosing
+    data = torch.load(student_checkpoint, weights_only=True)
+    nested = {"class_path": "lorkd_pl.models.lorkd.LoRKDModule", "init_args": {"teacher": str(bundle)}}
+    crafted = with_backbone(student_checkpoint, nested, tmp_path / "nested.ckpt")
+    fails_with(
+        ["export", "--ckpt", str(crafted), "--region", "brain", "--out", str(tmp_path / "x")],
+        capsys,
+        "training module",
+    )
+    # a teacher path recorded in a checkpoint is never loaded by export --dry-run
+    data["teacher"] = {"path": str(bundle), "sha256": "x"}
+    torch.save(data, tmp_path / "recorded.ckpt")
+    loaded = []
+    monkeypatch.setattr("lorkd_pl.deploy.export.load_teacher", lambda *a, **k: loaded.append(a))
+    assert main(["export", "--ckpt", str(tmp_path / "recorded.ckpt"), "--dry-run"]) == 0
+    assert loaded == [] and "pass --teacher PATH to count it" in capsys.readouterr().out
+    assert not marker.exists()
+
+
+def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monkeypatch) -> None:
+    import lorkd_pl.app.lightning as lightning_module
+
+    data = torch.load(student_checkpoint, weights_only=True)
+    data["hyper_parameters"] = {**data["hyper_parameters"], "teacher": str(tmp_path / "their_teacher.ckpt")}
+    torch.save(data, tmp_path / "theirs.ckpt")
+    monkeypatch.chdir(tmp_path)
+    built = []
+    original = lightning_module.lightning_cli
+
+    def keep(args, run=True):
+        built.append(original(args, run))
+        return built[-1]
+
+    monkeypatch.setattr(lightning_module, "lightning_cli", keep)
+    args = [
+        "validate",
+        "--config",
+        LORKD_CLS,
+        "--model.init_args.teacher=null",
+        "--model.init_args.rank=2",
+        f"--model.init_args.backbone={json.dumps(CNN)}",  # the checkpoint's network
+        "--trainer.limit_val_batches=2",
+        "--data.init_args.tasks=[demo_brain_cls, demo_thorax_cls]",
+        "--ckpt_path",
+        str(tmp_path / "theirs.ckpt"),
+    ]
+    assert main(args) == 0
+    assert built[0].model.hparams.teacher is None  # the user's config, not the file

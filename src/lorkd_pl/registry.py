@@ -144,7 +144,7 @@ def check_patch_and_spacing(
         len(patch_size) != dims or not all(int(v) == v and v >= 1 for v in patch_size)
     ):
         raise ValueError(f"{owner}patch_size must be {dims} integers >= 1 for {kind}, got {list(patch_size)}")
-    if spacing is not None and (len(spacing) != 3 or not all(v > 0 for v in spacing)):
+    if spacing is not None and (len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing)):
         raise ValueError(f"{owner}spacing must be 3 numbers > 0 (mm, x y z), got {list(spacing)}")
 
 

@@ -138,7 +138,7 @@ def _export(args: argparse.Namespace) -> int:
     from lorkd_pl.deploy.export import export_regions, load_student, size_report
 
     if args.dry_run:
-        print(size_report(args.ckpt))
+        print(size_report(args.ckpt, args.teacher))
         return 0
     if not args.out:
         raise ValueError("export needs --out (a folder; with --all-regions one subfolder per region)")
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
+    export.add_argument("--teacher", help="with --dry-run: the teacher to count (e.g. its last.ckpt)")
 
     report = command("report", "compare a teacher and a student test run per region", _report)
     report.add_argument("--teacher", required=True, help="the teacher's test run folder (holds summary/)")

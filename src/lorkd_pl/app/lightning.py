@@ -39,7 +39,7 @@ from lorkd_pl.data.readers import ImageReadError
 from lorkd_pl.data.validation import DataValidationError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.io.trust import UntrustedFileError, check_trusted, named_classes
+from lorkd_pl.io.trust import UntrustedFileError, check_trusted, named_classes, resolve_network_class
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
@@ -160,8 +160,15 @@ class LorkdCLI(LightningCLI):
                 f"{configured_class}; a checkpoint never changes the model class: use the config the "
                 "checkpoint was trained with (e.g. demo/teacher_* for a generalist)"
             )
-        # the classes the file names must be trusted, or named by the user's own config
-        check_trusted(hparams, f"checkpoint {path}", extra=named_classes(_plain(model)))
+        # the classes the file names must be trusted, or named by the user's own config; and a file
+        # never chooses the teacher: the config's teacher / teacher_model stay
+        for key in ("teacher", "teacher_model"):
+            hparams.pop(key, None)
+        configured = tuple(named_classes(_plain(model)))
+        check_trusted(hparams, f"checkpoint {path}", extra=configured)
+        backbone = hparams.get("backbone")
+        if isinstance(backbone, dict) and "class_path" in backbone:
+            resolve_network_class(str(backbone["class_path"]), f"checkpoint {path}", extra=configured)
         data = self.config[subcommand].get("data")
         configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
         if configured:
@@ -224,6 +231,21 @@ class LorkdCLI(LightningCLI):
                 for path in earlier:
                     path.rename(aside / path.name)
                 rank_zero_info(f"lorkd-pl: moved the earlier run's checkpoints from {folder} to {aside}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's subcommand; a checkpoint whose weights do not fit the configured model is one
+        clear error instead of PyTorch's key-by-key report."""
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            first = str(error).strip().splitlines()
+            raise CheckpointError(
+                "the checkpoint's weights do not fit the configured model "
+                f"({' '.join(first[1:2]).strip()[:200]}); use the model config it was trained with "
+                "(its run's config.yaml)"
+            ) from None
 
     def after_validate(self) -> None:
         """Print the validation results once."""

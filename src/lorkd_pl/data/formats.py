@@ -45,8 +45,12 @@ def assign_split(case: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> s
     return "val" if value < fractions[0] + fractions[1] else "test"
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+def read_manifest(path: str | Path, require_label: bool = True) -> list[dict[str, Any]]:
     """Rows of a JSONL or CSV manifest, with paths resolved and ``split``/``case`` filled in.
+
+    Args:
+        path: the manifest (``.jsonl``/``.ndjson`` or ``.csv``, UTF-8 with or without a byte-order mark).
+        require_label: rows need a ``label`` (training); ``False`` for inputs to predict.
 
     Raises:
         DatasetFormatError: if the file is missing, empty, unparsable, or a row lacks ``image`` or
@@ -58,7 +62,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
             f"manifest not found: {path} (write it with `lorkd-pl demo-data` or by hand)"
         )
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a byte-order mark
             rows = [dict(row) for row in csv.DictReader(handle)]
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []
@@ -79,7 +83,8 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
             f"manifest {path} has no rows; add one row per image (fields: image, label, region)"
         )
     _check_columns(path, {key for row in rows for key in row})
-    return [_normalise_row(row, index, path) for index, row in enumerate(rows)]
+    required = REQUIRED_FIELDS if require_label else ("image",)
+    return [_normalise_row(row, index, path, required) for index, row in enumerate(rows)]
 
 
 def _check_columns(path: Path, columns: set[str]) -> None:
@@ -94,15 +99,26 @@ def _check_columns(path: Path, columns: set[str]) -> None:
             )
 
 
-def _normalise_row(row: Mapping[str, Any], index: int, manifest: Path) -> dict[str, Any]:
+def _normalise_row(
+    row: Mapping[str, Any], index: int, manifest: Path, required: Sequence[str] = REQUIRED_FIELDS
+) -> dict[str, Any]:
     where = f"{manifest}, row {index + 1}"
     record = {k: v for k, v in row.items() if v not in ("", None)}
-    for key in REQUIRED_FIELDS:
+    for key in required:
         if key not in record:
-            raise DatasetFormatError(
-                f"{where}: missing field {key!r} (each row needs {list(REQUIRED_FIELDS)})"
-            )
+            raise DatasetFormatError(f"{where}: missing field {key!r} (each row needs {list(required)})")
+    if not isinstance(record["image"], str):
+        raise DatasetFormatError(
+            f"{where}: field 'image' is {record['image']!r}; give the image's path (a string)"
+        )
+    label = record.get("label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        raise DatasetFormatError(
+            f"{where}: field 'label' is {record['label']!r}; give a label map's path or a class index"
+        )
     for key in ("image", "label"):
+        if key not in record:
+            continue
         value = record[key]
         if isinstance(value, str) and not _is_int(value):
             record[key] = str((manifest.parent / value).resolve()) if not Path(value).is_absolute() else value

@@ -32,7 +32,7 @@ from lorkd_pl.experts import merge_expert
 from lorkd_pl.io.atomic import atomic_folder
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
-from lorkd_pl.io.trust import check_trusted
+from lorkd_pl.io.trust import check_trusted, resolve_network_class
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import GeneralistModule
@@ -271,6 +271,7 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
     try:
         card = ExpertCard.from_json(card_path)
         check_trusted(card.backbone, str(card_path))  # before the class it names is imported
+        resolve_network_class(str(card.backbone.get("class_path")), str(card_path))
         backbone = build_module(card.backbone)
     except (CardError, ValueError) as error:
         raise ExportError(f"{card_path}: {error}") from None
@@ -285,19 +286,27 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
     return network.eval(), card
 
 
-def size_report(checkpoint: str | Path) -> str:
-    """Parameters (and on-disk sizes) of the teacher, the student with all experts and one merged expert."""
+def size_report(checkpoint: str | Path, teacher: str | Path | None = None) -> str:
+    """Parameters (and on-disk sizes) of the teacher, the student with all experts and one merged expert.
+
+    Args:
+        checkpoint: a LoRKD training checkpoint.
+        teacher: the teacher to count (the user's path: a path recorded in a file is never loaded).
+    """
     student, data = load_student(checkpoint)
-    teacher = data.get("teacher") or {}
+    recorded = (data.get("teacher") or {}).get("path")
     lines = ["| model | parameters | on disk |", "|---|---:|---:|"]
-    teacher_path = Path(teacher["path"]) if teacher.get("path") else None
-    if teacher_path is not None and teacher_path.exists():
+    if teacher is not None:
+        teacher_path = Path(teacher)
         count = count_parameters(load_teacher(teacher_path, student.tasks).network)
-        lines.append(
-            f"| teacher ({teacher_path.name}) | {count:,} | {teacher_path.stat().st_size / 2**20:.2f} MiB |"
+        size = (
+            sum(p.stat().st_size for p in teacher_path.rglob("*") if p.is_file())
+            if teacher_path.is_dir()
+            else teacher_path.stat().st_size
         )
+        lines.append(f"| teacher ({teacher_path.name}) | {count:,} | {size / 2**20:.2f} MiB |")
     else:
-        lines.append("| teacher | (file not available) | |")
+        lines.append(f"| teacher ({recorded or 'unknown'}; pass --teacher PATH to count it) | | |")
     lines.append(
         f"| student, all {len(student.regions)} experts + {len(student.heads)} heads "
         f"| {count_parameters(student):,} "

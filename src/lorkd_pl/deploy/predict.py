@@ -86,7 +86,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not item.exists():
             raise PredictError(f"input not found: {item}")
         if item.is_file() and item.suffix.lower() in (".jsonl", ".csv"):
-            rows += [{k: r[k] for k in ("image", "region") if k in r} for r in read_manifest(item)]
+            rows += [
+                {k: r[k] for k in ("image", "region") if k in r}
+                for r in read_manifest(item, require_label=False)
+            ]
         elif item.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item)):
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item))
             dicom = {
@@ -106,7 +109,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
             files = [p for p in sorted(item.iterdir()) if p.is_file() and p.name.lower().endswith(SUFFIXES)]
             if not files:
                 raise PredictError(f"folder {item} holds no image files ({', '.join(SUFFIXES)})")
-            rows += [{"image": str(p), "from_folder": True} for p in files]
+            rows += [{"image": str(p)} for p in files]
         else:
             rows.append({"image": str(item)})
     return rows
@@ -220,7 +223,7 @@ def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = Fal
 def output_stems(images: Sequence[str]) -> dict[str, str]:
     """A unique output name stem per input: the file name, with as many parent folders prefixed
     (``parent_name``) as it takes to tell inputs of the same name apart."""
-    paths = {image: Path(image).resolve() for image in images}
+    paths = {image: Path(image).absolute() for image in images}  # as given (a link keeps its own name)
     depth = dict.fromkeys(images, 0)
 
     def stem(image: str) -> str:
@@ -237,23 +240,26 @@ def output_stems(images: Sequence[str]) -> dict[str, str]:
         for group in clashes:
             for image in group:
                 depth[image] += 1
-    return {image: stem(image) for image in images}
+    stems = {image: stem(image) for image in images}
+    if len(set(stems.values())) != len(stems):
+        raise PredictError(f"inputs would share output names: {sorted(images)[:4]}; rename or move them")
+    return stems
 
 
 def check_output_folder(inputs: Sequence[str | Path], out_dir: str | Path) -> None:
-    """Refuse an output folder equal to, or inside, an input folder (the next run would predict the
-    predictions).
+    """Refuse an output folder equal to, or inside, an input folder, or equal to the folder of an input
+    file (outputs would mix with, or overwrite, inputs, and the next run would predict the predictions).
 
     Raises:
         PredictError: naming both folders.
     """
     out = Path(out_dir).resolve()
     for item in map(Path, inputs):
-        folder = item.resolve()
-        if item.is_dir() and (out == folder or folder in out.parents):
+        folder = item.resolve() if item.is_dir() else item.resolve().parent
+        if out == folder or (item.is_dir() and folder in out.parents):
             raise PredictError(
-                f"--out {out_dir} is inside the input folder {item}: the predictions would become inputs of "
-                "the next run; choose an output folder outside the inputs"
+                f"--out {out_dir} is inside the input folder {folder}: the predictions would mix with (or "
+                "overwrite) the inputs and become inputs of the next run; choose an output folder outside"
             )
 
 
@@ -308,6 +314,10 @@ def predict_segmentation(
     preprocess = mt.Compose(seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing))
     check_complete(image)  # before MONAI reads it: ITK would zero-fill a truncated NIfTI silently
     data = preprocess({"image": image})
+    if not torch.isfinite(data["image"]).all():
+        raise PredictError(
+            f"{image} holds NaN or infinite voxels; fix or drop the scan (training refuses them too)"
+        )
     original = read_geometry(image)  # header only: the pixels are read once, by the pipeline
     with (
         torch.no_grad(),
@@ -367,6 +377,8 @@ def predict_classification(expert: Expert, images: Sequence[str], out_dir: Path,
         writer.writerow(["image", "task", "prediction", *[name for _, name in columns]])
         for image in tqdm(images, desc="images"):
             x = transform({"image": image, "label": 0})["image"][None].to(device)
+            if not torch.isfinite(x).all():
+                raise PredictError(f"{image} holds NaN or infinite values; fix or drop the image")
             with torch.no_grad():
                 outputs = expert.network(x)
             for task in card.tasks:
@@ -404,8 +416,9 @@ def predict_files(
         overlap: segmentation: sliding-window overlap (default: the expert's).
         force: predict inputs whose DICOM modality differs from the card's (a warning instead).
     """
-    check_output_folder(inputs, out_dir)
-    unique = {str(Path(row["image"]).resolve()): row for row in reversed(collect_inputs(inputs))}
+    collected = collect_inputs(inputs)
+    check_output_folder([*inputs, *(row["image"] for row in collected)], out_dir)
+    unique = {str(Path(row["image"]).resolve()): row for row in reversed(collected)}
     rows = list(reversed(unique.values()))  # an input given twice is predicted once
     regions = {row.get("region") for row in rows} - {None}
     if region is None and len(regions) == 1:
@@ -418,11 +431,9 @@ def predict_files(
             f"inputs {mismatched[:3]} belong to another region than the {expert.card.name!r} model's "
             f"{sorted(regions)}"
         )
-    own = [
-        row["image"] for row in rows if row.get("from_folder") and is_own_output(row["image"], expert.card)
-    ]
-    if own:  # predictions of an earlier run in an input folder are not inputs
-        print(f"lorkd-pl: skipping {len(own)} earlier prediction(s) in the input folders, e.g. {own[0]}")
+    own = [row["image"] for row in rows if is_own_output(row["image"], expert.card)]
+    if own:  # predictions of an earlier run are not inputs
+        print(f"lorkd-pl: skipping {len(own)} earlier prediction(s) among the inputs, e.g. {own[0]}")
         rows = [row for row in rows if row["image"] not in own]
     if not rows:
         raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")

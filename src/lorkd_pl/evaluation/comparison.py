@@ -143,6 +143,7 @@ def render_report(
 ) -> str:
     """The ``report.md`` text of :func:`comparison_rows` ``rows`` (plots linked by relative path)."""
     lines = [
+        REPORT_MARK,
         "# Teacher vs LoRKD experts",
         "",
         f"Teacher run: `{sources[0]}`; student run: `{sources[1]}` (test split). Δ = expert − teacher; "
@@ -191,9 +192,13 @@ def write_report(
     return write_comparison(teacher, student, out, (str(teacher_run), str(student_run)), overwrite)
 
 
+REPORT_MARK = "<!-- written by lorkd-pl report -->"
+
+
 def _is_report_part(path: Path) -> bool:
-    if path.name == "report.md" and path.is_file():
-        return True
+    if path.name == "report.md" and path.is_file() and not path.is_symlink():
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return handle.readline().strip() == REPORT_MARK
     return path.name == "plots" and path.is_dir() and all(p.suffix == ".png" for p in path.iterdir())
 
 
@@ -207,9 +212,10 @@ def report_target(out: str | Path, overwrite: bool = False) -> str:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder for report.md and plots/")
-    if not out.exists():
+    if not out.exists() or not any(out.iterdir()):
         return "new"
-    others = sorted(p.name for p in out.iterdir() if not _is_report_part(p))
+    earlier = _is_report_part(out / "report.md")  # an earlier report's report.md carries the mark
+    others = sorted(p.name for p in out.iterdir() if not (earlier and _is_report_part(p)))
     if not others:
         return "replace"
     if not overwrite:
@@ -218,9 +224,11 @@ def report_target(out: str | Path, overwrite: bool = False) -> str:
             f"{', …' if len(others) > 5 else ''}; choose a new folder, or pass --overwrite to write "
             "report.md and plots/ beside those files (nothing else is touched)"
         )
-    plots = out / "plots"
-    if plots.exists() and not _is_report_part(plots):
-        raise ReportError(f"{plots} holds files other than plots; choose another --out")
+    for name in ("report.md", "plots"):
+        if (out / name).exists() and not earlier:
+            raise ReportError(
+                f"{out / name} exists and was not written by lorkd-pl report; choose another --out"
+            )
     return "beside"
 
 

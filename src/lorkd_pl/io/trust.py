@@ -10,12 +10,16 @@ user's own config names. Names in the user's own YAML configs are the user's cho
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-#: Modules whose classes a file may name: network libraries, and lorkd-pl itself.
-TRUSTED_MODULES: tuple[str, ...] = ("torch.nn", "monai.networks", "torchvision.models", "timm", "lorkd_pl")
+#: Modules whose classes a file may name: torch's and MONAI's networks, and lorkd-pl itself. Others
+#: (torchvision, timm, your own) only through ``$LORKD_PL_TRUSTED_MODULES``.
+TRUSTED_MODULES: tuple[str, ...] = ("torch.nn", "monai.networks", "lorkd_pl")
+#: Constructor arguments that make a network fetch weights from the internet (a file must not).
+DOWNLOAD_ARGUMENTS: tuple[str, ...] = ("pretrained", "url", "download")
 ENV_TRUSTED_MODULES = "LORKD_PL_TRUSTED_MODULES"
 #: Set to 1 to let a MONAI bundle's network definition run its ``$`` expressions (off by default).
 ENV_TRUST_BUNDLE_CODE = "LORKD_PL_TRUST_BUNDLE_CODE"
@@ -58,7 +62,8 @@ def bundle_code_trusted() -> bool:
 
 
 def check_trusted(data: Any, source: str, extra: Iterable[str] = ()) -> None:
-    """Refuse ``data`` read from ``source`` if it names a class outside the trusted modules.
+    """Refuse ``data`` read from ``source`` if it names a class outside the trusted modules, or asks a
+    network to download weights.
 
     Args:
         data: plain data read from a file (hyper-parameters, an expert card's backbone, a bundle config).
@@ -77,3 +82,68 @@ def check_trusted(data: Any, source: str, extra: Iterable[str] = ()) -> None:
                 f"If you trust this file, add the module to ${ENV_TRUSTED_MODULES} "
                 f"(e.g. export {ENV_TRUSTED_MODULES}={name.rpartition('.')[0] or name})"
             )
+    check_downloads(data, source)
+
+
+def check_downloads(data: Any, source: str) -> None:
+    """Refuse constructor arguments in ``data`` that make a network fetch weights (``pretrained``,
+    ``*url*``, ``download``) when truthy.
+
+    Raises:
+        UntrustedFileError: naming the file and the argument.
+    """
+    for key, value in _arguments(data):
+        if any(word in key.lower() for word in DOWNLOAD_ARGUMENTS) and value:
+            raise UntrustedFileError(
+                f"{source} asks a network to fetch weights ({key}={value!r}); lorkd-pl downloads nothing "
+                "named by a file: give the weights in the file, or build the network from your own config"
+            )
+
+
+def _arguments(data: Any) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of every constructor argument in ``data``: ``init_args`` entries and the
+    siblings of a bundle's ``_target_``."""
+    if isinstance(data, dict):
+        if isinstance(data.get("init_args"), dict):
+            yield from data["init_args"].items()
+        if "_target_" in data:
+            yield from ((k, v) for k, v in data.items() if not k.startswith("_"))
+        for value in data.values():
+            yield from _arguments(value)
+    elif isinstance(data, (list, tuple)):
+        for item in data:
+            yield from _arguments(item)
+
+
+def resolve_network_class(name: str, source: str, extra: Iterable[str] = ()) -> type:
+    """The network class ``name`` names, resolved without walking attributes.
+
+    ``name`` must lie in a trusted module; its module part is imported and ONE attribute is read (a
+    path such as ``torch.nn.modules.module.torch.os.system`` resolves to nothing), which must be a
+    ``torch.nn.Module`` subclass defined in a trusted module, and not a LightningModule (a training
+    module could load a teacher from a path of the file's choosing).
+
+    Raises:
+        UntrustedFileError: naming the file, the name and why.
+    """
+    import torch
+
+    check_trusted({"class_path": name}, source, extra)
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute) if module_name else None
+    except (ImportError, AttributeError, ValueError):
+        target = None
+    defined_in = getattr(target, "__module__", "") or ""
+    if not (isinstance(target, type) and issubclass(target, torch.nn.Module)) or not (
+        is_trusted(f"{defined_in}.{attribute}") or name in tuple(extra)
+    ):
+        raise UntrustedFileError(
+            f"{source} names {name!r}, which is not a network class of a trusted module "
+            f"({', '.join(trusted_modules())}); name the class by its module and class name"
+        )
+    if any(base.__name__ == "LightningModule" for base in target.__mro__):
+        raise UntrustedFileError(
+            f"{source} names the training module {name!r} as a network; a file may name networks only"
+        )
+    return target

@@ -72,6 +72,8 @@ def build_module(config: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"cannot import {name}: {error}") from None
     if not (isinstance(target, type) and issubclass(target, nn.Module)):
         raise ValueError(f"{name} is not a torch.nn.Module class; a backbone's class_path must name one")
+    if any(base.__name__ == "LightningModule" for base in target.__mro__):
+        raise ValueError(f"{name} is a training module (LightningModule), not a network to use as a backbone")
     try:
         return target(**init_args)
     except (TypeError, ValueError) as error:

@@ -27,7 +27,7 @@ from lorkd_pl.models.backbones import build_module, count_parameters, feature_ch
 from lorkd_pl.models.base import TaskModule, check_ranges
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
-from lorkd_pl.models.teacher import Teacher, load_teacher
+from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
 
 KDKind = Literal["logits", "features", "both", "none"]
 DEFAULT_RANK = 8
@@ -161,9 +161,12 @@ class LoRKDModule(TaskModule):
             if self.hparams.teacher is None:
                 raise ValueError("no teacher configured (model.init_args.teacher)")
             # Stored outside nn.Module's registry: not in state_dict, not wrapped or synced by DDP.
-            self.__dict__["_teacher"] = load_teacher(
-                self.hparams.teacher, self.tasks, self.hparams.teacher_model
-            )
+            try:
+                self.__dict__["_teacher"] = load_teacher(
+                    self.hparams.teacher, self.tasks, self.hparams.teacher_model
+                )
+            except AttributeError as error:  # inside a property it would read "no attribute 'teacher'"
+                raise TeacherError(f"teacher {self.hparams.teacher} could not be loaded: {error}") from None
             missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.task_channels]
             if missing and self.hparams.kd in ("logits", "both"):
                 rank_zero_warn(

@@ -26,7 +26,13 @@ from torch import Tensor, nn
 
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
-from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE, UntrustedFileError, bundle_code_trusted, check_trusted
+from lorkd_pl.io.trust import (
+    ENV_TRUST_BUNDLE_CODE,
+    UntrustedFileError,
+    bundle_code_trusted,
+    check_downloads,
+    resolve_network_class,
+)
 from lorkd_pl.models.backbones import build_module
 
 
@@ -187,8 +193,10 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _check_bundle_network(parser: Any, config: Path) -> None:
-    """Refuse a bundle whose ``network_def`` (with everything it references) names an untrusted class
-    (``_target_``), holds a ``$`` expression (unless ``$LORKD_PL_TRUST_BUNDLE_CODE=1``) or a ``%`` macro.
+    """Refuse a bundle whose ``network_def`` (with everything it references) names anything but a
+    trusted network class (``_target_``, resolved here without walking attributes and written back as
+    its full name, so MONAI's own lookup cannot resolve it differently), holds a ``$`` expression (unless
+    ``$LORKD_PL_TRUST_BUNDLE_CODE=1``), a ``%`` macro, ``_requires_`` or a ``_mode_`` other than default.
 
     Raises:
         TeacherError: naming the config file, the entry and the fix.
@@ -199,10 +207,21 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 visit(value, f"{where}::{key}")
+            if "_requires_" in node or node.get("_mode_", "default") != "default":
+                raise TeacherError(
+                    f"MONAI bundle config {config}: {where} uses _requires_ or _mode_ "
+                    f"({node.get('_mode_', '')!r}), which run code or a debugger; remove them"
+                )
             target = node.get("_target_")
             if isinstance(target, str) and not target.startswith("$"):
+                source = f"MONAI bundle config {config} ({where})"
                 try:
-                    check_trusted({"_target_": target}, f"MONAI bundle config {config} ({where})")
+                    check_downloads(node, source)
+                    # MONAI's short names (``UNet``) are its networks
+                    cls = resolve_network_class(
+                        target if "." in target else f"monai.networks.nets.{target}", source
+                    )
+                    node["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
                 except UntrustedFileError as error:
                     raise TeacherError(str(error)) from None
         elif isinstance(node, (list, tuple)):
