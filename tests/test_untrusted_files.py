@@ -22,7 +22,7 @@ from lorkd_pl.io import checkpoints as checkpoint_io
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.teacher import TeacherError, load_teacher
-from training_helpers import save_checkpoint, write_generalist_checkpoint
+from training_helpers import keep_built_clis, save_checkpoint, write_generalist_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LORKD_CLS = str(ROOT / "configs" / "demo" / "lorkd_cls.yaml")
@@ -283,25 +283,25 @@ def test_trusted_modules_can_be_extended_by_the_user(student_checkpoint, tmp_pat
         load_student(crafted)  # now it is built (and only then its weights are found not to fit)
 
 
+UNET_NET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}
+
+
+def bundle_folder(folder: Path) -> Path:
+    """An empty MONAI bundle layout holding the weights of ``UNET_NET`` (write its inference.json)."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(
+        __import__("monai").networks.nets.UNet(**UNET_NET).state_dict(), folder / "models" / "model.pt"
+    )
+    return folder
+
+
 def test_bundle_expressions_and_untrusted_targets_are_refused(tmp_path, monkeypatch) -> None:
     from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE
 
     marker = tmp_path / "code-ran"
-    net = {
-        "_target_": "monai.networks.nets.UNet",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 2,
-        "channels": [4, 8],
-        "strides": [2],
-    }
-    bundle = tmp_path / "bundle"
-    (bundle / "configs").mkdir(parents=True)
-    (bundle / "models").mkdir()
-    torch.save(
-        __import__("monai").networks.nets.UNet(3, 1, 2, [4, 8], [2]).state_dict(),
-        bundle / "models" / "model.pt",
-    )
+    net = {"_target_": "monai.networks.nets.UNet", **UNET_NET}
+    bundle = bundle_folder(tmp_path / "bundle")
     cases = {
         "expression": {
             "touch": f"$__import__('pathlib').Path({str(marker)!r}).touch()",
@@ -329,10 +329,7 @@ def test_bundle_expressions_and_untrusted_targets_are_refused(tmp_path, monkeypa
 def test_names_that_look_trusted_but_are_not(student_checkpoint, tmp_path, capsys, monkeypatch) -> None:
     """Attribute walks, training modules and downloads: each refused, no marker, no network."""
     marker = tmp_path / "code-ran"
-    bundle = tmp_path / "bundle"
-    (bundle / "configs").mkdir(parents=True)
-    (bundle / "models").mkdir()
-    torch.save({"w": torch.zeros(1)}, bundle / "models" / "model.pt")
+    bundle = bundle_folder(tmp_path / "bundle")
     walks = {"_target_": "torch.nn.modules.module.torch.os.system", "command": f"touch {marker}"}
     for network_def, match in (
         (walks, "not a network class of a trusted module"),  # pydoc.locate would reach os.system
@@ -362,14 +359,7 @@ def test_names_that_look_trusted_but_are_not(student_checkpoint, tmp_path, capsy
         (bundle / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def}))
         with pytest.raises(TeacherError, match=match):
             load_teacher(bundle, [])
-    net = {
-        "_target_": "UNet",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 2,
-        "channels": [4, 8],
-        "strides": [2],
-    }
+    net = {"_target_": "UNet", **UNET_NET}
     (bundle / "configs" / "inference.json").write_text(
         json.dumps({"network_def": net})
     )  # MONAI's short names
@@ -399,20 +389,11 @@ def test_names_that_look_trusted_but_are_not(student_checkpoint, tmp_path, capsy
 
 
 def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monkeypatch) -> None:
-    import lorkd_pl.app.lightning as lightning_module
-
     data = torch.load(student_checkpoint, weights_only=True)
     data["hyper_parameters"] = {**data["hyper_parameters"], "teacher": str(tmp_path / "their_teacher.ckpt")}
     torch.save(data, tmp_path / "theirs.ckpt")
     monkeypatch.chdir(tmp_path)
-    built = []
-    original = lightning_module.lightning_cli
-
-    def keep(args, run=True):
-        built.append(original(args, run))
-        return built[-1]
-
-    monkeypatch.setattr(lightning_module, "lightning_cli", keep)
+    built = keep_built_clis(monkeypatch)
     args = [
         "validate",
         "--config",

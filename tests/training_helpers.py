@@ -127,3 +127,19 @@ class StepRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.out.touch()
+
+
+def keep_built_clis(monkeypatch) -> list:
+    """Make every ``lorkd-pl`` Lightning command run in this test keep its LorkdCLI in the returned list
+    (to read the model and trainer it built after ``main([...])`` returns)."""
+    import lorkd_pl.app.lightning as lightning_module
+
+    built: list = []
+    original = lightning_module.lightning_cli
+
+    def keep(args, run=True):
+        built.append(original(args, run))
+        return built[-1]
+
+    monkeypatch.setattr(lightning_module, "lightning_cli", keep)
+    return built

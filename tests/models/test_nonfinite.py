@@ -10,7 +10,7 @@ import torch
 
 from lorkd_pl.app.cli import main
 from lorkd_pl.models.base import NonFiniteLossError
-from training_helpers import ddp_fit, rank_weights
+from training_helpers import ddp_fit, keep_built_clis, rank_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER_CLS = str(ROOT / "configs" / "demo" / "teacher_cls.yaml")
@@ -57,16 +57,7 @@ def test_nan_batch_raises_naming_step_region_and_term(
 
 def test_skip_counts_and_keeps_weights_finite(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    import lorkd_pl.app.lightning as cli_module
-
-    built = []
-    original = cli_module.lightning_cli
-
-    def run_and_keep(args, run=True):
-        built.append(original(args, run))
-        return built[-1]
-
-    monkeypatch.setattr(cli_module, "lightning_cli", run_and_keep)
+    built = keep_built_clis(monkeypatch)
     assert main(["fit", "--config", TEACHER_CLS, "--model.init_args.nonfinite_loss=skip", *COMMON]) == 0
     model = built[0].model
     assert model.nonfinite_skipped == 1 and model.trainer.global_step == 4
