@@ -68,6 +68,11 @@ class TaskSpec:
             ``spacing`` is ``None``).
         teacher_classes: map from this task's class names to the teacher's output channels, for
             logit distillation; ``None`` means no mapping (only feature KD or none applies).
+        flip_axes: seg3d: training flips, by axis of the RAS-oriented volume (0 left↔right,
+            1 posterior↔anterior, 2 inferior↔superior); default none: a flip removes the location cues
+            anatomy models use and, left↔right, corrupts lateralized classes.
+        mirror_pairs: seg3d: class pairs that swap under a left↔right flip (``[["lung_left",
+            "lung_right"]]``); axis 0 may be flipped only when every lateralized class is paired.
         source: where the task came from (plugin file, spec file, entry point).
         extras: free-form plain values for plugins.
     """
@@ -83,6 +88,8 @@ class TaskSpec:
     metrics: tuple[str, ...] = ()
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE
     teacher_classes: Mapping[str, int] | None = None
+    flip_axes: tuple[int, ...] = ()
+    mirror_pairs: tuple[tuple[str, str], ...] = ()
     source: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -98,6 +105,7 @@ class TaskSpec:
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"task {self.name!r}{where}: class names repeat: {list(self.classes)}")
         check_patch_and_spacing(self.kind, self.patch_size, self.spacing, f"task {self.name!r}{where}: ")
+        check_flips(self, where)
         if not self.nsd_tolerance > 0:
             raise ValueError(
                 f"task {self.name!r}{where}: nsd_tolerance must be > 0 (mm), got {self.nsd_tolerance}"
@@ -146,6 +154,35 @@ def check_patch_and_spacing(
         raise ValueError(f"{owner}patch_size must be {dims} integers >= 1 for {kind}, got {list(patch_size)}")
     if spacing is not None and (len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing)):
         raise ValueError(f"{owner}spacing must be 3 numbers > 0 (mm, x y z), got {list(spacing)}")
+
+
+LATERAL_WORDS: tuple[str, ...] = ("left", "right")
+
+
+def check_flips(task: TaskSpec, where: str = "") -> None:
+    """Refuse flips that would corrupt labels: axes outside 0..2, mirror pairs naming unknown classes,
+    or a left↔right flip (axis 0) while a lateralized class (its name holds ``left``/``right``) has no
+    mirror pair.
+
+    Raises:
+        ValueError: naming the task, the field and the fix.
+    """
+    owner = f"task {task.name!r}{where}"
+    if task.flip_axes and task.kind != "seg3d":
+        raise ValueError(f"{owner}: flip_axes applies to seg3d tasks")
+    bad = [a for a in task.flip_axes if a not in (0, 1, 2)]
+    if bad:
+        raise ValueError(f"{owner}: flip_axes must be among 0 (left-right), 1, 2; got {list(task.flip_axes)}")
+    paired = {name for pair in task.mirror_pairs for name in pair}
+    unknown = sorted(paired - set(task.classes))
+    if unknown or any(len(pair) != 2 for pair in task.mirror_pairs):
+        raise ValueError(f"{owner}: mirror_pairs must be pairs of its classes, got {task.mirror_pairs}")
+    lateral = [c for c in task.classes if any(w in c.lower() for w in LATERAL_WORDS) and c not in paired]
+    if 0 in task.flip_axes and lateral:
+        raise ValueError(
+            f"{owner}: flipping left-right (flip_axes 0) would put {lateral} on the wrong side; declare "
+            "mirror_pairs (e.g. [[lung_left, lung_right]]) or leave axis 0 out of flip_axes"
+        )
 
 
 # ----------------------------------------------------------------------------- regions

@@ -84,3 +84,64 @@ def test_cls2d_arrays_and_channels() -> None:
     out = cls2d_transforms(True, (16, 16), channels=3)({"image": grey, "label": 0})
     assert tuple(out["image"].shape) == (3, 16, 16)
     torch.testing.assert_close(out["image"][0], out["image"][2])
+
+
+def _lateral_errors(samples, left: int, right: int) -> int:
+    """Patches (RAS-oriented) whose ``left`` class lies on the patient's right of the ``right`` class."""
+    wrong = 0
+    for sample in samples:
+        label = sample["label"][0]
+        if (label == left).any() and (label == right).any():
+            x_left = (label == left).nonzero()[:, 0].float().mean()
+            x_right = (label == right).nonzero()[:, 0].float().mean()
+            wrong += int(
+                x_left > x_right
+            )  # RAS: +x points to the patient's right, a left organ has smaller x
+    return wrong
+
+
+def test_left_right_flips_swap_mirrored_classes_and_default_flips_nothing(demo_root) -> None:
+    import torch
+
+    from lorkd_pl.data.transforms import seg3d_transforms
+    from lorkd_pl.registry import get_task
+
+    task = get_task("demo_thorax_seg")
+    assert task.flip_axes == ()  # the default never flips
+    left, right = task.classes.index("lung_left"), task.classes.index("lung_right")
+    records = task.records("train")
+
+    def patches(flip_axes, pairs, seed):
+        transform = seg3d_transforms(True, "CT", task.spacing, task.patch_size, 0.5, flip_axes, pairs)
+        transform.set_random_state(seed=seed)
+        out = []
+        for record in records:
+            for _ in range(4):
+                out += transform(dict(record))
+        return out
+
+    assert _lateral_errors(patches((), (), 0), left, right) == 0  # the anatomy as acquired
+    assert _lateral_errors(patches((0,), (), 0), left, right) > 0  # oracle: a bare flip corrupts it
+    assert _lateral_errors(patches((0, 1, 2), [(left, right)], 0), left, right) == 0  # mirrored: correct
+    flipped = patches((0,), [(left, right)], 1)
+    assert any(bool((s["label"] == left).any()) for s in flipped) and torch.is_tensor(flipped[0]["label"])
+
+
+def test_a_left_right_flip_needs_mirror_pairs(clean_registry) -> None:
+    import pytest
+
+    from lorkd_pl.registry import TaskSpec
+
+    base = {
+        "name": "t",
+        "region": "thorax",
+        "kind": "seg3d",
+        "classes": ("bg", "lung_left", "lung_right"),
+        "records": lambda split: [],
+    }
+    with pytest.raises(ValueError, match=r"would put \['lung_left', 'lung_right'\] on the wrong side"):
+        TaskSpec(**base, flip_axes=(0,))
+    TaskSpec(**base, flip_axes=(0,), mirror_pairs=(("lung_left", "lung_right"),))
+    TaskSpec(**base, flip_axes=(2,))  # superior-inferior: no lateral meaning, allowed when declared
+    with pytest.raises(ValueError, match="mirror_pairs must be pairs of its classes"):
+        TaskSpec(**base, flip_axes=(0,), mirror_pairs=(("lung_left", "heart"),))

@@ -383,7 +383,9 @@ class MultiRegionDataModule(L.LightningDataModule):
         if spec.kind == "seg3d":
             spacing = self.hparams.spacing or spec.spacing
             patch = self.train_patch_size(spec)
-            return seg3d_transforms(train, spec.modality, spacing, patch, flip_prob=0.5 if augment else 0.0)
+            pairs = [(spec.classes.index(a), spec.classes.index(b)) for a, b in spec.mirror_pairs]
+            flips = spec.flip_axes if augment else ()
+            return seg3d_transforms(train, spec.modality, spacing, patch, 0.5, flips, pairs)
         return cls2d_transforms(train and augment, self.train_patch_size(spec), self.hparams.channels)
 
     def _dataset(self, records: list[dict[str, Any]], transform) -> Dataset:

@@ -10,6 +10,8 @@ modality: CT              # CT | MR | other (intensity normalisation)
 spacing: [1.5, 1.5, 3.0]  # seg3d: target spacing (mm)
 patch_size: [96, 96, 48]  # seg3d: training crop; cls2d: image size
 teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher output channel
+flip_axes: [0]            # optional, seg3d: training flips (RAS axes; default none)
+mirror_pairs: [[kidney_left, kidney_right]]   # classes swapped by a left-right flip (needed for axis 0)
 nsd_tolerance: 2.0        # optional, seg3d: normalised surface Dice tolerance (mm)
 ```
 
@@ -44,6 +46,8 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         "metrics",
         "nsd_tolerance",
         "teacher_classes",
+        "flip_axes",
+        "mirror_pairs",
         *DATA_KEYS,
     }
 )
@@ -111,6 +115,15 @@ def load_task_spec(path: str | Path) -> TaskSpec:
             metrics=tuple(raw.get("metrics") or ()),
             nsd_tolerance=_field(raw, path, "nsd_tolerance", float, "a number", DEFAULT_NSD_TOLERANCE),
             teacher_classes=raw.get("teacher_classes"),
+            flip_axes=_field(raw, path, "flip_axes", lambda v: tuple(map(int, v)), "a list of axes", ()),
+            mirror_pairs=_field(
+                raw,
+                path,
+                "mirror_pairs",
+                lambda v: tuple(tuple(map(str, p)) for p in v),
+                "a list of pairs",
+                (),
+            ),
             source=str(path),
         )
     except (ValueError, KeyError) as error:

@@ -76,17 +76,50 @@ def describe_intensity(kind: str, modality: str | None) -> str:
     return "z-score"
 
 
+class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
+    """Flip ``image`` and ``label`` left↔right (axis 0 of a RAS volume) with probability ``prob`` and
+    swap the label values of every mirror pair, so a flipped left lung is labelled ``lung_right``.
+
+    Args:
+        prob: flip probability.
+        pairs: label-value pairs ``(a, b)`` that trade places under the flip.
+    """
+
+    def __init__(self, prob: float, pairs: Sequence[tuple[int, int]]) -> None:
+        mt.RandomizableTransform.__init__(self, prob)
+        mt.MapTransform.__init__(self, ["image", "label"])
+        self.flip = mt.Flipd(["image", "label"], spatial_axis=0)
+        self.pairs = [tuple(pair) for pair in pairs]
+
+    def __call__(self, data):
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        sample = self.flip(dict(data))
+        label = sample["label"]
+        swapped = label.clone()
+        for a, b in self.pairs:
+            swapped[label == a] = b
+            swapped[label == b] = a
+        sample["label"] = swapped
+        return sample
+
+
 def seg3d_transforms(
     train: bool,
     modality: str,
     spacing: Sequence[float] | None,
     patch_size: Sequence[int],
     flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (),
+    mirror_pairs: Sequence[tuple[int, int]] = (),
 ) -> mt.Compose:
     """Pipeline for one 3D segmentation sample ``{"image": path, "label": path}``.
 
     Produces ``image`` float32 ``(1, X, Y, Z)`` and ``label`` int64 ``(1, X, Y, Z)`` (training:
     ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
+    Training flips only the task's ``flip_axes`` (RAS: 0 left↔right, 1, 2), each with ``flip_prob``; a
+    left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.registry.check_flips`).
     """
     keys = ["image", "label"]
     steps = seg3d_preprocessing(keys, modality, spacing)
@@ -96,7 +129,12 @@ def seg3d_transforms(
             mt.RandCropByPosNegLabeld(
                 keys, label_key="label", spatial_size=tuple(patch_size), pos=1, neg=1, num_samples=1
             ),
-            *[mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)],
+            *[
+                MirrorFlipd(flip_prob, mirror_pairs)
+                if axis == 0
+                else mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis)
+                for axis in flip_axes
+            ],
         ]
     steps += [mt.EnsureTyped("image", dtype=torch.float32), mt.EnsureTyped("label", dtype=torch.long)]
     return mt.Compose(steps)
