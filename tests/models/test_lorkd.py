@@ -286,3 +286,11 @@ def test_a_checkpoint_saved_with_a_rank_list_still_loads(run, tmp_path) -> None:
     }
     restored = restore_module(data, "old.ckpt")
     assert all(list(layer.ranks) == [2, 3, 4] for _, layer in expert_layers(restored.student))
+
+
+def test_no_feature_projection_without_feature_kd(run, teacher_path) -> None:
+    """kd_weight 0 trains no projection: an unused parameter would stop DDP (no unused-parameter search)."""
+    model = LoRKDModule(**run, backbone=CNN, teacher=str(teacher_path), kd="both", kd_weight=0.0)
+    assert model.projection is None and not model.uses_teacher
+    model.training_step(batch(), 0).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # every parameter used

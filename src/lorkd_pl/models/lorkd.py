@@ -146,7 +146,7 @@ class LoRKDModule(TaskModule):
         self.loss = TaskLoss(self.kind)
         self.__dict__["_teacher"] = None  # never a submodule: not saved, not synced by DDP
         self.projection: nn.Module | None = None
-        if teacher is not None and kd in ("features", "both"):
+        if teacher is not None and kd in ("features", "both") and kd_weight > 0:  # else never used (DDP)
             teacher_width = self.teacher.feature_width
             if teacher_width is None:
                 raise ValueError(f"teacher {teacher} exposes no feature width; use kd='logits'")
