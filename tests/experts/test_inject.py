@@ -274,3 +274,15 @@ def test_inject_twice_is_an_error() -> None:
 def test_routing_needs_experts() -> None:
     with pytest.raises(RoutingError, match="no expert layers"), expert_routing(nn.Linear(2, 2), 0):
         pass
+
+
+def test_float64_experts_merge_in_float64() -> None:
+    """The merge math widens to the weights' dtype: fp32 math would lose ~1e-7 of a float64 weight."""
+    torch.manual_seed(0)
+    model = inject_experts(nn.Sequential(nn.Linear(64, 32)).double(), 2, rank=4, alpha=8, b_init_std=0.3)
+    layer = model[0]
+    merged = merge_expert(model, 1)[0].weight
+    a, b = layer.expert_A[1].double(), layer.expert_B[1].double()  # the definition, in float64
+    expected = layer.base_layer.weight + layer.scaling[1].double() * (b @ a).view_as(layer.base_layer.weight)
+    assert merged.dtype == torch.float64
+    torch.testing.assert_close(merged, expected, rtol=1e-13, atol=1e-13)

@@ -169,23 +169,29 @@ class ExpertLayer(nn.Module):
             a = a * self.rank_mask[experts]
         return a
 
+    @property
+    def math_dtype(self) -> torch.dtype:
+        """The dtype of merge math: fp32, or the weights' own dtype when it is wider (float64)."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def delta_weights(self, experts: Tensor) -> Tensor:
-        """Scaled weight deltas ``s_t · ΔW_t`` of some experts, computed in fp32.
+        """Scaled weight deltas ``s_t · ΔW_t`` of some experts, computed in :attr:`math_dtype`.
 
         Args:
             experts: ``(P,)`` int64 expert indices.
 
         Returns:
-            ``(P, *W0.shape)`` float32 tensor.
+            ``(P, *W0.shape)`` tensor of :attr:`math_dtype` (fp32, or float64 for float64 weights).
         """
+        dtype = self.math_dtype
         with torch.autocast(device_type=self.expert_A.device.type, enabled=False):
-            a = self.masked_A(experts).float().flatten(2)  # (P, Ra, Ca)
-            b = self.expert_B[experts].float()  # (P, Rb, Ra)
-            delta = torch.bmm(b, a) * self.scaling[experts].view(-1, 1, 1)
+            a = self.masked_A(experts).to(dtype).flatten(2)  # (P, Ra, Ca)
+            b = self.expert_B[experts].to(dtype)  # (P, Rb, Ra)
+            delta = torch.bmm(b, a) * self.scaling[experts].to(dtype).view(-1, 1, 1)
         return delta.view(len(experts), *self.weight.shape)
 
     def merged_weights(self, experts: Tensor) -> Tensor:
-        """Expert weights ``W0 + s_t ΔW_t`` (fp32 math, returned in ``W0``'s dtype).
+        """Expert weights ``W0 + s_t ΔW_t`` (fp32 math, float64 for float64 weights; in ``W0``'s dtype).
 
         Args:
             experts: ``(P,)`` int64 expert indices.
@@ -194,7 +200,7 @@ class ExpertLayer(nn.Module):
             ``(P, *W0.shape)``.
         """
         with torch.autocast(device_type=self.expert_A.device.type, enabled=False):
-            merged = self.weight.float().unsqueeze(0) + self.delta_weights(experts)
+            merged = self.weight.to(self.math_dtype).unsqueeze(0) + self.delta_weights(experts)
         return merged.to(self.weight.dtype)
 
     def merged_weight(self, expert: int) -> Tensor:
