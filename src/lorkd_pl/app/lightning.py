@@ -39,7 +39,7 @@ from lorkd_pl.data.readers import ImageReadError
 from lorkd_pl.data.validation import DataValidationError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.io.trust import UntrustedFileError, check_trusted, named_classes, resolve_network_class
+from lorkd_pl.io.trust import UntrustedFileError, check_file_network, named_classes
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
@@ -151,7 +151,7 @@ class LorkdCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         configured_class = str(getattr(model, "class_path", "") or "")
         saved_class = str(hparams.get("_class_path") or "")
-        saved_kind = checkpoint.get("lorkd_pl_model") if isinstance(checkpoint, dict) else None
+        saved_kind = checkpoint.get("lorkd_pl_model")
         if (saved_class and configured_class and saved_class != configured_class) or (
             saved_kind and configured_class and configured_class.rpartition(".")[2] != saved_kind
         ):
@@ -164,15 +164,12 @@ class LorkdCLI(LightningCLI):
         # never chooses the teacher: the config's teacher / teacher_model stay
         for key in ("teacher", "teacher_model"):
             hparams.pop(key, None)
-        configured = tuple(named_classes(_plain(model)))
-        check_trusted(hparams, f"checkpoint {path}", extra=configured)
-        backbone = hparams.get("backbone")
-        if isinstance(backbone, dict) and "class_path" in backbone:
-            resolve_network_class(str(backbone["class_path"]), f"checkpoint {path}", extra=configured)
+        user_classes = named_classes(_plain(model))
+        check_file_network(hparams, f"checkpoint {path}", hparams.get("backbone"), extra=user_classes)
         data = self.config[subcommand].get("data")
-        configured = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
-        if configured:
-            specs = [get_task(name) for name in configured]
+        task_names = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
+        if task_names:
+            specs = [get_task(name) for name in task_names]
             tasks = [{"name": s.name, "region": s.region, "classes": s.classes} for s in specs]
             check_compatible(f"checkpoint {path}", hparams, tasks, order_regions(s.region for s in specs))
         for key in ("_instantiator", "task_info", "regions"):

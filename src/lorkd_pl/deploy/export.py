@@ -32,7 +32,7 @@ from lorkd_pl.experts import merge_expert
 from lorkd_pl.io.atomic import atomic_folder
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
-from lorkd_pl.io.trust import check_trusted, resolve_network_class
+from lorkd_pl.io.trust import check_file_network
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import GeneralistModule
@@ -270,8 +270,7 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
         raise ExportError(f"{folder} is not an exported expert (no metadata.json); run lorkd-pl export first")
     try:
         card = ExpertCard.from_json(card_path)
-        check_trusted(card.backbone, str(card_path))  # before the class it names is imported
-        resolve_network_class(str(card.backbone.get("class_path")), str(card_path))
+        check_file_network(card.backbone, str(card_path), card.backbone)  # before anything is imported
         backbone = build_module(card.backbone)
     except (CardError, ValueError) as error:
         raise ExportError(f"{card_path}: {error}") from None

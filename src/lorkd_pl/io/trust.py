@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 #: Modules whose classes a file may name: torch's and MONAI's networks, and lorkd-pl itself. Others
@@ -115,6 +115,45 @@ def _arguments(data: Any) -> Iterator[tuple[str, Any]]:
             yield from _arguments(item)
 
 
+def import_attribute(name: str) -> Any:
+    """``package.module.Name``: import the module part and read ONE attribute (no attribute walk).
+
+    Returns:
+        The attribute, or ``None`` for a name without a module part.
+
+    Raises:
+        ImportError, AttributeError, ValueError: the module or the attribute does not exist.
+    """
+    module_name, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute) if module_name else None
+
+
+def is_training_module(cls: type) -> bool:
+    """Whether ``cls`` is a Lightning training module (it could load a teacher, log, write files)."""
+    return any(base.__name__ == "LightningModule" for base in cls.__mro__)
+
+
+def check_file_network(
+    data: Any, source: str, network: Mapping[str, Any] | None, extra: Iterable[str] = ()
+) -> None:
+    """Everything a file asks lorkd-pl to build: the classes it names (:func:`check_trusted`) and the
+    network it describes (``network``'s ``class_path``, :func:`resolve_network_class`).
+
+    Args:
+        data: plain data read from a file (checkpoint hyper-parameters, an expert card's backbone).
+        source: the file, for the message.
+        network: the ``{"class_path", "init_args"}`` that will be built (``None``: none).
+        extra: further trusted class names (those the user's own config names).
+
+    Raises:
+        UntrustedFileError: naming the file, the class and why.
+    """
+    extra = tuple(extra)
+    check_trusted(data, source, extra)
+    if isinstance(network, Mapping) and "class_path" in network:
+        resolve_network_class(str(network["class_path"]), source, extra)
+
+
 def resolve_network_class(name: str, source: str, extra: Iterable[str] = ()) -> type:
     """The network class ``name`` names, resolved without walking attributes.
 
@@ -129,9 +168,9 @@ def resolve_network_class(name: str, source: str, extra: Iterable[str] = ()) -> 
     import torch
 
     check_trusted({"class_path": name}, source, extra)
-    module_name, _, attribute = name.rpartition(".")
+    attribute = name.rpartition(".")[2]
     try:
-        target = getattr(importlib.import_module(module_name), attribute) if module_name else None
+        target = import_attribute(name)
     except (ImportError, AttributeError, ValueError):
         target = None
     defined_in = getattr(target, "__module__", "") or ""
@@ -142,7 +181,7 @@ def resolve_network_class(name: str, source: str, extra: Iterable[str] = ()) -> 
             f"{source} names {name!r}, which is not a network class of a trusted module "
             f"({', '.join(trusted_modules())}); name the class by its module and class name"
         )
-    if any(base.__name__ == "LightningModule" for base in target.__mro__):
+    if is_training_module(target):
         raise UntrustedFileError(
             f"{source} names the training module {name!r} as a network; a file may name networks only"
         )

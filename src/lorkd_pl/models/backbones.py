@@ -8,12 +8,13 @@ segmentation a 1×1 convolution, classification a linear layer (on pooled featur
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lorkd_pl.io.trust import import_attribute, is_training_module
 
 PROBE_SIZE = {"seg3d": (32, 32, 32), "cls2d": (32, 32)}
 
@@ -56,7 +57,7 @@ def build_module(config: Mapping[str, Any]) -> nn.Module:
     """Instantiate ``{"class_path": "pkg.Class", "init_args": {...}}`` (plain data, as in YAML).
 
     The class must be a ``torch.nn.Module`` subclass: nothing else is called. Names read from files are
-    checked against the trusted modules before this (:func:`lorkd_pl.io.trust.check_trusted`).
+    checked against the trusted modules before this (:func:`lorkd_pl.io.trust.check_file_network`).
 
     Raises:
         ValueError: naming the config if ``class_path`` is missing, not a module class, or the class
@@ -65,14 +66,13 @@ def build_module(config: Mapping[str, Any]) -> nn.Module:
     if not isinstance(config, Mapping) or "class_path" not in config:
         raise ValueError(f"a backbone needs {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
     name, init_args = str(config["class_path"]), dict(config.get("init_args") or {})
-    module_name, _, attribute = name.rpartition(".")
     try:
-        target = getattr(importlib.import_module(module_name), attribute) if module_name else None
+        target = import_attribute(name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"cannot import {name}: {error}") from None
     if not (isinstance(target, type) and issubclass(target, nn.Module)):
         raise ValueError(f"{name} is not a torch.nn.Module class; a backbone's class_path must name one")
-    if any(base.__name__ == "LightningModule" for base in target.__mro__):
+    if is_training_module(target):
         raise ValueError(f"{name} is a training module (LightningModule), not a network to use as a backbone")
     try:
         return target(**init_args)

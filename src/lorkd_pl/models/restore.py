@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorkd_pl.io.checkpoints import CheckpointError
-from lorkd_pl.io.trust import UntrustedFileError, check_trusted, resolve_network_class
+from lorkd_pl.io.trust import UntrustedFileError, check_file_network
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
@@ -70,10 +70,8 @@ def restore_module(
         )
     cls = MODEL_CLASSES[kind]
     try:  # before anything named in the file is imported
-        check_trusted(checkpoint.get("hyper_parameters") or {}, str(source))
-        backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone")
-        if isinstance(backbone, dict) and "class_path" in backbone:
-            resolve_network_class(str(backbone["class_path"]), str(source))
+        saved = checkpoint.get("hyper_parameters") or {}
+        check_file_network(saved, str(source), saved.get("backbone"))
     except UntrustedFileError as error:
         raise CheckpointError(str(error)) from None
     accepted = inspect.signature(cls.__init__).parameters
