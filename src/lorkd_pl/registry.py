@@ -6,12 +6,14 @@ the expert index of a region is its position in that run's list, which every che
 name. A *task* is a dataset of one region with one task kind and its own class list and head.
 
 This module imports only the standard library: plugins (``tasks/``, entry points, task-spec files)
-register tasks into it, and the data and model packages read from it.
+register tasks into it, and the data and model packages read from it — including the option checks
+they share (:func:`check_ranges`, :func:`check_patch_and_spacing`).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,6 +156,32 @@ def check_patch_and_spacing(
         raise ValueError(f"{owner}patch_size must be {dims} integers >= 1 for {kind}, got {list(patch_size)}")
     if spacing is not None and (len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing)):
         raise ValueError(f"{owner}spacing must be 3 numbers > 0 (mm, x y z), got {list(spacing)}")
+
+
+def check_ranges(
+    values: Mapping[str, Any], owner: str, rules: Sequence[tuple[str, Callable[[Any], bool], str]]
+) -> None:
+    """Refuse an option outside its range (model and data options alike), before anything is built.
+
+    Args:
+        values: the options (a module's hyper-parameters).
+        owner: the prefix of their config keys, e.g. ``"model.init_args."``.
+        rules: ``(name, test, expected)``; options absent or ``None`` are skipped; a float must also
+            be finite.
+
+    Raises:
+        ValueError: ``<owner><name> must be <expected>, got <value>``.
+    """
+    for name, test, expected in rules:
+        if name not in values or values[name] is None:
+            continue
+        value = values[name]
+        try:
+            ok = bool(test(value)) and (not isinstance(value, float) or math.isfinite(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{owner}{name} must be {expected}, got {value!r}")
 
 
 LATERAL_WORDS: tuple[str, ...] = ("left", "right")

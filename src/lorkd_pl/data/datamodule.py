@@ -30,7 +30,14 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
-from lorkd_pl.registry import TaskSpec, check_patch_and_spacing, get_region_index, get_task, order_regions
+from lorkd_pl.registry import (
+    TaskSpec,
+    check_patch_and_spacing,
+    check_ranges,
+    get_region_index,
+    get_task,
+    order_regions,
+)
 
 BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case")
 DEFAULT_CLS_SIZE: tuple[int, int] = (28, 28)
@@ -229,31 +236,17 @@ class MultiRegionDataModule(L.LightningDataModule):
             ValueError: naming the option (``data.init_args.<name>``), the value and the fix.
         """
         h = self.hparams
-        checks = [
-            (h.batch_size >= 1, "batch_size", h.batch_size, "an integer >= 1 (samples per step and process)"),
-            (
-                h.val_batch_size is None or h.val_batch_size >= 1,
-                "val_batch_size",
-                h.val_batch_size,
-                "null or >= 1",
-            ),
-            (
-                h.num_workers >= 0,
-                "num_workers",
-                h.num_workers,
-                "an integer >= 0 (0: load in the main process)",
-            ),
-            (
-                h.samples_per_epoch is None or h.samples_per_epoch >= 1,
-                "samples_per_epoch",
-                h.samples_per_epoch,
-                "null (all training records) or >= 1",
-            ),
-            (h.channels >= 1, "channels", h.channels, "an integer >= 1"),
-        ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ValueError(f"data.init_args.{name} must be {expected}, got {value}")
+        check_ranges(
+            h,
+            "data.init_args.",
+            [
+                ("batch_size", lambda v: v >= 1, "an integer >= 1 (samples per step and process)"),
+                ("val_batch_size", lambda v: v >= 1, "null or >= 1"),
+                ("num_workers", lambda v: v >= 0, "an integer >= 0 (0: load in the main process)"),
+                ("samples_per_epoch", lambda v: v >= 1, "null (all training records) or >= 1"),
+                ("channels", lambda v: v >= 1, "an integer >= 1"),
+            ],
+        )
         for region, weight in (h.region_weights or {}).items():
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
                 raise ValueError(

@@ -32,7 +32,7 @@ from lorkd_pl.evaluation.summaries import (
     write_json_atomic,
 )
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE
+from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE, check_ranges
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,28 +66,6 @@ def check_tasks(
     if len(kinds) != 1:
         raise ValueError(f"one model trains one task kind, got {sorted(kinds)}")
     return out, list(regions)
-
-
-def check_ranges(hparams: Mapping[str, Any], rules: Sequence[tuple[str, Callable[[Any], bool], str]]) -> None:
-    """Refuse a model option outside its range, before anything is built.
-
-    Args:
-        hparams: the module's hyper-parameters.
-        rules: ``(name, test, expected)``; options absent from ``hparams`` are skipped.
-
-    Raises:
-        ValueError: ``model.init_args.<name> must be <expected>, got <value>``.
-    """
-    for name, test, expected in rules:
-        if name not in hparams or hparams[name] is None:
-            continue
-        value = hparams[name]
-        try:
-            ok = bool(test(value)) and (not isinstance(value, float) or math.isfinite(value))
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"model.init_args.{name} must be {expected}, got {value!r}")
 
 
 def task_metrics(task: Mapping[str, Any]) -> MetricCollection:
@@ -142,6 +120,7 @@ class TaskModule(L.LightningModule):
             )
         check_ranges(
             hparams,
+            "model.init_args.",
             [
                 ("lr", lambda v: v > 0, "> 0 (0 trains nothing)"),
                 ("weight_decay", lambda v: v >= 0, ">= 0"),

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights
 from lorkd_pl.experts.layers import Layout
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
-from lorkd_pl.models.base import TaskModule, check_ranges
+from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
 from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
+from lorkd_pl.registry import check_ranges
 
 KDKind = Literal["logits", "features", "both", "none"]
 DEFAULT_RANK = 8
@@ -123,6 +124,7 @@ class LoRKDModule(TaskModule):
         super().__init__()
         check_ranges(
             self.hparams,
+            "model.init_args.",
             [
                 ("alpha", lambda v: v > 0, "> 0 (the experts' scale alpha/rank; 0 leaves them untrained)"),
                 ("kd_weight", lambda v: v >= 0, ">= 0"),
