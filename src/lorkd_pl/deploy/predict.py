@@ -90,8 +90,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 {k: r[k] for k in ("image", "region") if k in r}
                 for r in read_manifest(item, require_label=False)
             ]
-        elif item.is_dir() and sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item)):
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item))
+        elif item.is_dir() and (series := sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item))):
             dicom = {
                 Path(f).name
                 for s in series
@@ -220,6 +219,26 @@ def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = Fal
     return None
 
 
+def check_inputs(images: Sequence[str], card: ExpertCard, force: bool = False) -> None:
+    """Check every input before the first inference and print the plan, one line per input: complete
+    (ITK would zero-fill a truncated NIfTI silently), and meant for this model (:func:`check_input`).
+
+    Raises:
+        PredictError: for the first input that fails, naming it.
+    """
+    tasks = ", ".join(t["name"] for t in card.tasks)
+    for image in images:
+        try:
+            check_complete(image)
+        except ImageReadError as error:
+            raise PredictError(str(error)) from None
+        info = inspect_input(image)
+        warning = check_input(image, info, card, force)
+        print(f"{image}: {info.describe} → {tasks}")
+        if warning:
+            print(warning, file=sys.stderr)
+
+
 def output_stems(images: Sequence[str]) -> dict[str, str]:
     """A unique output name stem per input: the file name, with as many parent folders prefixed
     (``parent_name``) as it takes to tell inputs of the same name apart."""
@@ -302,7 +321,8 @@ def predict_segmentation(
 
     Args:
         expert: the network and its card.
-        image: a NIfTI/NRRD/MHA file or a DICOM series folder.
+        image: a NIfTI/NRRD/MHA file or a DICOM series folder, checked by :func:`check_inputs` (as
+            :func:`predict_files` does before the first inference).
         out_dir: output folder.
         device: ``"cpu"`` or ``"cuda"`` (bf16 autocast on CUDA).
         probabilities: also write ``<name>_<task>_probabilities.nii.gz``, a K-component float32 image
@@ -312,7 +332,6 @@ def predict_segmentation(
     """
     prep = expert.card.preprocessing
     preprocess = mt.Compose(seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing))
-    check_complete(image)  # before MONAI reads it: ITK would zero-fill a truncated NIfTI silently
     data = preprocess({"image": image})
     if not torch.isfinite(data["image"]).all():
         raise PredictError(
@@ -437,17 +456,7 @@ def predict_files(
         rows = [row for row in rows if row["image"] not in own]
     if not rows:
         raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")
-    tasks = ", ".join(t["name"] for t in expert.card.tasks)
-    for row in rows:  # every input is checked before the first inference
-        try:
-            check_complete(row["image"])  # ITK would zero-fill a truncated NIfTI silently
-        except ImageReadError as error:
-            raise PredictError(str(error)) from None
-        info = inspect_input(row["image"])
-        warning = check_input(row["image"], info, expert.card, force)
-        print(f"{row['image']}: {info.describe} → {tasks}")
-        if warning:
-            print(warning, file=sys.stderr)
+    check_inputs([row["image"] for row in rows], expert.card, force)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if expert.card.kind == "cls2d":
