@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lorkd_pl.app.configs import config_root
+from lorkd_pl.app.lightning import lightning_cli
 from lorkd_pl.evaluation.comparison import comparison_rows, find_summaries, markdown_table, write_comparison
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
 from lorkd_pl.experts import merge_expert
@@ -39,16 +40,9 @@ QUICK: dict[str, list[str]] = {
 }
 
 
-def _cli(args: Sequence[str]):
-    """Run a Lightning command (fit, validate or test) with ``args``."""
-    from lorkd_pl.app.lightning import lightning_cli
-
-    return lightning_cli(args)
-
-
 def _test(config: Path, checkpoint: Path, extra: list[str]) -> tuple[Any, str]:
     """Test ``checkpoint``; return the model and the log dir holding ``summary/<task>.json``."""
-    cli = _cli(["test", "--config", str(config), "--ckpt_path", str(checkpoint), *extra])
+    cli = lightning_cli(["test", "--config", str(config), "--ckpt_path", str(checkpoint), *extra])
     return cli.model, cli.trainer.log_dir
 
 
@@ -120,7 +114,7 @@ def run_demo(
         timings = {}
         for name, config in (("teacher", teacher_cfg), ("lorkd", student_cfg)):
             start = time.perf_counter()
-            _cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns runs/demo
+            lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns runs/demo
             timings[name] = time.perf_counter() - start
         runs = Path("runs/demo")
         last = Path("checkpoints") / "last.ckpt"

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lorkd_pl.app.cli import LIGHTNING_COMMANDS
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
@@ -44,8 +45,6 @@ from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
 from lorkd_pl.registry import RegistryError, get_task, order_regions
-
-LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test")
 
 
 class _NothingToActOn(logging.Filter):
