@@ -68,8 +68,15 @@ class TaskSpec:
             computed (it is the task's score). Test summaries always hold every metric.
         nsd_tolerance: seg3d: surface tolerance of the normalised surface Dice, in mm (voxels when
             ``spacing`` is ``None``).
-        teacher_classes: map from this task's class names to the teacher's output channels, for
-            logit distillation; ``None`` means no mapping (only feature KD or none applies).
+        teacher_classes: map from this task's class names to the teacher's classes, for logit
+            distillation: a teacher output channel (int), a class name of a lorkd-pl generalist
+            teacher (``"<task>/<class>"`` or a shared name), or a list of those: a declared merge (the
+            teacher's probabilities of the listed classes add up). ``None``: a generalist teacher
+            that trained a task of this name is matched by class NAME; others give no logit KD.
+        class_aliases: map from this task's class names to a shared name: in a generalist's union
+            label space, classes of different tasks with the same shared name are ONE channel,
+            supervised by every such task (e.g. ``{"liver": "liver"}`` in two liver datasets). Without
+            an alias a class is ``"<task>/<class>"``, its own channel, never matched by spelling.
         flip_axes: seg3d: training flips, by axis of the RAS-oriented volume (0 left↔right,
             1 posterior↔anterior, 2 inferior↔superior); default none: a flip removes the location cues
             anatomy models use and, left↔right, corrupts lateralized classes.
@@ -89,7 +96,8 @@ class TaskSpec:
     patch_size: tuple[int, ...] | None = None
     metrics: tuple[str, ...] = ()
     nsd_tolerance: float = DEFAULT_NSD_TOLERANCE
-    teacher_classes: Mapping[str, int] | None = None
+    teacher_classes: Mapping[str, int | str | Sequence[int | str]] | None = None
+    class_aliases: Mapping[str, str] | None = None
     flip_axes: tuple[int, ...] = ()
     mirror_pairs: tuple[tuple[str, str], ...] = ()
     source: str = ""
@@ -127,6 +135,7 @@ class TaskSpec:
                     f"task {self.name!r}{where}: teacher_classes names {unknown}, which are not among "
                     f"its classes {list(self.classes)}"
                 )
+        check_class_aliases(self.name, self.kind, self.classes, self.class_aliases, where)
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +191,32 @@ def check_ranges(
             ok = False
         if not ok:
             raise ValueError(f"{owner}{name} must be {expected}, got {value!r}")
+
+
+def check_class_aliases(
+    task: str, kind: str, classes: Sequence[str], aliases: Mapping[str, str] | None, where: str = ""
+) -> None:
+    """Refuse aliases of unknown classes, of the segmentation background (always shared), names with
+    ``/`` (reserved for ``<task>/<class>``) or two classes of one task on one shared name.
+
+    Raises:
+        ValueError: naming the task, the field and the fix.
+    """
+    if not aliases:
+        return
+    owner = f"task {task!r}{where}: class_aliases"
+    unknown = sorted(set(aliases) - set(classes))
+    if unknown:
+        raise ValueError(f"{owner} names {unknown}, which are not among its classes {list(classes)}")
+    if kind == "seg3d" and classes[0] in aliases:
+        raise ValueError(f"{owner} aliases the background {classes[0]!r}, which every task shares already")
+    bad = [v for v in aliases.values() if not isinstance(v, str) or not v or "/" in v or v == "background"]
+    if bad:
+        raise ValueError(
+            f"{owner} values must be non-empty names without '/' other than 'background', got {bad}"
+        )
+    if len(set(aliases.values())) != len(aliases):
+        raise ValueError(f"{owner} puts two classes of one task on one shared name: {dict(aliases)}")
 
 
 LATERAL_WORDS: tuple[str, ...] = ("left", "right")

@@ -283,6 +283,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "classes": list(spec.classes),
                 "patch_size": list(self.train_patch_size(spec)),
                 "teacher_classes": dict(spec.teacher_classes) if spec.teacher_classes else None,
+                "class_aliases": dict(spec.class_aliases) if spec.class_aliases else None,
                 "modality": spec.modality,
                 "spacing": list(self.hparams.spacing or spec.spacing or []) or None,
                 "nsd_tolerance": spec.nsd_tolerance,

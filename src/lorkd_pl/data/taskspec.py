@@ -9,7 +9,8 @@ manifest: data/manifest.jsonl    # or: dataset_json: Task03_Liver/dataset.json |
 modality: CT              # CT | MR | other (intensity normalisation)
 spacing: [1.5, 1.5, 3.0]  # seg3d: target spacing (mm)
 patch_size: [96, 96, 48]  # seg3d: training crop; cls2d: image size
-teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher output channel
+teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher channel/class ([..]: a merge)
+class_aliases: {liver: liver}   # optional: generalist channel shared with other tasks' `liver` alias
 flip_axes: [0]            # optional, seg3d: training flips (RAS axes; default none)
 mirror_pairs: [[kidney_left, kidney_right]]   # classes swapped by a left-right flip (needed for axis 0)
 nsd_tolerance: 2.0        # optional, seg3d: normalised surface Dice tolerance (mm)
@@ -46,6 +47,7 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         "metrics",
         "nsd_tolerance",
         "teacher_classes",
+        "class_aliases",
         "flip_axes",
         "mirror_pairs",
         *DATA_KEYS,
@@ -115,6 +117,9 @@ def load_task_spec(path: str | Path) -> TaskSpec:
             metrics=tuple(raw.get("metrics") or ()),
             nsd_tolerance=_field(raw, path, "nsd_tolerance", float, "a number", DEFAULT_NSD_TOLERANCE),
             teacher_classes=raw.get("teacher_classes"),
+            class_aliases=_field(
+                raw, path, "class_aliases", lambda v: {str(k): v[k] for k in v}, "a mapping"
+            ),
             flip_axes=_field(raw, path, "flip_axes", lambda v: tuple(map(int, v)), "a list of axes", ()),
             mirror_pairs=_field(
                 raw,

@@ -1,7 +1,8 @@
 """The one rule for which checkpoint fits which run, used before anything is built and again on load.
 
-A checkpoint fits a run when its tasks (names, regions and class lists, in order) and its region order
-equal the run's. The command line applies the rule to ``--ckpt_path`` before the data is validated;
+A checkpoint fits a run when its tasks (names, regions, class lists in order, class aliases) and its
+region order equal the run's. The command line applies the rule to ``--ckpt_path`` before the data is
+validated;
 :meth:`lorkd_pl.models.base.TaskModule.on_load_checkpoint` applies it again to whatever Lightning loads
 (``last``/``best`` included). Both raise the same :class:`~lorkd_pl.io.checkpoints.CheckpointError`.
 """
@@ -14,8 +15,17 @@ from typing import Any
 from lorkd_pl.io.checkpoints import CheckpointError
 
 
-def _signature(tasks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[str]]]:
-    return [(str(t["name"]), str(t["region"]), [str(c) for c in t["classes"]]) for t in tasks]
+def _signature(tasks: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[str], list[tuple[str, str]]]]:
+    # class aliases shape a generalist's union label space, so they are part of what must match
+    return [
+        (
+            str(t["name"]),
+            str(t["region"]),
+            [str(c) for c in t["classes"]],
+            sorted((str(k), str(v)) for k, v in (t.get("class_aliases") or {}).items()),
+        )
+        for t in tasks
+    ]
 
 
 def check_compatible(
@@ -42,7 +52,7 @@ def check_compatible(
     if (saved_tasks and saved_tasks != mine) or (saved_regions and saved_regions != list(regions)):
         raise CheckpointError(
             f"{source} was trained for tasks {[t[0] for t in saved_tasks]} (regions {saved_regions}), but "
-            f"this run's data.tasks are {[t[0] for t in mine]} (regions {list(regions)}); names, regions "
-            "and class lists must match: use the training run's data.tasks with this checkpoint, or "
-            "`lorkd-pl export` the region you need"
+            f"this run's data.tasks are {[t[0] for t in mine]} (regions {list(regions)}); names, regions, "
+            "class lists and class aliases must match: use the training run's data.tasks with this "
+            "checkpoint, or `lorkd-pl export` the region you need"
         )

@@ -40,7 +40,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 TASK_FIELDS: tuple[str, ...] = ("name", "region", "kind", "classes", "patch_size")
-OPTIONAL_TASK_FIELDS: tuple[str, ...] = ("teacher_classes", "modality", "spacing", "nsd_tolerance", "metrics")
+OPTIONAL_TASK_FIELDS: tuple[str, ...] = (
+    "teacher_classes",
+    "class_aliases",
+    "modality",
+    "spacing",
+    "nsd_tolerance",
+    "metrics",
+)
 
 
 def check_tasks(

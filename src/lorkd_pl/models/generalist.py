@@ -3,7 +3,13 @@
 It is the demo's foundation model (the teacher lorkd-pl distils) and the paper's single-model
 baseline. Segmentation classes of all tasks are pooled behind one shared background
 (``["background", "<task>/<class>", …]``); classification classes are pooled as
-``"<task>/<class>"``. A task's prediction uses only its own classes' logits.
+``"<task>/<class>"``; a class with a declared alias (``class_aliases``) shares the alias's channel with
+the other tasks that declare it. A task's prediction uses only its own classes' logits.
+
+Training is partial-label: every dataset annotates only its own task's classes, so a sample is
+supervised on its task's channels alone — softmax, cross-entropy and Dice restricted to them (the
+shared background included). Another task's classes are neither positives nor negatives on it: their
+channels get exactly zero gradient from it.
 """
 
 from __future__ import annotations
@@ -31,20 +37,23 @@ DEFAULT_SEG_BACKBONE: dict[str, Any] = {
 
 
 def union_label_space(tasks: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[int]]]:
-    """Pooled class names and, per task, the pooled index of each of its classes.
+    """Pooled class names and, per task, the pooled index of each of its classes (in task order).
 
-    Segmentation tasks share class 0 (background); classification tasks keep all their classes.
+    Segmentation tasks share class 0 (``"background"``). Every other class is its own channel
+    ``"<task>/<class>"``, unless the task's ``class_aliases`` give it a shared name: classes of
+    different tasks with one shared name are one channel (named by it). Names never match by spelling.
     """
-    if tasks[0]["kind"] == "seg3d":
-        names, channels = ["background"], []
-        for task in tasks:
-            channels.append([0, *range(len(names), len(names) + len(task["classes"]) - 1)])
-            names += [f"{task['name']}/{c}" for c in task["classes"][1:]]
-        return names, channels
-    names, channels = [], []
+    names: list[str] = ["background"] if tasks[0]["kind"] == "seg3d" else []
+    channels = []
     for task in tasks:
-        channels.append(list(range(len(names), len(names) + len(task["classes"]))))
-        names += [f"{task['name']}/{c}" for c in task["classes"]]
+        aliases = task.get("class_aliases") or {}
+        own = [0] if names and names[0] == "background" else []
+        for name in task["classes"][len(own) :]:
+            pooled = aliases.get(name) or f"{task['name']}/{name}"
+            if pooled not in names:
+                names.append(pooled)
+            own.append(names.index(pooled))
+        channels.append(own)
     return names, channels
 
 
@@ -93,39 +102,38 @@ class GeneralistModule(TaskModule):
         """The task's channels of the union logits: ``(N, C, *S)`` → ``(N, K_task, *S)`` / ``(N, K_task)``."""
         return self(images)[:, self.task_channels[task]]
 
-    def union_labels(self, label: Tensor, task: Tensor) -> Tensor:
-        """Task-local labels → union labels, per sample.
+    def partial_label_losses(self, logits: Tensor, label: Tensor, task: Tensor) -> dict[int, Tensor]:
+        """The loss of each task present, on its own samples and its own channels only.
 
         Args:
+            logits: ``(N, K_union, *S)`` or ``(N, K_union)`` union logits.
             label: ``(N, 1, *S)`` or ``(N,)`` task-local class indices.
             task: ``(N,)`` task index of every sample.
+
+        Returns:
+            ``{task index: scalar}``: Dice + CE (or CE) of the task's logits
+            ``logits[rows][:, task_channels[t]]`` against its task-local labels.
         """
-        out = torch.empty_like(label)
+        losses = {}
         for t in task.unique().tolist():
-            lookup = torch.tensor(self.task_channels[t], device=label.device)
-            rows = task == t
-            out[rows] = lookup[label[rows]]
-        return out
+            rows = (task == t).nonzero().squeeze(1)
+            channels = torch.tensor(self.task_channels[t], device=logits.device)
+            task_logits = logits.index_select(0, rows).index_select(1, channels)
+            losses[t] = self.loss(task_logits, label.index_select(0, rows))
+        return losses
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """Loss on the union label space (task-local labels mapped to union channels); a scalar."""
+        """Partial-label loss: each task's loss on its samples and channels, weighted by its share of
+        the batch; a scalar."""
         logits = self(batch["image"])
-        labels = self.union_labels(batch["label"], batch["task"])
+        task = batch["task"]
+        losses = self.partial_label_losses(logits, batch["label"], task)
+        total = sum(float((task == t).sum()) / task.numel() * value for t, value in losses.items())
         loss = self.guard_loss(
-            self.loss(logits, labels),
-            batch,
-            batch_idx,
-            lambda: self._task_losses(logits, labels, batch["task"]),
+            total, batch, batch_idx, lambda: {(t, "task_loss"): v.detach() for t, v in losses.items()}
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
-
-    @torch.no_grad()
-    def _task_losses(self, logits: Tensor, labels: Tensor, task: Tensor) -> dict[tuple[int, str], Tensor]:
-        """The union loss of each task's samples alone (only computed to name a non-finite culprit)."""
-        return {
-            (t, "task_loss"): self.loss(logits[task == t], labels[task == t]) for t in task.unique().tolist()
-        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Mark the checkpoint as a generalist (a teacher for LoRKD) and store its union classes."""

@@ -169,7 +169,7 @@ class LoRKDModule(TaskModule):
                 )
             except AttributeError as error:  # inside a property it would read "no attribute 'teacher'"
                 raise TeacherError(f"teacher {self.hparams.teacher} could not be loaded: {error}") from None
-            missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.task_channels]
+            missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.class_channels]
             if missing and self.hparams.kd in ("logits", "both"):
                 rank_zero_warn(
                     f"lorkd-pl: no teacher class mapping for tasks {missing}: no logit KD for them"
@@ -194,19 +194,34 @@ class LoRKDModule(TaskModule):
 
     @torch.no_grad()
     def initialise_from_teacher(self) -> None:
-        """Copy a generalist teacher's backbone into ``W0`` and its union head rows into the task heads.
+        """Copy a generalist teacher's backbone into ``W0`` and its head rows into the task heads, each
+        task class from the teacher class it maps to BY NAME (any order).
 
         Raises:
-            ValueError: if the teacher is not a lorkd-pl generalist with the same backbone.
+            TeacherError: if the teacher is not a lorkd-pl generalist with the same backbone, or a
+                task has no class mapping or a merged class (no single head row to copy).
         """
         network = self.teacher.network
         if not isinstance(network, GeneralistModule):
-            raise ValueError("init_from_teacher needs a lorkd-pl generalist teacher checkpoint")
-        copied = load_base_weights(self.student, network.backbone.state_dict())
+            raise TeacherError("init_from_teacher needs a lorkd-pl generalist teacher checkpoint")
+        rows = {}
+        for task in self.tasks:
+            groups = self.teacher.class_channels.get(task["name"])
+            if groups is None or any(len(g) != 1 for g in groups):
+                raise TeacherError(
+                    f"init_from_teacher: task {task['name']!r} has "
+                    + ("no class mapping onto" if groups is None else "a merged class in its mapping onto")
+                    + f" teacher {self.hparams.teacher}; its head needs one teacher class per class "
+                    "(map the classes one-to-one in teacher_classes, or set init_from_teacher: false)"
+                )
+            rows[task["name"]] = [g[0] for g in groups]
+        try:
+            copied = load_base_weights(self.student, network.backbone.state_dict())
+        except ValueError as error:
+            raise TeacherError(f"init_from_teacher: teacher {self.hparams.teacher}: {error}") from None
         for task, head in zip(self.tasks, self.heads, strict=True):
-            channels = self.teacher.task_channels[task["name"]]
-            head.weight.copy_(network.head.weight[channels])
-            head.bias.copy_(network.head.bias[channels])
+            head.weight.copy_(network.head.weight[rows[task["name"]]])
+            head.bias.copy_(network.head.bias[rows[task["name"]]])
         rank_zero_info(
             f"lorkd-pl: initialised {copied} backbone tensors and {len(self.heads)} heads from the teacher"
         )
@@ -247,11 +262,9 @@ class LoRKDModule(TaskModule):
             logits = self.heads[task](features.index_select(0, rows))
             terms[task, "task_loss"] = self.loss(logits, labels.index_select(0, rows))
             task_loss = task_loss + share * terms[task, "task_loss"]
-            channels = (
-                teacher.task_channels.get(self.tasks[task]["name"]) if teacher_logits is not None else None
-            )
-            if channels is not None:
-                target = teacher_logits.index_select(0, rows)[:, channels]
+            name = self.tasks[task]["name"]
+            if teacher_logits is not None and name in teacher.class_channels:
+                target = teacher.task_logits(teacher_logits.index_select(0, rows), name)
                 terms[task, "kd_loss"] = kd_kl(logits, target, self.hparams.temperature)
                 kd_loss = kd_loss + share * terms[task, "kd_loss"]
         if teacher_features is not None and self.projection is not None:

@@ -11,8 +11,9 @@ Sources, chosen by what ``path`` is:
 
 Every load uses ``torch.load(weights_only=True)``. The teacher is frozen (``requires_grad_(False)``,
 ``eval()``), run under ``no_grad``, and never part of the student's checkpoint: its path and sha256 are
-recorded instead. For teachers other than a generalist, a task's ``teacher_classes`` (task class →
-teacher output channel) map logits for distillation; tasks without a mapping get no logit KD.
+recorded instead. A student task's classes are mapped onto the teacher's channels BY NAME
+(:mod:`lorkd_pl.models.class_mapping`): declared in the task's ``teacher_classes``, or for a generalist
+teacher through its same-named task; tasks without a mapping get no logit KD.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ from lorkd_pl.io.trust import (
     resolve_network_class,
 )
 from lorkd_pl.models.backbones import build_module
+from lorkd_pl.models.class_mapping import (
+    ClassChannels,
+    ClassMappingError,
+    flat_channels,
+    map_task_classes,
+    select_classes,
+)
 
 
 class TeacherError(ValueError):
@@ -41,19 +49,20 @@ class TeacherError(ValueError):
 
 
 class Teacher(nn.Module):
-    """A frozen network and, per task name, the output channels of that task's classes.
+    """A frozen network and, per task name, the teacher channels of each of that task's classes.
 
     Args:
         network: maps images ``(N, C, *S)`` to logits ``(N, K_teacher, *S)`` / ``(N, K_teacher)``.
-        task_channels: task name → teacher channel of each of the task's classes (in task order).
+        class_channels: task name → one tuple of teacher channels per class of the task, in the
+            task's class order (several channels: a declared merge).
         source: where it was loaded from; ``sha256``: the file's digest.
-        features: optional callable ``images → features`` for feature distillation.
+        feature_width: the width of :meth:`features`, for teachers that expose features.
     """
 
     def __init__(
         self,
         network: nn.Module,
-        task_channels: Mapping[str, Sequence[int]],
+        class_channels: Mapping[str, Sequence[Sequence[int]]],
         source: str,
         sha256: str,
         feature_width: int | None = None,
@@ -62,7 +71,7 @@ class Teacher(nn.Module):
         for parameter in network.parameters():  # (ScriptModules lack requires_grad_)
             parameter.requires_grad_(False)
         self.network = network.eval()
-        self.task_channels = {k: list(v) for k, v in task_channels.items()}
+        self.class_channels: ClassChannels = {k: [tuple(g) for g in v] for k, v in class_channels.items()}
         self.source, self.sha256 = source, sha256
         self.feature_width = feature_width
         self.eval()
@@ -83,20 +92,33 @@ class Teacher(nn.Module):
         """
         width = int(self.network(example).shape[1])
         bad = {
-            task: [c for c in channels if not 0 <= c < width] for task, channels in self.task_channels.items()
+            task: [c for c in flat_channels(groups) if not 0 <= c < width]
+            for task, groups in self.class_channels.items()
         }
         bad = {task: channels for task, channels in bad.items() if channels}
         if bad:
             raise TeacherError(
                 f"teacher {self.source} outputs {width} channels, but the class mapping points tasks to "
                 f"channels it does not have: {bad}; fix teacher_classes in those tasks' specs "
-                f"(class name -> teacher channel 0..{width - 1})"
+                f"(class name -> teacher channel 0..{width - 1}, or a list of them: a merge)"
             )
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Teacher logits ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` of ``images`` ``(N, C, *S)``."""
         return self.network(images)
+
+    def task_logits(self, logits: Tensor, task: str) -> Tensor:
+        """The teacher's logits of one task's classes, in the task's class order.
+
+        Args:
+            logits: ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` teacher logits.
+            task: a task name with a class mapping.
+
+        Returns:
+            ``(N, K_task, *S)`` / ``(N, K_task)`` (merged classes as ``logsumexp``).
+        """
+        return select_classes(logits, self.class_channels[task])
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
@@ -107,19 +129,11 @@ class Teacher(nn.Module):
         return self.network.features(images)
 
 
-def _mapping_from_tasks(tasks: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
-    out = {}
-    for task in tasks:
-        mapping = task.get("teacher_classes")
-        if mapping:
-            missing = [c for c in task["classes"] if c not in mapping]
-            if missing:
-                raise TeacherError(
-                    f"task {task['name']!r}: teacher_classes has no channel for classes {missing}; "
-                    "map every class"
-                )
-            out[task["name"]] = [int(mapping[c]) for c in task["classes"]]
-    return out
+def _class_channels(tasks: Sequence[Mapping[str, Any]], source: Path, **teacher: Any) -> ClassChannels:
+    try:
+        return map_task_classes(tasks, str(source), **teacher)
+    except ClassMappingError as error:
+        raise TeacherError(f"teacher class mapping: {error}") from None
 
 
 def _state_dict(path: Path) -> dict[str, Tensor]:
@@ -148,10 +162,10 @@ def load_teacher(
     digest = sha256sum(path)
     if path.is_dir():
         network = _load_bundle(path)
-        return Teacher(network, _mapping_from_tasks(tasks), str(path), digest)
+        return Teacher(network, _class_channels(tasks, path), str(path), digest)
     if _is_torchscript(path):
         return Teacher(
-            torch.jit.load(str(path), map_location="cpu"), _mapping_from_tasks(tasks), str(path), digest
+            torch.jit.load(str(path), map_location="cpu"), _class_channels(tasks, path), str(path), digest
         )
     try:
         checkpoint = load_checkpoint_file(path)
@@ -164,9 +178,13 @@ def load_teacher(
             generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
         except CheckpointError as error:
             raise TeacherError(f"teacher: {error}") from None
-        channels = {t["name"]: c for t, c in zip(generalist.tasks, generalist.task_channels, strict=True)}
-        unknown = [t["name"] for t in tasks if t["name"] not in channels]
-        channels.update({k: v for k, v in _mapping_from_tasks(tasks).items() if k in unknown})
+        channels = _class_channels(
+            tasks,
+            path,
+            teacher_classes=generalist.union_classes,
+            teacher_tasks=generalist.tasks,
+            teacher_task_channels=generalist.task_channels,
+        )
         width = (
             generalist.head.in_channels
             if hasattr(generalist.head, "in_channels")
@@ -180,7 +198,7 @@ def load_teacher(
         )
     network = build_module(model)
     network.load_state_dict(_state_dict(path))
-    return Teacher(network, _mapping_from_tasks(tasks), str(path), digest)
+    return Teacher(network, _class_channels(tasks, path), str(path), digest)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -1,0 +1,174 @@
+"""Which teacher output channels give each student class its distillation target: matched by NAME.
+
+A student task's classes are mapped to the teacher's in one of two ways:
+
+* declared, ``teacher_classes: {class: target}`` in the task spec: a target is a teacher output
+  channel (int), a class name of a lorkd-pl generalist teacher (``"<task>/<class>"``, a shared alias
+  or ``"background"``), or a LIST of those: a declared merge, whose probabilities add up (the merged
+  logit is their ``logsumexp``). Every class of the task must be mapped.
+* by name, for a generalist teacher that trained a task of the same name: each class is looked up
+  among THAT task's class names, in any order (segmentation's class 0 is the shared background).
+
+No teacher channel may feed two classes of one task (an undeclared many-to-one): such a mapping, a
+class the teacher lacks, or an unknown teacher class name is an error naming the task and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Per task name, one tuple of teacher channels per student class (several = a declared merge).
+ClassChannels = dict[str, list[tuple[int, ...]]]
+
+
+class ClassMappingError(ValueError):
+    """A student task's classes cannot be mapped onto the teacher's."""
+
+
+def map_task_classes(
+    tasks: Sequence[Mapping[str, Any]],
+    teacher: str,
+    teacher_classes: Sequence[str] | None = None,
+    teacher_tasks: Sequence[Mapping[str, Any]] | None = None,
+    teacher_task_channels: Sequence[Sequence[int]] | None = None,
+) -> ClassChannels:
+    """The teacher channels of every student class, for the tasks that have a mapping.
+
+    Args:
+        tasks: the student's tasks (``name``, ``kind``, ``classes``, optional ``teacher_classes``).
+        teacher: the teacher's source, for messages.
+        teacher_classes: the teacher's output class names by channel (a generalist's union classes);
+            ``None`` when the teacher has no names (TorchScript, bundle, plain network).
+        teacher_tasks: a generalist teacher's own tasks (``name``, ``classes``), for matching by name.
+        teacher_task_channels: the union channel of each class of each of ``teacher_tasks``.
+
+    Returns:
+        ``{task name: [channels of class 0, channels of class 1, ...]}``; tasks with no declared
+        mapping and no same-named teacher task are absent (they get no logit KD).
+
+    Raises:
+        ClassMappingError: naming the task, the class and the fix.
+    """
+    by_name = {
+        str(t["name"]): (list(t["classes"]), list(c))
+        for t, c in zip(teacher_tasks or [], teacher_task_channels or [], strict=True)
+    }
+    out: ClassChannels = {}
+    for task in tasks:
+        name, classes = str(task["name"]), [str(c) for c in task["classes"]]
+        declared = task.get("teacher_classes")
+        if declared:
+            groups = _declared(name, classes, declared, teacher, teacher_classes)
+        elif name in by_name:
+            groups = _by_name(task, *by_name[name], teacher)
+        else:
+            continue
+        _check_one_to_one(name, classes, groups, teacher)
+        out[name] = groups
+    return out
+
+
+def _declared(
+    task: str,
+    classes: list[str],
+    declared: Mapping[str, Any],
+    teacher: str,
+    teacher_classes: Sequence[str] | None,
+) -> list[tuple[int, ...]]:
+    missing = [c for c in classes if c not in declared]
+    if missing:
+        raise ClassMappingError(
+            f"task {task!r}: teacher_classes has no teacher class for {missing}; map every class "
+            "(a list of teacher classes declares a merge)"
+        )
+    groups = []
+    for name in classes:
+        targets = declared[name]
+        targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
+        if not targets:
+            raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to an empty list")
+        groups.append(tuple(_channel(task, name, t, teacher, teacher_classes) for t in targets))
+    return groups
+
+
+def _channel(task: str, name: str, target: Any, teacher: str, teacher_classes: Sequence[str] | None) -> int:
+    if isinstance(target, int) and not isinstance(target, bool):
+        if target < 0:
+            raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to channel {target} (< 0)")
+        return target
+    if not isinstance(target, str):
+        raise ClassMappingError(
+            f"task {task!r}: teacher_classes maps {name!r} to {target!r}; give a channel number, a "
+            "teacher class name or a list of them"
+        )
+    if teacher_classes is None:
+        raise ClassMappingError(
+            f"task {task!r}: teacher_classes maps {name!r} to the class name {target!r}, but teacher "
+            f"{teacher} has no class names; give its output channel number"
+        )
+    if target not in teacher_classes:
+        close = difflib.get_close_matches(target, list(teacher_classes), n=3)
+        raise ClassMappingError(
+            f"task {task!r}: teacher_classes maps {name!r} to {target!r}, which teacher {teacher} does "
+            f"not have"
+            + (f" (did you mean {close}?)" if close else f"; its classes: {list(teacher_classes)}")
+        )
+    return list(teacher_classes).index(target)
+
+
+def _by_name(
+    task: Mapping[str, Any], their_classes: list[str], their_channels: list[int], teacher: str
+) -> list[tuple[int, ...]]:
+    classes = [str(c) for c in task["classes"]]
+    background = task["kind"] == "seg3d"
+    groups = [(their_channels[0],)] if background else []  # class 0 is the shared background
+    lookup = dict(zip(their_classes, their_channels, strict=True))
+    lacking = [c for c in classes[len(groups) :] if c not in lookup]
+    if lacking:
+        raise ClassMappingError(
+            f"task {task['name']!r}: classes {lacking} are not among the classes "
+            f"{their_classes[1:] if background else their_classes} of the teacher's task of that name "
+            f"({teacher}); map them in the task spec, e.g. teacher_classes: {{{lacking[0]}: "
+            f"<teacher class or channel>}} (a list of teacher classes declares a merge)"
+        )
+    return groups + [(lookup[c],) for c in classes[len(groups) :]]
+
+
+def _check_one_to_one(task: str, classes: list[str], groups: list[tuple[int, ...]], teacher: str) -> None:
+    owners: dict[int, str] = {}
+    for name, group in zip(classes, groups, strict=True):
+        for channel in group:
+            if channel in owners:
+                raise ClassMappingError(
+                    f"task {task!r}: classes {owners[channel]!r} and {name!r} both take teacher {teacher}'s "
+                    f"channel {channel}; one teacher class feeds one student class (several teacher "
+                    "classes may feed one student class: list them, a declared merge)"
+                )
+            owners[channel] = name
+
+
+def select_classes(logits: Tensor, groups: Sequence[tuple[int, ...]]) -> Tensor:
+    """The teacher's logits of one task's classes, merged groups as ``logsumexp``.
+
+    Args:
+        logits: ``(N, K_teacher, *S)`` or ``(N, K_teacher)`` teacher logits.
+        groups: one tuple of teacher channels per student class.
+
+    Returns:
+        ``(N, K_task, *S)`` or ``(N, K_task)``: channel ``k`` is ``logits[:, g_k]`` for a single
+        channel, ``logsumexp(logits[:, g_k], 1)`` for a merge (so softmax probabilities add up).
+    """
+    index = torch.tensor([g[0] for g in groups], device=logits.device)
+    if all(len(g) == 1 for g in groups):
+        return logits.index_select(1, index)
+    return torch.stack([logits[:, list(g)].logsumexp(1) for g in groups], 1)
+
+
+def flat_channels(groups: Sequence[tuple[int, ...]]) -> list[int]:
+    """Every teacher channel of one task's mapping, in class order."""
+    return [c for g in groups for c in g]
