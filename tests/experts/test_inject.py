@@ -9,12 +9,14 @@ from torch import nn
 
 from lorkd_pl.experts import (
     ExpertConv,
+    ExpertConvTranspose,
     ExpertLayer,
     ExpertLinear,
     RoutingError,
     expert_layers,
     expert_routing,
     inject_experts,
+    load_base_weights,
     merge_expert,
     strip_experts,
 )
@@ -64,12 +66,12 @@ def test_merged_network_is_plain_and_equals_expert(net, layout) -> None:
     eligible = [
         m
         for m in original.modules()
-        if (isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.groups == 1) or type(m) is nn.Linear
+        if (isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups == 1)
+        or type(m) is nn.Linear
     ]
     model = inject_experts(original, T, rank=[2, 4, 3], alpha=8, layout=layout, b_init_std=0.2).eval()
     wrapped = [layer for _, layer in expert_layers(model)]
     assert len(wrapped) == len(eligible)
-    assert not any(isinstance(m, nn.ConvTranspose3d) and isinstance(m, ExpertLayer) for m in model.modules())
     x = torch.randn(shape)
     region = torch.tensor([2, 0, 2, 1])
     with torch.no_grad(), expert_routing(model, region):
@@ -122,11 +124,13 @@ def test_include_exclude_and_kinds() -> None:
         nn.Flatten(),
         nn.Linear(4, 2),
     )
-    inject_experts(model, T, include=["0", "1", "2", "4"], exclude=["4"])
-    assert isinstance(model[0], ExpertConv)
-    assert (
-        type(model[1]) is nn.Conv2d and type(model[2]) is nn.ConvTranspose2d and type(model[4]) is nn.Linear
+    shared_transposed = inject_experts(
+        nn.Sequential(nn.ConvTranspose2d(4, 4, 2), nn.Conv2d(4, 4, 1)), T, transposed=False
     )
+    assert type(shared_transposed[0]) is nn.ConvTranspose2d
+    inject_experts(model, T, include=["0", "1", "2", "4"], exclude=["4"])
+    assert isinstance(model[0], ExpertConv) and isinstance(model[2], ExpertConvTranspose)
+    assert type(model[1]) is nn.Conv2d and type(model[4]) is nn.Linear
     attention = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4))
     inject_experts(attention, T)
     assert type(attention[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
@@ -286,3 +290,76 @@ def test_float64_experts_merge_in_float64() -> None:
     expected = layer.base_layer.weight + layer.scaling[1].double() * (b @ a).view_as(layer.base_layer.weight)
     assert merged.dtype == torch.float64
     torch.testing.assert_close(merged, expected, rtol=1e-13, atol=1e-13)
+
+
+def routed_equals_per_sample_merged_loop(model: nn.Module, x: torch.Tensor, region: torch.Tensor) -> None:
+    """Oracle: sample i through ``merge_expert(model, region[i])``, a plain network, one at a time."""
+    model.eval()
+    with torch.no_grad(), expert_routing(model, region):
+        routed = model(x)
+    expected = torch.cat([merge_expert(model, int(t))(x[i : i + 1]) for i, t in enumerate(region)])
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_rank_rules_first_match_wins_and_stay_exact() -> None:
+    torch.manual_seed(0)
+    model = inject_experts(
+        unet3d(),
+        T,
+        rank=[2, 4, 3],
+        b_init_std=0.2,
+        layer_rank={"model.2*": "2x", "model.1.submodule*": 5, "*": "0.5x"},
+    )
+    ranks = {name: layer.ranks for name, layer in expert_layers(model)}
+    decoder = [name for name in ranks if name.startswith("model.2")]
+    middle = [name for name in ranks if name.startswith("model.1.submodule")]
+    rest = [name for name in ranks if name not in decoder + middle]
+    assert decoder and middle and rest
+    assert all(ranks[name] == (4, 8, 6) for name in decoder)
+    assert all(ranks[name] == (5, 5, 5) for name in middle)
+    assert all(ranks[name] == (1, 2, 2) for name in rest)  # round(1.5) = 2, never below 1
+    routed_equals_per_sample_merged_loop(model, torch.randn(4, 1, 16, 16, 16), torch.tensor([2, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("value", ["2", "x2", 0, "-1x", 1.5])
+def test_bad_layer_rank_rule(value) -> None:
+    with pytest.raises(ValueError, match="layer_rank rule"):
+        inject_experts(unet3d(), T, layer_rank={"*": value})
+    with pytest.raises(ValueError, match=r"rule\(s\) \['decoder\.\*'\] match no layer"):
+        inject_experts(unet3d(), T, layer_rank={"decoder.*": 2})
+
+
+def test_unet_decoder_transposed_convs_carry_experts() -> None:
+    model = inject_experts(unet3d(), T, b_init_std=0.2)
+    transposed = [name for name, layer in expert_layers(model) if isinstance(layer, ExpertConvTranspose)]
+    assert len(transposed) == 2  # MONAI's UNet mixes decoder channels in its transposed convs
+    routed_equals_per_sample_merged_loop(model, torch.randn(3, 1, 16, 16, 16), torch.tensor([1, 0, 2]))
+
+
+def test_transposed_output_size_is_honoured() -> None:
+    conv = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+    layer = inject_experts(conv, T, b_init_std=0.2)
+    x = torch.randn(2, 3, 5, 5)
+    with expert_routing(layer, torch.tensor([0, 2])):
+        out = layer(x, output_size=[10, 10])
+    merged = [merge_expert(layer, t)(x[i : i + 1], output_size=[10, 10]) for i, t in enumerate([0, 2])]
+    assert out.shape == (2, 2, 10, 10)
+    torch.testing.assert_close(out, torch.cat(merged), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "by_region", "homogeneous", "auto"])
+def test_bf16_output_dtype_does_not_depend_on_the_strategy(strategy) -> None:
+    layer = inject_experts(nn.Linear(8, 4), T, strategy=strategy, b_init_std=0.2)
+    x = torch.randn(3, 8)
+    region = torch.tensor([1, 1, 1]) if strategy == "homogeneous" else torch.tensor([0, 1, 2])
+    with expert_routing(layer, region), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        plain = layer.base_layer(x)
+    assert out.dtype == plain.dtype == torch.bfloat16
+
+
+def test_load_base_weights_into_a_bare_wrapped_layer() -> None:
+    plain = nn.Conv2d(2, 3, 3)
+    layer = inject_experts(nn.Conv2d(2, 3, 3), T)
+    assert load_base_weights(layer, plain.state_dict()) == 2
+    assert torch.equal(layer.weight, plain.weight) and torch.equal(layer.bias, plain.bias)

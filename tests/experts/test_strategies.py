@@ -20,6 +20,12 @@ LAYERS = {
     ),
     "conv3d": (lambda: nn.Conv3d(2, 4, 3, padding=1, bias=False), (7, 2, 5, 6, 4)),
     "conv2d_1x1": (lambda: nn.Conv2d(4, 6, 1), (7, 4, 5, 5)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 5, 3, stride=2, padding=1), (7, 3, 6)),
+    "conv_transpose2d": (
+        lambda: nn.ConvTranspose2d(3, 4, (2, 3), stride=2, output_padding=1, dilation=(1, 2)),
+        (7, 3, 5, 4),
+    ),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(4, 2, 2, stride=2, bias=False), (7, 4, 3, 4, 2)),
     "linear": (lambda: nn.Linear(6, 5), (7, 6)),
     "linear_tokens": (lambda: nn.Linear(6, 5), (7, 3, 6)),
 }
@@ -44,7 +50,7 @@ def reference_weight(layer: ExpertLayer, t: int) -> Tensor:
     a = layer.expert_A[t, :rows]
     b = layer.expert_B[t][:, :rows]
     scale = layer.alpha / rank
-    if layer.layout == "factorized" and a.ndim > 2:  # conv: ΔW[o, c, ...] = Σ_j B[o, j] A[j, c, ...]
+    if layer.layout == "factorized" and a.ndim > 2:  # ΔW[d0, d1, ...] = Σ_j B[d0, j] A[j, d1, ...]
         delta = torch.einsum("oj,j...->o...", b, a)
     else:  # paper layout (and every linear): reshape(B A)
         delta = (b @ a).reshape(layer.weight.shape)
@@ -59,6 +65,10 @@ def reference_forward(layer: ExpertLayer, x: Tensor, region: Tensor) -> Tensor:
         weight = reference_weight(layer, t)
         if isinstance(base, nn.Linear):
             outputs.append(F.linear(x[i : i + 1], weight, base.bias))
+        elif isinstance(base, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            function = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[weight.ndim - 2]
+            args = (base.stride, base.padding, base.output_padding, base.groups, base.dilation)
+            outputs.append(function(x[i : i + 1], weight, base.bias, *args))
         else:
             outputs.append(base._conv_forward(x[i : i + 1], weight, base.bias))
     return torch.cat(outputs)

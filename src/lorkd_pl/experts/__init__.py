@@ -7,11 +7,12 @@ from lorkd_pl.experts.inject import (
     expert_layers,
     expert_routing,
     inject_experts,
+    layer_ranks,
     load_base_weights,
     merge_expert,
     strip_experts,
 )
-from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertLayer, ExpertLinear
+from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertConvTranspose, ExpertLayer, ExpertLinear
 from lorkd_pl.experts.routing import Routing, RoutingError
 from lorkd_pl.experts.strategies import STRATEGIES
 
@@ -19,6 +20,7 @@ __all__ = [
     "LAYOUTS",
     "STRATEGIES",
     "ExpertConv",
+    "ExpertConvTranspose",
     "ExpertLayer",
     "ExpertLinear",
     "Routing",
@@ -26,6 +28,7 @@ __all__ = [
     "expert_layers",
     "expert_routing",
     "inject_experts",
+    "layer_ranks",
     "load_base_weights",
     "merge_expert",
     "strip_experts",

@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from lorkd_pl.experts.layers import ExpertConv, ExpertLayer, ExpertLinear, Layout
+from lorkd_pl.experts.layers import (
+    CONV_TRANSPOSES,
+    CONVS,
+    ExpertConv,
+    ExpertConvTranspose,
+    ExpertLayer,
+    ExpertLinear,
+    Layout,
+    normalize_ranks,
+)
 from lorkd_pl.experts.routing import Routing, RoutingError
 
+#: The tensors an expert layer adds to its base layer's (state-dict leaf names).
+EXPERT_TENSORS: tuple[str, ...] = ("expert_A", "expert_B", "scaling", "rank_mask")
+_MULTIPLIER = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[x×]\s*$")
 
-def _is_target(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+
+def _is_target(module: nn.Module, transposed: bool) -> bool:
+    if isinstance(module, CONVS) or (transposed and isinstance(module, CONV_TRANSPOSES)):
         return module.groups == 1
     # MultiheadAttention reads out_proj.weight directly and never calls it: leave it shared.
     return isinstance(module, nn.Linear) and not isinstance(
@@ -29,8 +43,47 @@ def _is_target(module: nn.Module) -> bool:
     )
 
 
+def _wrapper_class(module: nn.Module) -> type[ExpertLayer]:
+    if isinstance(module, nn.Linear):
+        return ExpertLinear
+    return ExpertConvTranspose if isinstance(module, CONV_TRANSPOSES) else ExpertConv
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def layer_ranks(
+    name: str, ranks: int | Sequence[int], rules: Mapping[str, int | str] | None, num_experts: int
+) -> tuple[int, ...]:
+    """The ranks of one layer's experts: the first rule whose glob matches ``name`` decides.
+
+    Args:
+        name: the layer's qualified name.
+        ranks: the per-region ranks (one int, or one per expert).
+        rules: ordered ``{glob: rank}``: an int sets every expert's rank on matching layers; a
+            multiplier string ``"2x"`` (or ``"0.5x"``) scales the per-region ranks (rounded, at least 1).
+            ``None``/no match: the per-region ranks.
+        num_experts: ``T``.
+
+    Raises:
+        ValueError: naming the rule for a value that is neither a positive int nor ``"<number>x"``.
+    """
+    base = normalize_ranks(ranks, num_experts)
+    for pattern, value in (rules or {}).items():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return (value,) * num_experts
+        match = _MULTIPLIER.match(value) if isinstance(value, str) else None
+        if match is None or float(match.group(1)) <= 0:
+            raise ValueError(
+                f"layer_rank rule {pattern!r}: {value!r} is neither a rank (an integer >= 1) nor a "
+                "multiplier of the region ranks such as '2x'"
+            )
+        factor = float(match.group(1))
+        return tuple(max(1, round(r * factor)) for r in base)
+    return base
 
 
 def expert_layers(model: nn.Module) -> Iterator[tuple[str, ExpertLayer]]:
@@ -50,56 +103,72 @@ def inject_experts(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     b_init_std: float = 0.0,
+    layer_rank: Mapping[str, int | str] | None = None,
+    transposed: bool = True,
 ) -> nn.Module:
-    """Wrap every ``Conv1d/2d/3d`` with ``groups == 1`` and every ``Linear`` with region experts.
+    """Wrap every ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups == 1`` and every
+    ``Linear`` with region experts.
 
-    Grouped/depthwise and transposed convolutions, norms and other layers stay shared. The model is
-    changed in place (its forward is untouched) and returned; a bare layer is returned wrapped.
+    Grouped/depthwise convolutions, norms and other layers stay shared. The model is changed in place
+    (its forward is untouched) and returned; a bare layer is returned wrapped.
 
     Args:
         model: any network.
         num_experts: number of experts ``T`` (one per region, index = region order).
         rank: rank of every expert, or ``T`` ranks (one per expert).
-        alpha: scaling numerator; expert ``t`` is scaled by ``alpha / rank_t``.
+        alpha: scaling numerator; expert ``t`` is scaled by ``alpha / rank_t`` (its own rank, after
+            ``layer_rank``).
         layout: factor layout, ``"paper"`` or ``"factorized"``.
         strategy: ``"auto"``, ``"grouped"``, ``"by_region"``, ``"homogeneous"`` or ``"factorized"``.
         include: glob patterns on qualified module names (``fnmatch``, e.g. ``"encoder.*"``);
             only matching layers get experts. ``None`` means all eligible layers.
         exclude: glob patterns of layers to leave shared (applied after ``include``).
         b_init_std: normal init std of ``B`` (``0``: experts start equal to ``W0``; tests use ``> 0``).
+        layer_rank: per-layer ranks on top of ``rank``, ``{glob: rank or "2x"}``, first match wins
+            (see :func:`layer_ranks`); e.g. ``{"*up*": "2x"}`` doubles the decoder's ranks.
+        transposed: also wrap transposed convolutions (the decoders of most U-Nets mix channels there).
 
     Returns:
         The model with expert layers.
 
     Raises:
-        ValueError: if the model already has experts, no layer matches, or an argument is invalid.
+        ValueError: if the model already has experts, no layer matches, a ``layer_rank`` rule matches
+            no layer, or an argument is invalid.
     """
     if any(True for _ in expert_layers(model)):
         raise ValueError("the model already carries experts; inject_experts must be called once")
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if _is_target(module)
+        if _is_target(module, transposed)
         and (include is None or _matches(name, include))
         and not (exclude and _matches(name, exclude))
     ]
     if not targets:
         raise ValueError(
-            "inject_experts found no Conv1d/2d/3d (groups == 1) or Linear layer to wrap"
+            "inject_experts found no Conv1d/2d/3d, ConvTranspose1d/2d/3d (groups == 1) or Linear layer "
+            "to wrap"
             + (f" matching include={list(include)}" if include is not None else "")
             + (f" and exclude={list(exclude)}" if exclude else "")
         )
     options = {
         "num_experts": num_experts,
-        "rank": rank,
         "alpha": alpha,
         "layout": layout,
         "strategy": strategy,
         "b_init_std": b_init_std,
     }
+    ranks = {name: layer_ranks(name, rank, layer_rank, num_experts) for name, _ in targets}
+    unused = [rule for rule in layer_rank or {} if not any(fnmatch.fnmatchcase(n, rule) for n, _ in targets)]
+    if unused:  # a typo would silently train every layer at the region ranks
+        raise ValueError(
+            f"layer_rank rule(s) {unused} match no layer with experts; names look like "
+            f"{[name for name, _ in targets[:4]]} (glob patterns, e.g. 'decoder.*')"
+        )
     for name, module in targets:
-        wrapper_cls = ExpertLinear if isinstance(module, nn.Linear) else ExpertConv
-        wrapper = wrapper_cls(module, name=name or type(module).__name__, **options)
+        wrapper = _wrapper_class(module)(
+            module, name=name or type(module).__name__, rank=ranks[name], **options
+        )
         if not name:
             return wrapper
         parent_name, _, child = name.rpartition(".")
@@ -216,8 +285,11 @@ def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
     mapped = {}
     for key, value in state_dict.items():
         owner, _, leaf = key.rpartition(".")
-        mapped[f"{owner}.base_layer.{leaf}" if owner in wrapped else key] = value
-    expected = {k for k in target if ".expert_" not in k and not k.endswith((".scaling", ".rank_mask"))}
+        if owner in wrapped:  # owner "" is a bare wrapped layer: its keys are base_layer.*
+            key = f"{owner}.base_layer.{leaf}" if owner else f"base_layer.{leaf}"
+        mapped[key] = value
+    own = {f"{name}.{leaf}" if name else leaf for name in wrapped for leaf in EXPERT_TENSORS}
+    expected = set(target) - own
     if set(mapped) != expected:
         missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
         raise ValueError(

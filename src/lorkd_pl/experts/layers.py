@@ -6,12 +6,14 @@ two stacked parameters ``expert_A`` and ``expert_B`` of leading size ``T``: ever
 tensor that is always part of the autograd graph, so DDP never sees an unused parameter, and experts
 absent from a batch receive an exact zero gradient.
 
-Factor layouts for a weight of shape ``(Cout, Cin, k0, k1, ...)``:
+Factor layouts for a weight of shape ``(D0, D1, k0, k1, ...)`` — ``(Cout, Cin, k…)`` for a conv,
+``(Cin, Cout, k…)`` for a transposed conv:
 
 * ``"paper"`` (the authors' loralib-style ConvLoRA):
-  ``A_t`` is ``(r·k0, Cin·k1·…)``, ``B_t`` is ``(Cout·k0, r·k0)``, ``ΔW_t = reshape(B_t A_t)``.
-* ``"factorized"`` (peft-style): ``A_t`` is a conv weight ``(r, Cin, k0, k1, …)``, ``B_t`` a 1×1 conv
-  ``(Cout, r)``, ``ΔW_t[o, c, …] = Σ_j B_t[o, j] A_t[j, c, …]``. Computable in activation space.
+  ``A_t`` is ``(r·k0, D1·k1·…)``, ``B_t`` is ``(D0·k0, r·k0)``, ``ΔW_t = reshape(B_t A_t)``.
+* ``"factorized"`` (peft-style): ``A_t`` is a weight ``(r, D1, k0, k1, …)``, ``B_t`` a 1×1 mixing
+  ``(D0, r)``, ``ΔW_t[d0, d1, …] = Σ_j B_t[d0, j] A_t[j, d1, …]``. Computable in activation space (a
+  conv: ``A`` then ``B``; a transposed conv: ``B`` then ``A``).
 
 For a ``Linear`` both layouts are the classic LoRA: ``A_t`` ``(r, Cin)``, ``B_t`` ``(Cout, r)``.
 
@@ -39,10 +41,14 @@ Layout = Literal["paper", "factorized"]
 LAYOUTS: tuple[str, ...] = ("paper", "factorized")
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class ExpertLayer(nn.Module):
-    """Base class of the expert-carrying wrappers (:class:`ExpertConv`, :class:`ExpertLinear`).
+    """Base class of the expert-carrying wrappers (:class:`ExpertConv`, :class:`ExpertConvTranspose`,
+    :class:`ExpertLinear`).
 
     Args:
         base_layer: the layer whose weight becomes the shared ``W0``.
@@ -57,6 +63,8 @@ class ExpertLayer(nn.Module):
     """
 
     channel_dim: int
+    #: the weight's leading dimension is the INPUT channels (a transposed conv): B mixes before A
+    transposed: bool = False
     expert_A: nn.Parameter
     expert_B: nn.Parameter
     scaling: Tensor
@@ -247,10 +255,10 @@ class ExpertConv(ExpertLayer):
     channel_dim = 1
 
     def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
-        if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or base_layer.groups != 1:
+        if not isinstance(base_layer, CONVS) or base_layer.groups != 1:
             raise TypeError(
-                f"ExpertConv wraps Conv1d/2d/3d with groups == 1, got {base_layer!r}; grouped, "
-                "depthwise and transposed convolutions stay shared"
+                f"ExpertConv wraps Conv1d/2d/3d with groups == 1, got {base_layer!r}; grouped and "
+                "depthwise convolutions stay shared (transposed ones: ExpertConvTranspose)"
             )
         super().__init__(base_layer, *args, **kwargs)
         self.spatial_dims = len(base_layer.kernel_size)
@@ -298,6 +306,82 @@ class ExpertConv(ExpertLayer):
         return y.view(n, weights.shape[1], *y.shape[2:])
 
 
+class ExpertConvTranspose(ExpertLayer):
+    """Region experts on an ``nn.ConvTranspose1d``/``2d``/``3d`` with ``groups == 1``.
+
+    Its weight is ``(Cin, Cout, *kernel)``: the factors follow the module docstring with
+    ``D0 = Cin`` and ``D1 = Cout``. An ``output_size`` passed to the forward sets the output padding as
+    the base layer would.
+    """
+
+    channel_dim = 1
+    transposed = True
+
+    def __init__(self, base_layer: nn.Module, *args, **kwargs) -> None:
+        if not isinstance(base_layer, CONV_TRANSPOSES) or base_layer.groups != 1:
+            raise TypeError(
+                f"ExpertConvTranspose wraps ConvTranspose1d/2d/3d with groups == 1, got {base_layer!r}"
+            )
+        super().__init__(base_layer, *args, **kwargs)
+        self.spatial_dims = len(base_layer.kernel_size)
+        self._output_padding: tuple[int, ...] | None = None
+
+    def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        conv = self.base_layer
+        kernel = tuple(conv.kernel_size)
+        d0, d1 = conv.in_channels, conv.out_channels
+        if self.layout == "paper":
+            k0, rest = kernel[0], math.prod(kernel[1:])
+            return (rank * k0, d1 * rest), (d0 * k0, rank * k0), k0
+        return (rank, d1, *kernel), (d0, rank), 1
+
+    def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        """Every sample through its region's weights; ``x`` ``(N, Cin, *S)`` → ``(N, Cout, *S')``.
+
+        Args:
+            x: layer input ``(N, Cin, *S)``.
+            output_size: as for ``nn.ConvTranspose*d``: the wanted spatial output size.
+        """
+        conv = self.base_layer
+        self._output_padding = conv._output_padding(
+            x, output_size, conv.stride, conv.padding, conv.kernel_size, self.spatial_dims, conv.dilation
+        )
+        return super().forward(x)
+
+    _check_input = ExpertConv._check_input
+
+    def base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``conv_transpose(x, weight, bias)`` with the base layer's settings (``(N, Cin, *S)`` in)."""
+        conv = self.base_layer
+        return _CONV_TRANSPOSE_FUNCTIONS[self.spatial_dims](
+            x, weight, bias, conv.stride, conv.padding, self._current_output_padding(), 1, conv.dilation
+        )
+
+    def per_sample_forward(self, x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
+        """One grouped transposed conv (``groups = N``): ``x`` ``(N, D, *S)``, ``weights``
+        ``(N, D, Cout, *k)`` (``D`` = Cin, or the rank for the factorized strategy's ``A``)."""
+        conv = self.base_layer
+        n = x.shape[0]
+        grouped_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        grouped_w = weights.reshape(n * weights.shape[1], *weights.shape[2:])
+        grouped_b = None if bias is None else bias.repeat(n)
+        y = _CONV_TRANSPOSE_FUNCTIONS[self.spatial_dims](
+            grouped_x,
+            grouped_w,
+            grouped_b,
+            conv.stride,
+            conv.padding,
+            self._current_output_padding(),
+            n,
+            conv.dilation,
+        )
+        return y.view(n, weights.shape[2], *y.shape[2:])
+
+    def _current_output_padding(self) -> tuple[int, ...]:
+        padding = self._output_padding
+        return tuple(self.base_layer.output_padding) if padding is None else tuple(padding)
+
+
 class ExpertLinear(ExpertLayer):
     """Region experts on an ``nn.Linear`` (input ``(N, *, Cin)``, region per leading index)."""
 
@@ -325,8 +409,8 @@ class ExpertLinear(ExpertLayer):
         """One ``bmm``: ``x`` ``(N, *, Cin)``, ``weights`` ``(N, Cout, Cin)`` → ``(N, *, Cout)``."""
         n = x.shape[0]
         y = torch.bmm(x.reshape(n, -1, x.shape[-1]), weights.transpose(1, 2))
-        if bias is not None:
-            y = y + bias
+        if bias is not None:  # in y's dtype: under autocast an fp32 bias would promote y to fp32
+            y = y + bias.to(y.dtype)
         return y.view(*x.shape[:-1], weights.shape[1])
 
 

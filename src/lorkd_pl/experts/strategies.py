@@ -135,10 +135,12 @@ def forward_factorized(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tenso
     present = routing.present_index(x.device)
     slot = routing.slot(x.device, n)
     base = layer.base_forward(x, layer.weight, layer.bias)
+    if layer.transposed:
+        return base + _factorized_transposed_delta(layer, x, present, slot)
     a = layer.masked_A(present)  # (P, R, Cin, *kernel) or (P, R, Cin)
     rank = a.shape[1]
     hidden = layer.base_forward(x, a.flatten(0, 1), None)
-    scaled_b = layer.expert_B[present] * layer.scaling[present].view(-1, 1, 1).to(layer.expert_B.dtype)
+    scaled_b = _scaled_B(layer, present)
     b = scaled_b.index_select(0, slot)  # (N, Cout, R)
     rows = torch.arange(n, device=x.device)
     if layer.channel_dim == 1:  # conv: hidden (N, P·R, *S)
@@ -149,6 +151,23 @@ def forward_factorized(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tenso
         h = hidden.reshape(n, -1, hidden.shape[-1] // rank, rank)[rows, :, slot]  # (N, M, R)
         delta = torch.bmm(h, b.to(h.dtype).transpose(1, 2)).view(*hidden.shape[:-1], -1)
     return base + delta
+
+
+def _scaled_B(layer: ExpertLayer, present: Tensor) -> Tensor:
+    """``s_t B_t`` of the present experts ``(P,)``: ``(P, D0, R)``."""
+    return layer.expert_B[present] * layer.scaling[present].view(-1, 1, 1).to(layer.expert_B.dtype)
+
+
+def _factorized_transposed_delta(layer: ExpertLayer, x: Tensor, present: Tensor, slot: Tensor) -> Tensor:
+    """A transposed conv's experts in activation space: ``B`` mixes first (``(N, Cin, *S)`` →
+    ``(N, R, *S)``, per sample), then one grouped transposed conv with each sample's ``A``
+    ``(R, Cout, *k)``; returns ``(N, Cout, *S')``."""
+    n = x.shape[0]
+    scaled_b = _scaled_B(layer, present)
+    b = scaled_b.index_select(0, slot)  # (N, Cin, R)
+    hidden = torch.bmm(b.transpose(1, 2).to(x.dtype), x.reshape(n, x.shape[1], -1))  # (N, R, L)
+    a = layer.masked_A(present).index_select(0, slot)  # (N, R, Cout, *k)
+    return layer.per_sample_forward(hidden.view(n, -1, *x.shape[2:]), a.to(hidden.dtype), None)
 
 
 def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:

@@ -81,6 +81,11 @@ class LoRKDModule(TaskModule):
         alpha: expert scaling numerator (scale ``alpha / rank``).
         layout: ``"paper"`` or ``"factorized"`` expert factors.
         strategy: knowledge-separation strategy (``"auto"`` picks the fastest exact one).
+        layer_rank: per-layer ranks on top of ``rank``: ordered ``{glob: rank or "<k>x"}`` on the
+            backbone's layer names, first match wins; ``"2x"`` doubles the region ranks (the papers'
+            decoder rank = 2 × encoder rank is ``{"upcat_*": 2x}`` for MONAI's BasicUNet).
+        transposed_convs: put experts on transposed convolutions too (U-Net decoders mix channels
+            there); checkpoints from before they had experts load with ``False``.
         include, exclude: glob patterns of backbone layers that get / do not get experts.
         teacher: path of the teacher (generalist checkpoint, TorchScript file, MONAI bundle folder or
             a plain checkpoint with ``teacher_model``); ``None`` trains without KD.
@@ -102,6 +107,8 @@ class LoRKDModule(TaskModule):
         backbone: dict[str, Any] | None = None,
         in_channels: int = 1,
         rank: int | dict[str, int] | list[int] = DEFAULT_RANK,
+        layer_rank: dict[str, int | str] | None = None,
+        transposed_convs: bool = True,
         alpha: float = 16.0,
         layout: Layout = "paper",
         strategy: str = "auto",
@@ -143,6 +150,8 @@ class LoRKDModule(TaskModule):
             strategy=strategy,
             include=include,
             exclude=exclude,
+            layer_rank=layer_rank,
+            transposed=transposed_convs,
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.loss = TaskLoss(self.kind)

@@ -40,8 +40,12 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
     ``rank`` saved as a list (one rank per region, before ranks were given by name) becomes the mapping
     ``{region: rank}``: in a checkpoint the list's order is its own ``regions``, so the names are known.
+    A student saved before transposed convolutions carried experts (no ``transposed_convs``) is rebuilt
+    without them.
     """
     out = dict(hparams)
+    if "rank" in out and "transposed_convs" not in out:  # a LoRKD student of an earlier version
+        out["transposed_convs"] = False
     ranks, regions = out.get("rank"), out.get("regions")
     if isinstance(ranks, (list, tuple)) and isinstance(regions, (list, tuple)) and len(ranks) == len(regions):
         out["rank"] = dict(zip(regions, ranks, strict=True))
