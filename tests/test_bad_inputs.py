@@ -337,7 +337,7 @@ def test_checkpoint_with_other_classes_for_the_same_task(
     case.spec["classes"] = ["background", "lesion", "oedema"]
     case.write()
     message = run_fails(command("validate", case, "--ckpt_path", str(saved)), case, capsys)
-    assert "names, regions and class lists must match" in message, message[-1500:]
+    assert "names, regions, class lists and class aliases must match" in message, message[-1500:]
 
 
 def test_teacher_classes_beyond_the_teacher_outputs(tmp_path, capsys, monkeypatch, clean_registry) -> None:

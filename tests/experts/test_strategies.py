@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorkd_pl.experts import ExpertLayer, expert_routing, inject_experts, merge_expert
+from lorkd_pl.experts import ExpertLayer, RoutingError, expert_routing, inject_experts, merge_expert
 
 NUM_EXPERTS = 4
 
@@ -177,3 +177,35 @@ def test_auto_with_one_sample_per_region(name, layout) -> None:
     got, want = grads_of(layer, out, probe), grads_of(layer, reference_forward(layer, x, region), probe)
     for key in got:
         assert_rel_close(got[key], want[key], msg=key)
+
+
+@pytest.mark.parametrize("fold", ["leading", "interleaved"])
+@pytest.mark.parametrize(
+    ("layout", "strategy"),
+    [("paper", "grouped"), ("paper", "by_region"), ("paper", "auto"), ("factorized", "factorized")],
+)
+def test_declared_fold_routes_rows_to_their_samples(fold, layout, strategy) -> None:
+    """k rows per sample (attention windows folded into the batch): the oracle routes the expanded
+    region list — sample i's rows are i·k..i·k+k−1 ('leading') or i, i+N, … ('interleaved')."""
+    region, k = REGIONS["unsorted"], 3
+    layer = inject_experts(
+        nn.Linear(6, 5),
+        NUM_EXPERTS,
+        rank=[1, 2, 3, 4],
+        layout=layout,
+        strategy=strategy,
+        b_init_std=0.3,
+        fold={"*": fold},
+    )
+    x = torch.randn(len(region) * k, 4, 6)
+    rows = region.repeat_interleave(k) if fold == "leading" else region.repeat(k)
+    with expert_routing(layer, region):
+        out = layer(x)
+    expected = reference_forward(layer, x, rows)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(out)
+    got, want = grads_of(layer, out, probe), grads_of(layer, reference_forward(layer, x, rows), probe)
+    for key in got:
+        assert_rel_close(got[key], want[key], msg=key)
+    with expert_routing(layer, region), pytest.raises(RoutingError, match="needs a multiple"):
+        layer(x[:-1])

@@ -105,6 +105,7 @@ def inject_experts(
     b_init_std: float = 0.0,
     layer_rank: Mapping[str, int | str] | None = None,
     transposed: bool = True,
+    fold: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Wrap every ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups == 1`` and every
     ``Linear`` with region experts.
@@ -127,6 +128,12 @@ def inject_experts(
         layer_rank: per-layer ranks on top of ``rank``, ``{glob: rank or "2x"}``, first match wins
             (see :func:`layer_ranks`); e.g. ``{"*up*": "2x"}`` doubles the decoder's ranks.
         transposed: also wrap transposed convolutions (the decoders of most U-Nets mix channels there).
+        fold: ``{glob: kind}``, first match wins: layers whose rows are not one per sample
+            (:data:`~lorkd_pl.experts.routing.FOLDS`), e.g. ``{"*.attn.*": "leading"}`` for Swin's
+            window attention, ``{"encoder.*": "sequence_first"}`` for ``batch_first=False``
+            transformer layers (whose linears are refused otherwise). Modules that would bypass the
+            wrapped weights in eval (the fast path of ``nn.TransformerEncoderLayer``) are switched to
+            their regular path, so the experts are always used.
 
     Returns:
         The model with expert layers.
@@ -158,23 +165,63 @@ def inject_experts(
         "strategy": strategy,
         "b_init_std": b_init_std,
     }
-    ranks = {name: layer_ranks(name, rank, layer_rank, num_experts) for name, _ in targets}
-    unused = [rule for rule in layer_rank or {} if not any(fnmatch.fnmatchcase(n, rule) for n, _ in targets)]
-    if unused:  # a typo would silently train every layer at the region ranks
-        raise ValueError(
-            f"layer_rank rule(s) {unused} match no layer with experts; names look like "
-            f"{[name for name, _ in targets[:4]]} (glob patterns, e.g. 'decoder.*')"
-        )
+    names = [name for name, _ in targets]
+    for option, rules in (("layer_rank", layer_rank), ("fold", fold)):
+        unused = [rule for rule in rules or {} if not any(fnmatch.fnmatchcase(n, rule) for n in names)]
+        if unused:  # a typo would silently leave every layer at its default
+            raise ValueError(
+                f"{option} rule(s) {unused} match no layer with experts; names look like {names[:4]} "
+                "(glob patterns, e.g. 'decoder.*')"
+            )
+    ranks = {name: layer_ranks(name, rank, layer_rank, num_experts) for name in names}
+    folds = {name: _first_match(name, fold) for name in names}
+    _check_sequence_first(model, folds)
     for name, module in targets:
         wrapper = _wrapper_class(module)(
-            module, name=name or type(module).__name__, rank=ranks[name], **options
+            module, name=name or type(module).__name__, rank=ranks[name], fold=folds[name], **options
         )
         if not name:
             return wrapper
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)
+    _use_regular_paths(model)
     return model
+
+
+def _first_match(name: str, rules: Mapping[str, str] | None) -> str | None:
+    return next((kind for glob, kind in (rules or {}).items() if fnmatch.fnmatchcase(name, glob)), None)
+
+
+def _check_sequence_first(model: nn.Module, folds: Mapping[str, str | None]) -> None:
+    """Refuse experts inside a ``batch_first=False`` transformer layer unless declared sequence-first:
+    their input is ``(L, N, C)``, and routing positions as samples would be silently wrong."""
+    for owner, module in model.named_modules():
+        attention = getattr(module, "self_attn", None)
+        if not isinstance(attention, nn.MultiheadAttention) or attention.batch_first:
+            continue
+        prefix = f"{owner}." if owner else ""
+        undeclared = [n for n, kind in folds.items() if n.startswith(prefix) and kind != "sequence_first"]
+        if undeclared:
+            raise ValueError(
+                f"layers {undeclared[:3]} are inside {owner or 'the model'} ({type(module).__name__}, "
+                f"batch_first=False): their input is (sequence, batch, features). Declare it, fold: "
+                f"{{'{prefix}*': 'sequence_first'}}, build the network with batch_first=True, or leave "
+                "the layers out of the experts (exclude)"
+            )
+
+
+def _use_regular_paths(model: nn.Module) -> None:
+    """Switch off fast paths that read a wrapped layer's ``weight`` (``W0``) directly: there the experts
+    would be ignored in eval/no_grad. The regular path computes the same function through the layers."""
+    for module in model.modules():
+        holds_experts = any(isinstance(m, ExpertLayer) for m in module.modules())
+        if not holds_experts:
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0  # read only by the fused fast path's eligibility test
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False  # nested tensors would take the fused path too
 
 
 def _num_experts(model: nn.Module) -> tuple[list[ExpertLayer], int]:
@@ -280,7 +327,9 @@ def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
     Raises:
         ValueError: if a key is missing or unexpected or a shape differs (the networks differ).
     """
-    wrapped = {name for name, _ in expert_layers(model)}
+    # every name of every expert layer: a network may reach one layer under two names (DynUNet's
+    # skip_layers hold its input_block/downsamples), and its state dict lists both
+    wrapped = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ExpertLayer)}
     target = model.state_dict()
     mapped = {}
     for key, value in state_dict.items():

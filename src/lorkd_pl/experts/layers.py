@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorkd_pl.experts.routing import Routing, RoutingError
+from lorkd_pl.experts.routing import FOLDS, Routing, RoutingError
 from lorkd_pl.experts.strategies import check_strategy, run_strategy
 
 Layout = Literal["paper", "factorized"]
@@ -60,6 +60,8 @@ class ExpertLayer(nn.Module):
         b_init_std: standard deviation of a normal init of ``B``; ``0`` (the method's init) makes
             every expert start equal to ``W0``. Non-zero values are for tests.
         name: qualified name of the layer in its model, used in error messages.
+        fold: how the layer's rows map to the routed samples when they differ (:data:`FOLDS`);
+            ``None``: one row per sample, anything else is an error.
     """
 
     channel_dim: int
@@ -80,10 +82,16 @@ class ExpertLayer(nn.Module):
         strategy: str = "auto",
         b_init_std: float = 0.0,
         name: str = "",
+        fold: str | None = None,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"unknown expert layout {layout!r}; choose one of {LAYOUTS}")
+        if fold is not None and fold not in FOLDS:
+            raise ValueError(f"layer '{name}': unknown fold {fold!r}; choose one of {FOLDS}")
+        if fold == "sequence_first" and not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"layer '{name}': fold 'sequence_first' applies to Linear layers only")
+        self.fold = fold
         self.base_layer = base_layer
         self.num_experts = int(num_experts)
         self.ranks = normalize_ranks(rank, self.num_experts)
@@ -234,8 +242,11 @@ class ExpertLayer(nn.Module):
                 "forward in `with expert_routing(model, region_idx): model(x)`"
             )
         self._check_input(x)
-        routing.check_batch(x.shape[0], self.expert_name)
-        return run_strategy(self.strategy, self, x, routing)
+        if self.fold == "sequence_first":  # (L, N, ..., C): samples along dim 1
+            x = x.transpose(0, 1)
+        routing = routing.for_rows(x.shape[0], self.fold, self.expert_name)
+        y = run_strategy(self.strategy, self, x, routing)
+        return y.transpose(0, 1) if self.fold == "sequence_first" else y
 
     def _check_input(self, x: Tensor) -> None:
         pass
@@ -246,6 +257,7 @@ class ExpertLayer(nn.Module):
         return (
             f"num_experts={self.num_experts}, rank={ranks}, alpha={self.alpha}, "
             f"layout={self.layout!r}, strategy={self.strategy!r}"
+            + (f", fold={self.fold!r}" if self.fold else "")
         )
 
 

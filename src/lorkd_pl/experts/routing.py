@@ -19,6 +19,13 @@ class RoutingError(ValueError):
     """A batch cannot be routed to region experts (bad region index, size or missing context)."""
 
 
+#: How a layer's rows relate to the routed samples when a network folds several rows per sample into
+#: the batch dimension: ``"leading"`` — each sample's rows are contiguous (row ``j`` belongs to sample
+#: ``j // k``, e.g. Swin's window partition); ``"interleaved"`` — row ``j`` belongs to sample ``j % N``;
+#: ``"sequence_first"`` — a linear's input is ``(L, N, ..., C)`` (``batch_first=False`` transformers).
+FOLDS: tuple[str, ...] = ("leading", "interleaved", "sequence_first")
+
+
 @dataclass
 class Routing:
     """Per-sample region assignment of one batch.
@@ -85,14 +92,47 @@ class Routing:
         """Number of samples routed, or ``None`` for a single-integer routing (any batch size)."""
         return None if self.region is None else int(self.region.shape[0])
 
-    def check_batch(self, batch_size: int, layer_name: str) -> None:
-        """Raise unless a layer input with ``batch_size`` samples matches this routing."""
+    def for_rows(self, rows: int, fold: str | None, layer_name: str) -> Routing:
+        """The routing of a layer input with ``rows`` rows: this one, or its declared fold.
+
+        Args:
+            rows: the layer input's leading size (after moving a sequence-first batch dimension first).
+            fold: the layer's declared fold (:data:`FOLDS`) or ``None``.
+            layer_name: for messages.
+
+        Raises:
+            RoutingError: if ``rows`` differs from the routed batch and no fold explains it — naming
+                the layer and the fix — never a silent guess.
+        """
         expected = self.batch_size
-        if expected is not None and expected != batch_size:
+        if expected is None or rows == expected:
+            return self
+        k, remainder = divmod(rows, expected)
+        if fold in ("leading", "interleaved") and remainder == 0:
+            key = ("fold", fold, k)
+            if key not in self._cache:
+                assert self.region is not None
+                leading = fold == "leading"
+                self._cache[key] = Routing(
+                    region=self.region.repeat_interleave(k) if leading else self.region.repeat(k),
+                    present=self.present,
+                    counts=tuple(c * k for c in self.counts),
+                    is_sorted=self.is_sorted if leading else len(self.present) == 1,
+                )
+            return self._cache[key]  # type: ignore[return-value]
+        if remainder == 0 and k > 1:
             raise RoutingError(
-                f"expert layer '{layer_name}' got a batch of {batch_size} samples but the routing "
-                f"has {expected} region indices; pass one region index per sample of the batch"
+                f"expert layer '{layer_name}' got {rows} rows, {k} × the {expected} routed samples: the "
+                "network folds rows of each sample into the batch dimension (e.g. attention windows). "
+                f"Declare the fold, model.fold: {{'<glob matching {layer_name}>': 'leading'}} when each "
+                "sample's rows are contiguous (Swin's windows) or 'interleaved' when row j belongs to "
+                "sample j mod N; or leave the layer out of the experts (model.exclude)"
             )
+        raise RoutingError(
+            f"expert layer '{layer_name}' got a batch of {rows} samples but the routing has {expected} "
+            "region indices; pass one region index per sample of the batch"
+            + (f" (its declared fold {fold!r} needs a multiple of them)" if fold else "")
+        )
 
     def slot(self, device: torch.device, batch_size: int) -> Tensor:
         """Position of every sample's region within :attr:`present`.
