@@ -322,3 +322,62 @@ def test_a_student_saved_before_transposed_experts_still_loads(tmp_path) -> None
     assert not any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(restored.student))
     fresh = LoRKDModule(task_info=[task], regions=["abdomen"], backbone=unet)
     assert any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(fresh.student))
+
+
+DEEP_DYNUNET = {
+    "class_path": "monai.networks.nets.DynUNet",
+    "init_args": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 4,
+        "kernel_size": [3, 3, 3, 3],
+        "strides": [1, 2, 2, 2],
+        "upsample_kernel_size": [2, 2, 2],
+        "filters": [4, 8, 8, 16],
+        "deep_supervision": True,
+        "deep_supr_num": 2,
+    },
+}
+SEG_TASK = {
+    "name": "t",
+    "region": "abdomen",
+    "kind": "seg3d",
+    "classes": ["bg", "x", "y"],
+    "patch_size": [8, 8, 8],
+}
+
+
+def test_deep_supervision_and_init_from_a_dynunet_generalist(tmp_path) -> None:
+    """Loss = Σ_l 2^-l/Σ 2^-l · DiceCE(head(level l)) (MONAI's loss as oracle); init_from_teacher copies the
+    teacher's weights into W0 although DynUNet reaches its blocks under two names."""
+    from monai.losses import DiceCELoss
+
+    from lorkd_pl.experts import expert_layers
+    from training_helpers import save_checkpoint
+
+    teacher = GeneralistModule(task_info=[SEG_TASK], regions=["abdomen"], backbone=DEEP_DYNUNET)
+    path = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
+    student = LoRKDModule(
+        task_info=[SEG_TASK], regions=["abdomen"], backbone=DEEP_DYNUNET, teacher=str(path), kd="none"
+    )
+    student.initialise_from_teacher()
+    for name, layer in expert_layers(student.student):
+        torch.testing.assert_close(layer.weight, teacher.backbone.get_submodule(name).weight)
+    torch.testing.assert_close(student.heads[0].weight, teacher.head.weight)
+
+    images = torch.randn(2, 1, 16, 16, 16)
+    batch = {
+        "image": images,
+        "label": torch.randint(0, 3, (2, 1, 16, 16, 16)),
+        "task": torch.zeros(2, dtype=torch.long),
+        "region": torch.zeros(2, dtype=torch.long),
+    }
+    torch.manual_seed(0)
+    loss = student.training_step(batch, 0)
+    torch.manual_seed(0)
+    stacked = student.features(images, 0)  # training mode: (N, 1 + deep_supr_num, F, *S)
+    assert stacked.shape[:2] == (2, 3)
+    weights = torch.tensor([1.0, 0.5, 0.25]) / 1.75
+    oracle = DiceCELoss(to_onehot_y=True, softmax=True)
+    expected = sum(w * oracle(student.heads[0](stacked[:, i]), batch["label"]) for i, w in enumerate(weights))
+    torch.testing.assert_close(loss, expected)

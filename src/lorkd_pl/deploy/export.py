@@ -274,7 +274,7 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
         backbone = build_module(card.backbone)
     except (CardError, ValueError) as error:
         raise ExportError(f"{card_path}: {error}") from None
-    width = feature_channels(backbone, card.kind, card.preprocessing.channels)
+    width = feature_channels(backbone, card.preprocessing.channels, card.preprocessing.patch_size)
     network = ExpertNetwork(backbone, [make_head(card.kind, width, len(t["classes"])) for t in card.tasks])
     try:
         network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))

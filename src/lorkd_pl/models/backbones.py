@@ -16,8 +16,6 @@ from torch import Tensor, nn
 
 from lorkd_pl.io.trust import import_attribute, is_training_module
 
-PROBE_SIZE = {"seg3d": (32, 32, 32), "cls2d": (32, 32)}
-
 
 class ConvNet2d(nn.Module):
     """A compact 2D CNN for classification: stages of two 3×3 conv-BN-ReLU, stride 2 between stages.
@@ -80,16 +78,31 @@ def build_module(config: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"cannot build {name} with init_args {init_args}: {error}") from None
 
 
-def feature_channels(backbone: nn.Module, kind: str, in_channels: int) -> int:
-    """Feature width F of a backbone, from ``out_channels`` or a probe forward on a small input."""
+def feature_channels(backbone: nn.Module, in_channels: int, patch_size: Sequence[int]) -> int:
+    """Feature width F of a backbone, from ``out_channels`` or one eval-mode probe forward.
+
+    Args:
+        backbone: the network.
+        in_channels: image channels.
+        patch_size: an input size the backbone accepts (the task's patch: transformer networks such as
+            UNETR/SwinUNETR are built for their input size).
+    """
     width = getattr(backbone, "out_channels", None)
     if isinstance(width, int):
         return width
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad():
-        out = backbone(torch.zeros(1, in_channels, *PROBE_SIZE[kind]))
-    backbone.train(was_training)
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, in_channels, *patch_size))
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise ValueError(
+            f"the backbone {type(backbone).__name__} fails on an input of the task's patch size "
+            f"{list(patch_size)} ({str(error).splitlines()[0][:200]}); choose a patch size it accepts "
+            "(e.g. multiples of 32 for SwinUNETR, the configured img_size for UNETR)"
+        ) from None
+    finally:
+        backbone.train(was_training)
     return int(out.shape[1])
 
 

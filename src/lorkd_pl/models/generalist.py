@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lorkd_pl.models.backbones import build_module, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
-from lorkd_pl.models.losses import TaskLoss
+from lorkd_pl.models.losses import TaskLoss, supervision_levels
 
 DEFAULT_SEG_BACKBONE: dict[str, Any] = {
     "class_path": "monai.networks.nets.UNet",
@@ -85,7 +85,7 @@ class GeneralistModule(TaskModule):
     ) -> None:
         super().__init__()
         self.backbone = build_module(backbone or DEFAULT_SEG_BACKBONE)
-        width = feature_channels(self.backbone, self.kind, in_channels)
+        width = feature_channels(self.backbone, in_channels, self.tasks[0]["patch_size"])
         self.union_classes, self.task_channels = union_label_space(self.tasks)
         self.head = make_head(self.kind, width, len(self.union_classes))
         self.loss = TaskLoss(self.kind)
@@ -124,10 +124,12 @@ class GeneralistModule(TaskModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Partial-label loss: each task's loss on its samples and channels, weighted by its share of
-        the batch; a scalar."""
-        logits = self(batch["image"])
+        the batch (with deep supervision: summed over the levels, :func:`supervision_levels`); a scalar."""
         task = batch["task"]
-        losses = self.partial_label_losses(logits, batch["label"], task)
+        losses: dict[int, Tensor] = {}
+        for weight, features in supervision_levels(self.backbone(batch["image"]), batch["image"]):
+            for t, value in self.partial_label_losses(self.head(features), batch["label"], task).items():
+                losses[t] = losses.get(t, 0.0) + weight * value
         total = sum(float((task == t).sum()) / task.numel() * value for t, value in losses.items())
         loss = self.guard_loss(
             total, batch, batch_idx, lambda: {(t, "task_loss"): v.detach() for t, v in losses.items()}

@@ -4,7 +4,8 @@ Training step on a mixed-region batch (sorted by region by the data module):
 
 1. ``with expert_routing(student, region)``: one forward of the backbone, each sample through its own
    region's expert (``W0 + s·B_r A_r``); expert ``r`` gets gradients only from region-``r`` samples.
-2. Per task present: its head on its samples' features → task loss (Dice + CE, or CE).
+2. Per task present: its head on its samples' features → task loss (Dice + CE, or CE; with deep
+   supervision, summed over the levels with weights 2^-l normalised).
 3. Knowledge distillation from the frozen teacher: ``KL(softmax(z_t/τ) ‖ softmax(z_s/τ))·τ²`` on the
    task's classes (teacher channels from the task mapping), and/or feature KD (MSE between a learned
    1×1 projection of the student's features and the teacher's features).
@@ -26,7 +27,7 @@ from lorkd_pl.experts.layers import Layout
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
-from lorkd_pl.models.losses import TaskLoss, kd_kl
+from lorkd_pl.models.losses import TaskLoss, kd_kl, supervision_levels
 from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
 from lorkd_pl.registry import check_ranges
 
@@ -86,6 +87,9 @@ class LoRKDModule(TaskModule):
             decoder rank = 2 × encoder rank is ``{"upcat_*": 2x}`` for MONAI's BasicUNet).
         transposed_convs: put experts on transposed convolutions too (U-Net decoders mix channels
             there); checkpoints from before they had experts load with ``False``.
+        fold: ``{glob: "leading" | "interleaved" | "sequence_first"}``: layers whose input rows are not
+            one per sample, e.g. ``{"*.attn.*": leading}`` for SwinUNETR's window attention (see
+            :func:`lorkd_pl.experts.inject_experts`); an undeclared fold is an error, never a guess.
         include, exclude: glob patterns of backbone layers that get / do not get experts.
         teacher: path of the teacher (generalist checkpoint, TorchScript file, MONAI bundle folder or
             a plain checkpoint with ``teacher_model``); ``None`` trains without KD.
@@ -109,6 +113,7 @@ class LoRKDModule(TaskModule):
         rank: int | dict[str, int] | list[int] = DEFAULT_RANK,
         layer_rank: dict[str, int | str] | None = None,
         transposed_convs: bool = True,
+        fold: dict[str, str] | None = None,
         alpha: float = 16.0,
         layout: Layout = "paper",
         strategy: str = "auto",
@@ -139,7 +144,7 @@ class LoRKDModule(TaskModule):
             ],
         )
         network = build_module(backbone or DEFAULT_SEG_BACKBONE)
-        width = feature_channels(network, self.kind, in_channels)
+        width = feature_channels(network, in_channels, self.tasks[0]["patch_size"])
         self.expert_free_parameters = count_parameters(network)
         self.student = inject_experts(
             network,
@@ -152,6 +157,7 @@ class LoRKDModule(TaskModule):
             exclude=exclude,
             layer_rank=layer_rank,
             transposed=transposed_convs,
+            fold=fold,
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.loss = TaskLoss(self.kind)
@@ -252,7 +258,8 @@ class LoRKDModule(TaskModule):
         """
         images, labels, tasks = batch["image"], batch["label"], batch["task"]
         total = images.shape[0]
-        features = self.features(images, batch["region"])
+        levels = supervision_levels(self.features(images, batch["region"]), images)
+        features = levels[0][1]  # the main output: KD and feature KD use it
         teacher = self.teacher if self.uses_teacher else None
         teacher_logits = teacher_features = None
         if teacher is not None and self.hparams.kd in ("logits", "both"):
@@ -268,8 +275,12 @@ class LoRKDModule(TaskModule):
                 continue
             rows = (tasks == task).nonzero().squeeze(1)
             share = rows.numel() / total
+            task_labels = labels.index_select(0, rows)
             logits = self.heads[task](features.index_select(0, rows))
-            terms[task, "task_loss"] = self.loss(logits, labels.index_select(0, rows))
+            terms[task, "task_loss"] = levels[0][0] * self.loss(logits, task_labels) + sum(
+                weight * self.loss(self.heads[task](level.index_select(0, rows)), task_labels)
+                for weight, level in levels[1:]
+            )
             task_loss = task_loss + share * terms[task, "task_loss"]
             name = self.tasks[task]["name"]
             if teacher_logits is not None and name in teacher.class_channels:

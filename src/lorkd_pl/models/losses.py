@@ -8,6 +8,27 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
 
+def supervision_levels(output: Tensor, images: Tensor) -> list[tuple[float, Tensor]]:
+    """Deep supervision: the outputs to supervise and their weights.
+
+    A backbone with deep supervision (MONAI's ``DynUNet(deep_supervision=True)``) returns in training
+    its outputs stacked as ``(N, L, F, *S)``, every level upsampled to the output size; each level is
+    supervised with weight ``2^-l``, normalised to sum 1 (nnU-Net's). In eval, and for other
+    backbones, the one output gets weight 1.
+
+    Args:
+        output: the backbone's output, ``(N, F, *S)`` or stacked ``(N, L, F, *S)``.
+        images: its input ``(N, C, *S)`` (tells one from the other by the number of dimensions).
+
+    Returns:
+        ``[(weight, features (N, F, *S)), ...]``, the main output first.
+    """
+    if output.ndim != images.ndim + 1:
+        return [(1.0, output)]
+    weights = [0.5**level for level in range(output.shape[1])]
+    return [(w / sum(weights), output[:, level]) for level, w in enumerate(weights)]
+
+
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) · τ²``, averaged over samples (and voxels).
 
