@@ -19,6 +19,7 @@ CONFIGS = ROOT / "configs"
 DEMO = sorted((CONFIGS / "demo").glob("*.yaml"))
 PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml")) + sorted((CONFIGS / "logging").glob("*.yaml"))
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
 FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
 
 
@@ -136,3 +137,28 @@ def test_sweep_keys_are_accepted(sweep, capsys) -> None:
             node = node[part]
         expected = values["values"][0] if "values" in values else values["min"]
         assert node == expected, key
+
+
+@pytest.mark.parametrize("preset", PAPER, ids=lambda p: p.stem)
+def test_paper_presets_layer_on_the_demo_and_train(preset, tmp_path, monkeypatch, capsys) -> None:
+    """The authors' recipe over the demo config: printed values are the papers', and one step trains
+    (only the patch/image size shrunk to the demo's and the teacher left out)."""
+    monkeypatch.chdir(tmp_path)
+    kind = preset.stem.split("_")[1]
+    base = str(CONFIGS / "demo" / f"lorkd_{kind}.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", base, "--config", str(preset), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    if kind == "seg":
+        assert printed["kd_weight"] == 0.1 and printed["lr"] == 0.0001 and printed["warmup_steps"] == 5000
+        assert printed["layer_rank"] == {"upcat_*": "2x"} and printed["transposed_convs"] is False
+    else:
+        assert printed["temperature"] == 10.0 and printed["optimizer"] == "sgd" and printed["lr"] == 0.05
+    size = "[32,32,32]" if kind == "seg" else "[28,28]"
+    run(
+        "fit", "--config", base, "--config", str(preset), "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0", f"--data.init_args.patch_size={size}",
+        "--data.init_args.batch_size=2", "--data.init_args.validate=false",
+        f"--data.init_args.tasks=[demo_brain_{kind}, demo_thorax_{kind}]",
+        "--model.init_args.teacher=null", "--model.init_args.init_from_teacher=false",
+    )  # fmt: skip

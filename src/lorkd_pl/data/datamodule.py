@@ -168,6 +168,8 @@ class MultiRegionDataModule(L.LightningDataModule):
             training records of all tasks).
         patch_size: override of every task's training crop (seg3d) or image size (cls2d).
         spacing: override of every seg3d task's target spacing (mm).
+        nsd_tolerance: override of every seg3d task's normalised-surface-Dice tolerance (mm; the
+            papers use 1 mm, lorkd-pl's task default is 2 mm).
         channels: input channels for cls2d images (RGB→grey or grey→RGB as needed).
         cache: ``"none"``, ``"memory"`` (MONAI CacheDataset of this process's shard) or ``"disk"``
             (PersistentDataset in ``cache_dir``).
@@ -195,6 +197,7 @@ class MultiRegionDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         patch_size: list[int] | None = None,
         spacing: list[float] | None = None,
+        nsd_tolerance: float | None = None,
         channels: int = 1,
         cache: Literal["none", "memory", "disk"] = "none",
         cache_dir: str | None = None,
@@ -245,6 +248,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 ("num_workers", lambda v: v >= 0, "an integer >= 0 (0: load in the main process)"),
                 ("samples_per_epoch", lambda v: v >= 1, "null (all training records) or >= 1"),
                 ("channels", lambda v: v >= 1, "an integer >= 1"),
+                ("nsd_tolerance", lambda v: v > 0, "null (each task's own) or > 0 (mm)"),
             ],
         )
         for region, weight in (h.region_weights or {}).items():
@@ -286,7 +290,7 @@ class MultiRegionDataModule(L.LightningDataModule):
                 "class_aliases": dict(spec.class_aliases) if spec.class_aliases else None,
                 "modality": spec.modality,
                 "spacing": list(self.hparams.spacing or spec.spacing or []) or None,
-                "nsd_tolerance": spec.nsd_tolerance,
+                "nsd_tolerance": self.hparams.nsd_tolerance or spec.nsd_tolerance,
                 "metrics": list(spec.metrics),
             }
             for spec in self.task_specs
