@@ -292,38 +292,6 @@ def test_no_feature_projection_without_feature_kd(run, teacher_path) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # every parameter used
 
 
-def test_a_student_saved_before_transposed_experts_still_loads(tmp_path) -> None:
-    """Earlier students kept transposed convs shared; their checkpoints lack `transposed_convs`."""
-    from lorkd_pl.experts import ExpertConvTranspose, expert_layers
-    from lorkd_pl.models.restore import restore_module
-    from training_helpers import save_checkpoint
-
-    task = {
-        "name": "t",
-        "region": "abdomen",
-        "kind": "seg3d",
-        "classes": ["bg", "x"],
-        "patch_size": [8, 8, 8],
-    }
-    unet = {
-        "class_path": "monai.networks.nets.UNet",
-        "init_args": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 4,
-            "channels": [4, 8],
-            "strides": [2],
-        },
-    }
-    model = LoRKDModule(task_info=[task], regions=["abdomen"], backbone=unet, transposed_convs=False)
-    data = torch.load(save_checkpoint(model, tmp_path / "old.ckpt"), weights_only=True)
-    del data["hyper_parameters"]["transposed_convs"]  # as an earlier lorkd-pl saved it
-    restored = restore_module(data, "old.ckpt")
-    assert not any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(restored.student))
-    fresh = LoRKDModule(task_info=[task], regions=["abdomen"], backbone=unet)
-    assert any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(fresh.student))
-
-
 DEEP_DYNUNET = {
     "class_path": "monai.networks.nets.DynUNet",
     "init_args": {
@@ -345,6 +313,23 @@ SEG_TASK = {
     "classes": ["bg", "x", "y"],
     "patch_size": [8, 8, 8],
 }
+
+
+def test_a_student_saved_before_transposed_experts_still_loads(tmp_path) -> None:
+    """Earlier students kept transposed convs shared; their checkpoints lack `transposed_convs`."""
+    from lorkd_pl.experts import ExpertConvTranspose, expert_layers
+    from lorkd_pl.models.restore import restore_module
+    from training_helpers import save_checkpoint
+
+    model = LoRKDModule(
+        task_info=[SEG_TASK], regions=["abdomen"], backbone=DEEP_DYNUNET, transposed_convs=False
+    )
+    data = torch.load(save_checkpoint(model, tmp_path / "old.ckpt"), weights_only=True)
+    del data["hyper_parameters"]["transposed_convs"]  # as an earlier lorkd-pl saved it
+    restored = restore_module(data, "old.ckpt")
+    assert not any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(restored.student))
+    fresh = LoRKDModule(task_info=[SEG_TASK], regions=["abdomen"], backbone=DEEP_DYNUNET)
+    assert any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(fresh.student))
 
 
 def test_deep_supervision_and_init_from_a_dynunet_generalist(tmp_path) -> None:

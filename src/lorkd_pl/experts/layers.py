@@ -276,13 +276,8 @@ class ExpertConv(ExpertLayer):
         self.spatial_dims = len(base_layer.kernel_size)
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-        conv = self.base_layer
-        kernel = tuple(conv.kernel_size)
-        cin, cout = conv.in_channels, conv.out_channels
-        if self.layout == "paper":
-            k0, rest = kernel[0], math.prod(kernel[1:])
-            return (rank * k0, cin * rest), (cout * k0, rank * k0), k0
-        return (rank, cin, *kernel), (cout, rank), 1
+        conv = self.base_layer  # weight (Cout, Cin, *k)
+        return kernel_factor_shapes(self.layout, rank, conv.out_channels, conv.in_channels, conv.kernel_size)
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -339,13 +334,8 @@ class ExpertConvTranspose(ExpertLayer):
         self._output_padding: tuple[int, ...] | None = None
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-        conv = self.base_layer
-        kernel = tuple(conv.kernel_size)
-        d0, d1 = conv.in_channels, conv.out_channels
-        if self.layout == "paper":
-            k0, rest = kernel[0], math.prod(kernel[1:])
-            return (rank * k0, d1 * rest), (d0 * k0, rank * k0), k0
-        return (rank, d1, *kernel), (d0, rank), 1
+        conv = self.base_layer  # weight (Cin, Cout, *k)
+        return kernel_factor_shapes(self.layout, rank, conv.in_channels, conv.out_channels, conv.kernel_size)
 
     def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
         """Every sample through its region's weights; ``x`` ``(N, Cin, *S)`` → ``(N, Cout, *S')``.
@@ -424,6 +414,18 @@ class ExpertLinear(ExpertLayer):
         if bias is not None:  # in y's dtype: under autocast an fp32 bias would promote y to fp32
             y = y + bias.to(y.dtype)
         return y.view(*x.shape[:-1], weights.shape[1])
+
+
+def kernel_factor_shapes(
+    layout: Layout, rank: int, d0: int, d1: int, kernel: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Shapes of one expert's ``A`` and ``B`` for a weight ``(D0, D1, *kernel)`` (module docstring), and
+    how many ``A`` rows one rank adds."""
+    kernel = tuple(kernel)
+    if layout == "paper":
+        k0, rest = kernel[0], math.prod(kernel[1:])
+        return (rank * k0, d1 * rest), (d0 * k0, rank * k0), k0
+    return (rank, d1, *kernel), (d0, rank), 1
 
 
 def normalize_ranks(rank: int | Sequence[int], num_experts: int) -> tuple[int, ...]:
