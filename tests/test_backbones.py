@@ -103,6 +103,23 @@ def test_student_backbones_fit_through_the_cli(tmp_path, monkeypatch, backbone, 
     assert any(key.endswith("expert_B") for key in saved["state_dict"])
 
 
+def test_an_undeclared_window_fold_is_one_clear_error(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        fit(
+            tmp_path,
+            "demo/lorkd_seg",
+            "student",
+            {"backbone": SWIN, **NO_TEACHER},
+            {"patch_size": [64, 64, 64]},
+        )
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr().err
+    error = printed.strip().splitlines()[-1]
+    assert error.startswith("lorkd-pl: error: expert layer 'swinViT.layers1.0.blocks.0.attn.qkv' got ")
+    assert "model.fold" in error and "Traceback" not in printed
+
+
 def test_dynunet_deep_supervision_from_a_dynunet_generalist(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     teacher = fit(tmp_path, "demo/teacher_seg", "teacher", {"backbone": DYNUNET})

@@ -66,3 +66,19 @@ def test_resuming_is_not_refused(tmp_path, monkeypatch) -> None:
     assert fit(1) == 0
     assert fit(2, "--trainer.max_epochs=2", "--ckpt_path", "last") == 0  # resumes into its own folder
     assert torch.load(tmp_path / LAST, weights_only=True)["global_step"] == 2
+
+
+def test_a_checkpoint_of_aliased_tasks_is_accepted_by_ckpt_path(
+    tmp_path, monkeypatch, clean_registry
+) -> None:
+    """The --ckpt_path pre-check compares class aliases too: the run's own aliases must be read."""
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo_brain_cls", "demo_thorax_cls"):
+        spec = clean_registry.get_task(name)
+        aliases = {spec.classes[0]: "normal"}
+        clean_registry.register_task(dataclasses.replace(spec, name=f"aliased_{name}", class_aliases=aliases))
+    tasks = "--data.init_args.tasks=[aliased_demo_brain_cls, aliased_demo_thorax_cls]"
+    assert fit(1, tasks) == 0
+    assert main(["validate", "--config", "demo/teacher_cls", *FAST, tasks, "--ckpt_path", LAST]) == 0

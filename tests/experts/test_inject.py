@@ -16,6 +16,7 @@ from lorkd_pl.experts import (
     expert_layers,
     expert_routing,
     inject_experts,
+    layer_ranks,
     load_base_weights,
     merge_expert,
     strip_experts,
@@ -325,8 +326,16 @@ def test_layer_rank_rules_first_match_wins_and_stay_exact() -> None:
 def test_bad_layer_rank_rule(value) -> None:
     with pytest.raises(ValueError, match="layer_rank rule"):
         inject_experts(unet3d(), T, layer_rank={"*": value})
-    with pytest.raises(ValueError, match=r"rule\(s\) \['decoder\.\*'\] match no layer"):
+    with pytest.raises(ValueError, match=r"rule\(s\) \['decoder\.\*'\] decide no layer"):
         inject_experts(unet3d(), T, layer_rank={"decoder.*": 2})
+    with pytest.raises(ValueError, match=r"rule\(s\) \['model\.0\*'\] decide no layer.*first matching"):
+        inject_experts(unet3d(), T, layer_rank={"*": "2x", "model.0*": 8})  # shadowed by "*"
+
+
+def test_rank_multipliers_round_half_up() -> None:
+    assert layer_ranks("a", [5, 3, 1], {"*": "0.5x"}, 3) == (3, 2, 1)
+    assert layer_ranks("a", [3, 5, 2], {"*": "1.5x"}, 3) == (5, 8, 3)
+    assert layer_ranks("b", [3, 5, 2], {"a": 7}, 3) == (3, 5, 2)  # no rule matches: the region ranks
 
 
 def test_unet_decoder_transposed_convs_carry_experts() -> None:

@@ -89,7 +89,7 @@ def test_sequence_first_transformers_are_refused_unless_declared() -> None:
 
 
 def test_a_fold_rule_that_matches_nothing_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"fold rule\(s\) \['\*\.atn\.\*'\] match no layer"):
+    with pytest.raises(ValueError, match=r"fold rule\(s\) \['\*\.atn\.\*'\] decide no layer"):
         inject_experts(swin(), 3, fold={"*.atn.*": "leading"})
 
 

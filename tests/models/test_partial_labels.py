@@ -224,3 +224,40 @@ def test_merges_must_be_declared_and_add_probabilities(liver_teacher) -> None:
     misspelt = dict(merged, teacher_classes={"background": 0, "organ": "liver/livr", "kidney": 3})
     with pytest.raises(TeacherError, match="did you mean"):
         load_teacher(path, [misspelt])
+
+
+def test_a_teacher_task_of_another_kind_is_refused(liver_teacher) -> None:
+    _, path = liver_teacher
+    cls_task = {"name": "liver", "region": "abdomen", "kind": "cls2d", "classes": ["background", "liver"]}
+    with pytest.raises(
+        TeacherError, match="task 'liver' is cls2d, but the teacher's task of that name is seg3d"
+    ):
+        load_teacher(path, [dict(cls_task, patch_size=[8, 8])])
+
+
+def test_a_class_renamed_by_an_alias_is_named_by_its_alias(tmp_path) -> None:
+    teacher = generalist(
+        [
+            seg_task(
+                "kid", "abdomen", ["bg", "kidney_left", "kidney_right"], class_aliases={"kidney_left": "kl"}
+            )
+        ]
+    )
+    path = save_generalist(teacher, tmp_path / "aliased.ckpt")
+    task = seg_task(
+        "mine", "abdomen", ["bg", "k"], teacher_classes={"bg": "background", "k": "kid/kidney_left"}
+    )
+    with pytest.raises(TeacherError, match="trained as the shared class 'kl'; name it so"):
+        load_teacher(path, [task])
+    assert load_teacher(path, [dict(task, teacher_classes={"bg": 0, "k": "kl"})]).class_channels["mine"] == [
+        (0,),
+        (1,),
+    ]
+
+
+def test_python_task_dicts_check_their_aliases() -> None:
+    task = seg_task(
+        "t", "abdomen", ["bg", "liver", "spleen"], class_aliases={"liver": "organ", "spleen": "organ"}
+    )
+    with pytest.raises(ValueError, match="two classes of one task on one shared name"):
+        generalist([task])

@@ -38,6 +38,7 @@ from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
 from lorkd_pl.data.readers import ImageReadError
 from lorkd_pl.data.validation import DataValidationError
+from lorkd_pl.experts import RoutingError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.io.compatibility import check_compatible
 from lorkd_pl.io.trust import UntrustedFileError, check_file_network, named_classes
@@ -81,6 +82,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     NonFiniteLossError,
     PluginError,
     RegistryError,
+    RoutingError,
     RunExistsError,
     TeacherError,
     UntrustedFileError,
@@ -169,7 +171,10 @@ class LorkdCLI(LightningCLI):
         task_names = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
         if task_names:
             specs = [get_task(name) for name in task_names]
-            tasks = [{"name": s.name, "region": s.region, "classes": s.classes} for s in specs]
+            tasks = [
+                {"name": s.name, "region": s.region, "classes": s.classes, "class_aliases": s.class_aliases}
+                for s in specs
+            ]
             check_compatible(f"checkpoint {path}", hparams, tasks, order_regions(s.region for s in specs))
         for key in ("_instantiator", "task_info", "regions"):
             hparams.pop(key, None)
@@ -237,10 +242,16 @@ class LorkdCLI(LightningCLI):
             if "Error(s) in loading state_dict" not in str(error):
                 raise
             first = str(error).strip().splitlines()
+            earlier = (
+                "; a LoRKD student from an earlier lorkd-pl, whose transposed convolutions carried no "
+                "experts: add --model.init_args.transposed_convs=false"
+                if "Missing key(s)" in str(error) and ".expert_" in str(error)
+                else ""
+            )
             raise CheckpointError(
                 "the checkpoint's weights do not fit the configured model "
                 f"({' '.join(first[1:2]).strip()[:200]}); use the model config it was trained with "
-                "(its run's config.yaml)"
+                f"(its run's config.yaml){earlier}"
             ) from None
 
     def after_validate(self) -> None:

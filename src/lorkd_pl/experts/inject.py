@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,7 +63,8 @@ def layer_ranks(
         name: the layer's qualified name.
         ranks: the per-region ranks (one int, or one per expert).
         rules: ordered ``{glob: rank}``: an int sets every expert's rank on matching layers; a
-            multiplier string ``"2x"`` (or ``"0.5x"``) scales the per-region ranks (rounded, at least 1).
+            multiplier string ``"2x"`` (or ``"0.5x"``) scales the per-region ranks (rounded half up,
+            at least 1).
             ``None``/no match: the per-region ranks.
         num_experts: ``T``.
 
@@ -82,7 +84,7 @@ def layer_ranks(
                 "multiplier of the region ranks such as '2x'"
             )
         factor = float(match.group(1))
-        return tuple(max(1, round(r * factor)) for r in base)
+        return tuple(max(1, math.floor(r * factor + 0.5)) for r in base)  # half up: 2.5 → 3
     return base
 
 
@@ -167,14 +169,16 @@ def inject_experts(
     }
     names = [name for name, _ in targets]
     for option, rules in (("layer_rank", layer_rank), ("fold", fold)):
-        unused = [rule for rule in rules or {} if not any(fnmatch.fnmatchcase(n, rule) for n in names)]
-        if unused:  # a typo would silently leave every layer at its default
+        deciding = {_first_match(name, rules) for name in names}
+        unused = [rule for rule in rules or {} if rule not in deciding]
+        if unused:  # a typo (or a rule behind a broader one) would silently leave layers at their default
             raise ValueError(
-                f"{option} rule(s) {unused} match no layer with experts; names look like {names[:4]} "
-                "(glob patterns, e.g. 'decoder.*')"
+                f"{option} rule(s) {unused} decide no layer with experts: they match none, or only "
+                f"layers an earlier rule decides (the first matching rule wins); names look like "
+                f"{names[:4]} (glob patterns, e.g. 'decoder.*')"
             )
     ranks = {name: layer_ranks(name, rank, layer_rank, num_experts) for name in names}
-    folds = {name: _first_match(name, fold) for name in names}
+    folds = {name: (fold or {}).get(_first_match(name, fold)) for name in names}
     _check_sequence_first(model, folds)
     for name, module in targets:
         wrapper = _wrapper_class(module)(
@@ -189,8 +193,9 @@ def inject_experts(
     return model
 
 
-def _first_match(name: str, rules: Mapping[str, str] | None) -> str | None:
-    return next((kind for glob, kind in (rules or {}).items() if fnmatch.fnmatchcase(name, glob)), None)
+def _first_match(name: str, rules: Mapping[str, object] | None) -> str | None:
+    """The first glob of ``rules`` that matches ``name`` (the deciding rule), or ``None``."""
+    return next((glob for glob in rules or {} if fnmatch.fnmatchcase(name, glob)), None)
 
 
 def _check_sequence_first(model: nn.Module, folds: Mapping[str, str | None]) -> None:

@@ -126,7 +126,8 @@ class Routing:
                 "network folds rows of each sample into the batch dimension (e.g. attention windows). "
                 f"Declare the fold, model.fold: {{'<glob matching {layer_name}>': 'leading'}} when each "
                 "sample's rows are contiguous (Swin's windows) or 'interleaved' when row j belongs to "
-                "sample j mod N; or leave the layer out of the experts (model.exclude)"
+                "sample j mod N ('sequence_first' for a linear whose input is (sequence, batch, "
+                "features)); or leave the layer out of the experts (model.exclude)"
             )
         raise RoutingError(
             f"expert layer '{layer_name}' got a batch of {rows} samples but the routing has {expected} "

@@ -50,9 +50,18 @@ def check_compatible(
     saved_regions = [str(r) for r in saved.get("regions") or []]
     mine = _signature(tasks)
     if (saved_tasks and saved_tasks != mine) or (saved_regions and saved_regions != list(regions)):
+        differing = next(
+            (
+                f" (task {a[0]!r}: the checkpoint's classes {a[2]}, aliases {dict(a[3])}; this run's "
+                f"classes {b[2]}, aliases {dict(b[3])})"
+                for a, b in zip(saved_tasks, mine, strict=False)
+                if a[0] == b[0] and a != b
+            ),
+            "",
+        )
         raise CheckpointError(
             f"{source} was trained for tasks {[t[0] for t in saved_tasks]} (regions {saved_regions}), but "
             f"this run's data.tasks are {[t[0] for t in mine]} (regions {list(regions)}); names, regions, "
-            "class lists and class aliases must match: use the training run's data.tasks with this "
-            "checkpoint, or `lorkd-pl export` the region you need"
+            f"class lists and class aliases must match{differing}: use the training run's data.tasks "
+            "with this checkpoint, or `lorkd-pl export` the region you need"
         )

@@ -79,31 +79,41 @@ def build_module(config: Mapping[str, Any]) -> nn.Module:
 
 
 def feature_channels(backbone: nn.Module, in_channels: int, patch_size: Sequence[int]) -> int:
-    """Feature width F of a backbone, from ``out_channels`` or one eval-mode probe forward.
+    """Feature width F of a backbone, from ``out_channels`` or an eval-mode probe forward.
+
+    The probe tries small inputs first (at most 32, then 64 per axis: cheap even for a large network)
+    and the task's patch last (transformer networks such as UNETR are built for their input size).
 
     Args:
         backbone: the network.
         in_channels: image channels.
-        patch_size: an input size the backbone accepts (the task's patch: transformer networks such as
-            UNETR/SwinUNETR are built for their input size).
+        patch_size: an input size the backbone accepts (the task's patch).
+
+    Raises:
+        ValueError: if the backbone fails on all of them, naming the patch size and the first error.
     """
     width = getattr(backbone, "out_channels", None)
     if isinstance(width, int):
         return width
+    sizes = dict.fromkeys([tuple(min(int(p), cap) for p in patch_size) for cap in (32, 64)])
+    sizes[tuple(int(p) for p in patch_size)] = None
     was_training = backbone.training
     backbone.eval()
+    errors = []
     try:
-        with torch.no_grad():
-            out = backbone(torch.zeros(1, in_channels, *patch_size))
-    except (RuntimeError, ValueError, AssertionError) as error:
-        raise ValueError(
-            f"the backbone {type(backbone).__name__} fails on an input of the task's patch size "
-            f"{list(patch_size)} ({str(error).splitlines()[0][:200]}); choose a patch size it accepts "
-            "(e.g. multiples of 32 for SwinUNETR, the configured img_size for UNETR)"
-        ) from None
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    return int(backbone(torch.zeros(1, in_channels, *size)).shape[1])
+            except (RuntimeError, ValueError, AssertionError) as error:
+                errors.append(str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
     finally:
         backbone.train(was_training)
-    return int(out.shape[1])
+    raise ValueError(
+        f"the backbone {type(backbone).__name__} fails on an input of the task's patch size "
+        f"{list(patch_size)} ({errors[-1]}); choose a patch size it accepts (SwinUNETR: multiples of 32, "
+        "at least 64 per axis with instance norm; UNETR: its configured img_size)"
+    )
 
 
 def make_head(kind: str, in_channels: int, num_classes: int) -> nn.Module:

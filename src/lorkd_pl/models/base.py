@@ -32,7 +32,7 @@ from lorkd_pl.evaluation.summaries import (
     write_json_atomic,
 )
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE, check_ranges
+from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE, check_class_aliases, check_ranges
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,6 +68,7 @@ def check_tasks(
             raise ValueError(
                 f"task {task['name']!r} has region {task['region']!r}, not among regions {list(regions)}"
             )
+        check_class_aliases(task["name"], task["kind"], task["classes"], task.get("class_aliases"))
         out.append({k: task[k] for k in TASK_FIELDS + OPTIONAL_TASK_FIELDS if k in task})
     kinds = {t["kind"] for t in out}
     if len(kinds) != 1:

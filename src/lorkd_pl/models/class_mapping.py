@@ -55,17 +55,30 @@ def map_task_classes(
         ClassMappingError: naming the task, the class and the fix.
     """
     by_name = {
-        str(t["name"]): (list(t["classes"]), list(c))
+        str(t["name"]): (t, list(c))
         for t, c in zip(teacher_tasks or [], teacher_task_channels or [], strict=True)
+    }
+    # "<task>/<class>" of a teacher class that trained under a shared alias → that alias (for hints)
+    aliased = {
+        f"{t['name']}/{c}": alias
+        for t in teacher_tasks or []
+        for c, alias in (t.get("class_aliases") or {}).items()
     }
     out: ClassChannels = {}
     for task in tasks:
         name, classes = str(task["name"]), [str(c) for c in task["classes"]]
         declared = task.get("teacher_classes")
         if declared:
-            groups = _declared(name, classes, declared, teacher, teacher_classes)
+            groups = _declared(name, classes, declared, teacher, teacher_classes, aliased)
         elif name in by_name:
-            groups = _by_name(task, *by_name[name], teacher)
+            their_task, their_channels = by_name[name]
+            if their_task.get("kind", task["kind"]) != task["kind"]:
+                raise ClassMappingError(
+                    f"task {name!r} is {task['kind']}, but the teacher's task of that name is "
+                    f"{their_task['kind']} ({teacher}); distil from a teacher of the same kind, or rename "
+                    "the task"
+                )
+            groups = _by_name(task, list(their_task["classes"]), their_channels, teacher)
         else:
             continue
         _check_one_to_one(name, classes, groups, teacher)
@@ -79,6 +92,7 @@ def _declared(
     declared: Mapping[str, Any],
     teacher: str,
     teacher_classes: Sequence[str] | None,
+    aliased: Mapping[str, str],
 ) -> list[tuple[int, ...]]:
     missing = [c for c in classes if c not in declared]
     if missing:
@@ -92,11 +106,18 @@ def _declared(
         targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
         if not targets:
             raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to an empty list")
-        groups.append(tuple(_channel(task, name, t, teacher, teacher_classes) for t in targets))
+        groups.append(tuple(_channel(task, name, t, teacher, teacher_classes, aliased) for t in targets))
     return groups
 
 
-def _channel(task: str, name: str, target: Any, teacher: str, teacher_classes: Sequence[str] | None) -> int:
+def _channel(
+    task: str,
+    name: str,
+    target: Any,
+    teacher: str,
+    teacher_classes: Sequence[str] | None,
+    aliased: Mapping[str, str],
+) -> int:
     if isinstance(target, int) and not isinstance(target, bool):
         if target < 0:
             raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to channel {target} (< 0)")
@@ -113,10 +134,12 @@ def _channel(task: str, name: str, target: Any, teacher: str, teacher_classes: S
         )
     if target not in teacher_classes:
         close = difflib.get_close_matches(target, list(teacher_classes), n=3)
+        hint = f" (did you mean {close}?)" if close else f"; its classes: {list(teacher_classes)}"
+        if target in aliased:
+            hint = f": that class trained as the shared class {aliased[target]!r}; name it so"
         raise ClassMappingError(
             f"task {task!r}: teacher_classes maps {name!r} to {target!r}, which teacher {teacher} does "
-            f"not have"
-            + (f" (did you mean {close}?)" if close else f"; its classes: {list(teacher_classes)}")
+            f"not have{hint}"
         )
     return list(teacher_classes).index(target)
 
