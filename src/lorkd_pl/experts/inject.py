@@ -12,7 +12,7 @@ import copy
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -50,8 +50,9 @@ def _wrapper_class(module: nn.Module) -> type[ExpertLayer]:
     return ExpertConvTranspose if isinstance(module, CONV_TRANSPOSES) else ExpertConv
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+def _first_match(name: str, rules: Iterable[str] | None) -> str | None:
+    """The first glob of ``rules`` (patterns, or a mapping's keys) that matches ``name``, or ``None``."""
+    return next((glob for glob in rules or () if fnmatch.fnmatchcase(name, glob)), None)
 
 
 def layer_ranks(
@@ -72,20 +73,20 @@ def layer_ranks(
         ValueError: naming the rule for a value that is neither a positive int nor ``"<number>x"``.
     """
     base = normalize_ranks(ranks, num_experts)
-    for pattern, value in (rules or {}).items():
-        if not fnmatch.fnmatchcase(name, pattern):
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return (value,) * num_experts
-        match = _MULTIPLIER.match(value) if isinstance(value, str) else None
-        if match is None or float(match.group(1)) <= 0:
-            raise ValueError(
-                f"layer_rank rule {pattern!r}: {value!r} is neither a rank (an integer >= 1) nor a "
-                "multiplier of the region ranks such as '2x'"
-            )
-        factor = float(match.group(1))
-        return tuple(max(1, math.floor(r * factor + 0.5)) for r in base)  # half up: 2.5 → 3
-    return base
+    pattern = _first_match(name, rules)
+    if pattern is None:
+        return base
+    value = rules[pattern]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return (value,) * num_experts
+    match = _MULTIPLIER.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"layer_rank rule {pattern!r}: {value!r} is neither a rank (an integer >= 1) nor a "
+            "multiplier of the region ranks such as '2x'"
+        )
+    factor = float(match.group(1))
+    return tuple(max(1, math.floor(r * factor + 0.5)) for r in base)  # half up: 2.5 → 3
 
 
 def expert_layers(model: nn.Module) -> Iterator[tuple[str, ExpertLayer]]:
@@ -150,8 +151,8 @@ def inject_experts(
         (name, module)
         for name, module in model.named_modules()
         if _is_target(module, transposed)
-        and (include is None or _matches(name, include))
-        and not (exclude and _matches(name, exclude))
+        and (include is None or _first_match(name, include) is not None)
+        and _first_match(name, exclude) is None
     ]
     if not targets:
         raise ValueError(
@@ -193,11 +194,6 @@ def inject_experts(
     return model
 
 
-def _first_match(name: str, rules: Mapping[str, object] | None) -> str | None:
-    """The first glob of ``rules`` that matches ``name`` (the deciding rule), or ``None``."""
-    return next((glob for glob in rules or {} if fnmatch.fnmatchcase(name, glob)), None)
-
-
 def _check_sequence_first(model: nn.Module, folds: Mapping[str, str | None]) -> None:
     """Refuse experts inside a ``batch_first=False`` transformer layer unless declared sequence-first:
     their input is ``(L, N, C)``, and routing positions as samples would be silently wrong."""
@@ -220,12 +216,13 @@ def _use_regular_paths(model: nn.Module) -> None:
     """Switch off fast paths that read a wrapped layer's ``weight`` (``W0``) directly: there the experts
     would be ignored in eval/no_grad. The regular path computes the same function through the layers."""
     for module in model.modules():
-        holds_experts = any(isinstance(m, ExpertLayer) for m in module.modules())
-        if not holds_experts:
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(m, ExpertLayer) for m in module.modules()):
             continue
         if isinstance(module, nn.TransformerEncoderLayer):
             module.activation_relu_or_gelu = 0  # read only by the fused fast path's eligibility test
-        elif isinstance(module, nn.TransformerEncoder):
+        else:
             module.use_nested_tensor = False  # nested tensors would take the fused path too
 
 

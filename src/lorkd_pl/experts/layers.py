@@ -304,11 +304,8 @@ class ExpertConv(ExpertLayer):
         conv = self.base_layer
         n = x.shape[0]
         x, padding = self._padded(x)
-        grouped_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
-        grouped_w = weights.reshape(n * weights.shape[1], *weights.shape[2:])
-        grouped_b = None if bias is None else bias.repeat(n)
         y = _CONV_FUNCTIONS[self.spatial_dims](
-            grouped_x, grouped_w, grouped_b, conv.stride, padding, conv.dilation, n
+            *_samples_as_groups(x, weights, bias), conv.stride, padding, conv.dilation, n
         )
         return y.view(n, weights.shape[1], *y.shape[2:])
 
@@ -331,7 +328,7 @@ class ExpertConvTranspose(ExpertLayer):
             )
         super().__init__(base_layer, *args, **kwargs)
         self.spatial_dims = len(base_layer.kernel_size)
-        self._output_padding: tuple[int, ...] | None = None
+        self._output_padding: list[int] = list(base_layer.output_padding)  # set by each forward
 
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         conv = self.base_layer  # weight (Cin, Cout, *k)
@@ -356,7 +353,7 @@ class ExpertConvTranspose(ExpertLayer):
         """``conv_transpose(x, weight, bias)`` with the base layer's settings (``(N, Cin, *S)`` in)."""
         conv = self.base_layer
         return _CONV_TRANSPOSE_FUNCTIONS[self.spatial_dims](
-            x, weight, bias, conv.stride, conv.padding, self._current_output_padding(), 1, conv.dilation
+            x, weight, bias, conv.stride, conv.padding, self._output_padding, 1, conv.dilation
         )
 
     def per_sample_forward(self, x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
@@ -364,24 +361,15 @@ class ExpertConvTranspose(ExpertLayer):
         ``(N, D, Cout, *k)`` (``D`` = Cin, or the rank for the factorized strategy's ``A``)."""
         conv = self.base_layer
         n = x.shape[0]
-        grouped_x = x.reshape(1, n * x.shape[1], *x.shape[2:])
-        grouped_w = weights.reshape(n * weights.shape[1], *weights.shape[2:])
-        grouped_b = None if bias is None else bias.repeat(n)
         y = _CONV_TRANSPOSE_FUNCTIONS[self.spatial_dims](
-            grouped_x,
-            grouped_w,
-            grouped_b,
+            *_samples_as_groups(x, weights, bias),
             conv.stride,
             conv.padding,
-            self._current_output_padding(),
+            self._output_padding,
             n,
             conv.dilation,
         )
         return y.view(n, weights.shape[2], *y.shape[2:])
-
-    def _current_output_padding(self) -> tuple[int, ...]:
-        padding = self._output_padding
-        return tuple(self.base_layer.output_padding) if padding is None else tuple(padding)
 
 
 class ExpertLinear(ExpertLayer):
@@ -414,6 +402,21 @@ class ExpertLinear(ExpertLayer):
         if bias is not None:  # in y's dtype: under autocast an fp32 bias would promote y to fp32
             y = y + bias.to(y.dtype)
         return y.view(*x.shape[:-1], weights.shape[1])
+
+
+def _samples_as_groups(
+    x: Tensor, weights: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A batch as one sample of ``N`` channel groups, for one grouped (transposed) conv with
+    ``groups = N``: ``x`` ``(N, C, *S)`` → ``(1, N·C, *S)``, ``weights`` ``(N, W1, W2, *k)`` →
+    ``(N·W1, W2, *k)``, ``bias`` ``(Cout,)`` → ``(N·Cout,)``."""
+    n = x.shape[0]
+    grouped_b = None if bias is None else bias.repeat(n)
+    return (
+        x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        weights.reshape(n * weights.shape[1], *weights.shape[2:]),
+        grouped_b,
+    )
 
 
 def kernel_factor_shapes(

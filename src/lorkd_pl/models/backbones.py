@@ -90,7 +90,7 @@ def feature_channels(backbone: nn.Module, in_channels: int, patch_size: Sequence
         patch_size: an input size the backbone accepts (the task's patch).
 
     Raises:
-        ValueError: if the backbone fails on all of them, naming the patch size and the first error.
+        ValueError: if the backbone fails on all of them, naming the patch size and its error.
     """
     width = getattr(backbone, "out_channels", None)
     if isinstance(width, int):

@@ -30,6 +30,11 @@ class ClassMappingError(ValueError):
     """A student task's classes cannot be mapped onto the teacher's."""
 
 
+def union_class_name(task: str, class_name: str, aliases: Mapping[str, str] | None = None) -> str:
+    """A class's name in a generalist's union label space: its declared alias, else ``"<task>/<class>"``."""
+    return (aliases or {}).get(class_name) or f"{task}/{class_name}"
+
+
 def map_task_classes(
     tasks: Sequence[Mapping[str, Any]],
     teacher: str,
@@ -60,7 +65,7 @@ def map_task_classes(
     }
     # "<task>/<class>" of a teacher class that trained under a shared alias → that alias (for hints)
     aliased = {
-        f"{t['name']}/{c}": alias
+        union_class_name(t["name"], c): alias
         for t in teacher_tasks or []
         for c, alias in (t.get("class_aliases") or {}).items()
     }
@@ -186,9 +191,8 @@ def select_classes(logits: Tensor, groups: Sequence[tuple[int, ...]]) -> Tensor:
         ``(N, K_task, *S)`` or ``(N, K_task)``: channel ``k`` is ``logits[:, g_k]`` for a single
         channel, ``logsumexp(logits[:, g_k], 1)`` for a merge (so softmax probabilities add up).
     """
-    index = torch.tensor([g[0] for g in groups], device=logits.device)
     if all(len(g) == 1 for g in groups):
-        return logits.index_select(1, index)
+        return logits.index_select(1, torch.tensor([g[0] for g in groups], device=logits.device))
     return torch.stack([logits[:, list(g)].logsumexp(1) for g in groups], 1)
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lorkd_pl.models.backbones import build_module, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.class_mapping import union_class_name
 from lorkd_pl.models.losses import TaskLoss, supervision_levels
 
 DEFAULT_SEG_BACKBONE: dict[str, Any] = {
@@ -49,7 +50,7 @@ def union_label_space(tasks: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
         aliases = task.get("class_aliases") or {}
         own = [0] if names and names[0] == "background" else []
         for name in task["classes"][len(own) :]:
-            pooled = aliases.get(name) or f"{task['name']}/{name}"
+            pooled = union_class_name(task["name"], name, aliases)
             if pooled not in names:
                 names.append(pooled)
             own.append(names.index(pooled))

@@ -259,7 +259,7 @@ class LoRKDModule(TaskModule):
         images, labels, tasks = batch["image"], batch["label"], batch["task"]
         total = images.shape[0]
         levels = supervision_levels(self.features(images, batch["region"]), images)
-        features = levels[0][1]  # the main output: KD and feature KD use it
+        features = levels[0][1]  # the main output: feature KD uses it
         teacher = self.teacher if self.uses_teacher else None
         teacher_logits = teacher_features = None
         if teacher is not None and self.hparams.kd in ("logits", "both"):
@@ -276,11 +276,9 @@ class LoRKDModule(TaskModule):
             rows = (tasks == task).nonzero().squeeze(1)
             share = rows.numel() / total
             task_labels = labels.index_select(0, rows)
-            logits = self.heads[task](features.index_select(0, rows))
-            terms[task, "task_loss"] = levels[0][0] * self.loss(logits, task_labels) + sum(
-                weight * self.loss(self.heads[task](level.index_select(0, rows)), task_labels)
-                for weight, level in levels[1:]
-            )
+            level_logits = [(w, self.heads[task](level.index_select(0, rows))) for w, level in levels]
+            logits = level_logits[0][1]  # the main output's: KD uses it
+            terms[task, "task_loss"] = sum(w * self.loss(z, task_labels) for w, z in level_logits)
             task_loss = task_loss + share * terms[task, "task_loss"]
             name = self.tasks[task]["name"]
             if teacher_logits is not None and name in teacher.class_channels:
