@@ -37,6 +37,7 @@ from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
 from lorkd_pl.data.readers import ImageReadError
+from lorkd_pl.data.teacher_targets import TeacherTargetError
 from lorkd_pl.data.validation import DataValidationError
 from lorkd_pl.experts import RoutingError
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
@@ -45,6 +46,7 @@ from lorkd_pl.io.trust import UntrustedFileError, check_file_network, named_clas
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher import TeacherError
+from lorkd_pl.models.teacher_spec import TeacherSpecError
 from lorkd_pl.registry import RegistryError, get_task, order_regions
 
 
@@ -85,6 +87,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RoutingError,
     RunExistsError,
     TeacherError,
+    TeacherSpecError,
+    TeacherTargetError,
     UntrustedFileError,
 )
 

@@ -28,6 +28,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_colla
 from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
+from lorkd_pl.data.teacher_targets import AttachTeacherTargets, TeacherTargetSlot, TeacherTargetStore
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
 from lorkd_pl.registry import (
@@ -39,7 +40,7 @@ from lorkd_pl.registry import (
     order_regions,
 )
 
-BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case")
+BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case", "teacher")
 DEFAULT_CLS_SIZE: tuple[int, int] = (28, 28)
 
 
@@ -47,7 +48,8 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     """Collate samples (or lists of crops) into a batch sorted by region.
 
     Returns:
-        ``{"image": (N, C, *S), "label": (N, 1, *S) | (N,), "region": (N,), "task": (N,), "case": [N]}``.
+        ``{"image": (N, C, *S), "label": (N, 1, *S) | (N,), "region": (N,), "task": (N,), "case": [N]}``
+        and, with cached teacher targets, ``"teacher": (N, K_max, *S) | (N, K_max)``.
     """
     flat: list[Mapping[str, Any]] = []
     for item in samples:
@@ -185,6 +187,10 @@ class MultiRegionDataModule(L.LightningDataModule):
     Resume: the data module's checkpoint state records the epoch and the batches of it already
     trained; a run resumed from a mid-epoch checkpoint continues with the next batch of the same
     sampling order instead of restarting the epoch.
+
+    Cached teacher targets: once a fit has built them (:meth:`use_teacher_targets`), every training
+    and validation sample also carries ``teacher``, its case's cached target, cropped and flipped with
+    the image (:mod:`lorkd_pl.data.teacher_targets`).
     """
 
     def __init__(
@@ -230,7 +236,9 @@ class MultiRegionDataModule(L.LightningDataModule):
         self._check_numbers()
         self._records: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._datasets: dict[str, list[Dataset]] = {}
+        self._shards: dict[str, list[list[dict[str, Any]]]] = {}
         self._resume: dict[str, int] | None = None
+        self._teacher_targets = TeacherTargetSlot()
 
     def _check_numbers(self) -> None:
         """Every numeric option in range, and one patch size for all tasks, before anything is read.
@@ -361,7 +369,30 @@ class MultiRegionDataModule(L.LightningDataModule):
                     for i, r in enumerate(shard)
                 ]
                 datasets.append(self._dataset(tagged, self._transform(spec, train=split == "train")))
+                self._shards.setdefault(split, []).append(tagged)
             self._datasets[split] = datasets
+
+    def shard_records(self, split: str) -> list[dict[str, Any]]:
+        """This process's records of ``split`` (all tasks), as its datasets hold them (after :meth:`setup`):
+        ``{"image", "label", "case": "<task>/<id>", "region", "task"}``."""
+        return [record for task in self._shards.get(split, []) for record in task]
+
+    def all_cases(self, split: str) -> list[str]:
+        """Every process's case ids of ``split`` (``"<task>/<id>"``)."""
+        return [
+            f"{spec.name}/{r.get('case', i)}"
+            for spec in self.task_specs
+            for i, r in enumerate(self._records.get(spec.name, {}).get(split, []))
+        ]
+
+    def use_teacher_targets(self, store: TeacherTargetStore | None) -> None:
+        """Attach (or with ``None`` detach) cached teacher targets: samples then carry ``teacher``."""
+        self._teacher_targets.store = store
+
+    def preprocessing(self, spec: TaskSpec) -> Any:
+        """The deterministic preprocessing of one task's records (its validation transform, without
+        cached targets): the student's grid and intensities."""
+        return self._transform(spec, train=False, targets=False)
 
     def _task_records(self, spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         if spec.name not in self._records:
@@ -376,15 +407,16 @@ class MultiRegionDataModule(L.LightningDataModule):
                 table[split] = [dict(r) for r in spec.records(split)]
         return table[split]
 
-    def _transform(self, spec: TaskSpec, train: bool):
+    def _transform(self, spec: TaskSpec, train: bool, targets: bool = True):
         augment = self.hparams.get("augment", True)
+        attach = AttachTeacherTargets(self._teacher_targets) if targets else None
         if spec.kind == "seg3d":
             spacing = self.hparams.spacing or spec.spacing
             patch = self.train_patch_size(spec)
             pairs = [(spec.classes.index(a), spec.classes.index(b)) for a, b in spec.mirror_pairs]
             flips = spec.flip_axes if augment else ()
-            return seg3d_transforms(train, spec.modality, spacing, patch, 0.5, flips, pairs)
-        return cls2d_transforms(train and augment, self.train_patch_size(spec), self.hparams.channels)
+            return seg3d_transforms(train, spec.modality, spacing, patch, 0.5, flips, pairs, attach)
+        return cls2d_transforms(train and augment, self.train_patch_size(spec), self.hparams.channels, attach)
 
     def _dataset(self, records: list[dict[str, Any]], transform) -> Dataset:
         if self.hparams.cache == "memory":

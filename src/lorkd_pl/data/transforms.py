@@ -13,7 +13,7 @@ and small affine jitter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,10 @@ def intensity_transforms(modality: str) -> list[mt.MapTransform]:
 
 
 def seg3d_preprocessing(
-    keys: Sequence[str], modality: str, spacing: Sequence[float] | None
+    keys: Sequence[str],
+    modality: str,
+    spacing: Sequence[float] | None,
+    intensity: Sequence[mt.MapTransform] | None = None,
 ) -> list[mt.Transform]:
     """The one 3D preprocessing of training, validation, test and ``lorkd-pl predict``.
 
@@ -52,6 +55,7 @@ def seg3d_preprocessing(
         keys: ``["image"]`` or ``["image", "label"]``.
         modality: ``"CT"``, ``"MR"`` or ``"other"``.
         spacing: target spacing (mm, x y z) or ``None`` to keep the file's.
+        intensity: other intensity steps instead of the modality's (a teacher's own pipeline).
     """
     keys = list(keys)
     steps: list[mt.Transform] = [
@@ -62,7 +66,7 @@ def seg3d_preprocessing(
     if spacing:
         modes = ["bilinear" if key == "image" else "nearest" for key in keys]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
-    return steps + intensity_transforms(modality or "other")
+    return steps + list(intensity if intensity is not None else intensity_transforms(modality or "other"))
 
 
 def describe_intensity(kind: str, modality: str | None) -> str:
@@ -77,8 +81,9 @@ def describe_intensity(kind: str, modality: str | None) -> str:
 
 
 class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
-    """Flip ``image`` and ``label`` left↔right (axis 0 of a RAS volume) with probability ``prob`` and
-    swap the label values of every mirror pair, so a flipped left lung is labelled ``lung_right``.
+    """Flip ``image`` and ``label`` (and a cached ``teacher`` target) left↔right (axis 0 of a RAS
+    volume) with probability ``prob`` and swap the label values of every mirror pair, so a flipped left
+    lung is labelled ``lung_right`` (the target's channels of a pair trade places too).
 
     Args:
         prob: flip probability.
@@ -87,8 +92,8 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
 
     def __init__(self, prob: float, pairs: Sequence[tuple[int, int]]) -> None:
         mt.RandomizableTransform.__init__(self, prob)
-        mt.MapTransform.__init__(self, ["image", "label"])
-        self.flip = mt.Flipd(["image", "label"], spatial_axis=0)
+        mt.MapTransform.__init__(self, ["image", "label", "teacher"], allow_missing_keys=True)
+        self.flip = mt.Flipd(["image", "label", "teacher"], spatial_axis=0, allow_missing_keys=True)
         self.pairs = [tuple(pair) for pair in pairs]
 
     def __call__(self, data):
@@ -102,6 +107,11 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
             swapped[label == a] = b
             swapped[label == b] = a
         sample["label"] = swapped
+        if "teacher" in sample and self.pairs:
+            order = list(range(sample["teacher"].shape[0]))
+            for a, b in self.pairs:
+                order[a], order[b] = order[b], order[a]
+            sample["teacher"] = sample["teacher"][order]
         return sample
 
 
@@ -113,6 +123,7 @@ def seg3d_transforms(
     flip_prob: float = 0.5,
     flip_axes: Sequence[int] = (),
     mirror_pairs: Sequence[tuple[int, int]] = (),
+    targets: Callable[[dict], dict] | None = None,
 ) -> mt.Compose:
     """Pipeline for one 3D segmentation sample ``{"image": path, "label": path}``.
 
@@ -120,27 +131,42 @@ def seg3d_transforms(
     ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
     Training flips only the task's ``flip_axes`` (RAS: 0 left↔right, 1, 2), each with ``flip_prob``; a
     left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.registry.check_flips`).
+    ``targets`` (e.g. :class:`~lorkd_pl.data.teacher_targets.AttachTeacherTargets`) may add a cached
+    teacher target ``teacher`` ``(K, X, Y, Z)`` after the preprocessing: padded, cropped and flipped
+    with the image.
     """
     keys = ["image", "label"]
-    steps = seg3d_preprocessing(keys, modality, spacing)
+    steps: list = seg3d_preprocessing(keys, modality, spacing)
+    if targets is not None:
+        steps.append(targets)
+    every = ["image", "label", "teacher"]
     if train:
         steps += [
-            mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
+            mt.SpatialPadd(every, spatial_size=tuple(patch_size), allow_missing_keys=True),
             mt.RandCropByPosNegLabeld(
-                keys, label_key="label", spatial_size=tuple(patch_size), pos=1, neg=1, num_samples=1
+                every,
+                label_key="label",
+                spatial_size=tuple(patch_size),
+                pos=1,
+                neg=1,
+                num_samples=1,
+                allow_missing_keys=True,
             ),
             *[
                 MirrorFlipd(flip_prob, mirror_pairs)
                 if axis == 0
-                else mt.RandFlipd(keys, prob=flip_prob, spatial_axis=axis)
+                else mt.RandFlipd(every, prob=flip_prob, spatial_axis=axis, allow_missing_keys=True)
                 for axis in flip_axes
             ],
         ]
-    steps += [mt.EnsureTyped("image", dtype=torch.float32), mt.EnsureTyped("label", dtype=torch.long)]
+    steps += [
+        mt.EnsureTyped(["image", "teacher"], dtype=torch.float32, allow_missing_keys=True),
+        mt.EnsureTyped("label", dtype=torch.long),
+    ]
     return mt.Compose(steps)
 
 
-class _ToChannels(mt.MapTransform):
+class ToChannels(mt.MapTransform):
     """``image`` ``(C, H, W)`` → ``channels`` channels (RGB→grey by mean, grey→RGB by repeat)."""
 
     def __init__(self, channels: int) -> None:
@@ -163,15 +189,20 @@ class _ToChannels(mt.MapTransform):
         return sample
 
 
-def cls2d_transforms(train: bool, image_size: Sequence[int], channels: int = 1) -> mt.Compose:
+def cls2d_transforms(
+    train: bool,
+    image_size: Sequence[int],
+    channels: int = 1,
+    targets: Callable[[dict], dict] | None = None,
+) -> mt.Compose:
     """Pipeline for one 2D classification sample ``{"image": array | path, "label": int}``.
 
     Produces ``image`` float32 ``(channels, H, W)`` with ``(H, W) = image_size`` and ``label`` int64
-    ``()``.
+    ``()``; ``targets`` may add a cached teacher target ``teacher`` ``(K,)`` at the end.
     """
     steps: list[mt.Transform] = [
-        _LoadArrayOrFile(),
-        _ToChannels(channels),
+        LoadArrayOrFile(),
+        ToChannels(channels),
         mt.ScaleIntensityd("image"),
         mt.Resized("image", spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=False),
         mt.NormalizeIntensityd("image"),
@@ -185,10 +216,10 @@ def cls2d_transforms(train: bool, image_size: Sequence[int], channels: int = 1) 
         mt.EnsureTyped("image", dtype=torch.float32, track_meta=False),
         mt.EnsureTyped("label", dtype=torch.long, track_meta=False),
     ]
-    return mt.Compose(steps)
+    return mt.Compose(steps + ([targets] if targets is not None else []))
 
 
-class _LoadArrayOrFile(mt.MapTransform):
+class LoadArrayOrFile(mt.MapTransform):
     """``image`` as an in-memory ``(H, W[, C])`` array (MedMNIST) or a 2D image file → ``(C, H, W)``."""
 
     def __init__(self) -> None:

@@ -7,7 +7,11 @@ A student task's classes are mapped to the teacher's in one of two ways:
   or ``"background"``), or a LIST of those: a declared merge, whose probabilities add up (the merged
   logit is their ``logsumexp``). Every class of the task must be mapped.
 * by name, for a generalist teacher that trained a task of the same name: each class is looked up
-  among THAT task's class names, in any order (segmentation's class 0 is the shared background).
+  among THAT task's class names, in any order (segmentation's class 0 is the shared background);
+* by name, for an outside teacher whose class names the config gives (``teacher.classes: {name:
+  channel}``): every class of the task must be among them (a task none of whose foreground classes
+  the teacher has gets no logit KD). A multi-label (sigmoid) teacher may leave segmentation's
+  background out: it is then derived as "no class present" (an empty channel tuple).
 
 No teacher channel may feed two classes of one task (an undeclared many-to-one): such a mapping, a
 class the teacher lacks, or an unknown teacher class name is an error naming the task and the fix.
@@ -38,19 +42,23 @@ def union_class_name(task: str, class_name: str, aliases: Mapping[str, str] | No
 def map_task_classes(
     tasks: Sequence[Mapping[str, Any]],
     teacher: str,
-    teacher_classes: Sequence[str] | None = None,
+    teacher_classes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
     teacher_tasks: Sequence[Mapping[str, Any]] | None = None,
     teacher_task_channels: Sequence[Sequence[int]] | None = None,
+    derived_background: bool = False,
 ) -> ClassChannels:
     """The teacher channels of every student class, for the tasks that have a mapping.
 
     Args:
         tasks: the student's tasks (``name``, ``kind``, ``classes``, optional ``teacher_classes``).
         teacher: the teacher's source, for messages.
-        teacher_classes: the teacher's output class names by channel (a generalist's union classes);
-            ``None`` when the teacher has no names (TorchScript, bundle, plain network).
+        teacher_classes: the teacher's output class names, by channel (a generalist's union classes)
+            or as ``{name: channels}`` (an outside teacher's ``teacher.classes``); ``None`` when the
+            teacher has no names.
         teacher_tasks: a generalist teacher's own tasks (``name``, ``classes``), for matching by name.
         teacher_task_channels: the union channel of each class of each of ``teacher_tasks``.
+        derived_background: a segmentation task's background may be absent from ``teacher_classes``
+            (multi-label teachers): its channels are then ``()``, "no class present".
 
     Returns:
         ``{task name: [channels of class 0, channels of class 1, ...]}``; tasks with no declared
@@ -69,12 +77,13 @@ def map_task_classes(
         for t in teacher_tasks or []
         for c, alias in (t.get("class_aliases") or {}).items()
     }
+    names = _names(teacher_classes)
     out: ClassChannels = {}
     for task in tasks:
         name, classes = str(task["name"]), [str(c) for c in task["classes"]]
         declared = task.get("teacher_classes")
         if declared:
-            groups = _declared(name, classes, declared, teacher, teacher_classes, aliased)
+            groups = _declared(name, classes, declared, teacher, names, aliased)
         elif name in by_name:
             their_task, their_channels = by_name[name]
             if their_task.get("kind", task["kind"]) != task["kind"]:
@@ -84,6 +93,10 @@ def map_task_classes(
                     "the task"
                 )
             groups = _by_name(task, list(their_task["classes"]), their_channels, teacher)
+        elif isinstance(teacher_classes, Mapping):
+            groups = _by_teacher_names(task, names or {}, teacher, derived_background)
+            if groups is None:
+                continue
         else:
             continue
         _check_one_to_one(name, classes, groups, teacher)
@@ -91,12 +104,44 @@ def map_task_classes(
     return out
 
 
+def _names(
+    teacher_classes: Sequence[str] | Mapping[str, Sequence[int]] | None,
+) -> dict[str, tuple[int, ...]] | None:
+    """The teacher's class names → their channels."""
+    if teacher_classes is None:
+        return None
+    if isinstance(teacher_classes, Mapping):
+        return {str(k): tuple(v) for k, v in teacher_classes.items()}
+    return {str(name): (channel,) for channel, name in enumerate(teacher_classes)}
+
+
+def _by_teacher_names(
+    task: Mapping[str, Any], names: Mapping[str, tuple[int, ...]], teacher: str, derived_background: bool
+) -> list[tuple[int, ...]] | None:
+    classes = [str(c) for c in task["classes"]]
+    background = task["kind"] == "seg3d"
+    foreground = classes[1:] if background else classes
+    if not any(c in names for c in foreground):
+        return None  # a task of another region: no logit KD from this teacher
+    optional = {classes[0]} if background and derived_background else set()
+    lacking = [c for c in classes if c not in names and c not in optional]
+    if lacking:
+        close = {c: difflib.get_close_matches(c, list(names), n=1) for c in lacking}
+        hints = ", ".join(f"{c!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for c, m in close.items())
+        raise ClassMappingError(
+            f"task {task['name']!r}: teacher {teacher} lacks the classes {hints} (its classes: "
+            f"{list(names)}); name them in teacher.classes, or map them in the task spec's "
+            "teacher_classes (a list of teacher classes declares a merge)"
+        )
+    return [names.get(c, ()) for c in classes]
+
+
 def _declared(
     task: str,
     classes: list[str],
     declared: Mapping[str, Any],
     teacher: str,
-    teacher_classes: Sequence[str] | None,
+    teacher_classes: Mapping[str, tuple[int, ...]] | None,
     aliased: Mapping[str, str],
 ) -> list[tuple[int, ...]]:
     missing = [c for c in classes if c not in declared]
@@ -111,22 +156,23 @@ def _declared(
         targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
         if not targets:
             raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to an empty list")
-        groups.append(tuple(_channel(task, name, t, teacher, teacher_classes, aliased) for t in targets))
+        channels = [_channels(task, name, t, teacher, teacher_classes, aliased) for t in targets]
+        groups.append(tuple(c for group in channels for c in group))
     return groups
 
 
-def _channel(
+def _channels(
     task: str,
     name: str,
     target: Any,
     teacher: str,
-    teacher_classes: Sequence[str] | None,
+    teacher_classes: Mapping[str, tuple[int, ...]] | None,
     aliased: Mapping[str, str],
-) -> int:
+) -> tuple[int, ...]:
     if isinstance(target, int) and not isinstance(target, bool):
         if target < 0:
             raise ClassMappingError(f"task {task!r}: teacher_classes maps {name!r} to channel {target} (< 0)")
-        return target
+        return (target,)
     if not isinstance(target, str):
         raise ClassMappingError(
             f"task {task!r}: teacher_classes maps {name!r} to {target!r}; give a channel number, a "
@@ -146,7 +192,7 @@ def _channel(
             f"task {task!r}: teacher_classes maps {name!r} to {target!r}, which teacher {teacher} does "
             f"not have{hint}"
         )
-    return list(teacher_classes).index(target)
+    return teacher_classes[target]
 
 
 def _by_name(

@@ -7,8 +7,11 @@ Training step on a mixed-region batch (sorted by region by the data module):
 2. Per task present: its head on its samples' features → task loss (Dice + CE, or CE; with deep
    supervision, summed over the levels with weights 2^-l normalised).
 3. Knowledge distillation from the frozen teacher: ``KL(softmax(z_t/τ) ‖ softmax(z_s/τ))·τ²`` on the
-   task's classes (teacher channels from the task mapping), and/or feature KD (MSE between a learned
-   1×1 projection of the student's features and the teacher's features).
+   task's classes (teacher channels from the task mapping; per-class binary KL for a multi-label
+   teacher, see :mod:`lorkd_pl.models.teacher_outputs`), and/or feature KD (MSE between a learned 1×1
+   projection of the student's features and the teacher's features). The teacher runs live on the
+   batch, or (``teacher.cache``) its targets were made once per case in its own pipeline and ride
+   along in the batch (``batch["teacher"]``): no teacher forward in the training step.
 4. Loss = task loss + λ·KD, each term weighted by its task's share of the batch.
 """
 
@@ -27,8 +30,9 @@ from lorkd_pl.experts.layers import Layout
 from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
-from lorkd_pl.models.losses import TaskLoss, kd_kl, supervision_levels
+from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
 from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
+from lorkd_pl.models.teacher_spec import TeacherSpec, parse_teacher
 from lorkd_pl.registry import check_ranges
 
 KDKind = Literal["logits", "features", "both", "none"]
@@ -91,9 +95,13 @@ class LoRKDModule(TaskModule):
             one per sample, e.g. ``{"*.attn.*": leading}`` for SwinUNETR's window attention (see
             :func:`lorkd_pl.experts.inject_experts`); an undeclared fold is an error, never a guess.
         include, exclude: glob patterns of backbone layers that get / do not get experts.
-        teacher: path of the teacher (generalist checkpoint, TorchScript file, MONAI bundle folder or
-            a plain checkpoint with ``teacher_model``); ``None`` trains without KD.
-        teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network.
+        teacher: the teacher: a path (generalist checkpoint, TorchScript file, MONAI bundle folder or
+            a plain checkpoint with ``teacher_model``), or a description ``{path, output, classes,
+            spacing, intensity, roi_size, divisible, cache, ...}`` of a foundation model with its own
+            output convention and pipeline (:mod:`lorkd_pl.models.teacher_spec`, docs/teachers.md);
+            ``None`` trains without KD.
+        teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network (also
+            ``teacher.model``).
         init_from_teacher: start the shared weights ``W0`` and the heads from a generalist teacher with
             the same backbone (the experts then decompose the foundation model's own weights); done
             once, when a fit starts without ``ckpt_path``.
@@ -119,7 +127,7 @@ class LoRKDModule(TaskModule):
         strategy: str = "auto",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        teacher: str | None = None,
+        teacher: str | dict[str, Any] | None = None,
         teacher_model: dict[str, Any] | None = None,
         init_from_teacher: bool = False,
         kd: KDKind = "logits",
@@ -143,6 +151,12 @@ class LoRKDModule(TaskModule):
                 ("temperature", lambda v: v > 0, "> 0"),
             ],
         )
+        spec = parse_teacher(teacher, teacher_model)
+        if spec is not None and spec.cache and kd in ("features", "both") and kd_weight > 0:
+            raise TeacherError(
+                "model.init_args.teacher.cache holds logit targets only; feature KD needs the live teacher: "
+                "set kd: logits, or teacher.cache: null"
+            )
         network = build_module(backbone or DEFAULT_SEG_BACKBONE)
         width = feature_channels(network, in_channels, self.tasks[0]["patch_size"])
         self.expert_free_parameters = count_parameters(network)
@@ -172,6 +186,11 @@ class LoRKDModule(TaskModule):
 
     # ------------------------------------------------------------------ teacher
     @property
+    def teacher_spec(self) -> TeacherSpec | None:
+        """The parsed teacher description (``None`` without a teacher)."""
+        return parse_teacher(self.hparams.teacher, self.hparams.teacher_model)
+
+    @property
     def teacher(self) -> Teacher:
         """The frozen teacher, loaded on first use (a checkpoint reload for test/export needs none)."""
         if self._teacher is None:
@@ -179,9 +198,7 @@ class LoRKDModule(TaskModule):
                 raise ValueError("no teacher configured (model.init_args.teacher)")
             # Stored outside nn.Module's registry: not in state_dict, not wrapped or synced by DDP.
             try:
-                self.__dict__["_teacher"] = load_teacher(
-                    self.hparams.teacher, self.tasks, self.hparams.teacher_model
-                )
+                self.__dict__["_teacher"] = load_teacher(self.teacher_spec, self.tasks)
             except AttributeError as error:  # inside a property it would read "no attribute 'teacher'"
                 raise TeacherError(f"teacher {self.hparams.teacher} could not be loaded: {error}") from None
             missing = [t["name"] for t in self.tasks if t["name"] not in self._teacher.class_channels]
@@ -200,12 +217,52 @@ class LoRKDModule(TaskModule):
         return self.hparams.teacher is not None and self.hparams.kd != "none" and self.hparams.kd_weight > 0
 
     def on_fit_start(self) -> None:
-        """Load the teacher and check its class mapping before the first step; optionally copy it."""
+        """Load the teacher and check it before the first step: live, its class mapping and output
+        convention on a training crop; cached, build the missing targets (each process its shard,
+        then all wait). Optionally copy a generalist teacher into the student."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.use_teacher_targets(None)
         if self.uses_teacher and self.hparams.kd in ("logits", "both"):
-            patch = self.tasks[0]["patch_size"]
-            self.teacher.check_channels(torch.zeros(1, self.hparams.in_channels, *patch, device=self.device))
+            if self.teacher_spec.cache:
+                self._build_teacher_targets(datamodule)
+            else:
+                probe = self._probe_input(datamodule)
+                self.teacher.check_channels(probe)
+                warning = self.teacher.check_output(self.teacher(probe))
+                if warning:
+                    rank_zero_warn(f"lorkd-pl: {warning}")
         if self.hparams.init_from_teacher and self.trainer.ckpt_path is None:
             self.initialise_from_teacher()
+
+    def _probe_input(self, datamodule: Any) -> Tensor:
+        """A real training crop ``(1, C, *patch)`` when the data module has one, else seeded noise."""
+        try:
+            sample = datamodule.dataset("train", 0)[0]
+            sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+            return torch.as_tensor(sample["image"])[None].float().to(self.device)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            patch = self.tasks[0]["patch_size"]
+            generator = torch.Generator().manual_seed(0)
+            return torch.randn(1, self.hparams.in_channels, *patch, generator=generator).to(self.device)
+
+    def _build_teacher_targets(self, datamodule: Any) -> None:
+        from lorkd_pl.models.teacher_pipeline import describe_build, prepare_targets
+
+        if not hasattr(datamodule, "use_teacher_targets"):
+            raise TeacherError(
+                "model.init_args.teacher.cache needs lorkd-pl's MultiRegionDataModule (it reads the cached "
+                "targets with the images); use it, or set teacher.cache: null"
+            )
+        spec, teacher = self.teacher_spec, self.teacher
+        store, report = prepare_targets(teacher, spec, datamodule, self.device)
+        self.trainer.strategy.barrier("lorkd_pl_teacher_targets")  # every shard built before any reads
+        cases = [c for split in ("train", "val") for c in datamodule.all_cases(split)]
+        cases = [c for c in cases if c.partition("/")[0] in teacher.class_channels]
+        rank_zero_info(describe_build(store, report, cases))
+        datamodule.use_teacher_targets(store)
+        teacher.to("cpu")  # no teacher forward in training: free the accelerator's memory
+        self.__dict__["_teacher_device"] = torch.device("cpu")
 
     @torch.no_grad()
     def initialise_from_teacher(self) -> None:
@@ -260,13 +317,16 @@ class LoRKDModule(TaskModule):
         total = images.shape[0]
         levels = supervision_levels(self.features(images, batch["region"]), images)
         features = levels[0][1]  # the main output: feature KD uses it
-        teacher = self.teacher if self.uses_teacher else None
-        teacher_logits = teacher_features = None
-        if teacher is not None and self.hparams.kd in ("logits", "both"):
-            teacher_logits = teacher(images)
+        cached = batch.get("teacher") if self.uses_teacher else None
+        teacher = None
+        if self.uses_teacher:  # with cached targets it stays where it is (off the accelerator)
+            teacher = self._teacher if cached is not None and self._teacher is not None else self.teacher
+        teacher_output = teacher_features = None
+        if cached is None and teacher is not None and self.hparams.kd in ("logits", "both"):
+            teacher_output = teacher(images)
         if teacher is not None and self.hparams.kd in ("features", "both"):
             teacher_features = teacher.features(images)
-        task_loss = kd_loss = images.new_zeros(())
+        task_loss = distillation = images.new_zeros(())
         terms: dict[tuple[int, str], Tensor] = {}  # per task and term, to name a non-finite culprit
         present = set(tasks.unique().tolist())
         for task in range(len(self.tasks)):
@@ -281,16 +341,25 @@ class LoRKDModule(TaskModule):
             terms[task, "task_loss"] = sum(w * self.loss(z, task_labels) for w, z in level_logits)
             task_loss = task_loss + share * terms[task, "task_loss"]
             name = self.tasks[task]["name"]
-            if teacher_logits is not None and name in teacher.class_channels:
-                target = teacher.task_logits(teacher_logits.index_select(0, rows), name)
-                terms[task, "kd_loss"] = kd_kl(logits, target, self.hparams.temperature)
-                kd_loss = kd_loss + share * terms[task, "kd_loss"]
+            distilled = cached is not None or teacher_output is not None
+            if distilled and name in teacher.class_channels:
+                if cached is not None:  # made once in the teacher's pipeline, padded to the run's K_max
+                    target = cached.index_select(0, rows)[:, : logits.shape[1]]
+                else:
+                    target = teacher.targets(teacher_output.index_select(0, rows), name)
+                terms[task, "kd_loss"] = kd_loss(
+                    logits, target, teacher.target_kind, self.hparams.temperature
+                )
+                distillation = distillation + share * terms[task, "kd_loss"]
         if teacher_features is not None and self.projection is not None:
             with torch.autocast(device_type=images.device.type, enabled=False):
-                kd_loss = kd_loss + F.mse_loss(self.projection(features.float()), teacher_features.float())
-        loss = self.guard_loss(task_loss + self.hparams.kd_weight * kd_loss, batch, batch_idx, lambda: terms)
+                features_kd = F.mse_loss(self.projection(features.float()), teacher_features.float())
+            distillation = distillation + features_kd
+        loss = self.guard_loss(
+            task_loss + self.hparams.kd_weight * distillation, batch, batch_idx, lambda: terms
+        )
         size = images.shape[0]
-        self.log_dict({"train/task_loss": task_loss, "train/kd_loss": kd_loss}, batch_size=size)
+        self.log_dict({"train/task_loss": task_loss, "train/kd_loss": distillation}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 

@@ -72,3 +72,38 @@ class TaskLoss(nn.Module):
             if self.dice_ce is not None:
                 return self.dice_ce(logits.float(), label)
             return F.cross_entropy(logits.float(), label)
+
+
+def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: float) -> Tensor:
+    """Per-class binary KD from a multi-label (sigmoid) teacher: ``Σ_k KL(Bern(t_k) ‖ Bern(s_k)) · τ²``.
+
+    ``t_k = sigmoid(l_k / τ)`` is the teacher's probability of class ``k`` on its own, ``s_k =
+    softmax(z_s / τ)_k`` the student's marginal probability of that (mutually exclusive) class.
+
+    Args:
+        student_logits: ``(N, K, *S)`` (or ``(N, K)``).
+        teacher_log_odds: same shape: the teacher's per-class log-odds; no gradient flows into it.
+        temperature: τ > 0.
+
+    Returns:
+        A scalar: the mean over ``N·prod(S)`` positions of the class-wise sum, times τ².
+    """
+    if student_logits.shape != teacher_log_odds.shape:
+        raise ValueError(
+            f"KD needs teacher targets of the student's shape {tuple(student_logits.shape)}, got "
+            f"{tuple(teacher_log_odds.shape)}; check the task's teacher class mapping"
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        log_not_s = torch.log1p(-log_s.exp().clamp(max=1 - 1e-7))
+        odds = teacher_log_odds.detach().float() / temperature
+        log_t, log_not_t = F.logsigmoid(odds), F.logsigmoid(-odds)
+        kl = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)
+    return kl.sum(dim=1).mean() * temperature**2
+
+
+def kd_loss(student_logits: Tensor, targets: Tensor, kind: str, temperature: float) -> Tensor:
+    """KD of one task: :func:`kd_kl` for ``"log_probs"`` targets, :func:`kd_binary` for ``"log_odds"``."""
+    if kind == "log_odds":
+        return kd_binary(student_logits, targets, temperature)
+    return kd_kl(student_logits, targets, temperature)

@@ -4,7 +4,8 @@ Sources, chosen by what ``path`` is:
 
 * a lorkd-pl :class:`~lorkd_pl.models.generalist.GeneralistModule` checkpoint (``.ckpt``): its union
   classes give every task's teacher channels by task name;
-* a TorchScript file (``torch.jit.save``), loaded only from the path the user names;
+* a TorchScript file (``torch.jit.save``), loaded only from the path the user names (``torch.export``
+  archives, ``.pt2``, are refused: ``torch.export.load`` unpickles parts of them);
 * a MONAI bundle folder (``configs/inference.json|yaml`` with ``network_def``, ``models/model.pt``);
 * any other checkpoint (a state dict, or a Lightning checkpoint's ``state_dict``) together with
   ``model: {class_path, init_args}`` describing the network.
@@ -12,8 +13,10 @@ Sources, chosen by what ``path`` is:
 Every load uses ``torch.load(weights_only=True)``. The teacher is frozen (``requires_grad_(False)``,
 ``eval()``), run under ``no_grad``, and never part of the student's checkpoint: its path and sha256 are
 recorded instead. A student task's classes are mapped onto the teacher's channels BY NAME
-(:mod:`lorkd_pl.models.class_mapping`): declared in the task's ``teacher_classes``, or for a generalist
-teacher through its same-named task; tasks without a mapping get no logit KD.
+(:mod:`lorkd_pl.models.class_mapping`): declared in the task's ``teacher_classes``, through the
+teacher's own class names (``teacher.classes``), or for a generalist teacher through its same-named
+task; tasks without a mapping get no logit KD. What the teacher outputs (``teacher.output``) decides
+how its output becomes a KD target (:mod:`lorkd_pl.models.teacher_outputs`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ from lorkd_pl.models.class_mapping import (
     map_task_classes,
     select_classes,
 )
+from lorkd_pl.models.teacher_outputs import check_output, target_kind, task_targets
+from lorkd_pl.models.teacher_spec import SIGMOID_OUTPUTS, TeacherSpec, parse_teacher
+
+#: Cube sizes tried to tell the user which inputs a teacher accepts, after it rejected one.
+PROBE_SIZES: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128)
 
 
 class TeacherError(ValueError):
@@ -66,6 +74,8 @@ class Teacher(nn.Module):
         source: str,
         sha256: str,
         feature_width: int | None = None,
+        output: str = "logits",
+        sigmoid_kd: str = "binary",
     ) -> None:
         super().__init__()
         for parameter in network.parameters():  # (ScriptModules lack requires_grad_)
@@ -74,6 +84,8 @@ class Teacher(nn.Module):
         self.class_channels: ClassChannels = {k: [tuple(g) for g in v] for k, v in class_channels.items()}
         self.source, self.sha256 = source, sha256
         self.feature_width = feature_width
+        self.output, self.sigmoid_kd = output, sigmoid_kd
+        self.target_kind = target_kind(output, sigmoid_kd)
         self.eval()
 
     def train(self, mode: bool = True) -> Teacher:
@@ -90,7 +102,7 @@ class Teacher(nn.Module):
         Raises:
             TeacherError: naming the tasks whose mapped channels the teacher does not output.
         """
-        width = int(self.network(example).shape[1])
+        width = int(self(example).shape[1])
         bad = {
             task: [c for c in flat_channels(groups) if not 0 <= c < width]
             for task, groups in self.class_channels.items()
@@ -105,20 +117,75 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        """Teacher logits ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` of ``images`` ``(N, C, *S)``."""
-        return self.network(images)
+        """The teacher's raw output ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` of ``images`` ``(N, C, *S)``.
+
+        Raises:
+            TeacherError: the teacher rejected the input's size, naming the sizes it accepts.
+        """
+        try:
+            return self.network(images)
+        except RuntimeError as error:  # TorchScript / shape errors: one line naming the sizes that work
+            raise TeacherError(self._size_message(images, error)) from None
+
+    def _size_message(self, images: Tensor, error: BaseException) -> str:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        accepted = []
+        for size in PROBE_SIZES:
+            probe = images.new_zeros(1, images.shape[1], *[size] * (images.ndim - 2))
+            try:
+                self.network(probe)
+                accepted.append(size)
+            except RuntimeError:
+                continue
+        shape = "x".join(str(n) for n in images.shape[2:])
+        said = (
+            f"it accepts inputs of {', '.join(f'{n}^{images.ndim - 2}' for n in accepted)} (of "
+            f"{', '.join(str(n) for n in PROBE_SIZES)} tried)"
+            if accepted
+            else f"it accepted none of the cubes {list(PROBE_SIZES)} either"
+        )
+        return (
+            f"teacher {self.source} rejected an input of size {shape} ({first[:160]}); {said}: set "
+            "teacher.divisible (and teacher.roi_size) to sizes it accepts, with teacher.cache for its "
+            "own whole-volume pipeline"
+        )
 
     def task_logits(self, logits: Tensor, task: str) -> Tensor:
-        """The teacher's logits of one task's classes, in the task's class order.
+        """The teacher's logits of one task's classes, in the task's class order (a ``logits``
+        teacher; merged classes as ``logsumexp``).
 
         Args:
             logits: ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` teacher logits.
             task: a task name with a class mapping.
 
         Returns:
-            ``(N, K_task, *S)`` / ``(N, K_task)`` (merged classes as ``logsumexp``).
+            ``(N, K_task, *S)`` / ``(N, K_task)``.
         """
         return select_classes(logits, self.class_channels[task])
+
+    def targets(self, raw: Tensor, task: str) -> Tensor:
+        """The KD target of one task from the teacher's raw output (kind :attr:`target_kind`).
+
+        Args:
+            raw: ``(N, K_teacher, *S)`` / ``(N, K_teacher)`` the teacher's output.
+            task: a task name with a class mapping.
+
+        Returns:
+            ``(N, K_task, *S)`` / ``(N, K_task)`` fp32 log-probabilities or per-class log-odds
+            (:func:`lorkd_pl.models.teacher_outputs.task_targets`).
+        """
+        return task_targets(raw, self.class_channels[task], self.output, self.sigmoid_kd)
+
+    def check_output(self, raw: Tensor) -> str | None:
+        """Check a probe output against the declared ``output`` (a warning, or None).
+
+        Raises:
+            TeacherError: the output contradicts the declaration (e.g. probabilities not summing to 1).
+        """
+        try:
+            return check_output(raw, self.output, self.source)
+        except ValueError as error:
+            raise TeacherError(str(error)) from None
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
@@ -129,9 +196,15 @@ class Teacher(nn.Module):
         return self.network.features(images)
 
 
-def _class_channels(tasks: Sequence[Mapping[str, Any]], source: Path, **teacher: Any) -> ClassChannels:
+def _class_channels(
+    tasks: Sequence[Mapping[str, Any]], source: Path, spec: TeacherSpec, **teacher: Any
+) -> ClassChannels:
+    if spec.classes is not None and "teacher_classes" not in teacher:
+        teacher["teacher_classes"] = spec.classes
     try:
-        return map_task_classes(tasks, str(source), **teacher)
+        return map_task_classes(
+            tasks, str(source), derived_background=spec.output in SIGMOID_OUTPUTS, **teacher
+        )
     except ClassMappingError as error:
         raise TeacherError(f"teacher class mapping: {error}") from None
 
@@ -149,23 +222,43 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def load_teacher(
-    path: str | Path, tasks: Sequence[Mapping[str, Any]], model: Mapping[str, Any] | None = None
+    teacher: str | Path | TeacherSpec | Mapping[str, Any],
+    tasks: Sequence[Mapping[str, Any]],
+    model: Mapping[str, Any] | None = None,
 ) -> Teacher:
-    """Load a frozen teacher from ``path`` (see the module docstring) for ``tasks``.
+    """Load a frozen teacher for ``tasks``.
+
+    Args:
+        teacher: a path (see the module docstring) or a teacher description
+            (:mod:`lorkd_pl.models.teacher_spec`).
+        tasks: the student's task descriptions.
+        model: ``{class_path, init_args}`` of a plain weights file's network (when the description
+            has none).
 
     Raises:
         TeacherError: naming the file and the fix.
     """
-    path = Path(path)
+    spec = (
+        teacher
+        if isinstance(teacher, TeacherSpec)
+        else parse_teacher(str(teacher) if isinstance(teacher, Path) else teacher, model)
+    )
+    path = Path(spec.path)
     if not path.exists():
         raise TeacherError(f"teacher not found: {path} (set model.init_args.teacher to a checkpoint)")
     digest = sha256sum(path)
+    kinds = {"output": spec.output, "sigmoid_kd": spec.sigmoid_kd}
     if path.is_dir():
         network = _load_bundle(path)
-        return Teacher(network, _class_channels(tasks, path), str(path), digest)
+        return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
     if _is_torchscript(path):
-        return Teacher(
-            torch.jit.load(str(path), map_location="cpu"), _class_channels(tasks, path), str(path), digest
+        network = torch.jit.load(str(path), map_location="cpu")
+        return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
+    if _is_exported_program(path):
+        raise TeacherError(
+            f"teacher {path} is a torch.export archive (.pt2): torch.export.load unpickles parts of it "
+            "with weights_only=False, which can run code, so lorkd-pl does not load it; save the teacher "
+            "with torch.jit.save, or as a state dict with teacher.model {class_path, init_args}"
         )
     try:
         checkpoint = load_checkpoint_file(path)
@@ -174,6 +267,11 @@ def load_teacher(
     from lorkd_pl.models.restore import model_kind, restore_module  # restore imports the student
 
     if model_kind(checkpoint) == "GeneralistModule":
+        if spec.output != "logits":
+            raise TeacherError(
+                f"teacher {path} is a lorkd-pl generalist, whose output is logits; remove "
+                f"model.init_args.teacher.output ({spec.output!r})"
+            )
         try:
             generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
         except CheckpointError as error:
@@ -181,6 +279,7 @@ def load_teacher(
         channels = _class_channels(
             tasks,
             path,
+            spec,
             teacher_classes=generalist.union_classes,
             teacher_tasks=generalist.tasks,
             teacher_task_channels=generalist.task_channels,
@@ -191,14 +290,24 @@ def load_teacher(
             else generalist.head.in_features
         )
         return Teacher(generalist, channels, str(path), digest, feature_width=width)
-    if model is None:
+    if spec.model is None:
         raise TeacherError(
-            f"teacher {path} is a plain checkpoint: also give model.init_args.teacher_model "
-            "{class_path, init_args} describing its network"
+            f"teacher {path} is a plain checkpoint: also give model.init_args.teacher.model (or "
+            "teacher_model) {class_path, init_args} describing its network"
         )
-    network = build_module(model)
+    network = build_module(spec.model)
     network.load_state_dict(_state_dict(path))
-    return Teacher(network, _class_channels(tasks, path), str(path), digest)
+    return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
+
+
+def _is_exported_program(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        return any(n.endswith(("serialized_exported_program.json", "models/model.json")) for n in names)
 
 
 def _is_torchscript(path: Path) -> bool:

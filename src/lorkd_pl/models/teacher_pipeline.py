@@ -1,0 +1,363 @@
+"""A teacher in its OWN pipeline: its spacing, intensity and input sizes, on whole volumes, once.
+
+For one case (:class:`TeacherPipeline`):
+
+1. the image is read as the student reads it (RAS), resampled to the teacher's ``spacing`` and
+   normalised with the teacher's ``intensity`` (fields left out: the student's own);
+2. the teacher runs on the whole volume: sliding windows of ``roi_size`` (Gaussian blending), or one
+   forward with the volume zero-padded at its end to a multiple of ``divisible`` (cropped back after);
+   cls2d: the image resized to ``roi_size`` (default: the student's size);
+3. its output becomes the task's KD target (:mod:`lorkd_pl.models.teacher_outputs`), and is resampled
+   (as probabilities, trilinear, by the two grids' affines) into the student's preprocessed grid.
+
+:func:`build_targets` does that for every training and validation case of this process's shard that
+has no fresh entry in the cache (:mod:`lorkd_pl.data.teacher_targets`); :func:`evaluate_teacher` does it
+on a test split and writes the same ``summary/<task>.json`` as ``lorkd-pl test``, so an outside teacher
+gets its row in ``lorkd-pl report``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai import transforms as mt
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from torch import Tensor
+
+from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
+from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
+from lorkd_pl.models.teacher import Teacher, TeacherError
+from lorkd_pl.models.teacher_outputs import target_probabilities, targets_from_probabilities
+from lorkd_pl.models.teacher_spec import Intensity, TeacherSpec
+
+
+class _AffineIntensity(mt.MapTransform):
+    """``image · scale + shift``."""
+
+    def __init__(self, scale: float, shift: float) -> None:
+        super().__init__(["image"])
+        self.scale, self.shift = scale, shift
+
+    def __call__(self, data):
+        sample = dict(data)
+        sample["image"] = sample["image"] * self.scale + self.shift
+        return sample
+
+
+def teacher_intensity(intensity: Intensity) -> list[mt.MapTransform]:
+    """The transforms of a teacher's intensity pipeline: clip → normalise → ``x·scale + shift``."""
+    steps: list[mt.MapTransform] = []
+    if intensity.window:
+        low, high = intensity.window
+        steps.append(
+            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
+        )
+    if intensity.percentiles:
+        steps.append(
+            mt.ClipIntensityPercentilesd(
+                "image", lower=intensity.percentiles[0], upper=intensity.percentiles[1]
+            )
+        )
+    if intensity.normalize == "zscore":
+        steps.append(mt.NormalizeIntensityd("image"))
+    elif intensity.normalize == "minmax":
+        steps.append(mt.ScaleIntensityd("image", minv=0.0, maxv=1.0))
+    if (intensity.scale, intensity.shift) != (1.0, 0.0):
+        steps.append(_AffineIntensity(intensity.scale, intensity.shift))
+    return steps
+
+
+def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
+    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and torch.allclose(
+        a.affine.double(), b.affine.double(), atol=1e-4
+    )
+
+
+@dataclass
+class TeacherPipeline:
+    """The teacher's own pipeline for one task.
+
+    Args:
+        spec: the teacher description.
+        task: the task's description (``task_info`` entry: ``name``, ``kind``, ``modality``, ``spacing``,
+            ``patch_size``).
+        student_transform: the student's deterministic preprocessing of a record (its validation
+            transform): gives the grid the targets must live in.
+        channels: cls2d image channels.
+    """
+
+    spec: TeacherSpec
+    task: Mapping[str, Any]
+    student_transform: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        kind, spec, where = self.task["kind"], self.spec, "model.init_args.teacher"
+        dims = 3 if kind == "seg3d" else 2
+        if kind == "cls2d" and spec.spacing:
+            raise TeacherError(f"{where}.spacing is for seg3d teachers; cls2d images have none")
+        for name, value in (("spacing", spec.spacing), ("roi_size", spec.roi_size)):
+            if value and len(value) != dims:
+                raise TeacherError(f"{where}.{name} needs {dims} values for a {kind} task, got {list(value)}")
+        if kind == "seg3d":
+            spacing = spec.spacing or self.task.get("spacing")
+            intensity = teacher_intensity(spec.intensity) if spec.intensity is not None else None
+            steps = seg3d_preprocessing(["image"], self.task.get("modality") or "other", spacing, intensity)
+        else:
+            size = spec.roi_size or tuple(self.task["patch_size"])
+            steps = [LoadArrayOrFile(), ToChannels(self.channels)]
+            steps += teacher_intensity(spec.intensity) if spec.intensity else [mt.ScaleIntensityd("image")]
+            steps.append(mt.Resized("image", spatial_size=tuple(size), mode="bilinear", anti_aliasing=False))
+            if spec.intensity is None:
+                steps.append(mt.NormalizeIntensityd("image"))
+        self.teacher_transform = mt.Compose([*steps, mt.EnsureTyped("image", dtype=torch.float32)])
+
+    def description(self) -> dict[str, Any]:
+        """The teacher's pipeline and the student's preprocessing of this task (part of the key)."""
+        task = self.task
+        student = {"kind": task["kind"], "modality": task.get("modality"), "spacing": task.get("spacing")}
+        if task["kind"] == "cls2d":
+            student.update(size=list(task["patch_size"]), channels=self.channels)
+        return {"teacher_pipeline": self.spec.pipeline(), "student": student}
+
+    def raw_output(self, teacher: Teacher, image: Tensor) -> Tensor:
+        """The teacher's output on a whole preprocessed input ``(1, C, *S)`` → ``(1, K_teacher, *S)``."""
+        spec = self.spec
+        if self.task["kind"] == "seg3d" and spec.roi_size:
+            return sliding_window_inference(
+                image,
+                roi_size=tuple(spec.roi_size),
+                sw_batch_size=spec.sw_batch_size,
+                predictor=teacher,
+                overlap=spec.overlap,
+                mode="gaussian",
+            )
+        if self.task["kind"] == "seg3d" and spec.divisible > 1:
+            sizes = image.shape[2:]
+            pad = [(-n) % spec.divisible for n in sizes]
+            padded = F.pad(image, [p for axis in reversed(pad) for p in (0, axis)])
+            out = teacher(padded)
+            return out[(slice(None), slice(None), *[slice(0, n) for n in sizes])]
+        return teacher(image)
+
+    @torch.no_grad()
+    def targets(
+        self, teacher: Teacher, record: Mapping[str, Any], device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """The KD target of one case in the student's grid.
+
+        Args:
+            teacher: the loaded teacher (its class mapping holds this task).
+            record: ``{"image", "label", ...}`` as the data module's records.
+            device: where the teacher runs.
+
+        Returns:
+            seg3d: ``(K_task, X, Y, Z)`` in the student's preprocessed grid; cls2d: ``(K_task,)``; fp32.
+        """
+        name = self.task["name"]
+        sample = self.teacher_transform({"image": record["image"]})
+        image = sample["image"]
+        raw = self.raw_output(teacher, image[None].to(device))
+        if not getattr(self, "_checked", False):  # the first real input is the probe
+            warning = teacher.check_output(raw)
+            if warning:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"lorkd-pl: {warning}")
+            self._checked = True
+        targets = teacher.targets(raw, name)[0].cpu()
+        if self.task["kind"] != "seg3d":
+            return targets
+        student = self.student_transform(dict(record))["image"]
+        teacher_grid = MetaTensor(targets, affine=image.affine)
+        if _same_grid(teacher_grid, student):
+            return targets
+        resample = mt.ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)
+        probabilities = resample(
+            MetaTensor(target_probabilities(targets, teacher.target_kind), affine=image.affine), student
+        )
+        return targets_from_probabilities(probabilities.as_tensor()[None], teacher.target_kind)[0]
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_targets` did on this process."""
+
+    built: int
+    reused: int
+    seconds: float
+    cases: list[str]
+
+
+def build_targets(
+    teacher: Teacher,
+    spec: TeacherSpec,
+    pipelines: Mapping[str, TeacherPipeline],
+    records: Sequence[Mapping[str, Any]],
+    store: TeacherTargetStore,
+    device: torch.device | str = "cpu",
+) -> BuildReport:
+    """Make the cached target of every record that has no fresh one (this process's shard).
+
+    Args:
+        teacher: the loaded teacher.
+        spec: its description.
+        pipelines: task name → :class:`TeacherPipeline`.
+        records: tagged records ``{"image", "label", "case": "<task>/<id>", ...}``; tasks without a
+            class mapping are skipped.
+        store: the cache.
+        device: where the teacher runs.
+    """
+    start = time.perf_counter()
+    built = reused = 0
+    cases = []
+    for record in records:
+        task = record["case"].partition("/")[0]
+        if task not in teacher.class_channels:
+            continue
+        pipeline = pipelines[task]
+        parts = {
+            "teacher": teacher.sha256,
+            "classes": [list(g) for g in teacher.class_channels[task]],
+            "dtype": str(store.dtype),
+            **pipeline.description(),
+        }
+        entry = store.entry(record["case"])
+        digest, stat = image_digest(record["image"], entry)
+        key = store.key(parts, digest)
+        cases.append(record["case"])
+        if entry is not None and str(entry.get("key")) == key:
+            reused += 1
+            continue
+        store.write(record["case"], key, pipeline.targets(teacher, record, device), digest, stat)
+        built += 1
+    return BuildReport(built, reused, time.perf_counter() - start, cases)
+
+
+def evaluate_teacher(
+    teacher: Teacher,
+    pipelines: Mapping[str, TeacherPipeline],
+    tasks: Sequence[Mapping[str, Any]],
+    records: Mapping[str, Sequence[Mapping[str, Any]]],
+    out: str | Path,
+    device: torch.device | str = "cpu",
+) -> list[Path]:
+    """Test an outside teacher in its own pipeline; write ``<out>/summary/<task>.json`` per task.
+
+    Predictions are the argmax of the teacher's target in the student's grid, compared with the label
+    as the student's test reads it: the same ground truth and metrics as ``lorkd-pl test``.
+
+    Args:
+        teacher: the loaded teacher.
+        pipelines: task name → :class:`TeacherPipeline`.
+        tasks: the tasks' descriptions (``task_info``).
+        records: task name → its test records.
+        out: the run folder.
+        device: where the teacher runs.
+
+    Returns:
+        The summary files written.
+    """
+    from lorkd_pl.evaluation.summaries import (
+        classification_summary,
+        dice_per_class,
+        hd95_per_class,
+        nsd_per_class,
+        segmentation_summary,
+        write_json_atomic,
+    )
+    from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
+
+    written = []
+    for task in tasks:
+        name = task["name"]
+        if name not in teacher.class_channels:
+            raise TeacherError(
+                f"teacher {teacher.source} has no class mapping for task {name!r}: nothing to test; name "
+                "its classes in teacher.classes (or the task's teacher_classes)"
+            )
+        pipeline, rows, k = pipelines[name], [], len(task["classes"])
+        for record in records[name]:
+            targets = pipeline.targets(teacher, record, device)
+            if task["kind"] == "seg3d":
+                label = pipeline.student_transform(dict(record))["label"][0].long()
+                prediction = targets.argmax(0)
+                spacing = task.get("spacing")
+                rows.append(
+                    {
+                        "case": record["case"],
+                        "dice": dice_per_class(prediction, label, k),
+                        "nsd": nsd_per_class(
+                            prediction, label, k, spacing, task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)
+                        ),
+                        "hd95": hd95_per_class(prediction, label, k, spacing),
+                    }
+                )
+            else:
+                probabilities = target_probabilities(targets, teacher.target_kind)
+                probabilities = probabilities / probabilities.sum()  # per-class sigmoids: normalised
+                rows.append(
+                    {"case": record["case"], "probabilities": probabilities, "label": int(record["label"])}
+                )
+        if task["kind"] == "seg3d":
+            summary = segmentation_summary(task, rows)
+        else:
+            summary = classification_summary(
+                task,
+                torch.stack([r["probabilities"] for r in rows]),
+                torch.tensor([r["label"] for r in rows]),
+                [r["case"] for r in rows],
+            )
+        summary["model"] = {
+            "teacher": teacher.source,
+            "sha256": teacher.sha256,
+            "pipeline": pipeline.description(),
+        }
+        written.append(write_json_atomic(Path(out) / "summary" / f"{name}.json", summary))
+    return written
+
+
+def task_pipelines(spec: TeacherSpec, datamodule: Any) -> dict[str, TeacherPipeline]:
+    """One :class:`TeacherPipeline` per task of a :class:`~lorkd_pl.data.datamodule.MultiRegionDataModule`."""
+    channels = int(datamodule.hparams.get("channels", 1))
+    return {
+        info["name"]: TeacherPipeline(spec, info, datamodule.preprocessing(task), channels)
+        for info, task in zip(datamodule.task_info, datamodule.task_specs, strict=True)
+    }
+
+
+def prepare_targets(
+    teacher: Teacher,
+    spec: TeacherSpec,
+    datamodule: Any,
+    device: torch.device | str = "cpu",
+    splits: Sequence[str] = ("train", "val"),
+) -> tuple[TeacherTargetStore, BuildReport]:
+    """Build this process's missing or stale targets of ``splits`` (after ``datamodule.setup``).
+
+    Returns:
+        The store (attach it with ``datamodule.use_teacher_targets``) and what was done.
+    """
+    if spec.cache is None:
+        raise TeacherError("model.init_args.teacher.cache is not set: there is no target cache to build")
+    channels = max(len(t["classes"]) for t in datamodule.task_info)
+    store = TeacherTargetStore(spec.cache, spec.cache_dtype, channels)
+    records = [r for split in splits for r in datamodule.shard_records(split)]
+    report = build_targets(teacher, spec, task_pipelines(spec, datamodule), records, store, device)
+    return store, report
+
+
+def describe_build(store: TeacherTargetStore, report: BuildReport, cases: Sequence[str]) -> str:
+    """One line: what was built, the cache's size on disk for ``cases`` and the build time."""
+    size = store.size_on_disk(list(cases))
+    return (
+        f"lorkd-pl: teacher targets in {store.folder}: {report.built} built, {report.reused} reused "
+        f"(this process) in {report.seconds:.1f} s; {len(cases)} cases, {size / 2**20:.1f} MiB on disk"
+    )
