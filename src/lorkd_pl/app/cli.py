@@ -2,6 +2,8 @@
 
 * ``fit``, ``validate``, ``test``: Lightning (see :mod:`lorkd_pl.app.lightning`; ``lorkd-pl fit --help``
   lists every option). ``--config`` takes a file or a packaged config name (``demo/teacher_seg``).
+* ``teacher-targets`` (build a config's cached teacher targets now) and ``teacher-test`` (test an
+  outside teacher in its own pipeline, for ``report --teacher``): they read the same configs.
 * ``predict`` (files/folders/DICOM series/manifests → label maps or class probabilities, with an
   exported expert, a LoRKD checkpoint or a generalist checkpoint), ``export``, ``report``, ``tasks``,
   ``config``, ``demo-data`` and ``demo``.
@@ -75,6 +77,56 @@ def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = Fal
         load_plugins(folders)
         lightning_cli(resolve_config_args(args))
     except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
+        if debug:
+            raise
+        sys.stderr.write(f"lorkd-pl: error: {error}\n")
+        raise SystemExit(2) from error
+    return 0
+
+
+TEACHER_COMMANDS: tuple[str, ...] = ("teacher-targets", "teacher-test")
+TEACHER_HELP = {
+    "teacher-targets": "build the cached teacher targets of a config now (a fit reuses them); "
+    "lorkd-pl teacher-targets --config X [--device cuda]",
+    "teacher-test": "test a config's (outside) teacher in its own pipeline, writing OUT/summary/<task>.json "
+    "for lorkd-pl report --teacher; lorkd-pl teacher-test --config X --out OUT [--device cuda]",
+}
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """Remove ``name VALUE`` / ``name=VALUE`` from ``args``; its value (None if absent)."""
+    for index, item in enumerate(args):
+        if item == name or item.startswith(f"{name}="):
+            value = (
+                item.split("=", 1)[1] if "=" in item else (args[index + 1] if index + 1 < len(args) else "")
+            )
+            del args[index : index + (1 if "=" in item else 2)]
+            if not value or value.startswith("-"):
+                raise ValueError(f"{name} needs a value")
+            return value
+    return None
+
+
+def _teacher(args: Sequence[str], folders: list[str] | None, debug: bool = False) -> int:
+    from lorkd_pl.app.configs import resolve_config_args
+    from lorkd_pl.app.lightning import USER_ERRORS, teacher_targets, teacher_test
+    from lorkd_pl.data.plugins import load_plugins
+
+    command, rest = args[0], list(args[1:])
+    if rest[:1] in (["-h"], ["--help"]):
+        print(f"usage: lorkd-pl {TEACHER_HELP[command]}")
+        return 0
+    try:
+        out, device = _option(rest, "--out"), _option(rest, "--device") or "cpu"
+        if command == "teacher-test" and not out:
+            raise ValueError("teacher-test needs --out DIR (it writes DIR/summary/<task>.json)")
+        load_plugins(folders)
+        if command == "teacher-targets":
+            print(teacher_targets(resolve_config_args(rest), device))
+        else:
+            for path in teacher_test(resolve_config_args(rest), out, device):
+                print(f"wrote {path}")
+    except (*USER_ERRORS, LookupError, ValueError) as error:
         if debug:
             raise
         sys.stderr.write(f"lorkd-pl: error: {error}\n")
@@ -200,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         commands.add_parser(name, help=f"{LIGHTNING_HELP[name]}; `lorkd-pl {name} --help`", add_help=False)
+    for name in TEACHER_COMMANDS:
+        commands.add_parser(name, help=TEACHER_HELP[name], add_help=False)
     tasks_dir = argparse.ArgumentParser(add_help=False)
     tasks_dir.add_argument(
         "--tasks-dir", action="append", metavar="DIR", help="folder of task plugins/specs (repeatable)"
@@ -302,6 +356,8 @@ def main(args: Sequence[str] | None = None) -> int:
     rest, folders = split_tasks_dirs([a for a in args if a != "--debug"])
     if rest and rest[0] in LIGHTNING_COMMANDS:
         return _lightning(rest, folders, debug)
+    if rest and rest[0] in TEACHER_COMMANDS:
+        return _teacher(rest, folders, debug)
     if rest[:1] == ["predict"]:
         _lightning_predict_pointer(rest[1:])
     parser = build_parser()

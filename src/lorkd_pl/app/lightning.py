@@ -312,3 +312,43 @@ def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def _configured(args: Sequence[str]) -> tuple[Any, Any]:
+    """The model and data module a fit with ``args`` (``--config X``, overrides) would build."""
+    cli = lightning_cli(list(args), run=False)
+    model, datamodule = cli.model, cli.datamodule
+    spec = getattr(model, "teacher_spec", None)
+    if spec is None:
+        raise ConfigError("the config sets no model.init_args.teacher: there is no teacher to run")
+    return model, datamodule
+
+
+def teacher_targets(args: Sequence[str], device: str = "cpu") -> str:
+    """``lorkd-pl teacher-targets --config X``: build the cached teacher targets of the training and
+    validation cases now (a fit then reuses them); returns the summary line."""
+    from lorkd_pl.models.teacher_pipeline import describe_build, prepare_targets
+
+    model, datamodule = _configured(args)
+    if not model.teacher_spec.cache:
+        raise ConfigError("model.init_args.teacher.cache is not set: there is nothing to build; set a folder")
+    datamodule.setup("fit")
+    teacher = model.teacher.to(device)
+    store, report = prepare_targets(teacher, model.teacher_spec, datamodule, device)
+    cases = [c for split in ("train", "val") for c in datamodule.all_cases(split)]
+    return describe_build(store, report, [c for c in cases if c.partition("/")[0] in teacher.class_channels])
+
+
+def teacher_test(args: Sequence[str], out: str, device: str = "cpu") -> list[Path]:
+    """``lorkd-pl teacher-test --config X --out DIR``: test the configured teacher in its own pipeline
+    on the tasks' test splits; writes ``DIR/summary/<task>.json`` (for ``lorkd-pl report --teacher``)."""
+    from lorkd_pl.models.teacher_pipeline import evaluate_teacher, task_pipelines
+
+    model, datamodule = _configured(args)
+    datamodule.setup("test")
+    teacher = model.teacher.to(device)
+    records = {name: [] for name in datamodule.task_names}
+    for record in datamodule.shard_records("test"):
+        records[record["case"].partition("/")[0]].append(record)
+    pipelines = task_pipelines(model.teacher_spec, datamodule)
+    return evaluate_teacher(teacher, pipelines, datamodule.task_info, records, out, device)

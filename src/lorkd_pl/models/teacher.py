@@ -50,6 +50,9 @@ from lorkd_pl.models.teacher_spec import SIGMOID_OUTPUTS, TeacherSpec, parse_tea
 
 #: Cube sizes tried to tell the user which inputs a teacher accepts, after it rejected one.
 PROBE_SIZES: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128)
+#: What a network raises for an input it cannot take (TorchScript's ``torch.jit.Error`` is no
+#: ``RuntimeError``).
+INPUT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, torch.jit.Error)
 
 
 class TeacherError(ValueError):
@@ -124,7 +127,7 @@ class Teacher(nn.Module):
         """
         try:
             return self.network(images)
-        except RuntimeError as error:  # TorchScript / shape errors: one line naming the sizes that work
+        except INPUT_ERRORS as error:  # TorchScript / shape errors: one line naming the sizes that work
             raise TeacherError(self._size_message(images, error)) from None
 
     def _size_message(self, images: Tensor, error: BaseException) -> str:
@@ -135,7 +138,7 @@ class Teacher(nn.Module):
             try:
                 self.network(probe)
                 accepted.append(size)
-            except RuntimeError:
+            except INPUT_ERRORS:
                 continue
         shape = "x".join(str(n) for n in images.shape[2:])
         said = (

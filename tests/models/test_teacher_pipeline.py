@@ -1,0 +1,155 @@
+"""Outside foundation-model teachers: their own pipeline, their output convention, cached targets.
+
+Stand-in teachers are built here (nothing is downloaded): a TorchScript network trained for a few
+steps on whole demo brain volumes at 3 mm with its own intensity scaling (``x·0.002 − 1``), that
+returns softmax PROBABILITIES and rejects inputs that are not multiples of 8; and a multi-label
+network returning per-class sigmoids without a background channel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai import transforms as mt
+from monai.data import MetaTensor
+from torch import nn
+
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.data.readers import SimpleITKReader
+from lorkd_pl.models.losses import kd_binary, kd_kl, kd_loss
+from lorkd_pl.models.teacher import TeacherError, load_teacher
+from lorkd_pl.models.teacher_outputs import task_targets
+from lorkd_pl.models.teacher_pipeline import prepare_targets
+from lorkd_pl.models.teacher_spec import TeacherSpecError, parse_teacher
+from lorkd_pl.registry import get_task
+
+TASK = "demo_brain_seg"
+CLASSES = ["background", "left_hemisphere", "right_hemisphere", "ventricles"]
+TEACHER_SPACING = (3.0, 3.0, 3.0)
+PATCH = (40, 40, 24)  # the demo's training crop
+SCALE, SHIFT = 0.002, -1.0
+
+
+class BrainTeacher(nn.Module):
+    """A small 3D CNN ending in softmax; inputs must be multiples of 8 (as many foundation models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv3d(8, 8, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv3d(8, 4, 1),
+        )
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] % 8 != 0 or x.shape[3] % 8 != 0 or x.shape[4] % 8 != 0:
+            raise RuntimeError("BrainTeacher: input sizes must be multiples of 8")
+        return self.net(x).softmax(1)
+
+
+def own_pipeline() -> mt.Compose:
+    """The teacher's own preprocessing as its authors would write it (MONAI, not lorkd-pl's code)."""
+    return mt.Compose(
+        [
+            mt.LoadImaged(["image", "label"], reader=SimpleITKReader(), image_only=True),
+            mt.EnsureChannelFirstd(["image", "label"]),
+            mt.Orientationd(["image", "label"], axcodes="RAS", labels=None),
+            mt.Spacingd(["image", "label"], pixdim=TEACHER_SPACING, mode=["bilinear", "nearest"]),
+            mt.Lambdad("image", lambda x: x * SCALE + SHIFT),
+            mt.DivisiblePadd(["image", "label"], k=8, method="end"),
+        ]
+    )
+
+
+def own_prediction(network: nn.Module, record: dict) -> MetaTensor:
+    """The teacher's label map in its own pipeline, ``(1, X, Y, Z)`` with its affine."""
+    sample = own_pipeline()({"image": record["image"], "label": record["label"]})
+    with torch.no_grad():
+        probabilities = network(sample["image"][None].as_tensor())
+    return MetaTensor(probabilities.argmax(1).float(), affine=sample["image"].affine)
+
+
+@pytest.fixture(scope="module")
+def brain_teacher(tmp_path_factory) -> dict:
+    """The trained TorchScript teacher (file) and its network."""
+    torch.manual_seed(0)
+    records = get_task(TASK).records("train")
+    samples = [own_pipeline()({"image": r["image"], "label": r["label"]}) for r in records]
+    network = BrainTeacher()
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
+    for step in range(60):
+        sample = samples[step % len(samples)]
+        logits = network.logits(sample["image"][None].as_tensor())
+        loss = nn.functional.cross_entropy(logits, sample["label"].as_tensor().long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.eval()
+    path = tmp_path_factory.mktemp("teacher") / "brain_fm.pt"
+    torch.jit.save(torch.jit.script(network), str(path))
+    return {"path": path, "network": network}
+
+
+def brain_spec(path, cache, **changes) -> dict:
+    spec = {
+        "path": str(path),
+        "output": "probabilities",
+        "classes": dict(zip(CLASSES, range(4), strict=True)),
+        "spacing": list(TEACHER_SPACING),
+        "intensity": {"normalize": "none", "scale": SCALE, "shift": SHIFT},
+        "divisible": 8,
+        "cache": str(cache),
+    }
+    return {**spec, **changes}
+
+
+@pytest.fixture(scope="module")
+def brain_data() -> MultiRegionDataModule:
+    data = MultiRegionDataModule([TASK], augment=False, validate=False)
+    data.setup("fit")
+    return data
+
+
+def test_cached_targets_reproduce_the_teachers_own_pipeline(brain_teacher, brain_data, tmp_path) -> None:
+    spec = parse_teacher(brain_spec(brain_teacher["path"], tmp_path / "cache"))
+    teacher = load_teacher(spec, brain_data.task_info)
+    store, report = prepare_targets(teacher, spec, brain_data)
+    assert (report.built, report.reused) == (8, 0)  # 6 train + 2 val cases, each once
+
+    student = brain_data.preprocessing(get_task(TASK))
+    nearest = mt.ResampleToMatch(mode="nearest")
+    cached_agreement, live_agreement, foreground = [], [], []
+    for record in brain_data.shard_records("train"):
+        grid = student(dict(record))["image"]  # the student's preprocessed grid (2 x 2 x 3 mm, z-score)
+        oracle = nearest(own_prediction(brain_teacher["network"], record), grid)[0].long()
+        cached = store.load(record["case"])[:4].argmax(0)
+        cached_agreement.append((cached == oracle).float().mean())
+        foreground.append((oracle > 0).float().mean())
+        # live KD: the teacher on a training crop (40 x 40 x 24) in the student's preprocessing
+        corner = [max((n - p) // 2, 0) for n, p in zip(grid.shape[1:], PATCH, strict=True)]
+        crop = tuple(slice(c, c + p) for c, p in zip(corner, PATCH, strict=True))
+        image = mt.SpatialPad(PATCH)(grid.as_tensor())[None]  # as the training pipeline pads
+        padded = mt.SpatialPad(PATCH)(oracle[None])[0]
+        live = teacher(image[(slice(None), slice(None), *crop)]).argmax(1)[0]
+        live_agreement.append((live == padded[crop]).float().mean())
+    cached_agreement = float(torch.stack(cached_agreement).mean())
+    live_agreement = float(torch.stack(live_agreement).mean())
+    print(f"argmax agreement with the own-pipeline prediction: cached {cached_agreement:.4f}, live {live_agreement:.4f}")
+    assert float(torch.stack(foreground).mean()) > 0.05  # the teacher predicts anatomy, not all background
+    assert cached_agreement >= 0.98
+    assert live_agreement < 0.9
+
+    # a second build reuses every entry; a changed teacher file makes them stale: rebuilt, never reused
+    assert prepare_targets(teacher, spec, brain_data)[1].reused == 8
+    network = torch.jit.load(str(brain_teacher["path"]))
+    changed = tmp_path / "changed.pt"
+    torch.jit.save(network, str(changed))
+    with open(changed, "ab") as handle:
+        handle.write(b"\0")  # another file digest
+    spec2 = parse_teacher(brain_spec(changed, tmp_path / "cache"))
+    assert prepare_targets(load_teacher(spec2, brain_data.task_info), spec2, brain_data)[1].built == 8
