@@ -153,3 +153,124 @@ def test_cached_targets_reproduce_the_teachers_own_pipeline(brain_teacher, brain
         handle.write(b"\0")  # another file digest
     spec2 = parse_teacher(brain_spec(changed, tmp_path / "cache"))
     assert prepare_targets(load_teacher(spec2, brain_data.task_info), spec2, brain_data)[1].built == 8
+
+
+# ----------------------------------------------------------------------------- output conventions
+OUTPUTS = {
+    "logits": lambda z: z,
+    "probabilities": lambda z: z.softmax(1),
+    "log_probabilities": lambda z: z.log_softmax(1),
+}
+
+
+@pytest.mark.parametrize("output", sorted(OUTPUTS))
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_of_a_student_equal_to_the_teacher_is_zero(output, temperature) -> None:
+    z = torch.randn(2, 4, 5, 6, 7) * 3
+    groups = [(0,), (1,), (2,), (3,)]
+    target = task_targets(OUTPUTS[output](z), groups, output)
+    assert float(kd_kl(z, target, temperature)) == pytest.approx(0.0, abs=1e-5)
+    # the old behaviour, softmaxing probabilities again, is what a declared output avoids
+    if output == "probabilities":
+        double = task_targets(z.softmax(1), groups, "logits")
+        assert float(kd_kl(z, double, temperature)) > 0.1
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "sigmoid_logits"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_of_a_student_equal_to_a_sigmoid_teacher_is_zero(output, temperature) -> None:
+    z = torch.randn(2, 3, 4, 5, 6) * 3  # three independent foreground classes, no background channel
+    raw = torch.sigmoid(z) if output == "sigmoid" else z
+    background_derived = [(), (0,), (1,), (2,)]
+    # exclusive: each class's logit is its log-odds against background -> a student [0, z] is exact
+    exclusive = task_targets(raw, background_derived, output, "exclusive")
+    student = torch.cat([torch.zeros_like(z[:, :1]), z], 1)
+    assert float(kd_kl(student, exclusive, temperature)) == pytest.approx(0.0, abs=1e-4)
+    # binary, one foreground class: the student's softmax marginal can equal the sigmoid exactly
+    one = task_targets(raw[:, :1], [(), (0,)], output, "binary")
+    torch.testing.assert_close(one[:, 0], -z[:, 0], atol=2e-4, rtol=1e-4)  # P(background) = 1 - p
+    assert float(kd_binary(student[:, :2], one, temperature)) == pytest.approx(0.0, abs=1e-4)
+    # binary, three classes: zero for a student whose marginals equal the teacher's probabilities
+    p = torch.sigmoid(torch.randn(2, 3, 4, 5, 6)) / 3  # sums below 1: realisable by a softmax
+    binary = task_targets(p, [(), (0,), (1,), (2,)], "sigmoid", "binary")
+    realised = torch.cat([(1 - p.sum(1, keepdim=True)), p], 1).log()
+    # background's Bernoulli is prod(1 - p_k), not 1 - sum(p_k): KD pulls only that class apart
+    per_class = kd_binary(realised[:, 1:2], binary[:, 1:2], 1.0)
+    assert float(per_class) >= 0 and float(kd_loss(realised, binary, "log_odds", 1.0)) > 0
+    manual_bg = torch.logit(torch.prod(1 - p, 1), eps=0)
+    torch.testing.assert_close(binary[:, 0], manual_bg, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_sigmoid_classes_are_any_of_them() -> None:
+    p = torch.tensor([[0.5, 0.2, 0.9]]).view(1, 3, 1)
+    binary = task_targets(p, [(), (0, 1), (2,)], "sigmoid", "binary")
+    expected = torch.tensor([1 - (1 - 0.5) * (1 - 0.2), 0.9])
+    torch.testing.assert_close(torch.sigmoid(binary[0, 1:, 0]), expected, atol=1e-5, rtol=1e-5)
+    background = (1 - 0.5) * (1 - 0.2) * (1 - 0.9)
+    assert float(torch.sigmoid(binary[0, 0, 0])) == pytest.approx(background, abs=1e-5)
+
+
+def test_output_declarations_are_checked_on_a_probe(tmp_path, brain_data) -> None:
+    def scripted(module: nn.Module, name: str):
+        path = tmp_path / name
+        torch.jit.save(torch.jit.script(module), str(path))
+        return path
+
+    class Probabilities(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, -x, 2 * x, x * 0], 1).softmax(1)
+
+    class Logits(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, -x, 2 * x, x * 0], 1)
+
+    probe = torch.randn(1, 1, 8, 8, 8)
+    names = {"classes": dict(zip(CLASSES, range(4), strict=True))}
+    tasks = brain_data.task_info
+    as_logits = load_teacher(parse_teacher({"path": str(scripted(Probabilities(), "p.pt")), **names}), tasks)
+    assert "look like probabilities" in as_logits.check_output(as_logits(probe))
+    declared = {"path": str(scripted(Logits(), "l.pt")), "output": "probabilities", **names}
+    teacher = load_teacher(parse_teacher(declared), tasks)
+    with pytest.raises(TeacherError, match="sum to .* not 1; declare what it returns"):
+        teacher.check_output(teacher(probe))
+    sigmoid = load_teacher(parse_teacher({**declared, "output": "sigmoid"}), tasks)
+    with pytest.raises(TeacherError, match="outside \\[0, 1\\]; declare output: sigmoid_logits"):
+        sigmoid.check_output(sigmoid(probe))
+    assert load_teacher(parse_teacher({**declared, "output": "logits"}), tasks).check_output(probe) is None
+
+
+def test_rejected_input_sizes_name_the_sizes_that_work(brain_teacher, brain_data) -> None:
+    teacher = load_teacher(parse_teacher({"path": str(brain_teacher["path"]), "output": "probabilities"}), [])
+    with pytest.raises(TeacherError) as error:
+        teacher(torch.zeros(1, 1, 20, 20, 12))
+    message = str(error.value)
+    assert "rejected an input of size 20x20x12" in message and "multiples of 8" in message
+    assert "it accepts inputs of 16^3, 24^3, 32^3, 48^3, 64^3" in message and "teacher.divisible" in message
+
+
+def test_class_names_the_teacher_lacks(brain_teacher, brain_data) -> None:
+    classes = {"background": 0, "left_hemisphere": 1, "right_hemisfere": 2, "ventricles": 3}
+    spec = parse_teacher({"path": str(brain_teacher["path"]), "output": "probabilities", "classes": classes})
+    with pytest.raises(TeacherError, match="lacks the classes 'right_hemisphere' \\(did you mean 'right_hemisfere'"):
+        load_teacher(spec, brain_data.task_info)
+    # a teacher of other anatomy (none of the task's foreground classes): no KD for that task, no error
+    other = parse_teacher({"path": str(brain_teacher["path"]), "classes": {"background": 0, "liver": 1}})
+    assert load_teacher(other, brain_data.task_info).class_channels == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"output": "softmax"}, "teacher.output: must be one of"),
+        ({"outptu": "logits"}, "unknown keys 'outptu' \\(did you mean 'output'\\?\\)"),
+        ({"intensity": "ct"}, "teacher.intensity: unknown preset 'ct'"),
+        ({"intensity": {"window": [1, 0]}}, "teacher.intensity.window: must be \\[low, high\\]"),
+        ({"roi_size": [96, 96, 90], "divisible": 32}, "roi_size: \\[96, 96, 90\\] must be a multiple of"),
+        ({"spacing": [1, 1, 0]}, "teacher.spacing: must be a list of positive numbers"),
+        ({"cache": None}, "teacher.cache: the teacher declares its own pipeline \\(spacing, intensity, divisible\\)"),
+        ({"cache_dtype": "int8"}, "teacher.cache_dtype: must be one of"),
+    ],
+)
+def test_bad_teacher_descriptions(change, message) -> None:
+    with pytest.raises(TeacherSpecError, match=message):
+        parse_teacher({**brain_spec("teacher.pt", "cache"), **change})

@@ -131,7 +131,8 @@ class Teacher(nn.Module):
             raise TeacherError(self._size_message(images, error)) from None
 
     def _size_message(self, images: Tensor, error: BaseException) -> str:
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        first = lines[-1] if isinstance(error, torch.jit.Error) else lines[0]  # TorchScript: cause last
         accepted = []
         for size in PROBE_SIZES:
             probe = images.new_zeros(1, images.shape[1], *[size] * (images.ndim - 2))
