@@ -8,6 +8,8 @@ network returning per-class sigmoids without a background channel.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from monai import transforms as mt
@@ -139,7 +141,10 @@ def test_cached_targets_reproduce_the_teachers_own_pipeline(brain_teacher, brain
         live_agreement.append((live == padded[crop]).float().mean())
     cached_agreement = float(torch.stack(cached_agreement).mean())
     live_agreement = float(torch.stack(live_agreement).mean())
-    print(f"argmax agreement with the own-pipeline prediction: cached {cached_agreement:.4f}, live {live_agreement:.4f}")
+    print(
+        "argmax agreement with the own-pipeline prediction: "
+        f"cached {cached_agreement:.4f}, live {live_agreement:.4f}"
+    )
     assert float(torch.stack(foreground).mean()) > 0.05  # the teacher predicts anatomy, not all background
     assert cached_agreement >= 0.98
     assert live_agreement < 0.9
@@ -231,7 +236,7 @@ def test_output_declarations_are_checked_on_a_probe(tmp_path, brain_data) -> Non
     assert "look like probabilities" in as_logits.check_output(as_logits(probe))
     declared = {"path": str(scripted(Logits(), "l.pt")), "output": "probabilities", **names}
     teacher = load_teacher(parse_teacher(declared), tasks)
-    with pytest.raises(TeacherError, match="sum to .* not 1; declare what it returns"):
+    with pytest.raises(TeacherError, match=r"sum to .* not 1; declare what it returns"):
         teacher.check_output(teacher(probe))
     sigmoid = load_teacher(parse_teacher({**declared, "output": "sigmoid"}), tasks)
     with pytest.raises(TeacherError, match="outside \\[0, 1\\]; declare output: sigmoid_logits"):
@@ -251,7 +256,9 @@ def test_rejected_input_sizes_name_the_sizes_that_work(brain_teacher, brain_data
 def test_class_names_the_teacher_lacks(brain_teacher, brain_data) -> None:
     classes = {"background": 0, "left_hemisphere": 1, "right_hemisfere": 2, "ventricles": 3}
     spec = parse_teacher({"path": str(brain_teacher["path"]), "output": "probabilities", "classes": classes})
-    with pytest.raises(TeacherError, match="lacks the classes 'right_hemisphere' \\(did you mean 'right_hemisfere'"):
+    with pytest.raises(
+        TeacherError, match="lacks the classes 'right_hemisphere' \\(did you mean 'right_hemisfere'"
+    ):
         load_teacher(spec, brain_data.task_info)
     # a teacher of other anatomy (none of the task's foreground classes): no KD for that task, no error
     other = parse_teacher({"path": str(brain_teacher["path"]), "classes": {"background": 0, "liver": 1}})
@@ -267,10 +274,204 @@ def test_class_names_the_teacher_lacks(brain_teacher, brain_data) -> None:
         ({"intensity": {"window": [1, 0]}}, "teacher.intensity.window: must be \\[low, high\\]"),
         ({"roi_size": [96, 96, 90], "divisible": 32}, "roi_size: \\[96, 96, 90\\] must be a multiple of"),
         ({"spacing": [1, 1, 0]}, "teacher.spacing: must be a list of positive numbers"),
-        ({"cache": None}, "teacher.cache: the teacher declares its own pipeline \\(spacing, intensity, divisible\\)"),
+        (
+            {"cache": None},
+            "teacher.cache: the teacher declares its own pipeline \\(spacing, intensity, divisible\\)",
+        ),
         ({"cache_dtype": "int8"}, "teacher.cache_dtype: must be one of"),
     ],
 )
 def test_bad_teacher_descriptions(change, message) -> None:
     with pytest.raises(TeacherSpecError, match=message):
         parse_teacher({**brain_spec("teacher.pt", "cache"), **change})
+
+
+# ----------------------------------------------------------------------------- cached == live
+class Pointwise(nn.Module):
+    """A 1x1x1 network: its output at a voxel depends on that voxel only, so a crop of its
+    whole-volume output equals its output on the crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x * 3)
+
+
+@pytest.mark.parametrize("output", ["logits", "sigmoid_logits"])
+def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, tmp_path) -> None:
+    torch.manual_seed(1)
+    path = tmp_path / "pointwise.pt"
+    torch.jit.save(torch.jit.script(Pointwise()), str(path))
+    classes = dict(zip(CLASSES, range(4), strict=True))
+    spec = parse_teacher(
+        {
+            "path": str(path),
+            "output": output,
+            "classes": classes,
+            "cache": str(tmp_path / "c"),
+            "cache_dtype": "float32",
+        }
+    )
+    data = MultiRegionDataModule([TASK], augment=False, validate=False, patch_size=[24, 24, 16], batch_size=4)
+    data.setup("fit")
+    teacher = load_teacher(spec, data.task_info)
+    store, _ = prepare_targets(teacher, spec, data)
+    data.use_teacher_targets(store)
+    batch = next(iter(data.train_dataloader()))
+    cached = batch["teacher"].as_tensor()[:, :4]
+    live = teacher.targets(teacher(batch["image"].as_tensor()), TASK)
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=0)
+    student = torch.randn_like(live, requires_grad=True)
+    for temperature in (1.0, 3.0):
+        a = kd_loss(student, cached, teacher.target_kind, temperature)
+        b = kd_loss(student, live, teacher.target_kind, temperature)
+        assert abs(float(a) - float(b)) <= 1e-5
+    data.use_teacher_targets(None)
+    assert "teacher" not in next(iter(data.train_dataloader()))
+
+
+def test_a_mirror_flip_swaps_the_cached_targets_channels(tmp_path) -> None:
+    from lorkd_pl.data.transforms import MirrorFlipd
+
+    flip = MirrorFlipd(1.0, [(1, 2)])
+    target = torch.arange(4.0).view(4, 1, 1, 1).repeat(1, 3, 2, 2) + torch.arange(3.0).view(1, 3, 1, 1) * 10
+    sample = {"image": torch.zeros(1, 3, 2, 2), "label": torch.zeros(1, 3, 2, 2), "teacher": target}
+    flipped = flip(sample)["teacher"]
+    expected = target.flip(1)[[0, 2, 1, 3]]
+    torch.testing.assert_close(torch.as_tensor(flipped), expected)
+
+
+class MultiLabel(nn.Module):
+    """A universal segmenter: independent sigmoids for three structures, no background channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+def test_a_multi_label_sigmoid_teacher_gets_per_class_binary_targets(tmp_path) -> None:
+    path = tmp_path / "universal.pt"
+    torch.jit.save(torch.jit.script(MultiLabel()), str(path))
+    classes = {"ventricles": 0, "left_hemisphere": 1, "right_hemisphere": 2}  # its own channel order
+    spec = parse_teacher(
+        {"path": str(path), "output": "sigmoid", "classes": classes, "cache": str(tmp_path / "c")}
+    )
+    data = MultiRegionDataModule([TASK], augment=False, validate=False)
+    data.setup("fit")
+    teacher = load_teacher(spec, data.task_info)
+    assert teacher.class_channels[TASK] == [(), (1,), (2,), (0,)]  # background derived, order by name
+    store, _report = prepare_targets(teacher, spec, data)
+    record = data.shard_records("train")[0]
+    grid = data.preprocessing(get_task(TASK))(dict(record))["image"]
+    with torch.no_grad():
+        p = torch.sigmoid(teacher.network.conv(grid.as_tensor()[None]))[0]
+    cached = torch.sigmoid(store.load(record["case"]))
+    torch.testing.assert_close(cached[1:], p[[1, 2, 0]], atol=2e-3, rtol=0)  # fp16 storage
+    torch.testing.assert_close(cached[0], torch.prod(1 - p, 0), atol=2e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+def cli_config(tmp_path, teacher: dict, data: dict | None = None) -> list[str]:
+    """``--config`` arguments: demo/lorkd_seg on the brain task with ``teacher``, one short epoch."""
+    override = {
+        "trainer": {
+            "max_epochs": 1,
+            "limit_val_batches": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": "runs/student",
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs/student"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": "runs/student/checkpoints", "save_last": True},
+                }
+            ],
+        },
+        "model": {"init_args": {"teacher": teacher, "init_from_teacher": False}},
+        "data": {
+            "init_args": {
+                "tasks": [TASK],
+                "samples_per_epoch": 4,
+                "batch_size": 2,
+                "cache": "none",
+                **(data or {}),
+            }
+        },
+    }
+    path = tmp_path / "override.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(override))
+    return ["--config", "demo/lorkd_seg", "--config", str(path)]
+
+
+def test_fit_with_an_outside_teacher_cached_then_its_own_test_row(
+    brain_teacher, tmp_path, monkeypatch, capfd, caplog
+) -> None:
+    from lorkd_pl.app.cli import main
+    from lorkd_pl.evaluation.comparison import write_report
+
+    monkeypatch.chdir(tmp_path)
+    config = cli_config(tmp_path, brain_spec(brain_teacher["path"], "runs/teacher_targets"))
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", *config]) == 0
+    assert "teacher targets in runs/teacher_targets: 8 built, 0 reused" in caplog.text
+    assert len(list((tmp_path / "runs/teacher_targets" / TASK).glob("*.npz"))) == 8
+    assert (tmp_path / "runs/student/checkpoints/last.ckpt").is_file()
+
+    assert main(["teacher-targets", *config]) == 0  # paid once: nothing to rebuild
+    assert "0 built, 8 reused" in capfd.readouterr().out
+
+    assert main(["teacher-test", *config, "--out", "runs/brain_fm"]) == 0
+    summary = tmp_path / "runs/brain_fm/summary" / f"{TASK}.json"
+    assert summary.is_file()
+    assert main(["test", *config, "--ckpt_path", "runs/student/checkpoints/last.ckpt"]) == 0
+    report = write_report("runs/brain_fm", "runs/student", "report")
+    text = report.read_text()
+    assert TASK in text and "teacher" in text.lower()
+
+
+@pytest.mark.parametrize(
+    ("teacher", "data", "message"),
+    [
+        (
+            {"output": "probabilities", "classes": dict(zip(CLASSES, range(4), strict=True))},
+            {"patch_size": [20, 20, 12]},
+            "rejected an input of size 20x20x12",
+        ),
+        (
+            {"spacing": [3.0, 3.0, 3.0]},
+            None,
+            "teacher.cache: the teacher declares its own pipeline (spacing)",
+        ),
+        ({"output": "logits", "classes": dict(zip(CLASSES, range(4), strict=True))}, None, None),
+    ],
+    ids=["input-size", "pipeline-without-cache", "logits-declared-for-probabilities"],
+)
+def test_teacher_errors_are_one_line_before_training(
+    brain_teacher, tmp_path, monkeypatch, capfd, teacher, data, message
+) -> None:
+    from lorkd_pl.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    described = {"path": str(brain_teacher["path"]), **teacher}
+    if message is None:  # softmax output declared as logits: a warning before the first step, then it runs
+        with pytest.warns(UserWarning, match="look like probabilities"):
+            assert main(["fit", *cli_config(tmp_path, described, data)]) == 0
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *cli_config(tmp_path, described, data)])
+    assert exit_info.value.code == 2
+    printed = capfd.readouterr().err
+    assert printed.strip().splitlines()[-1].startswith("lorkd-pl: error: ")
+    assert message in printed and "Traceback" not in printed
+    assert not (tmp_path / "runs/student/checkpoints/last.ckpt").exists()
