@@ -5,12 +5,15 @@ mixes 8 regions (one task each, sorted by region as the data module delivers it)
 
 * the same backbone and heads without experts (the baseline),
 * the LoRKD student with the ``auto`` strategy (the default) and with ``grouped`` (the paper's),
-* and, separately, the frozen teacher's forward (the KD cost on top of a student step).
+* and, separately, the frozen teacher's forward (the KD cost on top of a student step);
+* KD from a teacher 4× the student's size (3D U-Net): the step without KD, with cached teacher targets
+  (``teacher.cache``: the target rides in the batch) and with the live teacher (a forward per step).
 
 Usage::
 
     python benchmarks/train_step.py            # 3D U-Net and 2D CNN, CPU (+ CUDA if available)
     python benchmarks/train_step.py --quick
+    python benchmarks/train_step.py --kd-only   # KD: no KD vs cached teacher targets vs live teacher
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 
 from expert_conv import devices_for, emit, machine_name, peak_memory, time_steps
 from lorkd_pl.experts import merge_expert
+from lorkd_pl.models.backbones import build_module, count_parameters
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.models.teacher import Teacher
 from lorkd_pl.registry import DEFAULT_REGIONS
 
 BASELINE = "expert-free student"
@@ -154,6 +159,87 @@ def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: fl
     return rows
 
 
+KD_TEACHER = {  # 3x the widths of the 3D U-Net student
+    "class_path": "monai.networks.nets.UNet",
+    "init_args": {
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 4,
+        "channels": [48, 96, 192],
+        "strides": [2, 2],
+        "num_res_units": 1,
+    },
+}
+NO_KD = "LoRKD step, no KD"
+
+
+def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
+    """No KD vs cached targets vs the live teacher, one LoRKD training step each (3D U-Net)."""
+    setup, rows = SETUPS["3D U-Net"], []
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        info = run_info(setup)
+        common = {"backbone": setup["backbone"], "rank": 8, "alpha": 16}
+        network = build_module(KD_TEACHER).to(device)
+        channels = {t["name"]: [(k,) for k in range(setup["classes"])] for t in info["task_info"]}
+        modules = {NO_KD: LoRKDModule(**info, **common, kd="none")}
+        for label in ("KD, cached teacher targets", "KD, live teacher"):
+            module = LoRKDModule(**info, **common, kd="logits", teacher="benchmark-teacher")
+            module.__dict__["_teacher"] = Teacher(network, channels, "benchmark-teacher", "")
+            modules[label] = module
+        batch = make_batch(setup, device)
+        cached = dict(batch)
+        classes = setup["classes"]
+        cached["teacher"] = torch.randn(
+            setup["batch"], classes, *setup["shape"][1:], device=device
+        ).log_softmax(1)
+        batches = {NO_KD: batch, "KD, cached teacher targets": cached, "KD, live teacher": batch}
+        steps = {
+            label: make_step(m.to(device).train(), batches[label], dtype) for label, m in modules.items()
+        }
+        memory = {label: peak_memory(step, device) for label, step in steps.items()}
+        times = time_steps(steps, device, rounds, budget)
+        student = modules[NO_KD]
+        teacher_size = count_parameters(network)
+        deployed = teacher_size / (student.expert_free_parameters + count_parameters(student.heads[0]))
+        trained = teacher_size / (count_parameters(student.student) + count_parameters(student.heads))
+        for label in steps:
+            rows.append(
+                {
+                    "setup": f"3D U-Net, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
+                    f"({trained:.1f}× the student with all 8 experts)",
+                    "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+                    "variant": label,
+                    "ms": times[label] * 1e3,
+                    "samples_s": setup["batch"] / times[label],
+                    "time_ratio": times[label] / times[NO_KD],
+                    "mb": memory[label] / 2**20,
+                    "memory_ratio": memory[label] / memory[NO_KD],
+                }
+            )
+        print(f"  measured KD rows {rows[-1]['dtype']} on {device.type}", file=sys.stderr)
+    return rows
+
+
+def kd_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| setup | dtype | variant | ms / step | time × no KD | peak MB | memory × no KD |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['dtype']} | {r['variant']} | {r['ms']:.1f} | {r['time_ratio']:.2f} "
+            f"| {r['mb']:.1f} | {r['memory_ratio']:.2f} |"
+        )
+    checks = [
+        f"- {'ok' if r['time_ratio'] <= 1.1 else 'MISSED'}: {r['dtype']}: KD step with cached targets "
+        f"≤ 1.1× the no-KD step ({r['time_ratio']:.2f}×)"
+        for r in rows
+        if r["variant"] == "KD, cached teacher targets"
+    ]
+    return "\n".join([*lines, "", "Target:", *checks])
+
+
 def markdown(rows: list[dict], title: str) -> str:
     lines = [
         f"### {title}",
@@ -183,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fp32 only, shorter timing")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--output", help="also write the markdown report to this file")
+    parser.add_argument("--kd-only", action="store_true", help="only the KD rows (no KD / cached / live)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*self.log.*")
     devices = devices_for(args.device)
@@ -190,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds, budget = (3, 1.0) if args.quick else (5, 3.0)
     sections = []
     for device in devices:
-        rows = run(device, dtypes, rounds, budget)
-        sections.append(
-            markdown(rows, f"{device.type.upper()}: {machine_name(device)} (torch {torch.__version__})")
-        )
+        title = f"{device.type.upper()}: {machine_name(device)} (torch {torch.__version__})"
+        if not args.kd_only:
+            sections.append(markdown(run(device, dtypes, rounds, budget), title))
+        sections.append(f"### KD cost, {title}\n\n" + kd_markdown(run_kd(device, dtypes, rounds, budget)))
     report = "\n\n".join(sections)
     emit(report, args.output)
     return 0
