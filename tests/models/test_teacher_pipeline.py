@@ -241,7 +241,11 @@ def test_output_declarations_are_checked_on_a_probe(tmp_path, brain_data) -> Non
     sigmoid = load_teacher(parse_teacher({**declared, "output": "sigmoid"}), tasks)
     with pytest.raises(TeacherError, match="outside \\[0, 1\\]; declare output: sigmoid_logits"):
         sigmoid.check_output(sigmoid(probe))
-    assert load_teacher(parse_teacher({**declared, "output": "logits"}), tasks).check_output(probe) is None
+    logits = load_teacher(parse_teacher({**declared, "output": "logits"}), tasks)
+    assert logits.check_output(logits(probe)) is None
+    narrow = load_teacher(parse_teacher({**declared, "output": "logits"}), tasks)
+    with pytest.raises(TeacherError, match="outputs 1 channels, but the class mapping points"):
+        narrow.check_output(probe)  # a 1-channel output for a 4-class mapping
 
 
 def test_rejected_input_sizes_name_the_sizes_that_work(brain_teacher, brain_data) -> None:
@@ -279,6 +283,7 @@ def test_class_names_the_teacher_lacks(brain_teacher, brain_data) -> None:
             "teacher.cache: the teacher declares its own pipeline \\(spacing, intensity, divisible\\)",
         ),
         ({"cache_dtype": "int8"}, "teacher.cache_dtype: must be one of"),
+        ({"orientation": "RAA"}, "teacher.orientation: must be axis codes such as RAS or LPS"),
     ],
 )
 def test_bad_teacher_descriptions(change, message) -> None:
@@ -475,3 +480,38 @@ def test_teacher_errors_are_one_line_before_training(
     assert printed.strip().splitlines()[-1].startswith("lorkd-pl: error: ")
     assert message in printed and "Traceback" not in printed
     assert not (tmp_path / "runs/student/checkpoints/last.ckpt").exists()
+
+
+def test_cls2d_cached_targets_ride_along_with_each_image(tmp_path) -> None:
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(32 * 32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.flatten(1)).log_softmax(1)
+
+    torch.manual_seed(0)
+    path = tmp_path / "classifier.pt"
+    network = Classifier()
+    torch.jit.save(torch.jit.script(network), str(path))
+    task = "demo_brain_cls"
+    classes = {"normal": 0, "infarct": 1, "hemorrhage": 2}
+    described = {"path": str(path), "output": "log_probabilities", "classes": classes, "roi_size": [32, 32]}
+    spec = parse_teacher({**described, "intensity": "none", "cache": str(tmp_path / "c")})
+    data = MultiRegionDataModule([task], validate=False, batch_size=8)
+    data.setup("fit")
+    teacher = load_teacher(spec, data.task_info)
+    store, report = prepare_targets(teacher, spec, data)
+    assert report.built == 300  # 240 training + 60 validation images
+    data.use_teacher_targets(store)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["teacher"].shape == (8, 3)
+    # oracle: the teacher on the raw image resized to 32 x 32 (intensity: none), by hand
+    records = {r["case"]: r for r in data.shard_records("train")}
+    for case, target in zip(batch["case"], batch["teacher"], strict=True):
+        image = torch.as_tensor(records[case]["image"], dtype=torch.float32)[None, None]
+        resized = nn.functional.interpolate(image, size=(32, 32), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            expected = network(resized)[0]
+        torch.testing.assert_close(target, expected, atol=1e-3, rtol=2e-3)  # fp16 storage

@@ -174,7 +174,7 @@ class AttachTeacherTargets:
             return sample
         target = store.load(sample["case"])
         image = sample["image"]
-        if tuple(target.shape[1:]) != tuple(image.shape[1:]):
+        if target.ndim > 1 and tuple(target.shape[1:]) != tuple(image.shape[1:]):
             raise TeacherTargetError(
                 f"teacher target of case {sample['case']} ({store.path(sample['case'])}) has grid "
                 f"{tuple(target.shape[1:])}, the case's image {tuple(image.shape[1:])}; the student's "

@@ -45,6 +45,7 @@ def seg3d_preprocessing(
     modality: str,
     spacing: Sequence[float] | None,
     intensity: Sequence[mt.MapTransform] | None = None,
+    axcodes: str | None = "RAS",
 ) -> list[mt.Transform]:
     """The one 3D preprocessing of training, validation, test and ``lorkd-pl predict``.
 
@@ -56,13 +57,16 @@ def seg3d_preprocessing(
         modality: ``"CT"``, ``"MR"`` or ``"other"``.
         spacing: target spacing (mm, x y z) or ``None`` to keep the file's.
         intensity: other intensity steps instead of the modality's (a teacher's own pipeline).
+        axcodes: the orientation to bring the volume to; ``None`` keeps the file's voxel order (a
+            teacher's own pipeline).
     """
     keys = list(keys)
     steps: list[mt.Transform] = [
         mt.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
         mt.EnsureChannelFirstd(keys),
-        mt.Orientationd(keys, axcodes="RAS", labels=None),
     ]
+    if axcodes:
+        steps.append(mt.Orientationd(keys, axcodes=axcodes, labels=None))
     if spacing:
         modes = ["bilinear" if key == "image" else "nearest" for key in keys]
         steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))

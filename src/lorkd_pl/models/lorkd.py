@@ -227,9 +227,7 @@ class LoRKDModule(TaskModule):
             if self.teacher_spec.cache:
                 self._build_teacher_targets(datamodule)
             else:
-                probe = self._probe_input(datamodule)
-                self.teacher.check_channels(probe)
-                warning = self.teacher.check_output(self.teacher(probe))
+                warning = self.teacher.check_output(self.teacher(self._probe_input(datamodule)))
                 if warning:
                     rank_zero_warn(f"lorkd-pl: {warning}")
         if self.hparams.init_from_teacher and self.trainer.ckpt_path is None:

@@ -95,17 +95,13 @@ class Teacher(nn.Module):
         """A teacher always stays in eval mode (dropout off, norms frozen)."""
         return super().train(False)
 
-    @torch.no_grad()
-    def check_channels(self, example: Tensor) -> None:
-        """Check the class mapping against the teacher's real output width (one probe forward).
-
-        Args:
-            example: ``(1, C, *S)`` an input of the tasks' shape (e.g. zeros of a training patch).
+    def check_width(self, raw: Tensor) -> None:
+        """Check the class mapping against the width of an output ``(N, K_teacher, ...)``.
 
         Raises:
             TeacherError: naming the tasks whose mapped channels the teacher does not output.
         """
-        width = int(self(example).shape[1])
+        width = int(raw.shape[1])
         bad = {
             task: [c for c in flat_channels(groups) if not 0 <= c < width]
             for task, groups in self.class_channels.items()
@@ -114,7 +110,7 @@ class Teacher(nn.Module):
         if bad:
             raise TeacherError(
                 f"teacher {self.source} outputs {width} channels, but the class mapping points tasks to "
-                f"channels it does not have: {bad}; fix teacher_classes in those tasks' specs "
+                f"channels it does not have: {bad}; fix teacher.classes or the tasks' teacher_classes "
                 f"(class name -> teacher channel 0..{width - 1}, or a list of them: a merge)"
             )
 
@@ -181,11 +177,14 @@ class Teacher(nn.Module):
         return task_targets(raw, self.class_channels[task], self.output, self.sigmoid_kd)
 
     def check_output(self, raw: Tensor) -> str | None:
-        """Check a probe output against the declared ``output`` (a warning, or None).
+        """Check a probe output against the class mapping and the declared ``output`` (a warning, or
+        None).
 
         Raises:
-            TeacherError: the output contradicts the declaration (e.g. probabilities not summing to 1).
+            TeacherError: a mapped channel the output lacks, or an output that contradicts the
+                declaration (e.g. probabilities not summing to 1).
         """
+        self.check_width(raw)
         try:
             return check_output(raw, self.output, self.source)
         except ValueError as error:

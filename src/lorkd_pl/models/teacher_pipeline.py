@@ -2,8 +2,8 @@
 
 For one case (:class:`TeacherPipeline`):
 
-1. the image is read as the student reads it (RAS), resampled to the teacher's ``spacing`` and
-   normalised with the teacher's ``intensity`` (fields left out: the student's own);
+1. the image is read, brought to the teacher's ``orientation`` (default RAS, as the student), resampled
+   to its ``spacing`` and normalised with its ``intensity`` (fields left out: the student's own);
 2. the teacher runs on the whole volume: sliding windows of ``roi_size`` (Gaussian blending), or one
    forward with the volume zero-padded at its end to a multiple of ``divisible`` (cropped back after);
    cls2d: the image resized to ``roi_size`` (default: the student's size);
@@ -109,7 +109,8 @@ class TeacherPipeline:
         if kind == "seg3d":
             spacing = spec.spacing or self.task.get("spacing")
             intensity = teacher_intensity(spec.intensity) if spec.intensity is not None else None
-            steps = seg3d_preprocessing(["image"], self.task.get("modality") or "other", spacing, intensity)
+            modality = self.task.get("modality") or "other"
+            steps = seg3d_preprocessing(["image"], modality, spacing, intensity, spec.orientation)
         else:
             size = spec.roi_size or tuple(self.task["patch_size"])
             steps = [LoadArrayOrFile(), ToChannels(self.channels)]

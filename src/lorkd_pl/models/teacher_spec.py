@@ -9,6 +9,7 @@ preprocessing and outputs logits, as before) or a mapping::
       output: probabilities      # logits | probabilities | log_probabilities | sigmoid | sigmoid_logits
       sigmoid_kd: binary         # sigmoid teachers: binary (per-class) KD, or exclusive (converted)
       classes: {background: 0, brain: 1}   # the teacher's class names → output channel(s)
+      orientation: RAS           # the voxel order it expects (RAS, LPS, ...; none: the file's own)
       spacing: [1.0, 1.0, 1.0]   # the teacher's own voxel spacing (mm)
       intensity: {window: [0, 4000], normalize: zscore, scale: 1.0, shift: 0.0}   # or a preset name
       roi_size: [128, 128, 128]  # sliding-window size (seg3d) / input image size (cls2d)
@@ -41,7 +42,8 @@ INTENSITY_PRESETS: dict[str, dict[str, Any]] = {
     "none": {"normalize": "none"},
 }
 INTENSITY_FIELDS: tuple[str, ...] = ("window", "percentiles", "normalize", "scale", "shift")
-PIPELINE_FIELDS: tuple[str, ...] = ("spacing", "intensity", "roi_size", "divisible")
+PIPELINE_FIELDS: tuple[str, ...] = ("orientation", "spacing", "intensity", "roi_size", "divisible")
+AXES: tuple[str, ...] = ("LR", "PA", "IS")
 WHERE = "model.init_args.teacher"
 
 
@@ -88,6 +90,7 @@ class TeacherSpec:
     output: str = "logits"
     sigmoid_kd: str = "binary"
     classes: dict[str, tuple[int, ...]] | None = None
+    orientation: str | None = "RAS"
     spacing: tuple[float, ...] | None = None
     intensity: Intensity | None = None
     roi_size: tuple[int, ...] | None = None
@@ -100,7 +103,7 @@ class TeacherSpec:
     @property
     def own_pipeline(self) -> bool:
         """Whether the teacher declares a pipeline of its own (then it needs cached targets)."""
-        return any(
+        return self.orientation != "RAS" or any(
             getattr(self, name) not in (None, 1) for name in ("spacing", "intensity", "roi_size", "divisible")
         )
 
@@ -114,6 +117,7 @@ class TeacherSpec:
         return {
             "output": self.output,
             "target_kind": self.target_kind,
+            "orientation": self.orientation,
             "spacing": list(self.spacing) if self.spacing else None,
             "intensity": self.intensity.describe() if self.intensity else None,
             "roi_size": list(self.roi_size) if self.roi_size else None,
@@ -185,12 +189,26 @@ def _classes(value: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _orientation(value: Any) -> str | None:
+    """``"RAS"``-style axis codes (one letter of L/R, P/A, I/S each), or ``None``/``"none"``: the file's."""
+    if value is None or value == "none":
+        return None
+    letters = str(value).upper() if isinstance(value, str) else ""
+    axes = sorted(next((i for i, pair in enumerate(AXES) if c in pair), -1) for c in letters)
+    if len(letters) != 3 or axes != [0, 1, 2]:
+        raise _fail(
+            "orientation", f"must be axis codes such as RAS or LPS, or none (the file's), got {value!r}"
+        )
+    return letters
+
+
 SPEC_FIELDS: tuple[str, ...] = (
     "path",
     "model",
     "output",
     "sigmoid_kd",
     "classes",
+    "orientation",
     "spacing",
     "intensity",
     "roi_size",
@@ -234,6 +252,7 @@ def parse_teacher(
     if sigmoid_kd not in SIGMOID_KD:
         raise _fail("sigmoid_kd", f"must be one of {list(SIGMOID_KD)}, got {sigmoid_kd!r}")
     spacing = _numbers("spacing", value["spacing"], None, True) if value.get("spacing") is not None else None
+    orientation = _orientation(value.get("orientation", "RAS"))
     roi = value.get("roi_size")
     roi = _numbers("roi_size", roi, None, True, integer=True) if roi is not None else None
     divisible = value.get("divisible", 1)
@@ -262,6 +281,7 @@ def parse_teacher(
         output=output,
         sigmoid_kd=sigmoid_kd,
         classes=_classes(value["classes"]) if value.get("classes") is not None else None,
+        orientation=orientation,
         spacing=spacing,
         intensity=parse_intensity(value["intensity"]) if value.get("intensity") is not None else None,
         roi_size=roi,
@@ -272,7 +292,7 @@ def parse_teacher(
         cache_dtype=cache_dtype,
     )
     if spec.own_pipeline and spec.cache is None:
-        declared = [name for name in PIPELINE_FIELDS if value.get(name) not in (None, 1)]
+        declared = [name for name in PIPELINE_FIELDS if value.get(name) not in (None, 1, "RAS")]
         raise _fail(
             "cache",
             f"the teacher declares its own pipeline ({', '.join(declared)}), which runs on whole volumes, "
