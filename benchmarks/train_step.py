@@ -116,6 +116,25 @@ def make_step(module, batch: dict, dtype: torch.dtype) -> Callable[[], None]:
     return step
 
 
+def measured_rows(
+    setup: str, batch: int, dtype: torch.dtype, times: dict, memory: dict, baseline: str
+) -> list[dict]:
+    """One table row per variant, with time and memory as ratios to ``baseline``'s."""
+    return [
+        {
+            "setup": setup,
+            "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+            "variant": label,
+            "ms": times[label] * 1e3,
+            "samples_s": batch / times[label],
+            "time_ratio": times[label] / times[baseline],
+            "mb": memory[label] / 2**20,
+            "memory_ratio": memory[label] / memory[baseline],
+        }
+        for label in times
+    ]
+
+
 def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
     rows = []
     for name, setup in SETUPS.items():
@@ -142,19 +161,8 @@ def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: fl
             steps["teacher forward (KD cost)"] = teacher_forward
             memory = {label: peak_memory(step, device) for label, step in steps.items()}
             times = time_steps(steps, device, rounds, budget)
-            for label in steps:
-                rows.append(
-                    {
-                        "setup": f"{name}, N={setup['batch']}, 8 regions",
-                        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-                        "variant": label,
-                        "ms": times[label] * 1e3,
-                        "samples_s": setup["batch"] / times[label],
-                        "time_ratio": times[label] / times[BASELINE],
-                        "mb": memory[label] / 2**20,
-                        "memory_ratio": memory[label] / memory[BASELINE],
-                    }
-                )
+            setup_name = f"{name}, N={setup['batch']}, 8 regions"
+            rows += measured_rows(setup_name, setup["batch"], dtype, times, memory, BASELINE)
             print(f"  measured {name} {rows[-1]['dtype']} on {device.type}", file=sys.stderr)
     return rows
 
@@ -203,20 +211,11 @@ def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget:
         teacher_size = count_parameters(network)
         deployed = teacher_size / (student.expert_free_parameters + count_parameters(student.heads[0]))
         trained = teacher_size / (count_parameters(student.student) + count_parameters(student.heads))
-        for label in steps:
-            rows.append(
-                {
-                    "setup": f"3D U-Net, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
-                    f"({trained:.1f}× the student with all 8 experts)",
-                    "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-                    "variant": label,
-                    "ms": times[label] * 1e3,
-                    "samples_s": setup["batch"] / times[label],
-                    "time_ratio": times[label] / times[NO_KD],
-                    "mb": memory[label] / 2**20,
-                    "memory_ratio": memory[label] / memory[NO_KD],
-                }
-            )
+        setup_name = (
+            f"3D U-Net, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
+            f"({trained:.1f}× the student with all 8 experts)"
+        )
+        rows += measured_rows(setup_name, setup["batch"], dtype, times, memory, NO_KD)
         print(f"  measured KD rows {rows[-1]['dtype']} on {device.type}", file=sys.stderr)
     return rows
 

@@ -195,6 +195,39 @@ def classification_summary(
     }
 
 
+def segmentation_case(
+    case: str, prediction: Tensor, label: Tensor, task: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One case's row of :func:`segmentation_summary`: Dice, NSD and HD95 per foreground class.
+
+    Args:
+        case: the case id.
+        prediction: ``(*S)`` int64 class indices; ``label``: ``(*S)`` int64.
+        task: the task description (``classes``, optional ``spacing``, ``nsd_tolerance``).
+    """
+    k, spacing = len(task["classes"]), task.get("spacing")
+    tolerance = task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)
+    return {
+        "case": case,
+        "dice": dice_per_class(prediction, label, k),
+        "nsd": nsd_per_class(prediction, label, k, spacing, tolerance),
+        "hd95": hd95_per_class(prediction, label, k, spacing),
+    }
+
+
+def task_summary(task: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary of one task from its per-case rows: :func:`segmentation_case` rows (seg3d), or
+    ``{"case", "probabilities" (K,), "label"}`` rows (cls2d)."""
+    if task["kind"] == "seg3d":
+        return segmentation_summary(task, rows)
+    return classification_summary(
+        task,
+        torch.stack([torch.as_tensor(r["probabilities"]) for r in rows]),
+        torch.tensor([int(r["label"]) for r in rows]),
+        [r["case"] for r in rows],
+    )
+
+
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write JSON to ``path`` atomically: readers never see half a file, a crash keeps the old one."""
     return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")

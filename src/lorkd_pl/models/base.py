@@ -23,16 +23,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
-from lorkd_pl.evaluation.summaries import (
-    classification_summary,
-    dice_per_class,
-    hd95_per_class,
-    nsd_per_class,
-    segmentation_summary,
-    write_json_atomic,
-)
+from lorkd_pl.evaluation.summaries import segmentation_case, task_summary, write_json_atomic
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.registry import DEFAULT_METRICS, DEFAULT_NSD_TOLERANCE, check_class_aliases, check_ranges
+from lorkd_pl.registry import DEFAULT_METRICS, check_class_aliases, check_ranges
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -287,20 +280,7 @@ class TaskModule(L.LightningModule):
             prediction, label = logits.argmax(1).cpu(), batch["label"][:, 0].cpu()
             for i, case in enumerate(cases):
                 self._test_cases[dataloader_idx].append(
-                    {
-                        "case": case,
-                        "dice": dice_per_class(prediction[i], label[i], len(task["classes"])),
-                        "nsd": nsd_per_class(
-                            prediction[i],
-                            label[i],
-                            len(task["classes"]),
-                            task.get("spacing"),
-                            task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE),
-                        ),
-                        "hd95": hd95_per_class(
-                            prediction[i], label[i], len(task["classes"]), task.get("spacing")
-                        ),
-                    }
+                    segmentation_case(case, prediction[i], label[i], task)
                 )
         else:
             probabilities = logits.float().softmax(1).cpu()
@@ -329,16 +309,7 @@ class TaskModule(L.LightningModule):
         if not self.trainer.is_global_zero or log_dir is None:
             return
         for task, rows in zip(self.tasks, cases, strict=True):
-            if self.kind == "seg3d":
-                summary = segmentation_summary(task, rows)
-            else:
-                summary = classification_summary(
-                    task,
-                    torch.stack([r["probabilities"] for r in rows]),
-                    torch.tensor([r["label"] for r in rows]),
-                    [r["case"] for r in rows],
-                )
-            write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", summary)
+            write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", task_summary(task, rows))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -29,6 +29,14 @@ def supervision_levels(output: Tensor, images: Tensor) -> list[tuple[float, Tens
     return [(w / sum(weights), output[:, level]) for level, w in enumerate(weights)]
 
 
+def _check_shapes(student_logits: Tensor, targets: Tensor) -> None:
+    if student_logits.shape != targets.shape:
+        raise ValueError(
+            f"KD needs teacher targets of the student's shape {tuple(student_logits.shape)}, got "
+            f"{tuple(targets.shape)}; check the task's teacher class mapping"
+        )
+
+
 def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) · τ²``, averaged over samples (and voxels).
 
@@ -40,11 +48,7 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
     Returns:
         A scalar: the mean over ``N·prod(S)`` positions of the class-wise KL sum, times τ².
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"KD needs teacher logits of the student's shape {tuple(student_logits.shape)}, got "
-            f"{tuple(teacher_logits.shape)}; check the task's teacher class mapping"
-        )
+    _check_shapes(student_logits, teacher_logits)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         s = F.log_softmax(student_logits.float() / temperature, dim=1)
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
@@ -88,11 +92,7 @@ def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: flo
     Returns:
         A scalar: the mean over ``N·prod(S)`` positions of the class-wise sum, times τ².
     """
-    if student_logits.shape != teacher_log_odds.shape:
-        raise ValueError(
-            f"KD needs teacher targets of the student's shape {tuple(student_logits.shape)}, got "
-            f"{tuple(teacher_log_odds.shape)}; check the task's teacher class mapping"
-        )
+    _check_shapes(student_logits, teacher_log_odds)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
         log_not_s = torch.log1p(-log_s.exp().clamp(max=1 - 1e-7))

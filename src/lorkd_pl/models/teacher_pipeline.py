@@ -266,15 +266,7 @@ def evaluate_teacher(
     Returns:
         The summary files written.
     """
-    from lorkd_pl.evaluation.summaries import (
-        classification_summary,
-        dice_per_class,
-        hd95_per_class,
-        nsd_per_class,
-        segmentation_summary,
-        write_json_atomic,
-    )
-    from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
+    from lorkd_pl.evaluation.summaries import segmentation_case, task_summary, write_json_atomic
 
     written = []
     for task in tasks:
@@ -284,38 +276,18 @@ def evaluate_teacher(
                 f"teacher {teacher.source} has no class mapping for task {name!r}: nothing to test; name "
                 "its classes in teacher.classes (or the task's teacher_classes)"
             )
-        pipeline, rows, k = pipelines[name], [], len(task["classes"])
+        pipeline, rows = pipelines[name], []
         for record in records[name]:
             targets = pipeline.targets(teacher, record, device)
             if task["kind"] == "seg3d":
                 label = pipeline.student_transform(dict(record))["label"][0].long()
-                prediction = targets.argmax(0)
-                spacing = task.get("spacing")
-                rows.append(
-                    {
-                        "case": record["case"],
-                        "dice": dice_per_class(prediction, label, k),
-                        "nsd": nsd_per_class(
-                            prediction, label, k, spacing, task.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE)
-                        ),
-                        "hd95": hd95_per_class(prediction, label, k, spacing),
-                    }
-                )
+                rows.append(segmentation_case(record["case"], targets.argmax(0), label.as_tensor(), task))
             else:
                 probabilities = target_probabilities(targets, teacher.target_kind)
                 probabilities = probabilities / probabilities.sum()  # per-class sigmoids: normalised
-                rows.append(
-                    {"case": record["case"], "probabilities": probabilities, "label": int(record["label"])}
-                )
-        if task["kind"] == "seg3d":
-            summary = segmentation_summary(task, rows)
-        else:
-            summary = classification_summary(
-                task,
-                torch.stack([r["probabilities"] for r in rows]),
-                torch.tensor([r["label"] for r in rows]),
-                [r["case"] for r in rows],
-            )
+                label = int(record["label"])
+                rows.append({"case": record["case"], "probabilities": probabilities, "label": label})
+        summary = task_summary(task, rows)
         summary["model"] = {
             "teacher": teacher.source,
             "sha256": teacher.sha256,
