@@ -355,7 +355,7 @@ def test_teacher_classes_beyond_the_teacher_outputs(tmp_path, capsys, monkeypatc
     assert (
         "outputs 4 channels" in message
         and "{'bad_task': [5]}" in message
-        and "fix teacher_classes" in message
+        and "fix teacher.classes or the tasks' teacher_classes" in message
     )
 
 

@@ -9,6 +9,7 @@ network returning per-class sigmoids without a background channel.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -195,15 +196,35 @@ def test_kd_of_a_student_equal_to_a_sigmoid_teacher_is_zero(output, temperature)
     one = task_targets(raw[:, :1], [(), (0,)], output, "binary")
     torch.testing.assert_close(one[:, 0], -z[:, 0], atol=2e-4, rtol=1e-4)  # P(background) = 1 - p
     assert float(kd_binary(student[:, :2], one, temperature)) == pytest.approx(0.0, abs=1e-4)
-    # binary, three classes: zero for a student whose marginals equal the teacher's probabilities
-    p = torch.sigmoid(torch.randn(2, 3, 4, 5, 6)) / 3  # sums below 1: realisable by a softmax
-    binary = task_targets(p, [(), (0,), (1,), (2,)], "sigmoid", "binary")
-    realised = torch.cat([(1 - p.sum(1, keepdim=True)), p], 1).log()
-    # background's Bernoulli is prod(1 - p_k), not 1 - sum(p_k): KD pulls only that class apart
-    per_class = kd_binary(realised[:, 1:2], binary[:, 1:2], 1.0)
-    assert float(per_class) >= 0 and float(kd_loss(realised, binary, "log_odds", 1.0)) > 0
-    manual_bg = torch.logit(torch.prod(1 - p, 1), eps=0)
-    torch.testing.assert_close(binary[:, 0], manual_bg, atol=1e-4, rtol=1e-4)
+    # binary, three classes: a teacher with its own background channel whose probabilities a softmax can
+    # realise; a student with those marginals pays 0 at every temperature
+    p = torch.randn(2, 4, 4, 5, 6).softmax(1)
+    binary = task_targets(p, [(0,), (1,), (2,), (3,)], "sigmoid", "binary")
+    assert float(kd_binary(p.log(), binary, temperature)) == pytest.approx(0.0, abs=1e-4)
+    assert float(kd_binary(p.log().flip(1), binary, temperature)) > 0.01
+    # a derived background is P(none of the classes) = prod(1 - p_k)
+    q = torch.sigmoid(torch.randn(2, 3, 4, 5, 6))
+    derived = task_targets(q, [(), (0,), (1,), (2,)], "sigmoid", "binary")
+    torch.testing.assert_close(derived[:, 0], torch.logit(torch.prod(1 - q, 1), eps=0), atol=1e-4, rtol=1e-4)
+
+
+def test_binary_kd_against_a_hand_computation() -> None:
+    z = torch.tensor([[0.3, -1.0, 2.0]])  # student logits (1, 3)
+    odds = torch.tensor([[0.5, -0.2, 1.5]])  # teacher log-odds
+    tau = 2.0
+    p = z.softmax(1)[0]
+    expected = 0.0
+    for k in range(3):
+        s = torch.sigmoid(torch.logit(p[k]) / tau)
+        t = torch.sigmoid(odds[0, k] / tau)
+        expected += float(t * torch.log(t / s) + (1 - t) * torch.log((1 - t) / (1 - s)))
+    assert float(kd_binary(z, odds, tau)) == pytest.approx(expected * tau**2, rel=1e-5)
+
+
+def test_minus_infinity_targets_keep_kd_finite() -> None:
+    raw = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    target = task_targets(raw, [(0,), (1,), (2,)], "log_probabilities")
+    assert torch.isfinite(kd_kl(torch.randn(1, 3), target, 2.0))
 
 
 def test_merged_sigmoid_classes_are_any_of_them() -> None:
@@ -284,6 +305,10 @@ def test_class_names_the_teacher_lacks(brain_teacher, brain_data) -> None:
         ),
         ({"cache_dtype": "int8"}, "teacher.cache_dtype: must be one of"),
         ({"orientation": "RAA"}, "teacher.orientation: must be axis codes such as RAS or LPS"),
+        (
+            {"orientation": "LPS", "spacing": None, "intensity": None, "divisible": 1, "cache": None},
+            "(orientation)",
+        ),
     ],
 )
 def test_bad_teacher_descriptions(change, message) -> None:
@@ -431,7 +456,10 @@ def test_fit_with_an_outside_teacher_cached_then_its_own_test_row(
         assert main(["fit", *config]) == 0
     assert "teacher targets in runs/teacher_targets: 8 built, 0 reused" in caplog.text
     assert len(list((tmp_path / "runs/teacher_targets" / TASK).glob("*.npz"))) == 8
-    assert (tmp_path / "runs/student/checkpoints/last.ckpt").is_file()
+    saved = torch.load(tmp_path / "runs/student/checkpoints/last.ckpt", weights_only=True)
+    assert saved["teacher"]["path"] == str(brain_teacher["path"])
+    metrics = (tmp_path / "runs/student/lightning_logs/version_0/metrics.csv").read_text()
+    assert f"val/{TASK}/kd_loss" in metrics  # held-out distance to the teacher, from cached targets
 
     assert main(["teacher-targets", *config]) == 0  # paid once: nothing to rebuild
     assert "0 built, 8 reused" in capfd.readouterr().out
@@ -513,5 +541,105 @@ def test_cls2d_cached_targets_ride_along_with_each_image(tmp_path) -> None:
         image = torch.as_tensor(records[case]["image"], dtype=torch.float32)[None, None]
         resized = nn.functional.interpolate(image, size=(32, 32), mode="bilinear", align_corners=False)
         with torch.no_grad():
-            expected = network(resized)[0]
+            expected = network(resized)[0].clamp_min(math.log(1e-12))  # targets stop at p = 1e-12
         torch.testing.assert_close(target, expected, atol=1e-3, rtol=2e-3)  # fp16 storage
+
+
+def test_ddp_processes_build_their_own_shards_of_the_cache(brain_teacher, tmp_path) -> None:
+    from training_helpers import ddp_fit
+
+    teacher = brain_spec(brain_teacher["path"], tmp_path / "targets")
+    data = {"tasks": [TASK], "batch_size": 2, "cache": "none", "samples_per_epoch": 8}
+    result = ddp_fit(tmp_path, "demo/lorkd_seg", [], {"teacher": teacher, "init_from_teacher": False}, data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # 6 training + 2 validation cases, sharded over 2 processes: rank 0 builds 3 + 1 of them
+    assert "8 cases" in result.stderr and "4 built, 0 reused (this process)" in result.stderr
+    assert len(list((tmp_path / "targets" / TASK).glob("*.npz"))) == 8
+
+
+def test_orientation_null_is_the_default_and_none_is_the_files_own() -> None:
+    assert parse_teacher({"path": "t.pt", "orientation": None}).orientation == "RAS"
+    assert parse_teacher({"path": "t.pt", "orientation": "none", "cache": "c"}).orientation is None
+
+
+def test_tasks_the_teacher_does_not_know_get_placeholder_targets(brain_teacher, tmp_path) -> None:
+    spec = parse_teacher(brain_spec(brain_teacher["path"], tmp_path / "c"))
+    data = MultiRegionDataModule(["demo_abdomen_seg", TASK], augment=False, validate=False, batch_size=8)
+    data.setup("fit")
+    teacher = load_teacher(spec, data.task_info)
+    assert set(teacher.class_channels) == {TASK}  # abdomen: no KD
+    store, report = prepare_targets(teacher, spec, data)
+    assert report.built == 8  # the brain cases only
+    data.use_teacher_targets(store)
+    batch = next(iter(data.train_dataloader()))
+    abdomen = batch["task"] == 0
+    assert abdomen.any() and (~abdomen).any()
+    assert float(batch["teacher"][abdomen].abs().max()) == 0.0
+    assert float(batch["teacher"][~abdomen].abs().max()) > 0.0
+    # a target rewritten under another key during the run is refused, never read
+    case = data.shard_records("train")[-1]["case"]
+    store.expected[case] = "another key"
+    with pytest.raises(Exception, match="rewritten for another teacher"):
+        store.load(case, store.expected[case])
+
+
+def test_case_ids_without_a_case_field_never_collide(clean_registry, demo_root) -> None:
+    from lorkd_pl.registry import TaskSpec, register_task
+
+    demo = get_task(TASK)
+    plain = TaskSpec(
+        name="plain_brain",
+        region="brain",
+        kind="seg3d",
+        classes=demo.classes,
+        records=lambda split: [{k: v for k, v in r.items() if k != "case"} for r in demo.records(split)],
+        modality="MR",
+        spacing=demo.spacing,
+        patch_size=demo.patch_size,
+    )
+    register_task(plain)
+    data = MultiRegionDataModule(["plain_brain"], validate=False)
+    data.setup("fit")
+    cases = data.all_cases("train") + data.all_cases("val")
+    assert len(set(cases)) == len(cases) == 8 and "plain_brain/val-0" in cases
+
+
+def test_a_cache_that_is_a_file_and_a_missing_device_are_one_line_errors(tmp_path, capfd) -> None:
+    from lorkd_pl.app.cli import main
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    from lorkd_pl.data.teacher_targets import TeacherTargetError, TeacherTargetStore
+
+    with pytest.raises(TeacherTargetError, match="is a file, not a folder"):
+        TeacherTargetStore(not_a_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["teacher-targets", "--config", "demo/lorkd_seg", "--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "--device must be cpu, cuda or cuda:N" in capfd.readouterr().err
+
+
+def test_sliding_windows_of_log_probabilities_stay_normalised(tmp_path, brain_data) -> None:
+    class LogSoftmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).log_softmax(1)
+
+    path = tmp_path / "logsoftmax.pt"
+    torch.jit.save(torch.jit.script(LogSoftmax()), str(path))
+    described = {
+        "path": str(path),
+        "output": "log_probabilities",
+        "roi_size": [16, 16, 16],
+        "cache": str(tmp_path),
+    }
+    spec = parse_teacher({**described, "classes": dict(zip(CLASSES, range(4), strict=True))})
+    teacher = load_teacher(spec, brain_data.task_info)
+    from lorkd_pl.models.teacher_pipeline import task_pipelines
+
+    pipeline = task_pipelines(spec, brain_data)[TASK]
+    raw = pipeline.raw_output(teacher, torch.randn(1, 1, 30, 28, 20))
+    torch.testing.assert_close(raw.exp().sum(1), torch.ones(1, 30, 28, 20), atol=1e-5, rtol=0)

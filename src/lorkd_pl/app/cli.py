@@ -117,7 +117,7 @@ def _teacher(args: Sequence[str], folders: list[str] | None, debug: bool = False
         print(f"usage: lorkd-pl {TEACHER_HELP[command]}")
         return 0
     try:
-        out, device = _option(rest, "--out"), _option(rest, "--device") or "cpu"
+        out, device = _option(rest, "--out"), _device(_option(rest, "--device"))
         if command == "teacher-test" and not out:
             raise ValueError("teacher-test needs --out DIR (it writes DIR/summary/<task>.json)")
         load_plugins(folders)
@@ -218,16 +218,22 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _device(name: str | None) -> str:
+    """``--device``: cpu, cuda or cuda:N (default: cuda when available), checked against the machine."""
     import torch
 
-    from lorkd_pl.deploy.predict import predict_files
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lorkd_pl.deploy.predict import predict_files
+
+    device = _device(args.device)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ValueError(
             f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"

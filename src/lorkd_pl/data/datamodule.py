@@ -58,6 +58,12 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     return list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
 
 
+def case_id(task: str, split: str, index: int, record: Mapping[str, Any]) -> str:
+    """A sample's case id, ``<task>/<case>``: the record's own ``case``, else ``<split>-<index>`` (its
+    position among ALL of the split's records, so ids never repeat across splits or processes)."""
+    return f"{task}/{record.get('case', f'{split}-{index}')}"
+
+
 class SeededIndex(int):
     """A sample index that carries the seed of that draw's random augmentation."""
 
@@ -349,7 +355,10 @@ class MultiRegionDataModule(L.LightningDataModule):
                 continue
             datasets = []
             for index, spec in enumerate(self.task_specs):
-                records = self._task_records(spec, split)
+                records = [
+                    {**r, "case": case_id(spec.name, split, i, r)}
+                    for i, r in enumerate(self._task_records(spec, split))
+                ]
                 shard = records[rank::world]
                 if len(records) < world:
                     warnings.warn(
@@ -362,11 +371,11 @@ class MultiRegionDataModule(L.LightningDataModule):
                     {
                         "image": r["image"],
                         "label": r["label"],
-                        "case": f"{spec.name}/{r.get('case', i)}",
+                        "case": r["case"],
                         "region": task_regions[index],
                         "task": index,
                     }
-                    for i, r in enumerate(shard)
+                    for r in shard
                 ]
                 datasets.append(self._dataset(tagged, self._transform(spec, train=split == "train")))
                 self._shards.setdefault(split, []).append(tagged)
@@ -380,7 +389,7 @@ class MultiRegionDataModule(L.LightningDataModule):
     def all_cases(self, split: str) -> list[str]:
         """Every process's case ids of ``split`` (``"<task>/<id>"``)."""
         return [
-            f"{spec.name}/{r.get('case', i)}"
+            case_id(spec.name, split, i, r)
             for spec in self.task_specs
             for i, r in enumerate(self._records.get(spec.name, {}).get(split, []))
         ]

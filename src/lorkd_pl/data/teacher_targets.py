@@ -75,8 +75,17 @@ class TeacherTargetStore:
 
     def __init__(self, folder: str | Path, dtype: str = "float16", channels: int = 1) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise TeacherTargetError(
+                f"model.init_args.teacher.cache: {self.folder} is a file, not a folder; name a folder"
+            )
         self.dtype = np.dtype(dtype)
         self.channels = int(channels)
+        #: case → the key its entry must have (set by the build): a target is never read under another
+        #: teacher, pipeline or image, even when another run rewrote the shared folder meanwhile
+        self.expected: dict[str, str] = {}
+        #: tasks the teacher distils (others get an all-zero target that KD never reads)
+        self.tasks: set[str] = set()
 
     @staticmethod
     def key(parts: Mapping[str, Any], image_sha256: str) -> str:
@@ -127,8 +136,9 @@ class TeacherTargetStore:
             with np.load(path, allow_pickle=False) as data:
                 if key is not None and str(data["key"]) != key:
                     raise TeacherTargetError(
-                        f"teacher target {path} of case {case} is stale (built for another teacher, pipeline "
-                        "or image); restart the fit (stale targets are rebuilt at fit start)"
+                        f"teacher target {path} of case {case} was rewritten for another teacher, pipeline "
+                        "or image during this run (another run shares the folder?); give each teacher "
+                        "description its own teacher.cache folder and restart the fit"
                     )
                 array = data["targets"]
         except FileNotFoundError:
@@ -172,8 +182,12 @@ class AttachTeacherTargets:
         store = self.slot.store
         if store is None:
             return sample
-        target = store.load(sample["case"])
         image = sample["image"]
+        if sample["case"].partition("/")[0] not in store.tasks:  # not distilled: a placeholder that stacks
+            spatial = tuple(image.shape[1:]) if isinstance(image, torch.Tensor) and image.ndim > 2 else ()
+            target = torch.zeros(store.channels, *spatial)
+        else:
+            target = store.load(sample["case"], store.expected.get(sample["case"]))
         if target.ndim > 1 and tuple(target.shape[1:]) != tuple(image.shape[1:]):
             raise TeacherTargetError(
                 f"teacher target of case {sample['case']} ({store.path(sample['case'])}) has grid "

@@ -361,6 +361,17 @@ class LoRKDModule(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Task metrics (:class:`TaskModule`); with cached teacher targets also ``val/<task>/kd_loss``:
+        how far the student is from the teacher on held-out cases (whole volumes)."""
+        logits = self._evaluate(batch, dataloader_idx, self.val_metrics)
+        cached, teacher, name = batch.get("teacher"), self._teacher, self.tasks[dataloader_idx]["name"]
+        if cached is None or teacher is None or name not in teacher.class_channels:
+            return
+        target = torch.as_tensor(cached)[:, : logits.shape[1]].to(logits.device)
+        distance = kd_loss(torch.as_tensor(logits), target, teacher.target_kind, self.hparams.temperature)
+        self.log(f"val/{name}/kd_loss", distance, add_dataloader_idx=False, batch_size=logits.shape[0])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the model kind, the region order and the teacher's path and sha256 (not its weights)."""
         checkpoint["lorkd_pl_model"] = type(self).__name__

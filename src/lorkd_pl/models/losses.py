@@ -81,8 +81,10 @@ class TaskLoss(nn.Module):
 def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: float) -> Tensor:
     """Per-class binary KD from a multi-label (sigmoid) teacher: ``Σ_k KL(Bern(t_k) ‖ Bern(s_k)) · τ²``.
 
-    ``t_k = sigmoid(l_k / τ)`` is the teacher's probability of class ``k`` on its own, ``s_k =
-    softmax(z_s / τ)_k`` the student's marginal probability of that (mutually exclusive) class.
+    Each class is a Bernoulli, tempered on its log-odds: the teacher's ``t_k = sigmoid(l_k / τ)``, the
+    student's ``s_k = sigmoid(m_k / τ)`` with ``m_k = log p_k − log(1 − p_k)``, ``p = softmax(z_s)``
+    (its marginal probability of that mutually exclusive class). A student whose marginals equal the
+    teacher's probabilities pays 0 at every τ.
 
     Args:
         student_logits: ``(N, K, *S)`` (or ``(N, K)``).
@@ -94,8 +96,9 @@ def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: flo
     """
     _check_shapes(student_logits, teacher_log_odds)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-        log_not_s = torch.log1p(-log_s.exp().clamp(max=1 - 1e-7))
+        log_p = F.log_softmax(student_logits.float(), dim=1)
+        student_odds = (log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))) / temperature
+        log_s, log_not_s = F.logsigmoid(student_odds), F.logsigmoid(-student_odds)
         odds = teacher_log_odds.detach().float() / temperature
         log_t, log_not_t = F.logsigmoid(odds), F.logsigmoid(-odds)
         kl = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)

@@ -18,7 +18,8 @@ of teacher channels per task class; see :mod:`lorkd_pl.models.class_mapping`), a
 * ``"log_odds"`` ``(N, K_task, *S)`` (``sigmoid_kd: binary``, the default for sigmoid teachers): the
   log-odds of each task class on its own; a merge is "any of them" (``1 - Π(1 - p)``), a missing
   background is "none of the task's classes" (``Π(1 - p_k)``). KD: per-class binary KL between the
-  teacher's Bernoulli and the student's softmax marginal (:func:`lorkd_pl.models.losses.kd_binary`).
+  teacher's Bernoulli and the student's softmax marginal, both tempered on their log-odds
+  (:func:`lorkd_pl.models.losses.kd_binary`).
 
 A student whose logits equal the teacher's (softmax kinds), or whose softmax marginals equal the
 teacher's per-class probabilities (binary), pays KD 0.
@@ -32,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Probabilities are clamped to this before a logarithm (fp32).
+#: Probabilities are clamped to this before a logarithm (fp32); log-probability targets to its log.
 TINY: float = 1e-12
+LOG_TINY: float = -27.631021115928547  # log(1e-12)
 SIGMOID_EPS: float = 1e-6
 PROBE_TOLERANCE: float = 1e-3
 
@@ -82,11 +84,11 @@ def task_targets(
         if output == "probabilities":
             raw = raw.clamp_min(TINY).log()
         picked = torch.stack([raw[:, list(g)].logsumexp(1) for g in groups], 1)
-        return picked.log_softmax(1)
+        return picked.log_softmax(1).clamp_min(LOG_TINY)  # a -inf target would make KD 0·inf = NaN
     z = _log_odds(raw, output)
     if kind == "log_probs":  # each class's log-odds against background; background 0 unless mapped
         columns = [z[:, list(g)].logsumexp(1) if g else torch.zeros_like(z[:, 0]) for g in groups]
-        return torch.stack(columns, 1).log_softmax(1)
+        return torch.stack(columns, 1).log_softmax(1).clamp_min(LOG_TINY)
     log_not = {g: _log_not(z[:, list(g)]).sum(1) for g in groups if g}  # log(1 - P(any of g))
     columns = []
     for g in groups:
@@ -106,7 +108,7 @@ def target_probabilities(targets: Tensor, kind: str) -> Tensor:
 def targets_from_probabilities(probabilities: Tensor, kind: str) -> Tensor:
     """The inverse of :func:`target_probabilities` (log-probabilities renormalised; log-odds clamped)."""
     if kind == "log_probs":
-        return probabilities.clamp_min(TINY).log().log_softmax(1)
+        return probabilities.clamp_min(TINY).log().log_softmax(1).clamp_min(LOG_TINY)
     return torch.logit(probabilities.clamp(SIGMOID_EPS, 1 - SIGMOID_EPS))
 
 

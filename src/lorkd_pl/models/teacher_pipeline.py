@@ -132,14 +132,15 @@ class TeacherPipeline:
         """The teacher's output on a whole preprocessed input ``(1, C, *S)`` → ``(1, K_teacher, *S)``."""
         spec = self.spec
         if self.task["kind"] == "seg3d" and spec.roi_size:
-            return sliding_window_inference(
+            blended = sliding_window_inference(
                 image,
                 roi_size=tuple(spec.roi_size),
                 sw_batch_size=spec.sw_batch_size,
                 predictor=teacher,
                 overlap=spec.overlap,
                 mode="gaussian",
-            )
+            )  # a weighted mean: probabilities still sum to 1, log-probabilities need renormalising
+            return blended.log_softmax(1) if spec.output == "log_probabilities" else blended
         if self.task["kind"] == "seg3d" and spec.divisible > 1:
             sizes = image.shape[2:]
             pad = [(-n) % spec.divisible for n in sizes]
@@ -165,7 +166,8 @@ class TeacherPipeline:
         name = self.task["name"]
         sample = self.teacher_transform({"image": record["image"]})
         image = sample["image"]
-        raw = self.raw_output(teacher, image[None].to(device))
+        plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        raw = self.raw_output(teacher, plain[None].to(device))
         if not getattr(self, "_checked", False):  # the first real input is the probe
             warning = teacher.check_output(raw)
             if warning:
@@ -234,6 +236,8 @@ def build_targets(
         digest, stat = image_digest(record["image"], entry)
         key = store.key(parts, digest)
         cases.append(record["case"])
+        store.expected[record["case"]] = key
+        store.tasks.add(task)
         if entry is not None and str(entry.get("key")) == key:
             reused += 1
             continue

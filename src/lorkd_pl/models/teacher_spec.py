@@ -115,6 +115,7 @@ class TeacherSpec:
     def pipeline(self) -> dict[str, Any]:
         """The teacher's pipeline and output convention as plain data (part of the cache key)."""
         return {
+            "model": self.model,
             "output": self.output,
             "target_kind": self.target_kind,
             "orientation": self.orientation,
@@ -190,8 +191,8 @@ def _classes(value: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _orientation(value: Any) -> str | None:
-    """``"RAS"``-style axis codes (one letter of L/R, P/A, I/S each), or ``None``/``"none"``: the file's."""
-    if value is None or value == "none":
+    """``"RAS"``-style axis codes (one letter of L/R, P/A, I/S each), or ``"none"``: the file's order."""
+    if value == "none":
         return None
     letters = str(value).upper() if isinstance(value, str) else ""
     axes = sorted(next((i for i, pair in enumerate(AXES) if c in pair), -1) for c in letters)
@@ -252,7 +253,7 @@ def parse_teacher(
     if sigmoid_kd not in SIGMOID_KD:
         raise _fail("sigmoid_kd", f"must be one of {list(SIGMOID_KD)}, got {sigmoid_kd!r}")
     spacing = _numbers("spacing", value["spacing"], None, True) if value.get("spacing") is not None else None
-    orientation = _orientation(value.get("orientation", "RAS"))
+    orientation = _orientation(value.get("orientation") or "RAS")
     roi = value.get("roi_size")
     roi = _numbers("roi_size", roi, None, True, integer=True) if roi is not None else None
     divisible = value.get("divisible", 1)
@@ -292,7 +293,8 @@ def parse_teacher(
         cache_dtype=cache_dtype,
     )
     if spec.own_pipeline and spec.cache is None:
-        declared = [name for name in PIPELINE_FIELDS if value.get(name) not in (None, 1, "RAS")]
+        defaults = {"orientation": "RAS", "divisible": 1}
+        declared = [n for n in PIPELINE_FIELDS if getattr(spec, n) not in (None, defaults.get(n))]
         raise _fail(
             "cache",
             f"the teacher declares its own pipeline ({', '.join(declared)}), which runs on whole volumes, "
