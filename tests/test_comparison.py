@@ -196,3 +196,25 @@ def test_newest_summary_folder_is_used(tmp_path) -> None:
             {"a": seg_summary("a", "brain", [0.1], [0.1], [1.0])},
         )[0]["nsd"][0]
     )
+
+
+def test_three_runs_side_by_side_through_the_cli(tmp_path, capsys) -> None:
+    from lorkd_pl.app.cli import main
+
+    write_run(tmp_path / "t", [seg_summary("brain_seg", "brain", [0.5, 0.7], [0.4, 0.6], [8.0, 6.0])])
+    write_run(tmp_path / "p", [seg_summary("brain_seg", "brain", [0.4, 0.6], [0.3, 0.5], [9.0, 7.0])])
+    write_run(tmp_path / "l", [seg_summary("brain_seg", "brain", [0.7, 0.7], [0.5, 0.6], [5.0, 5.0])])
+    runs = ["--run", f"teacher={tmp_path / 't'}", "--run", f"plain_kd={tmp_path / 'p'}"]
+    assert main(["report", *runs, "--run", f"lorkd={tmp_path / 'l'}", "--out", str(tmp_path / "out")]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| region |"))
+    assert "| teacher Dice | plain_kd Dice | Δ | lorkd Dice | Δ |" in header
+    # Dice: teacher 0.6, plain KD 0.5 (-0.1), LoRKD 0.7 (+0.1); HD95 lower is better
+    row = table_row(report, "brain", "brain_seg")
+    assert row[2:7] == ["0.600", "0.500", "-0.100", "0.700", "+0.100 ✓"]
+    assert row[12:] == ["7.000", "8.000", "+1.000", "5.000", "-2.000 ✓"]
+    assert "| c1 | 0.500 | 0.400 | 0.700 |" in report  # per-class Dice of the three runs
+    assert (tmp_path / "out" / "plots" / "dice_by_region.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--run", f"teacher={tmp_path / 't'}", "--out", str(tmp_path / "o2")])
+    assert exit_info.value.code == 2 and "at least two test runs" in capsys.readouterr().err

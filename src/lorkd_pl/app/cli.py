@@ -211,9 +211,27 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lorkd_pl.evaluation.comparison import write_report
+    from lorkd_pl.evaluation.comparison import write_runs_report
 
-    path = write_report(args.teacher, args.student, args.out, args.overwrite)
+    runs: dict[str, str] = {}
+    for name, folder in (("teacher", args.teacher), ("expert", args.student)):
+        if folder:
+            runs[name] = folder
+    for item in args.runs or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(
+                f"--run takes NAME=DIR (e.g. --run plain_kd=runs/demo/plain_kd_seg), got {item!r}"
+            )
+        if name in runs:
+            raise ValueError(f"--run names {name!r} twice; give every run its own name")
+        runs[name] = folder
+    if len(runs) < 2:
+        raise ValueError(
+            "report compares at least two test runs: --teacher RUN --student RUN, or --run NAME=DIR twice "
+            "or more (the first is the reference of every difference)"
+        )
+    path = write_runs_report(runs, args.out, args.overwrite)
     print(f"wrote {path} and its plots in {path.parent / 'plots'}")
     return 0
 
@@ -331,9 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
     export.add_argument("--teacher", help="with --dry-run: the teacher to count (e.g. its last.ckpt)")
 
-    report = command("report", "compare a teacher and a student test run per region", _report)
-    report.add_argument("--teacher", required=True, help="the teacher's test run folder (holds summary/)")
-    report.add_argument("--student", required=True, help="the student's test run folder (holds summary/)")
+    report = command("report", "compare test runs per region (a teacher, a student, controls)", _report)
+    report.add_argument("--teacher", help="the teacher's test run folder (holds summary/)")
+    report.add_argument("--student", help="the student's test run folder (holds summary/)")
+    report.add_argument(
+        "--run",
+        action="append",
+        dest="runs",
+        metavar="NAME=DIR",
+        help="a named test run (repeatable; after --teacher/--student if given): all are shown side by "
+        "side per region, differences to the first",
+    )
     report.add_argument(
         "--out", required=True, help="output folder (report.md, plots/); new or an earlier report"
     )

@@ -121,7 +121,7 @@ def run_demo(
         teacher, teacher_log = _test(teacher_cfg, runs / f"teacher_{kind}" / last, quiet)
         student, student_log = _test(student_cfg, runs / f"lorkd_{kind}" / last, quiet)
         summaries = find_summaries(teacher_log), find_summaries(student_log)  # read once
-        report = write_comparison(*summaries, runs / f"report_{kind}", (teacher_log, student_log))
+        report = write_comparison(summaries, runs / f"report_{kind}", sources=(teacher_log, student_log))
         rows = comparison_rows(*summaries)
         merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
         lines = [

@@ -71,18 +71,30 @@ def comparison_rows(
     teacher: Mapping[str, Mapping[str, Any]], student: Mapping[str, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
     """One row per student task: ``{"task", "region", "kind", "<metric>": (teacher, expert), ...}``."""
-    missing = sorted(set(student) - set(teacher))
-    if missing:
-        raise ReportError(
-            f"the teacher run has no test summary for tasks {missing} (it has {sorted(teacher)}); test "
-            "the teacher on the same data config as the student"
-        )
+    return run_rows([teacher, student], ["teacher", "student"])
+
+
+def run_rows(runs: Sequence[Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per task of the LAST run: ``{"task", "region", "kind", "<metric>": (value of run 0,
+    run 1, ...)}``; every other run must have tested those tasks.
+
+    Raises:
+        ReportError: naming the run that lacks a task.
+    """
+    last = runs[-1]
+    for run, name in zip(runs[:-1], names[:-1], strict=True):
+        missing = sorted(set(last) - set(run))
+        if missing:
+            raise ReportError(
+                f"the {name} run has no test summary for tasks {missing} (it has {sorted(run)}); test "
+                f"the {name} on the same data config as the {names[-1]}"
+            )
     rows = []
-    for name in sorted(student, key=lambda n: (student[n]["region"], n)):
-        summary = student[name]
-        row: dict[str, Any] = {"task": name, "region": summary["region"], "kind": summary["kind"]}
+    for task in sorted(last, key=lambda n: (last[n]["region"], n)):
+        summary = last[task]
+        row: dict[str, Any] = {"task": task, "region": summary["region"], "kind": summary["kind"]}
         for metric, _, _ in METRICS[summary["kind"]]:
-            row[metric] = (task_value(teacher[name], metric), task_value(summary, metric))
+            row[metric] = tuple(task_value(run[task], metric) for run in runs)
         rows.append(row)
     return rows
 
@@ -92,62 +104,73 @@ def _number(value: float) -> str:
 
 
 def _delta(pair: tuple[float, float], higher_is_better: bool) -> str:
-    teacher, expert = pair
-    if math.isnan(teacher) or math.isnan(expert):
+    reference, value = pair
+    if math.isnan(reference) or math.isnan(value):
         return "–"
-    better = expert > teacher if higher_is_better else expert < teacher
-    return f"{expert - teacher:+.3f}" + (" ✓" if better else "")
+    better = value > reference if higher_is_better else value < reference
+    return f"{value - reference:+.3f}" + (" ✓" if better else "")
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The per-task table (one kind): teacher, expert and difference for each metric of the kind."""
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str] = ("teacher", "expert")
+) -> list[str]:
+    """The per-task table (one kind): each run's value of each metric of the kind, and for every run
+    after the first its difference to the first (✓: better than the first run)."""
     metrics = METRICS[rows[0]["kind"]]
     header = ["region", "task"]
     for _, label, higher in metrics:
-        header += [f"teacher {label}", f"expert {label}", "Δ" + ("" if higher else " (lower is better)")]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (3 * len(metrics))]
-    for row in rows:
-        cells = [row["region"], row["task"]]
+        header.append(f"{names[0]} {label}")
+        for name in names[1:]:
+            header += [f"{name} {label}", "Δ" + ("" if higher else " (lower is better)")]
+    columns = len(metrics) * (2 * len(names) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * columns]
+    for row in [*rows, None]:
+        cells = ["**mean**", ""] if row is None else [row["region"], row["task"]]
         for metric, _, higher in metrics:
-            cells += [_number(row[metric][0]), _number(row[metric][1]), _delta(row[metric], higher)]
+            values = (
+                [nanmean([r[metric][i] for r in rows]) for i in range(len(names))]
+                if row is None
+                else list(row[metric])
+            )
+            shown = [f"**{_number(v)}**" if row is None else _number(v) for v in values]
+            cells.append(shown[0])
+            for index in range(1, len(names)):
+                cells += [shown[index], _delta((values[0], values[index]), higher)]
         lines.append("| " + " | ".join(cells) + " |")
-    means = ["**mean**", ""]
-    for metric, _, higher in metrics:
-        pair = tuple(nanmean([row[metric][i] for row in rows]) for i in (0, 1))
-        means += [f"**{_number(pair[0])}**", f"**{_number(pair[1])}**", _delta(pair, higher)]
-    lines.append("| " + " | ".join(means) + " |")
     return lines
 
 
-def _per_class_lines(teacher: Mapping[str, Any], student: Mapping[str, Any]) -> list[str]:
-    """Per-class table of one task: Dice/NSD (segmentation) or recall (classification)."""
-    metric_names = ["dice", "nsd"] if student["kind"] == "seg3d" else ["recall"]
-    header = ["class"] + [f"{side} {m}" for m in metric_names for side in ("teacher", "expert")]
-    lines = [f"#### {student['task']} ({student['region']})", "", "| " + " | ".join(header) + " |"]
+def _per_class_lines(summaries: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """Per-class table of one task, one column per run and metric: Dice/NSD (segmentation) or recall."""
+    last = summaries[-1]
+    metric_names = ["dice", "nsd"] if last["kind"] == "seg3d" else ["recall"]
+    header = ["class"] + [f"{name} {m}" for m in metric_names for name in names]
+    lines = [f"#### {last['task']} ({last['region']})", "", "| " + " | ".join(header) + " |"]
     lines.append("|---|" + "---:|" * (len(header) - 1))
-    for name, values in student["per_class"].items():
+    for name in last["per_class"]:
         cells = [name]
         for metric in metric_names:
-            teacher_value = teacher["per_class"].get(name, {}).get(metric, float("nan"))
-            cells += [_number(float(teacher_value)), _number(float(values.get(metric, float("nan"))))]
+            for summary in summaries:
+                cells.append(_number(float(summary["per_class"].get(name, {}).get(metric, float("nan")))))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
 def render_report(
     rows: Sequence[Mapping[str, Any]],
-    teacher: Mapping[str, Mapping[str, Any]],
-    student: Mapping[str, Mapping[str, Any]],
-    sources: tuple[str, str] = ("teacher", "student"),
+    runs: Sequence[Mapping[str, Mapping[str, Any]]],
+    names: Sequence[str],
+    sources: Sequence[str],
     plots: Sequence[str] = (),
 ) -> str:
-    """The ``report.md`` text of :func:`comparison_rows` ``rows`` (plots linked by relative path)."""
+    """The ``report.md`` text of :func:`run_rows` ``rows`` (plots linked by relative path)."""
+    pairwise = list(names) == ["teacher", "expert"]
     lines = [
         REPORT_MARK,
-        "# Teacher vs LoRKD experts",
+        "# Teacher vs LoRKD experts" if pairwise else "# " + " vs ".join(names),
         "",
-        f"Teacher run: `{sources[0]}`; student run: `{sources[1]}` (test split). Δ = expert − teacher; "
-        "✓ marks an expert better than the teacher.",
+        "Runs (test split): " + "; ".join(f"{n}: `{s}`" for n, s in zip(names, sources, strict=True)) + ". "
+        f"Δ = run − {names[0]}; ✓ marks a run better than {names[0]}.",
         "",
     ]
     for kind in METRICS:
@@ -155,9 +178,10 @@ def render_report(
         if not kind_rows:
             continue
         title = "3D segmentation" if kind == "seg3d" else "2D classification"
-        lines += [f"## {title}", "", *markdown_table(kind_rows), ""]
+        lines += [f"## {title}", "", *markdown_table(kind_rows, names), ""]
         if kind == "seg3d":
-            tolerances = sorted({float(student[r["task"]].get("nsd_tolerance_mm", "nan")) for r in kind_rows})
+            last = runs[-1]
+            tolerances = sorted({float(last[r["task"]].get("nsd_tolerance_mm", "nan")) for r in kind_rows})
             lines += [
                 "Dice and NSD: mean over foreground classes (empty-ground-truth rule in docs/deploy.md); "
                 f"NSD tolerance {', '.join(f'{t:g}' for t in tolerances)} mm; HD95 in mm.",
@@ -165,7 +189,7 @@ def render_report(
             ]
         lines += ["### Per class", ""]
         for row in kind_rows:
-            lines += _per_class_lines(teacher[row["task"]], student[row["task"]])
+            lines += _per_class_lines([run[row["task"]] for run in runs], names)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -174,7 +198,14 @@ def render_report(
 def write_report(
     teacher_run: str | Path, student_run: str | Path, out: str | Path, overwrite: bool = False
 ) -> Path:
-    """Write ``report.md`` and ``plots/*.png`` comparing a teacher and a student test run.
+    """Write ``report.md`` and ``plots/*.png`` comparing a teacher and a student test run
+    (:func:`write_runs_report` with the runs named ``teacher`` and ``expert``)."""
+    return write_runs_report({"teacher": teacher_run, "expert": student_run}, out, overwrite)
+
+
+def write_runs_report(runs: Mapping[str, str | Path], out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` comparing test runs side by side, by name (the first run
+    is the reference of every Δ; the last run's tasks are compared).
 
     ``out`` may be new or an earlier report (replaced atomically: the older report stays until the new
     one is complete). A folder holding anything else (a run folder, say) is refused unless
@@ -185,11 +216,14 @@ def write_report(
         the path of ``report.md``.
 
     Raises:
-        ReportError: for a file, or a folder that is not a report (without ``overwrite``).
+        ReportError: for fewer than two runs, a file, or a folder that is not a report (without
+            ``overwrite``).
     """
+    if len(runs) < 2:
+        raise ReportError("a report compares at least two runs (--run NAME=DIR, twice or more)")
     report_target(out, overwrite)  # before reading the runs: a refused --out costs nothing
-    teacher, student = find_summaries(teacher_run), find_summaries(student_run)
-    return write_comparison(teacher, student, out, (str(teacher_run), str(student_run)), overwrite)
+    summaries = [find_summaries(run) for run in runs.values()]
+    return write_comparison(summaries, out, list(runs), [str(r) for r in runs.values()], overwrite)
 
 
 REPORT_MARK = "<!-- written by lorkd-pl report -->"
@@ -233,23 +267,24 @@ def report_target(out: str | Path, overwrite: bool = False) -> str:
 
 
 def write_comparison(
-    teacher: Mapping[str, Mapping[str, Any]],
-    student: Mapping[str, Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Mapping[str, Any]]],
     out: str | Path,
-    sources: tuple[str, str] = ("teacher", "student"),
+    names: Sequence[str] = ("teacher", "expert"),
+    sources: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """:func:`write_report` for summaries already loaded with :func:`find_summaries`."""
+    """:func:`write_runs_report` for summaries already loaded with :func:`find_summaries`."""
     out = Path(out)
     mode = report_target(out, overwrite)
-    rows = comparison_rows(teacher, student)
+    rows = run_rows(runs, names)
+    sources = list(sources or names)
     if mode != "beside":
         with atomic_folder(out, overwrite=True) as work:
-            _render(rows, teacher, student, sources, work)
+            _render(rows, runs, names, sources, work)
         return out / "report.md"
     work = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:  # report.md and plots/ are swapped in; the folder's other files stay as they are
-        _render(rows, teacher, student, sources, work)
+        _render(rows, runs, names, sources, work)
         if (out / "plots").exists():
             shutil.rmtree(out / "plots")  # only PNGs (checked by report_target)
         os.replace(work / "plots", out / "plots")
@@ -261,9 +296,9 @@ def write_comparison(
 
 def _render(
     rows: list[dict[str, Any]],
-    teacher: Mapping[str, Mapping[str, Any]],
-    student: Mapping[str, Mapping[str, Any]],
-    sources: tuple[str, str],
+    runs: Sequence[Mapping[str, Mapping[str, Any]]],
+    names: Sequence[str],
+    sources: Sequence[str],
     work: Path,
 ) -> None:
     """Write ``report.md`` and ``plots/`` into the (empty) folder ``work``."""
@@ -275,12 +310,12 @@ def _render(
         kind_rows = [row for row in rows if row["kind"] == kind]
         for metric, label, higher in metrics if kind_rows else ():
             name = f"plots/{metric}_by_region.png"
-            region_bars(kind_rows, metric, label, higher, work / name)
+            region_bars(kind_rows, metric, label, higher, work / name, names)
             plots.append(name)
     for row in rows:
         if row["kind"] == "cls2d":
             name = f"plots/confusion_{row['task']}.png"
-            confusion_matrices(teacher[row["task"]], student[row["task"]], work / name)
+            confusion_matrices([run[row["task"]] for run in runs], names, work / name)
             plots.append(name)
-    text = render_report(rows, teacher, student, sources, plots)
+    text = render_report(rows, runs, names, sources, plots)
     (work / "report.md").write_text(text, encoding="utf-8")

@@ -9,7 +9,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-TEACHER_COLOUR, EXPERT_COLOUR = "#8c8c8c", "#1f77b4"
+#: Bar colours by run position: the reference (teacher) grey, then the matplotlib cycle.
+COLOURS: tuple[str, ...] = ("#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
 def _bar_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -19,27 +20,34 @@ def _bar_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str
 
 
 def region_bars(
-    rows: Sequence[Mapping[str, Any]], metric: str, label: str, higher_is_better: bool, path: Path
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    label: str,
+    higher_is_better: bool,
+    path: Path,
+    names: Sequence[str] = ("teacher", "expert"),
 ) -> Path:
-    """Grouped bars per region: the teacher's and the expert's value of ``metric``.
+    """Grouped bars per region: each run's value of ``metric``.
 
     Args:
-        rows: :func:`lorkd_pl.evaluation.comparison.comparison_rows` of one task kind; ``row[metric]``
-            is the pair (teacher, expert).
+        rows: :func:`lorkd_pl.evaluation.comparison.run_rows` of one task kind; ``row[metric]`` holds
+            one value per run.
         metric: summary key; ``label``: its axis label; ``higher_is_better``: noted in the title.
         path: the PNG to write.
+        names: the runs' names, in order.
     """
-    figure = Figure(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 3.4), layout="constrained")
+    runs = len(names)
+    figure = Figure(figsize=(max(4.0, (0.45 * runs + 0.4) * len(rows) + 1.5), 3.4), layout="constrained")
     axes = figure.add_subplot()
     positions = range(len(rows))
-    width = 0.38
-    for offset, side, colour, name in ((-1, 0, TEACHER_COLOUR, "teacher"), (1, 1, EXPERT_COLOUR, "expert")):
+    width = 0.8 / runs
+    for side, name in enumerate(names):
         values = [row[metric][side] for row in rows]
         bars = axes.bar(
-            [p + offset * width / 2 for p in positions],
+            [p + (side - (runs - 1) / 2) * width for p in positions],
             [0.0 if math.isnan(v) else v for v in values],
             width,
-            color=colour,
+            color=COLOURS[side % len(COLOURS)],
             label=name,
         )
         axes.bar_label(bars, labels=["–" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
@@ -48,22 +56,25 @@ def region_bars(
     axes.set_title(f"{label} per region ({'higher' if higher_is_better else 'lower'} is better)", fontsize=10)
     if all(0 <= v <= 1 for row in rows for v in row[metric] if not math.isnan(v)):
         axes.set_ylim(0, 1.22)  # room for the legend above the bars
-    axes.legend(fontsize=8, loc="upper left", ncols=2)
+    axes.legend(fontsize=8, loc="upper left", ncols=runs)
     figure.savefig(path, dpi=110)
     return path
 
 
-def confusion_matrices(teacher: Mapping[str, Any], expert: Mapping[str, Any], path: Path) -> Path:
-    """Side-by-side confusion matrices (rows: truth, columns: prediction) of one classification task.
+def confusion_matrices(summaries: Sequence[Mapping[str, Any]], names: Sequence[str], path: Path) -> Path:
+    """Side-by-side confusion matrices (rows: truth, columns: prediction) of one classification task,
+    one per run.
 
     Args:
-        teacher: the teacher's classification summary of the task; ``expert``: the student's.
+        summaries: each run's classification summary of the task; ``names``: the runs' names.
         path: the PNG to write.
     """
+    expert = summaries[-1]
     classes = expert["confusion_matrix"]["rows_truth_columns_prediction"]
-    figure = Figure(figsize=(2.0 + 2.4 * len(classes), 1.2 + 1.1 * len(classes)), layout="constrained")
-    panels = figure.subplots(1, 2)
-    for axes, name, summary in ((panels[0], "teacher", teacher), (panels[1], "expert", expert)):
+    width = 1.2 * len(summaries) * len(classes) + 1.0
+    figure = Figure(figsize=(width, 1.2 + 1.1 * len(classes)), layout="constrained")
+    panels = figure.subplots(1, len(summaries), squeeze=False)[0]
+    for axes, name, summary in zip(panels, names, summaries, strict=True):
         counts = summary["confusion_matrix"]["counts"]
         image = axes.imshow(counts, cmap="Blues")
         peak = max(max(row) for row in counts) or 1
