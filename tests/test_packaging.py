@@ -3,6 +3,7 @@ from an empty folder (demo tasks from the package's own entry point, configs fro
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import site
@@ -65,4 +66,19 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path) -> N
         assert (empty / "runs" / "demo" / f"lorkd_{kind}" / "checkpoints" / "last.ckpt").is_file()
         assert (empty / "runs" / "demo" / f"report_{kind}" / "report.md").is_file()
     assert (empty / "runs" / "demo" / "experts" / "seg" / "brain" / "metadata.json").is_file()
+    results = json.loads((empty / "runs" / "demo" / "results.json").read_text())
+    for kind, metric in (("seg3d", "dice"), ("cls2d", "accuracy")):
+        result = results[kind]
+        assert result["metric"] == metric and {"teacher", "plain_kd", "lorkd"} <= set(result)
+        # the foundation model is >= 3x an exported expert; the control has the expert's backbone
+        assert result["teacher"]["params"] >= 3 * result["lorkd"]["params_merged_expert"]
+        assert result["plain_kd"]["params"] < result["lorkd"]["params_all_experts"]
+        assert set(result["lorkd"]["per_region"]) == {"abdomen", "brain", "pelvis", "thorax"}
+        report = empty / "runs" / "demo" / f"report_{kind[:3]}"
+        assert (report / "plots" / "learning_curves.png").is_file()
+        label = "Dice" if kind == "seg3d" else "accuracy"
+        assert (
+            f"| teacher {label} | plain_kd {label} | Δ | lorkd {label} | Δ |"
+            in (report / "report.md").read_text()
+        )
     assert sorted(p.name for p in empty.iterdir()) == ["runs"]  # nothing else written in the folder

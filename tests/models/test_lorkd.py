@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.models.backbones import count_parameters
 from lorkd_pl.models.generalist import GeneralistModule, union_label_space
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
@@ -115,6 +116,30 @@ def test_experts_learn_only_from_their_regions(run) -> None:
         if name.endswith("expert_B"):
             assert torch.count_nonzero(p.grad[0]) == 0, name
             assert torch.count_nonzero(p.grad[1]) > 0 and torch.count_nonzero(p.grad[2]) > 0, name
+
+
+def test_the_plain_kd_control_is_the_same_student_without_experts(run, teacher_path) -> None:
+    torch.manual_seed(2)
+    lorkd = LoRKDModule(**run, backbone=CNN, rank=2, teacher=str(teacher_path), kd_weight=0.5)
+    plain = LoRKDModule(**run, backbone=CNN, rank=2, teacher=str(teacher_path), kd_weight=0.5, experts=False)
+    assert not any("expert" in name for name in plain.state_dict())
+    assert count_parameters(plain.student) == lorkd.expert_free_parameters
+    # with every expert at zero (B = 0 at init) the two students compute the same loss on one batch
+    plain.student.load_state_dict(
+        {
+            k.replace(".base_layer", ""): v
+            for k, v in lorkd.student.state_dict().items()
+            if "expert" not in k and not k.endswith("scaling")
+        }
+    )
+    plain.heads.load_state_dict(lorkd.heads.state_dict())
+    for module in (lorkd, plain):
+        module.eval()
+    data = batch()
+    torch.testing.assert_close(plain.training_step(data, 0), lorkd.training_step(data, 0))
+    # one network for every region: the region index changes nothing
+    images = data["image"][:2]
+    torch.testing.assert_close(plain.features(images, 0), plain.features(images, 2))
 
 
 def test_checkpoint_keeps_teacher_out_and_hparams_plain(run, teacher_path) -> None:

@@ -1,14 +1,18 @@
-"""The main job on the embedded demo data: teacher → LoRKD → per-region test → comparison table.
+"""The main job on the embedded demo data: teacher → plain KD and LoRKD at equal budget → per-region
+test → comparison table and ``runs/demo/results.json``.
 
 ``lorkd-pl demo`` (what ``make demo`` runs) does, for the 2D classification and the 3D segmentation
-demo: fit the generalist teacher (packaged config ``demo/teacher_*``), fit the LoRKD student
-(``demo/lorkd_*``), test both per task, and print per task the teacher's and the
-expert's metrics plus the parameters of the teacher, the student with all experts and one merged expert;
-the full comparison (per-class tables, plots) goes to ``runs/demo/report_<kind>/``.
+demo: fit the generalist teacher (``demo/teacher_*``, 4× the student backbone's parameters), then the
+small student distilled from it WITHOUT experts (``demo/plain_kd_*``, the control) and WITH one LoRKD
+expert per region (``demo/lorkd_*``), same data, steps and KD; test all three per task and print them
+side by side with the parameters (teacher, students, one merged expert); the full comparison (per-class
+tables, plots, learning curves) goes to ``runs/demo/report_<kind>/``, the numbers to
+``runs/demo/results.json``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -19,7 +23,13 @@ import torch
 
 from lorkd_pl.app.configs import config_root
 from lorkd_pl.app.lightning import lightning_cli
-from lorkd_pl.evaluation.comparison import comparison_rows, find_summaries, markdown_table, write_comparison
+from lorkd_pl.evaluation.comparison import (
+    find_summaries,
+    markdown_table,
+    run_rows,
+    validation_curve,
+    write_comparison,
+)
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
 from lorkd_pl.experts import merge_expert
 from lorkd_pl.io.atomic import write_text_atomic
@@ -83,23 +93,34 @@ def export_and_predict(kind: str, student) -> str:
     )
 
 
+#: The runs of each demo, in report order: the foundation model, the control, LoRKD.
+RUNS: tuple[str, ...] = ("teacher", "plain_kd", "lorkd")
+
+
 def run_demo(
     configs: Path | None = None,
     kinds: Sequence[str] = ("cls", "seg"),
     progress: bool = False,
     quick: bool = False,
-) -> str:
-    """Run the demo in the current folder (writes ``runs/demo/...``) and return the report.
+) -> tuple[str, dict[str, Any]]:
+    """Run the demo in the current folder (writes ``runs/demo/...``); return the report and the results.
+
+    Per kind: fit the teacher (a generalist 4× the student backbone's size), then at equal budget the
+    small student distilled from it without experts (plain KD, the control) and with one LoRKD expert
+    per region; test all three per task; report them side by side.
 
     Args:
-        configs: folder of ``teacher_<kind>.yaml`` / ``lorkd_<kind>.yaml`` (default: the packaged
-            ``demo/`` configs).
+        configs: folder of ``teacher_<kind>.yaml``, ``plain_kd_<kind>.yaml`` and ``lorkd_<kind>.yaml``
+            (default: the packaged ``demo/`` configs).
         kinds: ``"cls"`` and/or ``"seg"``.
         progress: show progress bars.
         quick: tiny budgets (:data:`QUICK`): checks the whole pipeline, the numbers mean nothing.
+
+    Returns:
+        The markdown report and the results (``runs/demo/results.json``'s content).
     """
     configs = configs or config_root() / "demo"
-    sections = []
+    sections, results = [], {}
     for kind in kinds:
         quiet = [
             *(
@@ -110,39 +131,79 @@ def run_demo(
             *(QUICK[kind] if quick else []),
         ]
         metric = KINDS[kind]
-        teacher_cfg, student_cfg = configs / f"teacher_{kind}.yaml", configs / f"lorkd_{kind}.yaml"
-        timings = {}
-        for name, config in (("teacher", teacher_cfg), ("lorkd", student_cfg)):
+        runs = Path("runs/demo")
+        timings, models, logs = {}, {}, {}
+        for name in RUNS:
+            config = configs / f"{name}_{kind}.yaml"
             start = time.perf_counter()
             lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns runs/demo
             timings[name] = time.perf_counter() - start
-        runs = Path("runs/demo")
-        last = Path("checkpoints") / "last.ckpt"
-        teacher, teacher_log = _test(teacher_cfg, runs / f"teacher_{kind}" / last, quiet)
-        student, student_log = _test(student_cfg, runs / f"lorkd_{kind}" / last, quiet)
-        summaries = find_summaries(teacher_log), find_summaries(student_log)  # read once
-        report = write_comparison(summaries, runs / f"report_{kind}", sources=(teacher_log, student_log))
-        rows = comparison_rows(*summaries)
+            models[name], logs[name] = _test(
+                config, runs / f"{name}_{kind}" / "checkpoints" / "last.ckpt", quiet
+            )
+        summaries = [find_summaries(logs[name]) for name in RUNS]  # read once
+        curves = {name: validation_curve(runs / f"{name}_{kind}") for name in RUNS}
+        report = write_comparison(
+            summaries, runs / f"report_{kind}", RUNS, [str(logs[n]) for n in RUNS], curves=curves
+        )
+        rows = run_rows(summaries, RUNS)
+        teacher, plain, student = (models[name] for name in RUNS)
         merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
+        result = kind_results(rows, metric, teacher, plain, student, merged, timings)
+        results["seg3d" if kind == "seg" else "cls2d"] = result
+        means = {name: result[name]["mean"] for name in RUNS}
         lines = [
             f"### {'2D classification' if kind == 'cls' else '3D segmentation'} (test split)",
             "",
-            *markdown_table(rows),
+            *markdown_table(rows, RUNS),
             "",
-            f"Parameters: teacher {count_parameters(teacher):,}; "
-            f"student with all {len(student.regions)} experts "
-            f"and {len(student.heads)} heads {count_parameters(student):,}; expert-free backbone "
-            f"{student.expert_free_parameters:,}; one merged expert + its head "
-            f"{min(merged):,}–{max(merged):,}. Fit time: teacher {timings['teacher']:.0f} s, "
-            f"LoRKD {timings['lorkd']:.0f} s. Full report with per-class tables and plots: {report}.",
+            f"Parameters: teacher {result['teacher']['params']:,}; plain-KD student "
+            f"{result['plain_kd']['params']:,}; LoRKD student with all {len(student.regions)} experts and "
+            f"{len(student.heads)} heads {result['lorkd']['params_all_experts']:,}; one merged expert + its "
+            f"head {min(merged):,}–{max(merged):,} (teacher / merged expert: "
+            f"{result['size_ratio_teacher_to_merged_expert']:.1f}×). Fit time: "
+            + ", ".join(f"{name} {timings[name]:.0f} s" for name in RUNS)
+            + f". Full report with per-class tables, plots and learning curves: {report}.",
             "",
+            f"Mean {metric}: teacher {means['teacher']:.3f}, plain KD {means['plain_kd']:.3f}, LoRKD "
+            f"{means['lorkd']:.3f}. LoRKD experts "
+            + ("reach" if means["lorkd"] >= means["teacher"] else "do NOT reach")
+            + " the teacher's mean and "
+            + ("beat" if means["lorkd"] > means["plain_kd"] else "do NOT beat")
+            + " the plain-KD student's.",
         ]
-        teacher_mean, student_mean = (nanmean([row[metric][i] for row in rows]) for i in (0, 1))
-        verdict = "reach" if student_mean >= teacher_mean else "do NOT reach"
-        lines.append(f"LoRKD experts {verdict} the teacher's mean {metric}.")
         lines.append(export_and_predict(kind, student))
         sections.append("\n".join(lines))
-    return "\n\n".join(sections)
+    return "\n\n".join(sections), results
+
+
+def kind_results(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    teacher: Any,
+    plain: Any,
+    student: Any,
+    merged: Sequence[int],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """One demo kind's entry of ``results.json``: each run's parameters, mean and per-region score."""
+
+    def scores(index: int) -> tuple[float, dict[str, float]]:
+        per_region: dict[str, list[float]] = {}
+        for row in rows:
+            per_region.setdefault(row["region"], []).append(row[metric][index])
+        return nanmean([row[metric][index] for row in rows]), {r: nanmean(v) for r, v in per_region.items()}
+
+    out: dict[str, Any] = {"metric": metric, "seconds": round(sum(timings.values()), 1)}
+    for index, name in enumerate(RUNS):
+        mean, per_region = scores(index)
+        out[name] = {"mean": mean, "per_region": per_region, "fit_seconds": round(timings[name], 1)}
+    out["teacher"]["params"] = count_parameters(teacher)
+    out["plain_kd"]["params"] = count_parameters(plain)
+    out["lorkd"]["params_all_experts"] = count_parameters(student)
+    out["lorkd"]["params_merged_expert"] = max(merged)
+    out["size_ratio_teacher_to_merged_expert"] = count_parameters(teacher) / max(merged)
+    return out
 
 
 def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quick: bool = False) -> str:
@@ -154,9 +215,12 @@ def main(workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quic
         if workdir:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             os.chdir(workdir)
-        report = run_demo(kinds=kinds, quick=quick)
-        report += f"\n\nTotal: {time.perf_counter() - start:.0f} s on {os.cpu_count()} CPU cores.\n"
+        report, results = run_demo(kinds=kinds, quick=quick)
+        total = time.perf_counter() - start
+        report += f"\n\nTotal: {total:.0f} s on {os.cpu_count()} CPU cores.\n"
+        results["total_seconds"] = round(total, 1)
         write_text_atomic("runs/demo/report.md", report)
+        write_text_atomic("runs/demo/results.json", json.dumps(results, indent=2, allow_nan=True) + "\n")
     finally:
         os.chdir(previous)
     print(report)

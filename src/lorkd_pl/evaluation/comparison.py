@@ -229,6 +229,19 @@ def write_runs_report(runs: Mapping[str, str | Path], out: str | Path, overwrite
 REPORT_MARK = "<!-- written by lorkd-pl report -->"
 
 
+def validation_curve(log_dir: str | Path) -> list[tuple[int, float]]:
+    """``[(epoch, val/score), ...]`` from a run's CSVLogger ``metrics.csv`` (the newest version below
+    ``log_dir``); empty when the run logged no validation score."""
+    import csv
+
+    files = sorted(Path(log_dir).glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    with files[-1].open(encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("val/score") not in (None, "")]
+    return [(int(float(r["epoch"])), float(r["val/score"])) for r in rows]
+
+
 def _is_report_part(path: Path) -> bool:
     if path.name == "report.md" and path.is_file() and not path.is_symlink():
         with path.open(encoding="utf-8", errors="replace") as handle:
@@ -272,19 +285,21 @@ def write_comparison(
     names: Sequence[str] = ("teacher", "expert"),
     sources: Sequence[str] | None = None,
     overwrite: bool = False,
+    curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> Path:
-    """:func:`write_runs_report` for summaries already loaded with :func:`find_summaries`."""
+    """:func:`write_runs_report` for summaries already loaded with :func:`find_summaries`; ``curves``
+    (run name → ``[(epoch, validation score), ...]``, :func:`validation_curve`) adds a learning-curve plot."""
     out = Path(out)
     mode = report_target(out, overwrite)
     rows = run_rows(runs, names)
     sources = list(sources or names)
     if mode != "beside":
         with atomic_folder(out, overwrite=True) as work:
-            _render(rows, runs, names, sources, work)
+            _render(rows, runs, names, sources, work, curves)
         return out / "report.md"
     work = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:  # report.md and plots/ are swapped in; the folder's other files stay as they are
-        _render(rows, runs, names, sources, work)
+        _render(rows, runs, names, sources, work, curves)
         if (out / "plots").exists():
             shutil.rmtree(out / "plots")  # only PNGs (checked by report_target)
         os.replace(work / "plots", out / "plots")
@@ -300,12 +315,16 @@ def _render(
     names: Sequence[str],
     sources: Sequence[str],
     work: Path,
+    curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> None:
     """Write ``report.md`` and ``plots/`` into the (empty) folder ``work``."""
-    from lorkd_pl.evaluation.plots import confusion_matrices, region_bars
+    from lorkd_pl.evaluation.plots import confusion_matrices, learning_curves, region_bars
 
     (work / "plots").mkdir()
     plots = []
+    if curves:
+        learning_curves(curves, work / "plots" / "learning_curves.png")
+        plots.append("plots/learning_curves.png")
     for kind, metrics in METRICS.items():
         kind_rows = [row for row in rows if row["kind"] == kind]
         for metric, label, higher in metrics if kind_rows else ():

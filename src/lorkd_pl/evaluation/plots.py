@@ -91,3 +91,26 @@ def confusion_matrices(summaries: Sequence[Mapping[str, Any]], names: Sequence[s
     figure.suptitle(expert["task"], fontsize=10)
     figure.savefig(path, dpi=110)
     return path
+
+
+def learning_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path:
+    """Validation score per epoch of several runs on one plot.
+
+    Args:
+        curves: run name → ``[(epoch, validation score), ...]``.
+        path: the PNG to write.
+    """
+    figure = Figure(figsize=(5.0, 3.2), layout="constrained")
+    axes = figure.add_subplot()
+    for index, (name, points) in enumerate(curves.items()):
+        if points:
+            epochs, values = zip(*points, strict=True)
+            axes.plot(
+                epochs, values, marker="o", markersize=3, color=COLOURS[index % len(COLOURS)], label=name
+            )
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation score")
+    axes.set_title("learning curves (validation split)", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    return path

@@ -95,6 +95,9 @@ class LoRKDModule(TaskModule):
             one per sample, e.g. ``{"*.attn.*": leading}`` for SwinUNETR's window attention (see
             :func:`lorkd_pl.experts.inject_experts`); an undeclared fold is an error, never a guess.
         include, exclude: glob patterns of backbone layers that get / do not get experts.
+        experts: ``False`` builds the CONTROL of the papers' claim: the same student backbone, heads,
+            data, steps and KD, without region experts (one plain network for all regions: "plain
+            KD"); its checkpoint has no expert tensors.
         teacher: the teacher: a path (generalist checkpoint, TorchScript file, MONAI bundle folder or
             a plain checkpoint with ``teacher_model``), or a description ``{path, output, classes,
             spacing, intensity, roi_size, divisible, cache, ...}`` of a foundation model with its own
@@ -127,6 +130,7 @@ class LoRKDModule(TaskModule):
         strategy: str = "auto",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        experts: bool = True,
         teacher: str | dict[str, Any] | None = None,
         teacher_model: dict[str, Any] | None = None,
         init_from_teacher: bool = False,
@@ -160,18 +164,22 @@ class LoRKDModule(TaskModule):
         network = build_module(backbone or DEFAULT_SEG_BACKBONE)
         width = feature_channels(network, in_channels, self.tasks[0]["patch_size"])
         self.expert_free_parameters = count_parameters(network)
-        self.student = inject_experts(
-            network,
-            len(self.regions),
-            rank=ranks_by_region(rank, self.regions),
-            alpha=alpha,
-            layout=layout,
-            strategy=strategy,
-            include=include,
-            exclude=exclude,
-            layer_rank=layer_rank,
-            transposed=transposed_convs,
-            fold=fold,
+        self.student = (
+            network
+            if not experts
+            else inject_experts(
+                network,
+                len(self.regions),
+                rank=ranks_by_region(rank, self.regions),
+                alpha=alpha,
+                layout=layout,
+                strategy=strategy,
+                include=include,
+                exclude=exclude,
+                layer_rank=layer_rank,
+                transposed=transposed_convs,
+                fold=fold,
+            )
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.loss = TaskLoss(self.kind)
@@ -286,8 +294,13 @@ class LoRKDModule(TaskModule):
                 )
             rows[task["name"]] = [g[0] for g in groups]
         try:
-            copied = load_base_weights(self.student, network.backbone.state_dict())
-        except ValueError as error:
+            if self.hparams.get("experts", True):
+                copied = load_base_weights(self.student, network.backbone.state_dict())
+            else:  # a plain-KD student: the same backbone, no experts
+                state = network.backbone.state_dict()
+                self.student.load_state_dict(state)
+                copied = len(state)
+        except (ValueError, RuntimeError) as error:
             raise TeacherError(f"init_from_teacher: teacher {self.hparams.teacher}: {error}") from None
         for task, head in zip(self.tasks, self.heads, strict=True):
             head.weight.copy_(network.head.weight[rows[task["name"]]])
@@ -298,7 +311,10 @@ class LoRKDModule(TaskModule):
 
     # ------------------------------------------------------------------ forward
     def features(self, images: Tensor, region: Tensor | int) -> Tensor:
-        """Student features of images ``(N, C, *S)``; ``region``: ``(N,)`` expert indices or one int."""
+        """Student features of images ``(N, C, *S)``; ``region``: ``(N,)`` expert indices or one int
+        (ignored by a plain-KD student, ``experts: false``)."""
+        if not self.hparams.get("experts", True):
+            return self.student(images)
         with expert_routing(self.student, region):
             return self.student(images)
 
