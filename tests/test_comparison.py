@@ -218,3 +218,19 @@ def test_three_runs_side_by_side_through_the_cli(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--run", f"teacher={tmp_path / 't'}", "--out", str(tmp_path / "o2")])
     assert exit_info.value.code == 2 and "at least two test runs" in capsys.readouterr().err
+
+
+def test_validation_curve_skips_a_later_test_run(tmp_path) -> None:
+    import time
+
+    from lorkd_pl.evaluation.comparison import validation_curve
+
+    fit = tmp_path / "logs" / "version_0"
+    fit.mkdir(parents=True)
+    (fit / "metrics.csv").write_text("epoch,step,train/loss,val/score\n0,3,1.0,\n0,5,,0.25\n1,11,,0.5\n")
+    time.sleep(0.01)
+    test = tmp_path / "logs" / "version_1"
+    test.mkdir()
+    (test / "metrics.csv").write_text("epoch,step,test/score\n0,0,0.7\n")  # newer, no validation
+    assert validation_curve(tmp_path) == [(0, 0.25), (1, 0.5)]
+    assert validation_curve(tmp_path / "nothing") == []

@@ -82,6 +82,11 @@ class TaskSpec:
             anatomy models use and, left↔right, corrupts lateralized classes.
         mirror_pairs: seg3d: class pairs that swap under a left↔right flip (``[["lung_left",
             "lung_right"]]``); axis 0 may be flipped only when every lateralized class is paired.
+        augment: seg3d: random training augmentations for small data sets, on top of the crop and
+            flips: a preset name (``"mild"``: :data:`AUGMENT_PRESETS`) or a mapping of
+            :data:`AUGMENT_FIELDS` (intensity: ``gamma`` range, ``bias_field`` coefficient, ``noise``
+            std, ``scale_intensity``/``shift_intensity`` fractions; spatial: ``rotate`` degrees,
+            ``scale`` fraction; ``prob`` of each); default none.
         source: where the task came from (plugin file, spec file, entry point).
         extras: free-form plain values for plugins.
     """
@@ -100,6 +105,7 @@ class TaskSpec:
     class_aliases: Mapping[str, str] | None = None
     flip_axes: tuple[int, ...] = ()
     mirror_pairs: tuple[tuple[str, str], ...] = ()
+    augment: str | Mapping[str, Any] | None = None
     source: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -116,6 +122,12 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}{where}: class names repeat: {list(self.classes)}")
         check_patch_and_spacing(self.kind, self.patch_size, self.spacing, f"task {self.name!r}{where}: ")
         check_flips(self, where)
+        if self.augment is not None:
+            if self.kind != "seg3d":
+                raise ValueError(f"task {self.name!r}{where}: augment applies to seg3d tasks")
+            object.__setattr__(
+                self, "augment", check_augment(self.augment, f"task {self.name!r}{where}: augment")
+            )
         if not self.nsd_tolerance > 0:
             raise ValueError(
                 f"task {self.name!r}{where}: nsd_tolerance must be > 0 (mm), got {self.nsd_tolerance}"
@@ -220,6 +232,75 @@ def check_class_aliases(
 
 
 LATERAL_WORDS: tuple[str, ...] = ("left", "right")
+
+
+#: Random training augmentations of seg3d tasks and what each value is (see :class:`TaskSpec`).
+AUGMENT_FIELDS: dict[str, str] = {
+    "gamma": "[low, high] gamma range (> 0), on intensities rescaled to [0, 1]",
+    "bias_field": "the largest coefficient (> 0) of a smooth multiplicative field (MR)",
+    "noise": "the largest std (> 0) of additive Gaussian noise, sampled in [0, std] (normalised units)",
+    "scale_intensity": "a fraction f in (0, 1): intensities times (1 + U(-f, f))",
+    "shift_intensity": "an offset (> 0): intensities plus U(-o, o) (normalised units)",
+    "rotate": "the largest rotation in degrees (0 < r <= 30) about each axis",
+    "scale": "a fraction s in (0, 0.5): zoom by (1 + U(-s, s))",
+    "prob": "the probability (0 < p <= 1) of each augmentation (default 0.2)",
+}
+#: Named augmentation sets: ``mild``, nnU-Net's kind of intensity and spatial jitter, kept small.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "mild": {
+        "gamma": [0.7, 1.5],
+        "bias_field": 0.3,
+        "noise": 0.1,
+        "scale_intensity": 0.25,
+        "rotate": 10,
+        "scale": 0.1,
+        "prob": 0.2,
+    },
+}
+
+
+def check_augment(augment: str | Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """A task's ``augment`` (a preset name or a mapping of :data:`AUGMENT_FIELDS`) as a checked mapping.
+
+    Raises:
+        ValueError: naming ``owner``, the field and what it takes.
+    """
+    if isinstance(augment, str):
+        if augment not in AUGMENT_PRESETS:
+            raise ValueError(
+                f"{owner}: unknown preset {augment!r}; use one of {sorted(AUGMENT_PRESETS)} or a mapping"
+            )
+        return dict(AUGMENT_PRESETS[augment])
+    if not isinstance(augment, Mapping):
+        raise ValueError(
+            f"{owner}: must be a preset name or a mapping of {sorted(AUGMENT_FIELDS)}, got {augment!r}"
+        )
+    unknown = sorted(set(augment) - set(AUGMENT_FIELDS))
+    if unknown:
+        raise ValueError(f"{owner}: unknown keys {unknown}; it takes {sorted(AUGMENT_FIELDS)}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    checks = {
+        "gamma": lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) == 2
+            and all(number(x) and x > 0 for x in v)
+            and v[0] < v[1]
+        ),
+        "bias_field": lambda v: number(v) and v > 0,
+        "noise": lambda v: number(v) and v > 0,
+        "scale_intensity": lambda v: number(v) and 0 < v < 1,
+        "shift_intensity": lambda v: number(v) and v > 0,
+        "rotate": lambda v: number(v) and 0 < v <= 30,
+        "scale": lambda v: number(v) and 0 < v < 0.5,
+        "prob": lambda v: number(v) and 0 < v <= 1,
+    }
+    for key, value in augment.items():
+        if not checks[key](value):
+            raise ValueError(f"{owner}.{key} must be {AUGMENT_FIELDS[key]}, got {value!r}")
+    return {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in augment.items()}
 
 
 def check_flips(task: TaskSpec, where: str = "") -> None:

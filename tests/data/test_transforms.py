@@ -145,3 +145,72 @@ def test_a_left_right_flip_needs_mirror_pairs(clean_registry) -> None:
     TaskSpec(**base, flip_axes=(2,))  # superior-inferior: no lateral meaning, allowed when declared
     with pytest.raises(ValueError, match="mirror_pairs must be pairs of its classes"):
         TaskSpec(**base, flip_axes=(0,), mirror_pairs=(("lung_left", "heart"),))
+
+
+def test_augmentations_move_image_label_and_teacher_together() -> None:
+    from monai.data import MetaTensor
+
+    from lorkd_pl.data.transforms import seg3d_augmentations
+    from lorkd_pl.registry import check_augment
+
+    augment = check_augment({**check_augment("mild", "t"), "prob": 1.0, "rotate": 25, "scale": 0.3}, "t")
+    transform = __import__("monai").transforms.Compose(seg3d_augmentations(augment))
+    transform.set_random_state(seed=3)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij"))
+    label = ((grid[0] > 8).long() + (grid[1] > 14).long() * 2)[None]  # values 0..3 in blocks
+    teacher = torch.nn.functional.one_hot(label[0], 4).permute(3, 0, 1, 2).float() * 10
+    sample = {"image": MetaTensor(grid[:1] / 24), "label": MetaTensor(label), "teacher": MetaTensor(teacher)}
+    out = transform(dict(sample))
+    moved = out["label"][0].long()
+    assert set(moved.unique().tolist()) <= {0, 1, 2, 3}  # nearest: no new label values
+    assert not torch.equal(moved, label[0])  # the affine happened
+    agreement = (out["teacher"].argmax(0) == moved).float().mean()
+    assert agreement > 0.97  # the target moved with the label (bilinear blur at boundaries only)
+    assert not torch.allclose(out["image"], sample["image"])  # intensity augmentations applied
+    transform.set_random_state(seed=3)
+    again = transform(dict(sample))
+    torch.testing.assert_close(again["image"].as_tensor(), out["image"].as_tensor())  # seeded
+
+
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        ("strong", "unknown preset 'strong'"),
+        ({"gama": [0.7, 1.5]}, "unknown keys \\['gama'\\]"),
+        ({"gamma": [1.5, 0.7]}, "augment.gamma must be \\[low, high\\] gamma range"),
+        ({"rotate": 90}, "augment.rotate must be the largest rotation in degrees"),
+        ({"prob": 0}, "augment.prob must be the probability"),
+    ],
+)
+def test_bad_augmentations_name_the_field(augment, message) -> None:
+    from lorkd_pl.registry import check_augment
+
+    with pytest.raises(ValueError, match=message):
+        check_augment(augment, "task 'x': augment")
+
+
+def test_tasks_and_the_data_module_take_augmentations(clean_registry, demo_root) -> None:
+    from dataclasses import replace
+
+    from lorkd_pl.data.datamodule import MultiRegionDataModule
+    from lorkd_pl.registry import get_task, register_task
+
+    with pytest.raises(ValueError, match="augment applies to seg3d tasks"):
+        replace(get_task("demo_brain_cls"), name="aug_cls", augment="mild")
+    register_task(replace(get_task("demo_brain_seg"), name="aug_seg", augment={"noise": 0.5, "prob": 1.0}))
+    plain = MultiRegionDataModule(["demo_brain_seg"], validate=False)
+    noisy = MultiRegionDataModule(["aug_seg"], validate=False)
+    every = MultiRegionDataModule(
+        ["demo_brain_seg"], validate=False, augmentations={"noise": 0.5, "prob": 1.0}
+    )
+    images = []
+    for data in (plain, noisy, every):
+        data.setup("fit")
+        images.append(next(iter(data.train_dataloader()))["image"])
+    # the same crops (seeded), with noise (std drawn in [0, 0.5] per sample) where augmentations are on
+    for noisy_images in images[1:]:
+        difference = (noisy_images - images[0]).std()
+        assert 0.05 < float(difference) <= 0.5
+    torch.testing.assert_close(images[1], images[2])  # the task's own = the data module's, same seed
+    with pytest.raises(ValueError, match=r"data.init_args.augmentations: unknown preset"):
+        MultiRegionDataModule(["demo_brain_seg"], augmentations="heavy")

@@ -182,7 +182,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lorkd_pl.app.demo import main as run_demo
 
-    run_demo(args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick)
+    run_demo(args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="folder for runs/ (default: the current folder)")
     demo.add_argument("--kind", action="append", choices=["cls", "seg"], help="only this demo (repeatable)")
     demo.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline in ~1 minute")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of every fit (default 0; the data stay the same)"
+    )
 
     export = command("export", "merge a region's expert into a plain network folder", _export)
     export.add_argument("--ckpt", required=True, help="a LoRKD training checkpoint (e.g. RUN/last.ckpt)")

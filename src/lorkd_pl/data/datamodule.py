@@ -33,6 +33,7 @@ from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
 from lorkd_pl.registry import (
     TaskSpec,
+    check_augment,
     check_patch_and_spacing,
     check_ranges,
     get_region_index,
@@ -184,9 +185,12 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache_dir: folder for ``cache="disk"``.
         validate: check every record before training (files, geometry, label values).
         seed: sampling seed.
-        augment: random training augmentation (flips; 2D: also affine); ``False`` leaves only the
-            seg3d random crops. Every random transform is seeded per draw (:class:`SeededIndex`):
-            the same with any number of workers and after a resume.
+        augment: random training augmentation (each task's flips and ``augment``; 2D: flips and
+            affine); ``False`` leaves only the seg3d random crops. Every random transform is seeded
+            per draw (:class:`SeededIndex`): the same with any number of workers and after a resume.
+        augmentations: seg3d: the random augmentations of EVERY task, replacing the tasks' own
+            ``augment`` (a preset such as ``"mild"`` or a mapping, see
+            :class:`~lorkd_pl.registry.TaskSpec`).
         allow_duplicates: accept a case id used twice or the same image in two records (e.g. in train
             and test); off by default, because such a leak makes the metrics lie.
 
@@ -216,6 +220,7 @@ class MultiRegionDataModule(L.LightningDataModule):
         validate: bool = True,
         seed: int = 0,
         augment: bool = True,
+        augmentations: str | dict[str, Any] | None = None,
         allow_duplicates: bool = False,
     ) -> None:
         super().__init__()
@@ -237,6 +242,10 @@ class MultiRegionDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data.region_weights names region {name!r}, which no task of data.tasks has"
                 )
+        if augmentations is not None:
+            self._augmentations = check_augment(augmentations, "data.init_args.augmentations")
+        else:
+            self._augmentations = None
         if cache == "disk" and not cache_dir:
             raise ValueError("data.cache='disk' needs data.cache_dir")
         self._check_numbers()
@@ -424,7 +433,8 @@ class MultiRegionDataModule(L.LightningDataModule):
             patch = self.train_patch_size(spec)
             pairs = [(spec.classes.index(a), spec.classes.index(b)) for a, b in spec.mirror_pairs]
             flips = spec.flip_axes if augment else ()
-            return seg3d_transforms(train, spec.modality, spacing, patch, 0.5, flips, pairs, attach)
+            extra = (self._augmentations or spec.augment) if augment else None
+            return seg3d_transforms(train, spec.modality, spacing, patch, 0.5, flips, pairs, attach, extra)
         return cls2d_transforms(train and augment, self.train_patch_size(spec), self.hparams.channels, attach)
 
     def _dataset(self, records: list[dict[str, Any]], transform) -> Dataset:

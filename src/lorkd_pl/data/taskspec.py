@@ -13,6 +13,7 @@ teacher_classes: {liver: 1, tumour: 2}   # optional: task class -> teacher chann
 class_aliases: {liver: liver}   # optional: generalist channel shared with other tasks' `liver` alias
 flip_axes: [0]            # optional, seg3d: training flips (RAS axes; default none)
 mirror_pairs: [[kidney_left, kidney_right]]   # classes swapped by a left-right flip (needed for axis 0)
+augment: mild              # optional, seg3d: random intensity/spatial augmentations (a preset or a mapping)
 nsd_tolerance: 2.0        # optional, seg3d: normalised surface Dice tolerance (mm)
 ```
 
@@ -50,6 +51,7 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         "class_aliases",
         "flip_axes",
         "mirror_pairs",
+        "augment",
         *DATA_KEYS,
     }
 )
@@ -129,6 +131,7 @@ def load_task_spec(path: str | Path) -> TaskSpec:
                 "a list of pairs",
                 (),
             ),
+            augment=raw.get("augment"),
             source=str(path),
         )
     except (ValueError, KeyError) as error:

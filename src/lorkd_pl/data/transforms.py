@@ -13,7 +13,9 @@ and small affine jitter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,6 +121,43 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
         return sample
 
 
+def seg3d_augmentations(augment: Mapping[str, Any]) -> list[mt.MapTransform]:
+    """The random training augmentations of a task's checked ``augment`` mapping
+    (:func:`lorkd_pl.registry.check_augment`), as MONAI transforms, each with probability ``prob``.
+
+    Spatial (``rotate``, ``scale``): one affine of ``image`` (bilinear), ``label`` (nearest) and a cached
+    ``teacher`` target (bilinear), border-padded. Intensity (on ``image``): bias field, gamma (on the
+    [0, 1]-rescaled image, then back to its range), scale, shift and noise.
+    """
+    prob = float(augment.get("prob", 0.2))
+    steps: list[mt.MapTransform] = []
+    if "rotate" in augment or "scale" in augment:
+        angle = math.radians(float(augment.get("rotate", 0.0)))
+        zoom = float(augment.get("scale", 0.0))
+        steps.append(
+            mt.RandAffined(
+                ["image", "label", "teacher"],
+                prob=prob,
+                rotate_range=(angle, angle, angle) if angle else None,
+                scale_range=(zoom, zoom, zoom) if zoom else None,
+                mode=("bilinear", "nearest", "bilinear"),
+                padding_mode="border",
+                allow_missing_keys=True,
+            )
+        )
+    if "bias_field" in augment:
+        steps.append(mt.RandBiasFieldd("image", prob=prob, coeff_range=(0.0, float(augment["bias_field"]))))
+    if "gamma" in augment:
+        steps.append(mt.RandAdjustContrastd("image", prob=prob, gamma=tuple(augment["gamma"])))
+    if "scale_intensity" in augment:
+        steps.append(mt.RandScaleIntensityd("image", prob=prob, factors=float(augment["scale_intensity"])))
+    if "shift_intensity" in augment:
+        steps.append(mt.RandShiftIntensityd("image", prob=prob, offsets=float(augment["shift_intensity"])))
+    if "noise" in augment:
+        steps.append(mt.RandGaussianNoised("image", prob=prob, std=float(augment["noise"])))
+    return steps
+
+
 def seg3d_transforms(
     train: bool,
     modality: str,
@@ -128,6 +167,7 @@ def seg3d_transforms(
     flip_axes: Sequence[int] = (),
     mirror_pairs: Sequence[tuple[int, int]] = (),
     targets: Callable[[dict], dict] | None = None,
+    augment: Mapping[str, Any] | None = None,
 ) -> mt.Compose:
     """Pipeline for one 3D segmentation sample ``{"image": path, "label": path}``.
 
@@ -137,7 +177,8 @@ def seg3d_transforms(
     left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.registry.check_flips`).
     ``targets`` (e.g. :class:`~lorkd_pl.data.teacher_targets.AttachTeacherTargets`) may add a cached
     teacher target ``teacher`` ``(K, X, Y, Z)`` after the preprocessing: padded, cropped and flipped
-    with the image.
+    with the image. ``augment`` adds the task's random augmentations (:func:`seg3d_augmentations`) to
+    the training crops, after the flips.
     """
     keys = ["image", "label"]
     steps: list = seg3d_preprocessing(keys, modality, spacing)
@@ -162,6 +203,7 @@ def seg3d_transforms(
                 else mt.RandFlipd(every, prob=flip_prob, spatial_axis=axis, allow_missing_keys=True)
                 for axis in flip_axes
             ],
+            *seg3d_augmentations(augment or {}),
         ]
     steps += [
         mt.EnsureTyped(["image", "teacher"], dtype=torch.float32, allow_missing_keys=True),

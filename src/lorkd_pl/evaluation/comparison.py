@@ -230,16 +230,17 @@ REPORT_MARK = "<!-- written by lorkd-pl report -->"
 
 
 def validation_curve(log_dir: str | Path) -> list[tuple[int, float]]:
-    """``[(epoch, val/score), ...]`` from a run's CSVLogger ``metrics.csv`` (the newest version below
-    ``log_dir``); empty when the run logged no validation score."""
+    """``[(epoch, val/score), ...]`` from a run's CSVLogger ``metrics.csv``: the newest one below
+    ``log_dir`` that holds validation scores (a later ``test`` of the run logs only test metrics);
+    empty when there is none."""
     import csv
 
-    files = sorted(Path(log_dir).glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return []
-    with files[-1].open(encoding="utf-8") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val/score") not in (None, "")]
-    return [(int(float(r["epoch"])), float(r["val/score"])) for r in rows]
+    for path in sorted(Path(log_dir).glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True):
+        with path.open(encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("val/score") not in (None, "")]
+        if rows:
+            return [(int(float(r["epoch"])), float(r["val/score"])) for r in rows]
+    return []
 
 
 def _is_report_part(path: Path) -> bool:
