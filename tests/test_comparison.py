@@ -220,17 +220,27 @@ def test_three_runs_side_by_side_through_the_cli(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2 and "at least two test runs" in capsys.readouterr().err
 
 
-def test_validation_curve_skips_a_later_test_run(tmp_path) -> None:
-    import time
+def test_means_compare_the_same_tasks_and_a_resumed_fit_keeps_its_curve(tmp_path) -> None:
+    from lorkd_pl.evaluation.comparison import common_means, markdown_table, run_rows, validation_curve
 
-    from lorkd_pl.evaluation.comparison import validation_curve
+    nan = float("nan")
+    teacher = {
+        "a": seg_summary("a", "abdomen", [0.5], [0.5], [nan]),
+        "b": seg_summary("b", "brain", [0.7], [0.7], [3.0]),
+    }
+    student = {
+        "a": seg_summary("a", "abdomen", [0.6], [0.6], [2.0]),
+        "b": seg_summary("b", "brain", [nan], [nan], [2.0]),
+    }
+    rows = run_rows([teacher, student], ["teacher", "expert"])
+    assert common_means(rows, "dice") == ([0.5, 0.6], 1)  # task b has no student Dice: left out
+    assert common_means(rows, "hd95") == ([3.0, 2.0], 1)
+    mean = table_row("\n".join(markdown_table(rows)), "**mean**", "over the tasks every run has (1 of 2)")
+    assert mean[2:5] == ["**0.500**", "**0.600**", "+0.100 ✓"]
 
-    fit = tmp_path / "logs" / "version_0"
-    fit.mkdir(parents=True)
-    (fit / "metrics.csv").write_text("epoch,step,train/loss,val/score\n0,3,1.0,\n0,5,,0.25\n1,11,,0.5\n")
-    time.sleep(0.01)
-    test = tmp_path / "logs" / "version_1"
-    test.mkdir()
-    (test / "metrics.csv").write_text("epoch,step,test/score\n0,0,0.7\n")  # newer, no validation
-    assert validation_curve(tmp_path) == [(0, 0.25), (1, 0.5)]
-    assert validation_curve(tmp_path / "nothing") == []
+    fit = tmp_path / "logs"
+    for version, text in enumerate(["epoch,val/score\n0,0.25\n1,0.5\n", "epoch,val/score\n1,0.55\n2,0.75\n"]):
+        (fit / f"version_{version}").mkdir(parents=True)
+        (fit / f"version_{version}" / "metrics.csv").write_text(text)
+        os.utime(fit / f"version_{version}" / "metrics.csv", (version + 1, version + 1))
+    assert validation_curve(tmp_path) == [(0, 0.25), (1, 0.55), (2, 0.75)]  # the resume's epoch 1 wins

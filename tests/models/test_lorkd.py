@@ -140,6 +140,13 @@ def test_the_plain_kd_control_is_the_same_student_without_experts(run, teacher_p
     # one network for every region: the region index changes nothing
     images = data["image"][:2]
     torch.testing.assert_close(plain.features(images, 0), plain.features(images, 2))
+    # it exports like an expert: the deployable network of a region is its backbone and that region's head
+    from lorkd_pl.deploy.export import expert_network
+
+    network, tasks = expert_network(plain, "brain")
+    assert [t["region"] for t in tasks] == ["brain"]
+    with torch.no_grad():
+        torch.testing.assert_close(network(images)[0], plain.task_logits(images, 0))
 
 
 def test_checkpoint_keeps_teacher_out_and_hparams_plain(run, teacher_path) -> None:

@@ -13,6 +13,7 @@ tables, plots, learning curves) goes to ``runs/demo/report_<kind>/``, the number
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 from lorkd_pl.app.configs import config_root
 from lorkd_pl.app.lightning import lightning_cli
 from lorkd_pl.evaluation.comparison import (
+    common_means,
     find_summaries,
     markdown_table,
     run_rows,
@@ -31,7 +33,6 @@ from lorkd_pl.evaluation.comparison import (
     write_comparison,
 )
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
-from lorkd_pl.experts import merge_expert
 from lorkd_pl.io.atomic import write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
 
@@ -57,9 +58,12 @@ def _test(config: Path, checkpoint: Path, extra: list[str]) -> tuple[Any, str]:
 
 
 def merged_expert_parameters(student, task: int) -> int:
-    """Parameters of the deployable network for one task: merged backbone + that task's head."""
-    region = student.regions.index(student.tasks[task]["region"])
-    return count_parameters(merge_expert(student.student, region)) + count_parameters(student.heads[task])
+    """Parameters of the deployable network of a task's region: the merged backbone and every head of
+    that region (what ``lorkd-pl export --region`` writes)."""
+    from lorkd_pl.deploy.export import expert_network
+
+    network, _ = expert_network(student, student.tasks[task]["region"])
+    return count_parameters(network)
 
 
 def export_and_predict(kind: str, student) -> str:
@@ -192,11 +196,13 @@ def kind_results(
 ) -> dict[str, Any]:
     """One demo kind's entry of ``results.json``: each run's parameters, mean and per-region score."""
 
+    means, _ = common_means(rows, metric)  # over the tasks every run has a value for, as the table
+
     def scores(index: int) -> tuple[float, dict[str, float]]:
         per_region: dict[str, list[float]] = {}
         for row in rows:
             per_region.setdefault(row["region"], []).append(row[metric][index])
-        return nanmean([row[metric][index] for row in rows]), {r: nanmean(v) for r, v in per_region.items()}
+        return means[index], {r: nanmean(v) for r, v in per_region.items()}
 
     out: dict[str, Any] = {"metric": metric, "seconds": round(sum(timings.values()), 1)}
     for index, name in enumerate(RUNS):
@@ -208,6 +214,17 @@ def kind_results(
     out["lorkd"]["params_merged_expert"] = max(merged)
     out["size_ratio_teacher_to_merged_expert"] = count_parameters(teacher) / max(merged)
     return out
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/inf float as ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(
@@ -227,7 +244,7 @@ def main(
         results["total_seconds"] = round(total, 1)
         results["seed"] = seed
         write_text_atomic("runs/demo/report.md", report)
-        write_text_atomic("runs/demo/results.json", json.dumps(results, indent=2, allow_nan=True) + "\n")
+        write_text_atomic("runs/demo/results.json", json.dumps(_finite(results), indent=2) + "\n")
     finally:
         os.chdir(previous)
     print(report)

@@ -113,9 +113,14 @@ def region_tasks(module: TaskModule, region: str | None) -> list[int]:
 
 
 def expert_network(student: LoRKDModule, region: str) -> tuple[ExpertNetwork, list[dict[str, Any]]]:
-    """The plain network of ``region`` and the descriptions of its tasks (in output order)."""
+    """The plain network of ``region`` and the descriptions of its tasks (in output order): the region's
+    expert merged into the shared weights, or for a plain-KD student (``experts: false``) its one
+    backbone, which every region shares."""
     tasks = region_tasks(student, region)
-    backbone = merge_expert(student.student, student.regions.index(region))
+    if student.hparams.get("experts", True):
+        backbone = merge_expert(student.student, student.regions.index(region))
+    else:
+        backbone = copy.deepcopy(student.student)
     heads = [copy.deepcopy(student.heads[i]) for i in tasks]
     return ExpertNetwork(backbone, heads).eval(), [student.tasks[i] for i in tasks]
 

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorkd_pl.evaluation.summaries import nanmean
 from lorkd_pl.io.atomic import atomic_folder
 
 # Metrics per task kind (summary key, label, higher is better); the first is the primary one.
@@ -104,18 +103,34 @@ def _number(value: float) -> str:
 
 
 def _delta(pair: tuple[float, float], higher_is_better: bool) -> str:
-    reference, value = pair
+    reference, value = (round(v, 3) for v in pair)  # as printed: no "-0.000", no ✓ for 0.0004
     if math.isnan(reference) or math.isnan(value):
         return "–"
     better = value > reference if higher_is_better else value < reference
-    return f"{value - reference:+.3f}" + (" ✓" if better else "")
+    return f"{value - reference + 0.0:+.3f}" + (" ✓" if better else "")
+
+
+def common_means(rows: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[float], int]:
+    """Each run's mean of ``metric`` over the tasks where EVERY run has a value (so the means compare
+    the same tasks), and how many tasks that is.
+
+    Args:
+        rows: :func:`run_rows` of one kind.
+        metric: a metric key.
+    """
+    shared = [row[metric] for row in rows if not any(math.isnan(v) for v in row[metric])]
+    runs = len(rows[0][metric]) if rows else 0
+    if not shared:
+        return [float("nan")] * runs, 0
+    return [sum(values[i] for values in shared) / len(shared) for i in range(runs)], len(shared)
 
 
 def markdown_table(
     rows: Sequence[Mapping[str, Any]], names: Sequence[str] = ("teacher", "expert")
 ) -> list[str]:
     """The per-task table (one kind): each run's value of each metric of the kind, and for every run
-    after the first its difference to the first (✓: better than the first run)."""
+    after the first its difference to the first (✓: better than the first run). The mean row averages
+    each metric over the tasks where every run has a value (:func:`common_means`)."""
     metrics = METRICS[rows[0]["kind"]]
     header = ["region", "task"]
     for _, label, higher in metrics:
@@ -124,14 +139,14 @@ def markdown_table(
             header += [f"{name} {label}", "Δ" + ("" if higher else " (lower is better)")]
     columns = len(metrics) * (2 * len(names) - 1)
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * columns]
+    counts = {metric: common_means(rows, metric)[1] for metric, _, _ in metrics}
+    partial = sorted({n for n in counts.values() if n < len(rows)})
     for row in [*rows, None]:
         cells = ["**mean**", ""] if row is None else [row["region"], row["task"]]
+        if row is None and partial:  # some task lacks a value in some run: means over the shared ones
+            cells[1] = f"over the tasks every run has ({', '.join(map(str, partial))} of {len(rows)})"
         for metric, _, higher in metrics:
-            values = (
-                [nanmean([r[metric][i] for r in rows]) for i in range(len(names))]
-                if row is None
-                else list(row[metric])
-            )
+            values = common_means(rows, metric)[0] if row is None else list(row[metric])
             shown = [f"**{_number(v)}**" if row is None else _number(v) for v in values]
             cells.append(shown[0])
             for index in range(1, len(names)):
@@ -230,17 +245,18 @@ REPORT_MARK = "<!-- written by lorkd-pl report -->"
 
 
 def validation_curve(log_dir: str | Path) -> list[tuple[int, float]]:
-    """``[(epoch, val/score), ...]`` from a run's CSVLogger ``metrics.csv``: the newest one below
-    ``log_dir`` that holds validation scores (a later ``test`` of the run logs only test metrics);
-    empty when there is none."""
+    """``[(epoch, val/score), ...]`` from every CSVLogger ``metrics.csv`` below ``log_dir`` (a resumed
+    fit logs into a new version; a ``test`` of the run logs no validation score), by epoch, the newest
+    file's value where two hold the same epoch; empty when there is none."""
     import csv
 
-    for path in sorted(Path(log_dir).glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime, reverse=True):
+    by_epoch: dict[int, float] = {}
+    for path in sorted(Path(log_dir).glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime):
         with path.open(encoding="utf-8") as handle:
-            rows = [r for r in csv.DictReader(handle) if r.get("val/score") not in (None, "")]
-        if rows:
-            return [(int(float(r["epoch"])), float(r["val/score"])) for r in rows]
-    return []
+            for row in csv.DictReader(handle):
+                if row.get("val/score") not in (None, ""):
+                    by_epoch[int(float(row["epoch"]))] = float(row["val/score"])
+    return sorted(by_epoch.items())
 
 
 def _is_report_part(path: Path) -> bool:
