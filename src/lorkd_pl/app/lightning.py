@@ -335,8 +335,7 @@ def teacher_targets(args: Sequence[str], device: str = "cpu") -> str:
     datamodule.setup("fit")
     teacher = model.teacher.to(device)
     store, report = prepare_targets(teacher, model.teacher_spec, datamodule, device)
-    cases = [c for split in ("train", "val") for c in datamodule.all_cases(split)]
-    return describe_build(store, report, [c for c in cases if c.partition("/")[0] in teacher.class_channels])
+    return describe_build(store, report, teacher, datamodule)
 
 
 def teacher_test(args: Sequence[str], out: str, device: str = "cpu") -> list[Path]:

@@ -263,9 +263,7 @@ class LoRKDModule(TaskModule):
         spec, teacher = self.teacher_spec, self.teacher
         store, report = prepare_targets(teacher, spec, datamodule, self.device)
         self.trainer.strategy.barrier("lorkd_pl_teacher_targets")  # every shard built before any reads
-        cases = [c for split in ("train", "val") for c in datamodule.all_cases(split)]
-        cases = [c for c in cases if c.partition("/")[0] in teacher.class_channels]
-        rank_zero_info(describe_build(store, report, cases))
+        rank_zero_info(describe_build(store, report, teacher, datamodule))
         datamodule.use_teacher_targets(store)
         teacher.to("cpu")  # no teacher forward in training: free the accelerator's memory
         self.__dict__["_teacher_device"] = torch.device("cpu")

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorkd_pl.models.class_mapping import select_classes
+
 #: Probabilities are clamped to this before a logarithm (fp32); log-probability targets to its log.
 TINY: float = 1e-12
 LOG_TINY: float = -27.631021115928547  # log(1e-12)
@@ -83,8 +85,9 @@ def task_targets(
     if not output.startswith("sigmoid"):
         if output == "probabilities":
             raw = raw.clamp_min(TINY).log()
-        picked = torch.stack([raw[:, list(g)].logsumexp(1) for g in groups], 1)
-        return picked.log_softmax(1).clamp_min(LOG_TINY)  # a -inf target would make KD 0·inf = NaN
+        return (
+            select_classes(raw, groups).log_softmax(1).clamp_min(LOG_TINY)
+        )  # a -inf target would make KD 0·inf = NaN
     z = _log_odds(raw, output)
     if kind == "log_probs":  # each class's log-odds against background; background 0 unless mapped
         columns = [z[:, list(g)].logsumexp(1) if g else torch.zeros_like(z[:, 0]) for g in groups]

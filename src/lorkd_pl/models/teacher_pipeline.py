@@ -151,7 +151,11 @@ class TeacherPipeline:
 
     @torch.no_grad()
     def targets(
-        self, teacher: Teacher, record: Mapping[str, Any], device: torch.device | str = "cpu"
+        self,
+        teacher: Teacher,
+        record: Mapping[str, Any],
+        device: torch.device | str = "cpu",
+        student: Mapping[str, Any] | None = None,
     ) -> Tensor:
         """The KD target of one case in the student's grid.
 
@@ -159,6 +163,8 @@ class TeacherPipeline:
             teacher: the loaded teacher (its class mapping holds this task).
             record: ``{"image", "label", ...}`` as the data module's records.
             device: where the teacher runs.
+            student: seg3d: the record through :attr:`student_transform`, when the caller has it
+                already (else it is read here).
 
         Returns:
             seg3d: ``(K_task, X, Y, Z)`` in the student's preprocessed grid; cls2d: ``(K_task,)``; fp32.
@@ -178,13 +184,13 @@ class TeacherPipeline:
         targets = teacher.targets(raw, name)[0].cpu()
         if self.task["kind"] != "seg3d":
             return targets
-        student = self.student_transform(dict(record))["image"]
+        grid = (student or self.student_transform(dict(record)))["image"]
         teacher_grid = MetaTensor(targets, affine=image.affine)
-        if _same_grid(teacher_grid, student):
+        if _same_grid(teacher_grid, grid):
             return targets
         resample = mt.ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)
         probabilities = resample(
-            MetaTensor(target_probabilities(targets, teacher.target_kind), affine=image.affine), student
+            MetaTensor(target_probabilities(targets, teacher.target_kind), affine=image.affine), grid
         )
         return targets_from_probabilities(probabilities.as_tensor()[None], teacher.target_kind)[0]
 
@@ -282,11 +288,13 @@ def evaluate_teacher(
             )
         pipeline, rows = pipelines[name], []
         for record in records[name]:
-            targets = pipeline.targets(teacher, record, device)
-            if task["kind"] == "seg3d":
-                label = pipeline.student_transform(dict(record))["label"][0].long()
+            if task["kind"] == "seg3d":  # one read of the case in the student's grid serves both
+                student = pipeline.student_transform(dict(record))
+                targets = pipeline.targets(teacher, record, device, student)
+                label = student["label"][0].long()
                 rows.append(segmentation_case(record["case"], targets.argmax(0), label.as_tensor(), task))
             else:
+                targets = pipeline.targets(teacher, record, device)
                 probabilities = target_probabilities(targets, teacher.target_kind)
                 probabilities = probabilities / probabilities.sum()  # per-class sigmoids: normalised
                 label = int(record["label"])
@@ -331,9 +339,18 @@ def prepare_targets(
     return store, report
 
 
-def describe_build(store: TeacherTargetStore, report: BuildReport, cases: Sequence[str]) -> str:
-    """One line: what was built, the cache's size on disk for ``cases`` and the build time."""
-    size = store.size_on_disk(list(cases))
+def describe_build(
+    store: TeacherTargetStore,
+    report: BuildReport,
+    teacher: Teacher,
+    datamodule: Any,
+    splits: Sequence[str] = ("train", "val"),
+) -> str:
+    """One line: what this process built, and the cache's size on disk and case count over every
+    process's cases of ``splits`` that the teacher distils."""
+    cases = [c for split in splits for c in datamodule.all_cases(split)]
+    cases = [c for c in cases if c.partition("/")[0] in teacher.class_channels]
+    size = store.size_on_disk(cases)
     return (
         f"lorkd-pl: teacher targets in {store.folder}: {report.built} built, {report.reused} reused "
         f"(this process) in {report.seconds:.1f} s; {len(cases)} cases, {size / 2**20:.1f} MiB on disk"
