@@ -2,11 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the real-anatomy check reads the MNI ICBM152 template that this wheel ships (no other nilearn code)
+NILEARN_SPEC ?= nilearn==0.14.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorkd-pl-installed
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo anatomy bench lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +27,12 @@ test: install
 # The main job: demo data, generalist teacher, LoRKD distillation, per-region test, report table.
 demo: install
 	$(VENV)/bin/lorkd-pl demo
+
+# Real brain anatomy (MNI ICBM152 2009a from the nilearn wheel, installed without its dependencies):
+# teacher / plain KD / LoRKD on simulated acquisitions of it, test subjects held out (docs/usage.md).
+anatomy: install
+	$(PY) -m pip install -q --no-deps "$(NILEARN_SPEC)"
+	$(VENV)/bin/lorkd-pl anatomy-check
 
 bench: install
 	$(PY) benchmarks/expert_conv.py

@@ -77,7 +77,7 @@ def test_help_and_tasks_import_neither_torch_nor_lightning() -> None:
 
 
 def test_every_command_documents_and_accepts_tasks_dir(tmp_path, capsys) -> None:
-    for command in ("predict", "tasks", "config", "demo-data", "demo", "export", "report"):
+    for command in ("predict", "tasks", "config", "demo-data", "demo", "anatomy-check", "export", "report"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--tasks-dir DIR" in capsys.readouterr().out, command

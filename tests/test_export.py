@@ -210,3 +210,44 @@ def test_an_export_that_does_not_fit_on_the_disk_writes_nothing(checkpoint, tmp_
     with pytest.raises(ExportError, match=r"not enough free space .* MiB needed, 0.0 MiB free"):
         export_region(path, "brain", tmp_path / "brain")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_3d_export_accepts_every_multiple_of_the_total_stride(tmp_path) -> None:
+    """model.pt2 of a U-Net with strides (2, 2) runs windows other than the training patch and whole
+    volumes (every size divisible by 2·2 = 4, the oracle), equal to the eager merged network, and
+    refuses a size the network cannot take."""
+    unet = {
+        "class_path": "monai.networks.nets.UNet",
+        "init_args": {
+            "spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8, 16], "strides": [2, 2],
+        },
+    }  # fmt: skip
+    data = MultiRegionDataModule(["demo_brain_seg", "demo_thorax_seg"], validate=False)
+    torch.manual_seed(0)
+    student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=unet, rank=2).eval()
+    path = save_checkpoint(student, tmp_path / "last.ckpt")
+    out = export_region(path, "brain", tmp_path / "brain")
+    card = json.loads((out / "metadata.json").read_text())
+    assert card["preprocessing"]["spatial_multiple"] == 2 * 2
+    assert "multiple of 4" in (out / "README.md").read_text()
+    program = torch.export.load(str(out / "model.pt2")).module()
+    eager, _ = load_exported(out)
+    patch = card["preprocessing"]["patch_size"]
+    assert patch != [44, 36, 28]
+    for shape in ([1, 1, 44, 36, 28], [3, 1, *patch], [1, 1, 64, 64, 32]):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x)[0], eager(x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match=r"[Gg]uard"):
+        program(torch.randn(1, 1, 42, 36, 28))
+
+
+def test_2d_export_accepts_any_image_size(checkpoint, tmp_path) -> None:
+    path, student = checkpoint
+    out = export_region(path, "brain", tmp_path / "brain")
+    assert json.loads((out / "metadata.json").read_text())["preprocessing"]["spatial_multiple"] == 1
+    program = torch.export.load(str(out / "model.pt2")).module()
+    x = torch.randn(2, 1, 33, 47)
+    with torch.no_grad():
+        expected = student.task_logits(x, [t["name"] for t in student.tasks].index("demo_brain_cls"))
+    torch.testing.assert_close(program(x)[0], expected, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@
   outside teacher in its own pipeline, for ``report --teacher``): they read the same configs.
 * ``predict`` (files/folders/DICOM series/manifests → label maps or class probabilities, with an
   exported expert, a LoRKD checkpoint or a generalist checkpoint), ``export``, ``report``, ``tasks``,
-  ``config``, ``demo-data`` and ``demo``.
+  ``config``, ``demo-data``, ``demo`` and ``anatomy-check`` (the 3D demo on real brain anatomy).
 
 Every command accepts ``--tasks-dir DIR`` (repeatable, any position): folders of task plugins and
 task specs, loaded before the command runs, together with ``$LORKD_PL_TASKS_DIR`` and the
@@ -186,6 +186,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anatomy_check(args: argparse.Namespace) -> int:
+    from lorkd_pl.app.anatomy import main as run_check
+
+    run_check(args.out, seed=args.seed, mni_dir=args.mni_dir, quick=args.quick, data_seed=args.data_seed)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from lorkd_pl.deploy.export import export_regions, load_student, size_report
 
@@ -342,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of every fit (default 0; the data stay the same)"
     )
+
+    anatomy = command(
+        "anatomy-check",
+        "the 3D demo on real brain anatomy (MNI ICBM152, nilearn wheel): teacher / plain KD / LoRKD",
+        _anatomy_check,
+    )
+    anatomy.add_argument("--out", default="runs/anatomy", help="output folder (default runs/anatomy)")
+    anatomy.add_argument("--seed", type=int, default=0, help="seed of every fit (default 0)")
+    anatomy.add_argument("--data-seed", type=int, default=0, help="seed of the simulated subjects")
+    anatomy.add_argument("--mni-dir", help="template folder (default: the installed nilearn's)")
+    anatomy.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline")
 
     export = command("export", "merge a region's expert into a plain network folder", _export)
     export.add_argument("--ckpt", required=True, help="a LoRKD training checkpoint (e.g. RUN/last.ckpt)")

@@ -37,6 +37,8 @@ from lorkd_pl.io.atomic import write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
 
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
+#: Where the packaged demo configs write their runs (relative to the working folder).
+DEMO_ROOT = Path("runs/demo")
 #: ``--quick``: the whole pipeline on tiny budgets (one short epoch per fit, two batches per evaluation).
 QUICK: dict[str, list[str]] = {
     kind: [
@@ -66,16 +68,19 @@ def merged_expert_parameters(student, task: int) -> int:
     return count_parameters(network)
 
 
-def export_and_predict(kind: str, student) -> str:
-    """Export every region's expert; for 3D, predict one test volume with the exported brain expert."""
+def export_and_predict(
+    kind: str, student, root: Path = DEMO_ROOT, predict_task: str = "demo_brain_seg"
+) -> str:
+    """Export every region's expert; for 3D, predict one test volume of ``predict_task`` (a brain task)
+    with the exported brain expert."""
     from lorkd_pl.deploy.export import export_region
 
-    checkpoint = Path("runs/demo") / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
-    root = Path("runs/demo/experts") / kind
+    checkpoint = root / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
+    experts = root / "experts" / kind
     for region in student.regions:
-        export_region(checkpoint, region, root / region, overwrite=True, student=student)
+        export_region(checkpoint, region, experts / region, overwrite=True, student=student)
     text = (
-        f"\nExported {len(student.regions)} merged experts to {root}/<region> "
+        f"\nExported {len(student.regions)} merged experts to {experts}/<region> "
         "(model.pt2, state_dict.pt, metadata.json)."
     )
     if kind != "seg" or "brain" not in student.regions:
@@ -85,11 +90,11 @@ def export_and_predict(kind: str, student) -> str:
     from lorkd_pl.deploy.predict import predict_files
     from lorkd_pl.registry import get_task
 
-    record = get_task("demo_brain_seg").records("test")[0]
-    written = predict_files([record["image"]], root / "brain", Path("runs/demo/predictions"))[0]
+    record = get_task(predict_task).records("test")[0]
+    written = predict_files([record["image"]], experts / "brain", root / "predictions")[0]
     prediction = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(written))).astype("int64"))
     truth = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(record["label"])).astype("int64"))
-    dice = dice_per_class(prediction, truth, len(get_task("demo_brain_seg").classes))
+    dice = dice_per_class(prediction, truth, len(get_task(predict_task).classes))
     return text + (
         f"\nPredicted {Path(record['image']).name} with the exported brain expert → {written} "
         f"(input geometry kept; Dice per class in the original grid: {', '.join(f'{d:.3f}' for d in dice)}; "
@@ -101,14 +106,48 @@ def export_and_predict(kind: str, student) -> str:
 RUNS: tuple[str, ...] = ("teacher", "plain_kd", "lorkd")
 
 
+def derive_configs(
+    source: Path, dest: Path, root: Path, kinds: Sequence[str], tasks: Sequence[str] | None = None
+) -> Path:
+    """Copy the demo configs of ``kinds`` into ``dest`` with their run folders under ``root`` (every
+    ``runs/demo`` path) and, if given, another task list; return ``dest``.
+
+    The derived files are what the runs use, kept for the user to rerun or inspect.
+    """
+    import yaml
+
+    prefix = DEMO_ROOT.as_posix()
+
+    def moved(value: Any) -> Any:  # every string value naming a path under runs/demo
+        if isinstance(value, str) and (value == prefix or value.startswith(prefix + "/")):
+            return root.as_posix() + value[len(prefix) :]
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [moved(item) for item in value]
+        return value
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        for name in RUNS:
+            config = moved(yaml.safe_load((source / f"{name}_{kind}.yaml").read_text(encoding="utf-8")))
+            if tasks is not None:
+                config["data"]["init_args"]["tasks"] = list(tasks)
+            write_text_atomic(dest / f"{name}_{kind}.yaml", yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
 def run_demo(
     configs: Path | None = None,
     kinds: Sequence[str] = ("cls", "seg"),
     progress: bool = False,
     quick: bool = False,
     seed: int = 0,
+    root: Path = DEMO_ROOT,
+    predict_task: str = "demo_brain_seg",
 ) -> tuple[str, dict[str, Any]]:
-    """Run the demo in the current folder (writes ``runs/demo/...``); return the report and the results.
+    """Run the demo in the current folder (writes ``root``, default ``runs/demo/``); return the report and
+    the results.
 
     Per kind: fit the teacher (a generalist 4× the student backbone's size), then at equal budget the
     small student distilled from it without experts (plain KD, the control) and with one LoRKD expert
@@ -121,9 +160,11 @@ def run_demo(
         progress: show progress bars.
         quick: tiny budgets (:data:`QUICK`): checks the whole pipeline, the numbers mean nothing.
         seed: the seed of every fit (weights, sampling and augmentation); the data stay the same.
+        root: the runs' folder, the one the configs write to.
+        predict_task: the 3D task whose first test volume the exported brain expert predicts.
 
     Returns:
-        The markdown report and the results (``runs/demo/results.json``'s content).
+        The markdown report and the results (what :func:`save_results` writes to ``root/results.json``).
     """
     configs = configs or config_root() / "demo"
     sections, results = [], {}
@@ -139,12 +180,12 @@ def run_demo(
             f"--data.init_args.seed={seed}",
         ]
         metric = KINDS[kind]
-        runs = Path("runs/demo")
+        runs = root
         timings, models, logs = {}, {}, {}
         for name in RUNS:
             config = configs / f"{name}_{kind}.yaml"
             start = time.perf_counter()
-            lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns runs/demo
+            lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns root
             timings[name] = time.perf_counter() - start
             models[name], logs[name] = _test(
                 config, runs / f"{name}_{kind}" / "checkpoints" / "last.ckpt", quiet
@@ -180,7 +221,7 @@ def run_demo(
             + ("beat" if means["lorkd"] > means["plain_kd"] else "do NOT beat")
             + " the plain-KD student's.",
         ]
-        lines.append(export_and_predict(kind, student))
+        lines.append(export_and_predict(kind, student, root, predict_task))
         sections.append("\n".join(lines))
     return "\n\n".join(sections), results
 
@@ -239,13 +280,19 @@ def main(
             Path(workdir).mkdir(parents=True, exist_ok=True)
             os.chdir(workdir)
         report, results = run_demo(kinds=kinds, quick=quick, seed=seed)
-        total = time.perf_counter() - start
-        report += f"\n\nTotal: {total:.0f} s on {os.cpu_count()} CPU cores.\n"
-        results["total_seconds"] = round(total, 1)
-        results["seed"] = seed
-        write_text_atomic("runs/demo/report.md", report)
-        write_text_atomic("runs/demo/results.json", json.dumps(_finite(results), indent=2) + "\n")
+        report = save_results(DEMO_ROOT, report, results, time.perf_counter() - start, seed)
     finally:
         os.chdir(previous)
     print(report)
+    return report
+
+
+def save_results(root: Path, report: str, results: dict[str, Any], seconds: float, seed: int) -> str:
+    """Write ``root/report.md`` (the report with the total time appended, which is returned) and
+    ``root/results.json`` (strict JSON: NaN as null)."""
+    report += f"\n\nTotal: {seconds:.0f} s on {os.cpu_count()} CPU cores.\n"
+    results["total_seconds"] = round(seconds, 1)
+    results["seed"] = seed
+    write_text_atomic(root / "report.md", report)
+    write_text_atomic(root / "results.json", json.dumps(_finite(results), indent=2) + "\n")
     return report

@@ -38,6 +38,9 @@ class Preprocessing:
         orientation: ``"RAS"`` for seg3d, ``None`` for cls2d.
         intensity: the intensity steps in words (for people; the code follows ``modality``).
         sw_overlap: seg3d: sliding-window overlap; ``sw_batch_size``: windows per forward.
+        spatial_multiple: ``model.pt2`` accepts every spatial size that is a multiple of it (the
+            network's total stride; 1: any size); 0: only ``patch_size`` (an export without dynamic
+            spatial sizes, or one written before they existed).
     """
 
     channels: int
@@ -48,6 +51,7 @@ class Preprocessing:
     intensity: str = ""
     sw_overlap: float = 0.5
     sw_batch_size: int = 4
+    spatial_multiple: int = 0
 
 
 @dataclass(frozen=True)

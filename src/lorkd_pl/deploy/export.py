@@ -2,8 +2,9 @@
 
 ``lorkd-pl export --ckpt RUN/last.ckpt --region brain --out experts/brain`` writes a folder:
 
-* ``model.pt2`` — a ``torch.export`` program (batch dimension dynamic): ``torch.export.load(path)
-  .module()(x)`` returns one logits tensor per task, with plain PyTorch only;
+* ``model.pt2`` — a ``torch.export`` program (batch and spatial dimensions dynamic: any spatial size
+  that is a multiple of the network's total stride, the card's ``preprocessing.spatial_multiple``):
+  ``torch.export.load(path).module()(x)`` returns one logits tensor per task, with plain PyTorch only;
 * ``state_dict.pt`` — the same weights as a state dict (``backbone.*``, ``heads.<i>.*``) for rebuilding
   the network from the card's ``backbone`` (``class_path``/``init_args``, e.g. MONAI);
 * ``metadata.json`` — the :class:`~lorkd_pl.deploy.card.ExpertCard` (region, tasks and class names,
@@ -17,6 +18,7 @@ network has exactly the expert-free backbone's parameters: no LoRA overhead at i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import shutil
@@ -204,9 +206,12 @@ def export_regions(
     prepared = []  # every program is made before any folder is written: a failure writes nothing
     for region in regions:
         network, card = deployable(student, region, source)
-        example = torch.randn(2, card.preprocessing.channels, *card.preprocessing.patch_size)
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+        program, multiple = export_program(
+            network, card.preprocessing.channels, card.preprocessing.patch_size
+        )
+        card = dataclasses.replace(
+            card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
+        )
         prepared.append((region, network, card, program))
     _check_free_space([network for _, network, _, _ in prepared], [Path(outs[r]) for r in regions])
     written = []
@@ -218,6 +223,57 @@ def export_regions(
             (work / "README.md").write_text(_readme(card), encoding="utf-8")
         written.append(Path(outs[region]))
     return written
+
+
+#: The largest total stride :func:`export_program` looks for.
+MAX_SPATIAL_MULTIPLE = 64
+
+
+def export_program(
+    network: nn.Module, channels: int, patch_size: Sequence[int]
+) -> tuple[torch.export.ExportedProgram, int]:
+    """``torch.export`` ``network`` with a dynamic batch AND dynamic spatial sizes.
+
+    The spatial dimensions are exported as ``Dim.AUTO``: torch.export records the constraints the
+    network imposes (a U-Net with strides 2, 2 needs sizes divisible by 4), so the program accepts
+    other sliding-window sizes and whole volumes, not only the training patch. The multiple is then
+    measured on the program: the smallest ``m`` for which ``patch + m`` in every spatial dimension
+    passes its guards, reproduces the eager network and (segmentation) returns logits on the input's
+    grid — a MONAI U-Net with strides 2, 2 runs a size of 43 but returns 44 (most wrong sizes fail on
+    the guards, before any compute).
+
+    Args:
+        network: the deployable network (eval mode).
+        channels: input channels C.
+        patch_size: the training patch / image size (spatial dims).
+
+    Returns:
+        The program and the spatial multiple (``0``: the network could not be exported with dynamic
+        spatial sizes and the program accepts the training patch only).
+    """
+    example = torch.randn(2, channels, *patch_size)
+    dims = {0: torch.export.Dim.AUTO, **{2 + i: torch.export.Dim.AUTO for i in range(len(patch_size))}}
+    try:
+        program = torch.export.export(network, (example,), dynamic_shapes=(dims,))
+    except Exception:  # data-dependent shapes: fall back to the fixed patch
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        return torch.export.export(network, (example,), dynamic_shapes=({0: batch},)), 0
+    module = program.module()
+    for multiple in range(1, MAX_SPATIAL_MULTIPLE + 1):
+        probe = torch.randn(1, channels, *[size + multiple for size in patch_size])
+        try:
+            with torch.no_grad():
+                got = module(probe)
+        except Exception:  # a guard of the program: not a valid size
+            continue
+        with torch.no_grad():
+            want = network(probe)
+        same_grid = all(g.shape[2:] == probe.shape[2:] for g in got if g.ndim == probe.ndim)
+        if same_grid and all(
+            torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True)
+        ):
+            return program, multiple
+    return program, 0
 
 
 def _check_free_space(networks: Sequence[nn.Module], outs: Sequence[Path]) -> None:
@@ -240,6 +296,19 @@ def _check_free_space(networks: Sequence[nn.Module], outs: Sequence[Path]) -> No
         )
 
 
+def _sizes(card: ExpertCard) -> str:
+    """What spatial sizes ``model.pt2`` accepts, in words."""
+    multiple = card.preprocessing.spatial_multiple
+    if multiple == 1:
+        return "`model.pt2` accepts any spatial size."
+    if multiple > 1:
+        return (
+            f"`model.pt2` accepts any spatial size that is a multiple of {multiple} in every dimension "
+            "(other sliding-window sizes, whole volumes)."
+        )
+    return f"`model.pt2` accepts the training size {card.preprocessing.patch_size} only."
+
+
 def _readme(card: ExpertCard) -> str:
     tasks = ", ".join(f"{t['name']} ({len(t['classes'])} classes)" for t in card.tasks)
     shape = ", ".join(map(str, [card.preprocessing.channels, *card.preprocessing.patch_size]))
@@ -253,6 +322,8 @@ import torch
 network = torch.export.load("model.pt2").module()      # plain PyTorch, no lorkd-pl needed
 outputs = network(images)   # images: (N, {shape}); one logits tensor per task
 ```
+
+{_sizes(card)}
 
 Preprocessing: {json.dumps(card.to_dict()["preprocessing"])}. `state_dict.pt` holds the same weights for
 the backbone in `metadata.json` (`backbone`) plus one head per task.
