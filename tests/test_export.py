@@ -251,3 +251,28 @@ def test_2d_export_accepts_any_image_size(checkpoint, tmp_path) -> None:
     with torch.no_grad():
         expected = student.task_logits(x, [t["name"] for t in student.tasks].index("demo_brain_cls"))
     torch.testing.assert_close(program(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spatial_multiple_is_a_divisor_of_the_accepted_sizes() -> None:
+    """A U-Net with four 2× poolings takes sizes 16k + 8 from a 40 patch (56, 72 ...) but refuses 32, 48,
+    64: no single multiple describes that, so the card says 0 (the patch only); from a 48 × 32 patch the
+    accepted sizes are the multiples of 2⁴ = 16 (the oracle)."""
+    from monai.networks.nets import BasicUNet
+
+    from lorkd_pl.deploy.export import export_program
+
+    class Tasks(torch.nn.Module):  # an exported network returns one output per task
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 8, 4))
+
+        def forward(self, x):
+            return (self.net(x),)
+
+    network = Tasks().eval()
+    assert export_program(network, 1, (40, 40))[1] == 0
+    program, multiple = export_program(network, 1, (48, 32))
+    assert multiple == 16
+    x = torch.randn(1, 1, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x)[0], network(x)[0], rtol=1e-4, atol=1e-5)

@@ -249,10 +249,13 @@ def export_program(
 
     Returns:
         The program and the spatial multiple (``0``: the network could not be exported with dynamic
-        spatial sizes and the program accepts the training patch only).
+        spatial sizes, or the sizes it takes are not the multiples of one number: then rely on the
+        training patch only).
     """
     example = torch.randn(2, channels, *patch_size)
-    dims = {0: torch.export.Dim.AUTO, **{2 + i: torch.export.Dim.AUTO for i in range(len(patch_size))}}
+    # batch: DYNAMIC (export fails loudly if the network fixes it); spatial: AUTO (the network's own
+    # constraints, e.g. divisibility, are recorded as guards)
+    dims = {0: torch.export.Dim.DYNAMIC, **{2 + i: torch.export.Dim.AUTO for i in range(len(patch_size))}}
     try:
         program = torch.export.export(network, (example,), dynamic_shapes=(dims,))
     except Exception:  # data-dependent shapes: fall back to the fixed patch
@@ -266,13 +269,13 @@ def export_program(
                 got = module(probe)
         except Exception:  # a guard of the program: not a valid size
             continue
+        if not all(g.shape[2:] == probe.shape[2:] for g in got if g.ndim == probe.ndim):
+            continue  # runs, but not on the input's grid (43 → 44 in a U-Net)
         with torch.no_grad():
             want = network(probe)
-        same_grid = all(g.shape[2:] == probe.shape[2:] for g in got if g.ndim == probe.ndim)
-        if same_grid and all(
-            torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True)
-        ):
-            return program, multiple
+        if all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True)):
+            # sizes patch + k·m pass; they are the multiples of m only if the patch is one
+            return program, multiple if all(size % multiple == 0 for size in patch_size) else 0
     return program, 0
 
 

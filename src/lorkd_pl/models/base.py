@@ -179,6 +179,8 @@ class TaskModule(L.LightningModule):
             batch_idx: index of the batch in the epoch.
             terms: called only on failure: ``{(task index, term name): scalar}``, to name the culprit.
         """
+        if getattr(self, "probing", False):  # a diagnostic's extra loss (models.conflicts): no collective
+            return loss
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

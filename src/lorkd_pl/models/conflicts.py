@@ -2,8 +2,8 @@
 
 The papers motivate region experts by conflicting knowledge between regions in one model. This callback
 makes that visible on a user's own data: every ``every_n_steps`` training steps it computes, on a fixed
-probe batch (the first training batch it sees), the gradient of the training loss of each region's
-samples alone, and logs the cosine similarity of every region pair:
+probe batch (samples of every region, collected from the first training batches), the gradient of the
+training loss of each region's samples alone, and logs the cosine similarity of every region pair:
 
 * ``conflict/w0/<group>/<r1>~<r2>``: over the shared backbone weights W0 (for a generalist: all of its
   backbone), per layer group: ``encoder`` (layers up to the network's deepest, smallest-output point)
@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from lorkd_pl.io.atomic import write_text_atomic
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("expert_A", "expert_B")
+#: The probe collects samples from at most this many training batches.
+PROBE_BATCHES = 50
 
 
 def cosine_matrix(gradients: Sequence[Tensor]) -> Tensor:
@@ -73,7 +75,7 @@ def layer_groups(network: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     order: list[tuple[str, int]] = []
     hooks = []
     for name, child in network.named_modules():
-        if any(True for _ in child.parameters(recurse=False)):
+        if any(True for _ in child.parameters(recurse=False)) or hasattr(child, "base_layer"):
 
             def record(_module, _inputs, output, name=name) -> None:
                 tensor = output[0] if isinstance(output, (tuple, list)) else output
@@ -95,6 +97,9 @@ def layer_groups(network: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     groups = {}
     for name, _ in network.named_parameters():
         layer = name.rpartition(".")[0]
+        # the nearest enclosing layer that ran: an expert layer runs its base layer's weight itself
+        while layer and layer not in group_of_layer:
+            layer = layer.rpartition(".")[0]
         groups[name] = group_of_layer.get(layer, "encoder")
     return groups
 
@@ -149,10 +154,16 @@ def region_gradient_cosines(
     present = sorted(set(batch["region"].tolist()))
     groups: dict[str, str] = {}
     gradients: list[dict[str, Tensor]] = []
-    was_training = module.training
+    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        raise ValueError(
+            "GradientConflict: SyncBatchNorm synchronises every forward across processes, so a probe on "
+            "one process would stall the others; remove the callback or train without sync_batchnorm"
+        )
+    modes = {m: m.training for m in module.modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # BatchNorm statistics
     devices = [batch["image"].device.index or 0] if batch["image"].is_cuda else []
     module.train()
+    module.probing = True  # guard_loss: no all-reduce, no skip counter (models.base)
     try:
         # the probe must not change training: norm statistics and the random stream are restored
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _silent(module):
@@ -177,7 +188,9 @@ def region_gradient_cosines(
                     }
                 )
     finally:
-        module.train(was_training)
+        module.probing = False
+        for child, mode in modes.items():
+            child.training = mode
         with torch.no_grad():
             for name, value in module.named_buffers():
                 value.copy_(buffers[name])
@@ -197,7 +210,7 @@ class GradientConflict(L.Callback):
     module docstring); the history goes to ``<log_dir>/conflicts.json``.
 
     Args:
-        every_n_steps: how often (training steps; the first step is always measured).
+        every_n_steps: how often (optimiser steps; from the first one at which the probe is complete).
         probe_samples_per_region: the probe batch keeps at most this many samples of each region.
     """
 
@@ -207,25 +220,47 @@ class GradientConflict(L.Callback):
         self.every_n_steps = every_n_steps
         self.probe_samples_per_region = probe_samples_per_region
         self.probe: dict[str, Any] | None = None
+        self.frozen = False
+        self.batches_seen = 0
+        self.last_step = -1
         self.records: list[dict[str, Any]] = []
 
-    def _probe(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if self.probe is None:
-            keep = [
-                (batch["region"] == r).nonzero().squeeze(1)[: self.probe_samples_per_region]
-                for r in batch["region"].unique()
-            ]
-            self.probe = region_rows(batch, torch.cat(keep))
-        return self.probe
+    def _grow_probe(self, batch: Mapping[str, Any], regions: int) -> None:
+        """Add the samples of regions the probe still lacks; freeze it once every region has
+        ``probe_samples_per_region`` samples or after :data:`PROBE_BATCHES` batches."""
+        have = self.probe["region"].bincount(minlength=regions) if self.probe is not None else None
+        rows = []
+        for region in range(regions):
+            missing = self.probe_samples_per_region - (int(have[region]) if have is not None else 0)
+            if missing > 0:
+                rows.append((batch["region"] == region).nonzero().squeeze(1)[:missing])
+        if rows and sum(len(r) for r in rows):
+            new = region_rows(batch, torch.cat(rows))
+            self.probe = new if self.probe is None else _concatenate(self.probe, new)
+        self.batches_seen += 1
+        complete = self.probe is not None and bool(
+            (self.probe["region"].bincount(minlength=regions) >= self.probe_samples_per_region).all()
+        )
+        self.frozen = complete or self.batches_seen >= PROBE_BATCHES
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
     ) -> None:
-        step = trainer.global_step - 1  # the step just taken
-        if step % self.every_n_steps:
+        if not self.frozen:
+            self._grow_probe(batch, len(pl_module.regions))
+        step = trainer.global_step - 1  # the optimiser step just taken
+        # measured once per step (not per accumulated micro-batch), once the probe is complete
+        if (
+            not self.frozen
+            or self.probe is None
+            or step < 0
+            or step % self.every_n_steps
+            or step == self.last_step
+        ):
             return
+        self.last_step = step
         regions = list(pl_module.regions)
-        for record in region_gradient_cosines(pl_module, self._probe(batch), regions):
+        for record in region_gradient_cosines(pl_module, self.probe, regions):
             matrix, names = record["cosine"], record["regions"]
             prefix = f"conflict/{record['kind']}/{record['group']}"
             pairs = {}
@@ -243,8 +278,33 @@ class GradientConflict(L.Callback):
             )  # fmt: skip
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and trainer.log_dir and self.records:
-            write_text_atomic(
-                Path(trainer.log_dir) / "conflicts.json",
-                json.dumps({"regions": list(pl_module.regions), "records": self.records}, indent=1) + "\n",
-            )
+        log_dir = trainer.log_dir  # on every process: it broadcasts under DDP
+        if trainer.is_global_zero and log_dir and self.records:
+            history = {"regions": list(pl_module.regions), "records": self.records}
+            write_text_atomic(Path(log_dir) / "conflicts.json", json.dumps(_finite(history), indent=1) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN cosines (a zero gradient) as ``None``: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _concatenate(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two cut batches as one (tensors and lists with a batch dimension joined; the rest from ``first``)."""
+    size = first["image"].shape[0]
+    out = {}
+    for key, value in first.items():
+        other = second.get(key)
+        if isinstance(value, Tensor) and value.ndim and value.shape[0] == size and isinstance(other, Tensor):
+            out[key] = torch.cat([value, other])
+        elif isinstance(value, list) and len(value) == size and isinstance(other, list):
+            out[key] = value + other
+        else:
+            out[key] = value
+    return out
