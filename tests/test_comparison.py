@@ -244,3 +244,28 @@ def test_means_compare_the_same_tasks_and_a_resumed_fit_keeps_its_curve(tmp_path
         (fit / f"version_{version}" / "metrics.csv").write_text(text)
         os.utime(fit / f"version_{version}" / "metrics.csv", (version + 1, version + 1))
     assert validation_curve(tmp_path) == [(0, 0.25), (1, 0.55), (2, 0.75)]  # the resume's epoch 1 wins
+
+
+def test_report_draws_the_gradient_conflicts_of_runs_that_logged_them(tmp_path) -> None:
+    from lorkd_pl.app.cli import main
+    from lorkd_pl.evaluation.plots import _mean_off_diagonal
+
+    write_run(tmp_path / "t", [seg_summary("brain_seg", "brain", [0.5], [0.4], [8.0])])
+    write_run(tmp_path / "l", [seg_summary("brain_seg", "brain", [0.7], [0.5], [5.0])])
+    regions = ["abdomen", "brain", "thorax"]
+    records = [
+        {"step": step, "kind": kind, "group": "encoder", "regions": regions,
+         "cosine": [[1.0, c, None], [c, 1.0, -c], [None, -c, 1.0]]}
+        for step, c in ((0, 0.5), (50, -0.25)) for kind in ("w0", "w0_experts")
+    ]  # fmt: skip
+    write_json_atomic(
+        tmp_path / "l" / "logs" / "version_0" / "conflicts.json", {"regions": regions, "records": records}
+    )
+    assert main(["report", "--run", f"teacher={tmp_path / 't'}", "--run", f"lorkd={tmp_path / 'l'}",
+                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("conflicts_*.png"))
+    assert plots == ["conflicts_1_lorkd.png"]  # only the run that logged them
+    assert "plots/conflicts_1_lorkd.png" in (tmp_path / "out" / "report.md").read_text()
+    # the trend plots the mean over the finite pairs: (0.5 + 0.5 - 0.5 - 0.5) / 4 = 0 at step 0
+    assert _mean_off_diagonal(records[0]["cosine"]) == 0.0
+    assert _mean_off_diagonal([[1.0, None], [None, 1.0]]) != _mean_off_diagonal([[1.0, None], [None, 1.0]])

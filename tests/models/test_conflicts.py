@@ -140,6 +140,9 @@ def test_callback_logs_history_and_leaves_training_unchanged(tmp_path) -> None:
     steps = sorted({r["step"] for r in history["records"]})
     assert steps in ([0, 2], [2])  # every 2nd step, from the one where the probe holds every region
     assert {r["kind"] for r in history["records"]} == {"w0", "w0_experts"}
+    from lorkd_pl.evaluation.plots import conflict_matrices
+
+    assert conflict_matrices(history, tmp_path / "conflicts.png").stat().st_size > 1000  # report's plot
     with open(f"{log_dir}/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     logged = [float(r["conflict/w0/encoder/mean"]) for r in rows if r.get("conflict/w0/encoder/mean")]

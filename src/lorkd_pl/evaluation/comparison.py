@@ -238,10 +238,27 @@ def write_runs_report(runs: Mapping[str, str | Path], out: str | Path, overwrite
         raise ReportError("a report compares at least two runs (--run NAME=DIR, twice or more)")
     report_target(out, overwrite)  # before reading the runs: a refused --out costs nothing
     summaries = [find_summaries(run) for run in runs.values()]
-    return write_comparison(summaries, out, list(runs), [str(r) for r in runs.values()], overwrite)
+    conflicts = {name: conflict_history(run) for name, run in runs.items()}
+    return write_comparison(
+        summaries, out, list(runs), [str(r) for r in runs.values()], overwrite, conflicts=conflicts
+    )
 
 
 REPORT_MARK = "<!-- written by lorkd-pl report -->"
+
+
+def conflict_history(log_dir: str | Path) -> dict[str, Any] | None:
+    """The newest ``conflicts.json`` (``models.conflicts.GradientConflict``) below ``log_dir``, or
+    ``None``; an unreadable file counts as none (the report is written without its plot)."""
+    found = sorted(Path(log_dir).glob("**/conflicts.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    try:
+        history = json.loads(found[-1].read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    records = history.get("records") if isinstance(history, dict) else None
+    return history if isinstance(records, list) and records else None
 
 
 def validation_curve(log_dir: str | Path) -> list[tuple[int, float]]:
@@ -303,20 +320,22 @@ def write_comparison(
     sources: Sequence[str] | None = None,
     overwrite: bool = False,
     curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    conflicts: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Path:
     """:func:`write_runs_report` for summaries already loaded with :func:`find_summaries`; ``curves``
-    (run name → ``[(epoch, validation score), ...]``, :func:`validation_curve`) adds a learning-curve plot."""
+    (run name → ``[(epoch, validation score), ...]``, :func:`validation_curve`) adds a learning-curve plot,
+    ``conflicts`` (run name → :func:`conflict_history`) a gradient-conflict plot per run that has one."""
     out = Path(out)
     mode = report_target(out, overwrite)
     rows = run_rows(runs, names)
     sources = list(sources or names)
     if mode != "beside":
         with atomic_folder(out, overwrite=True) as work:
-            _render(rows, runs, names, sources, work, curves)
+            _render(rows, runs, names, sources, work, curves, conflicts)
         return out / "report.md"
     work = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
     try:  # report.md and plots/ are swapped in; the folder's other files stay as they are
-        _render(rows, runs, names, sources, work, curves)
+        _render(rows, runs, names, sources, work, curves, conflicts)
         if (out / "plots").exists():
             shutil.rmtree(out / "plots")  # only PNGs (checked by report_target)
         os.replace(work / "plots", out / "plots")
@@ -326,6 +345,11 @@ def write_comparison(
     return out / "report.md"
 
 
+def _file_safe(name: str) -> str:
+    """A run name as a file-name part (letters, digits, ``-``, ``_``, ``.``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "run"
+
+
 def _render(
     rows: list[dict[str, Any]],
     runs: Sequence[Mapping[str, Mapping[str, Any]]],
@@ -333,15 +357,21 @@ def _render(
     sources: Sequence[str],
     work: Path,
     curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    conflicts: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> None:
     """Write ``report.md`` and ``plots/`` into the (empty) folder ``work``."""
-    from lorkd_pl.evaluation.plots import confusion_matrices, learning_curves, region_bars
+    from lorkd_pl.evaluation.plots import conflict_matrices, confusion_matrices, learning_curves, region_bars
 
     (work / "plots").mkdir()
     plots = []
     if curves:
         learning_curves(curves, work / "plots" / "learning_curves.png")
         plots.append("plots/learning_curves.png")
+    for index, (name, history) in enumerate((conflicts or {}).items()):
+        if history:
+            plot = f"plots/conflicts_{index}_{_file_safe(name)}.png"
+            conflict_matrices(history, work / plot)
+            plots.append(plot)
     for kind, metrics in METRICS.items():
         kind_rows = [row for row in rows if row["kind"] == kind]
         for metric, label, higher in metrics if kind_rows else ():

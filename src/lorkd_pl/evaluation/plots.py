@@ -114,3 +114,53 @@ def learning_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: Pat
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     return path
+
+
+def conflict_matrices(history: Mapping[str, Any], path: Path) -> Path:
+    """Region × region gradient cosines of one run (``conflicts.json``, ``models.conflicts``): per
+    kind and layer group, the matrix at the first and at the last measured step, and the mean
+    off-diagonal cosine over training.
+
+    Args:
+        history: ``{"regions": [...], "records": [{"step", "kind", "group", "regions", "cosine"}]}``.
+        path: the PNG to write.
+    """
+    series: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for record in sorted(history["records"], key=lambda r: r["step"]):
+        series.setdefault((record["kind"], record["group"]), []).append(record)
+    figure = Figure(figsize=(9.0, 2.8 * len(series)), layout="constrained")
+    grid = figure.subplots(len(series), 3, squeeze=False)
+    for row, ((kind, group), records) in enumerate(sorted(series.items())):
+        for column, record in enumerate((records[0], records[-1])):
+            axes = grid[row][column]
+            values = [[math.nan if v is None else v for v in line] for line in record["cosine"]]
+            image = axes.imshow(values, vmin=-1.0, vmax=1.0, cmap="RdBu")
+            names = record["regions"]
+            axes.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+            axes.set_yticks(range(len(names)), names, fontsize=7)
+            for i, line in enumerate(values):
+                for j, value in enumerate(line):
+                    if i != j and math.isfinite(value):
+                        axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+            axes.set_title(f"{kind} / {group}, step {record['step']}", fontsize=8)
+        figure.colorbar(image, ax=grid[row][1], shrink=0.8, label="cosine")
+        trend = grid[row][2]
+        steps = [r["step"] for r in records]
+        trend.plot(steps, [_mean_off_diagonal(r["cosine"]) for r in records], marker="o", markersize=3)
+        trend.axhline(0.0, color="#8c8c8c", linewidth=0.8)
+        trend.set_xlabel("step", fontsize=8)
+        trend.set_ylabel("mean cosine of region pairs", fontsize=8)
+        trend.set_ylim(-1.0, 1.0)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _mean_off_diagonal(matrix: Sequence[Sequence[float | None]]) -> float:
+    """Mean of the finite off-diagonal entries (``nan`` when there are none)."""
+    values = [
+        v
+        for i, line in enumerate(matrix)
+        for j, v in enumerate(line)
+        if i != j and v is not None and math.isfinite(v)
+    ]
+    return sum(values) / len(values) if values else math.nan
