@@ -26,6 +26,7 @@ from lorkd_pl.app.configs import config_root
 from lorkd_pl.app.lightning import lightning_cli
 from lorkd_pl.evaluation.comparison import (
     common_means,
+    conflict_history,
     find_summaries,
     markdown_table,
     run_rows,
@@ -192,8 +193,14 @@ def run_demo(
             )
         summaries = [find_summaries(logs[name]) for name in RUNS]  # read once
         curves = {name: validation_curve(runs / f"{name}_{kind}") for name in RUNS}
+        conflicts = {name: conflict_history(runs / f"{name}_{kind}") for name in RUNS}
         report = write_comparison(
-            summaries, runs / f"report_{kind}", RUNS, [str(logs[n]) for n in RUNS], curves=curves
+            summaries,
+            runs / f"report_{kind}",
+            RUNS,
+            [str(logs[n]) for n in RUNS],
+            curves=curves,
+            conflicts=conflicts,
         )
         rows = run_rows(summaries, RUNS)
         teacher, plain, student = (models[name] for name in RUNS)
