@@ -70,7 +70,12 @@ def fit(tmp_path, config: str, name: str, model: dict, data: dict | None = None)
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": f"runs/{name}/checkpoints", "save_last": True},
+                    "init_args": {
+                        "dirpath": f"runs/{name}/checkpoints",
+                        "save_last": True,
+                        "monitor": "val/score",  # the demo configs' (a replaced list is not merged)
+                        "mode": "max",
+                    },
                 }
             ],
         },
