@@ -75,3 +75,17 @@ def test_written_files_follow_the_umask(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o664
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o775
     assert stat.S_IMODE((tmp_path / "folder" / "inner.txt").stat().st_mode) == 0o664
+
+
+def test_strict_json_writes_null_for_nan_and_inf(tmp_path) -> None:
+    import json
+    import math
+
+    from lorkd_pl.io.atomic import write_strict_json_atomic
+
+    path = write_strict_json_atomic(
+        tmp_path / "r.json", {"a": math.nan, "b": [1.5, math.inf, (-math.inf, 2)], "c": {"d": 0.25}}
+    )
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": 0.25}}

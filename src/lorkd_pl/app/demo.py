@@ -12,8 +12,6 @@ tables, plots, learning curves) goes to ``runs/demo/report_<kind>/``, the number
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -34,7 +32,7 @@ from lorkd_pl.evaluation.comparison import (
     write_comparison,
 )
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
-from lorkd_pl.io.atomic import write_text_atomic
+from lorkd_pl.io.atomic import write_strict_json_atomic, write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
 
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
@@ -181,7 +179,6 @@ def run_demo(
             f"--data.init_args.seed={seed}",
         ]
         metric = KINDS[kind]
-        runs = root
         timings, models, logs = {}, {}, {}
         for name in RUNS:
             config = configs / f"{name}_{kind}.yaml"
@@ -189,14 +186,14 @@ def run_demo(
             lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns root
             timings[name] = time.perf_counter() - start
             models[name], logs[name] = _test(
-                config, runs / f"{name}_{kind}" / "checkpoints" / "last.ckpt", quiet
+                config, root / f"{name}_{kind}" / "checkpoints" / "last.ckpt", quiet
             )
         summaries = [find_summaries(logs[name]) for name in RUNS]  # read once
-        curves = {name: validation_curve(runs / f"{name}_{kind}") for name in RUNS}
-        conflicts = {name: conflict_history(runs / f"{name}_{kind}") for name in RUNS}
+        curves = {name: validation_curve(root / f"{name}_{kind}") for name in RUNS}
+        conflicts = {name: conflict_history(root / f"{name}_{kind}") for name in RUNS}
         report = write_comparison(
             summaries,
-            runs / f"report_{kind}",
+            root / f"report_{kind}",
             RUNS,
             [str(logs[n]) for n in RUNS],
             curves=curves,
@@ -264,17 +261,6 @@ def kind_results(
     return out
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN/inf float as ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def main(
     workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quick: bool = False, seed: int = 0
 ) -> str:
@@ -301,5 +287,5 @@ def save_results(root: Path, report: str, results: dict[str, Any], seconds: floa
     results["total_seconds"] = round(seconds, 1)
     results["seed"] = seed
     write_text_atomic(root / "report.md", report)
-    write_text_atomic(root / "results.json", json.dumps(_finite(results), indent=2) + "\n")
+    write_strict_json_atomic(root / "results.json", results)
     return report

@@ -27,6 +27,7 @@ one anatomy, smoother than any single brain).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -159,6 +160,11 @@ class Template:
         )
         return cls(intensity, tuple(tissue_probabilities(t1, gm, wm)))
 
+    @functools.cached_property
+    def brain_voxels(self) -> np.ndarray:
+        """``(V, 3)`` ITK (x, y, z) indices of the brain mask's voxels (found once per template)."""
+        return np.argwhere(sitk.GetArrayViewFromImage(self.probabilities[0]) < 0.5)[:, ::-1]
+
 
 def _rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
     """A random 3×3 rotation with angles up to ``max_degrees`` about each axis."""
@@ -169,8 +175,7 @@ def _rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
 
 def _brain_center(template: Template) -> np.ndarray:
     """World (LPS) centre of the template's brain mask."""
-    brain = sitk.GetArrayViewFromImage(template.probabilities[0]) < 0.5
-    index = np.argwhere(brain).mean(axis=0)[::-1]  # numpy (z, y, x) → ITK (x, y, z)
+    index = template.brain_voxels.mean(axis=0)
     return np.asarray(template.t1.TransformContinuousIndexToPhysicalPoint(index.tolist()))
 
 
@@ -193,7 +198,7 @@ def subject_transform(template: Template, rng: np.random.Generator) -> sitk.Tran
 
 def _brain_box(template: Template, margin: float) -> np.ndarray:
     """The 8 world corners of the template brain's bounding box widened by ``margin`` mm."""
-    brain = np.argwhere(sitk.GetArrayViewFromImage(template.probabilities[0]) < 0.5)[:, ::-1]
+    brain = template.brain_voxels
     corners = np.array(
         [template.t1.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in (brain.min(0), brain.max(0))]
     )

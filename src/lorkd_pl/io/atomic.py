@@ -8,6 +8,8 @@ temporary files Python creates are private, 0600/0700; shared group folders on c
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _tag() -> str:
@@ -132,3 +135,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_file(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN/inf float as ``None``, recursively (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def write_strict_json_atomic(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as strict JSON (NaN/inf as ``null``, :func:`finite_json`) to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(finite_json(value), indent=2) + "\n")

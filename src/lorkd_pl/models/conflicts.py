@@ -24,7 +24,6 @@ The full history goes to ``<log_dir>/conflicts.json`` (``{"regions": [...], "rec
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lorkd_pl.io.atomic import write_text_atomic
+from lorkd_pl.io.atomic import write_strict_json_atomic
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("expert_A", "expert_B")
 #: The probe collects samples from at most this many training batches.
@@ -281,18 +280,7 @@ class GradientConflict(L.Callback):
         log_dir = trainer.log_dir  # on every process: it broadcasts under DDP
         if trainer.is_global_zero and log_dir and self.records:
             history = {"regions": list(pl_module.regions), "records": self.records}
-            write_text_atomic(Path(log_dir) / "conflicts.json", json.dumps(_finite(history), indent=1) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN cosines (a zero gradient) as ``None``: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+            write_strict_json_atomic(Path(log_dir) / "conflicts.json", history)
 
 
 def _concatenate(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
