@@ -10,6 +10,7 @@ from lorkd_pl.experts.inject import (
     layer_ranks,
     load_base_weights,
     merge_expert,
+    shared_weights,
     strip_experts,
 )
 from lorkd_pl.experts.layers import LAYOUTS, ExpertConv, ExpertConvTranspose, ExpertLayer, ExpertLinear
@@ -31,5 +32,6 @@ __all__ = [
     "layer_ranks",
     "load_base_weights",
     "merge_expert",
+    "shared_weights",
     "strip_experts",
 ]

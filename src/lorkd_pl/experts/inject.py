@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lorkd_pl.experts.layers import (
     CONV_TRANSPOSES,
     CONVS,
+    SHARED_WEIGHTS,
     ExpertConv,
     ExpertConvTranspose,
     ExpertLayer,
@@ -260,6 +261,27 @@ def expert_routing(model: nn.Module, region_idx: Tensor | int | Sequence[int]) -
         layer._routing = routing
     try:
         yield routing
+    finally:
+        for layer, old in zip(layers, previous, strict=True):
+            layer._routing = old
+
+
+@contextmanager
+def shared_weights(model: nn.Module) -> Iterator[None]:
+    """Run the next forward passes of ``model`` with the shared weights ``W0`` only, every expert off.
+
+    The same function as :func:`strip_experts`'s network, without a copy: what the shared backbone
+    computes before the region is known (a region router's features). Gradients reach ``W0`` only.
+
+    Args:
+        model: a model with expert layers (a DDP-wrapped model works too).
+    """
+    layers, _ = _num_experts(model)
+    previous = [layer._routing for layer in layers]
+    for layer in layers:
+        layer._routing = SHARED_WEIGHTS
+    try:
+        yield
     finally:
         for layer, old in zip(layers, previous, strict=True):
             layer._routing = old

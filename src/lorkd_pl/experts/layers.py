@@ -41,6 +41,10 @@ Layout = Literal["paper", "factorized"]
 LAYOUTS: tuple[str, ...] = ("paper", "factorized")
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: The routing that runs every expert layer with its shared weights ``W0`` only (no expert), for any
+#: batch: what :func:`lorkd_pl.experts.shared_weights` installs (e.g. for a region router, which must
+#: run before the region is known).
+SHARED_WEIGHTS = Routing(region=None, present=(), counts=(), is_sorted=True)
 _CONV_TRANSPOSE_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -236,6 +240,8 @@ class ExpertLayer(nn.Module):
             The base layer's output shape, e.g. ``(N, Cout, *spatial_out)``.
         """
         routing = self._routing
+        if routing is SHARED_WEIGHTS:  # the shared weights W0 alone (experts.shared_weights)
+            return self.base_layer(x)
         if routing is None:
             raise RoutingError(
                 f"expert layer '{self.expert_name}' was called outside a routing context; wrap the "
@@ -342,6 +348,8 @@ class ExpertConvTranspose(ExpertLayer):
             output_size: as for ``nn.ConvTranspose*d``: the wanted spatial output size.
         """
         conv = self.base_layer
+        if self._routing is SHARED_WEIGHTS:
+            return conv(x, output_size)
         self._output_padding = conv._output_padding(
             x, output_size, conv.stride, conv.padding, conv.kernel_size, self.spatial_dims, conv.dilation
         )

@@ -8,7 +8,8 @@ segmentation a 1×1 convolution, classification a linear layer (on pooled featur
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -129,3 +130,16 @@ def make_head(kind: str, in_channels: int, num_classes: int) -> nn.Module:
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
+
+
+@contextmanager
+def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` in train (``True``) or eval mode for the block, then give every submodule back
+    its own mode (a frozen part may have been in eval mode inside a training module)."""
+    modes = {child: child.training for child in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for child, mode in modes.items():
+            child.training = mode

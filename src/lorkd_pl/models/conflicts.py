@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lorkd_pl.io.atomic import write_strict_json_atomic
+from lorkd_pl.models.backbones import module_mode
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("expert_A", "expert_B")
 #: The probe collects samples from at most this many training batches.
@@ -158,14 +159,17 @@ def region_gradient_cosines(
             "GradientConflict: SyncBatchNorm synchronises every forward across processes, so a probe on "
             "one process would stall the others; remove the callback or train without sync_batchnorm"
         )
-    modes = {m: m.training for m in module.modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # BatchNorm statistics
     devices = [batch["image"].device.index or 0] if batch["image"].is_cuda else []
-    module.train()
     module.probing = True  # guard_loss: no all-reduce, no skip counter (models.base)
     try:
-        # the probe must not change training: norm statistics and the random stream are restored
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _silent(module):
+        # the probe must not change training: modes, norm statistics and the random stream are restored
+        with (
+            module_mode(module, True),
+            torch.random.fork_rng(devices=devices),
+            torch.enable_grad(),
+            _silent(module),
+        ):
             for index, region in enumerate(present):
                 rows = (batch["region"] == region).nonzero().squeeze(1)
                 sub = region_rows(batch, rows)
@@ -188,8 +192,6 @@ def region_gradient_cosines(
                 )
     finally:
         module.probing = False
-        for child, mode in modes.items():
-            child.training = mode
         with torch.no_grad():
             for name, value in module.named_buffers():
                 value.copy_(buffers[name])

@@ -13,24 +13,37 @@ Training step on a mixed-region batch (sorted by region by the data module):
    batch, or (``teacher.cache``) its targets were made once per case in its own pipeline and ride
    along in the batch (``batch["teacher"]``): no teacher forward in the training step.
 4. Loss = task loss + λ·KD, each term weighted by its task's share of the batch.
+5. Optionally (``router_weight > 0``) the region router (:mod:`lorkd_pl.models.router`) learns the
+   samples' regions from the shared weights' pooled features, computed without gradient in eval mode:
+   it changes nothing of steps 1–4.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights
+from lorkd_pl.evaluation.summaries import write_json_atomic
+from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights, shared_weights
 from lorkd_pl.experts.layers import Layout
-from lorkd_pl.models.backbones import build_module, count_parameters, feature_channels, make_head
+from lorkd_pl.models.backbones import (
+    build_module,
+    count_parameters,
+    feature_channels,
+    make_head,
+    module_mode,
+)
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
+from lorkd_pl.models.router import RegionRouter, volume_probabilities
 from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
 from lorkd_pl.models.teacher_spec import TeacherSpec, parse_teacher
 from lorkd_pl.registry import check_ranges
@@ -111,6 +124,10 @@ class LoRKDModule(TaskModule):
         kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
         kd_weight: λ, the weight of the KD term(s).
         temperature: τ of the logit KD.
+        router_weight: weight of the region router's cross-entropy; ``0`` (default) trains no router.
+            Its gradient reaches the router's own parameters only (the features it reads are
+            computed without gradient), so the student trains exactly as without it; under Adam(W)
+            any weight > 0 trains it alike, under SGD the weight scales its step.
         optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size, nonfinite_loss: see
             :class:`TaskModule`.
     """
@@ -137,6 +154,7 @@ class LoRKDModule(TaskModule):
         kd: KDKind = "logits",
         kd_weight: float = 1.0,
         temperature: float = 1.0,
+        router_weight: float = 0.0,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
@@ -153,6 +171,7 @@ class LoRKDModule(TaskModule):
                 ("alpha", lambda v: v > 0, "> 0 (the experts' scale alpha/rank; 0 leaves them untrained)"),
                 ("kd_weight", lambda v: v >= 0, ">= 0"),
                 ("temperature", lambda v: v > 0, "> 0"),
+                ("router_weight", lambda v: v >= 0, ">= 0 (0 trains no region router)"),
             ],
         )
         spec = parse_teacher(teacher, teacher_model)
@@ -182,6 +201,18 @@ class LoRKDModule(TaskModule):
             )
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
+        self.router: RegionRouter | None = None
+        if router_weight > 0:  # drawn from a forked stream: the student's initialisation stays the same
+            with torch.random.fork_rng(devices=[]):
+                self.router = RegionRouter(self.kind, width, len(self.regions))
+        # routing accuracy per stage (torchmetrics: reduced across processes) and the test confusion
+        self.router_metrics = nn.ModuleDict(
+            {
+                stage: MulticlassConfusionMatrix(num_classes=len(self.regions))
+                for stage in (("val", "test") if self.router is not None else ())
+            }
+        )
+        self.router_summary: dict[str, Any] | None = None
         self.loss = TaskLoss(self.kind)
         self.__dict__["_teacher"] = None  # never a submodule: not saved, not synced by DDP
         self.projection: nn.Module | None = None
@@ -316,6 +347,38 @@ class LoRKDModule(TaskModule):
         with expert_routing(self.student, region):
             return self.student(images)
 
+    def shared_features(self, images: Tensor) -> Tensor:
+        """Features of the shared weights ``W0`` alone (every expert off), in eval mode, without gradient:
+        what the region router reads, in training as at inference.
+
+        Args:
+            images: ``(N, C, *S)``.
+
+        Returns:
+            ``(N, F, *S)`` (seg3d) or ``(N, F)`` (cls2d).
+        """
+        with torch.no_grad(), module_mode(self.student, False):
+            if not self.hparams.get("experts", True):
+                return self.student(images)
+            with shared_weights(self.student):
+                return self.student(images)
+
+    def router_logits(self, images: Tensor) -> Tensor:
+        """Region logits ``(N, R)`` of images ``(N, C, *S)`` (windows of a volume: one row each)."""
+        if self.router is None:
+            raise ValueError("this student has no region router (train with model.init_args.router_weight>0)")
+        return self.router(self.shared_features(images))
+
+    def region_probabilities(self, images: Tensor, task: int) -> Tensor:
+        """Region probabilities ``(N, R)`` of whole inputs ``(N, C, *S)`` preprocessed as task ``task``'s:
+        volumes window by window in the task's patch (:func:`~lorkd_pl.models.router.volume_probabilities`),
+        2D images directly."""
+        if self.kind != "seg3d":
+            return self.router_logits(images).float().softmax(1)
+        return volume_probabilities(
+            self.router_logits, images, self.tasks[task]["patch_size"], self.hparams.sw_batch_size
+        )
+
     def task_logits(self, images: Tensor, task: int) -> Tensor:
         """Logits of one task through its region's expert: ``(N, C, *S)`` → ``(N, K_task, ...)``."""
         region = self.regions.index(self.tasks[task]["region"])
@@ -367,18 +430,72 @@ class LoRKDModule(TaskModule):
             with torch.autocast(device_type=images.device.type, enabled=False):
                 features_kd = F.mse_loss(self.projection(features.float()), teacher_features.float())
             distillation = distillation + features_kd
-        loss = self.guard_loss(
-            task_loss + self.hparams.kd_weight * distillation, batch, batch_idx, lambda: terms
-        )
+        loss = task_loss + self.hparams.kd_weight * distillation
         size = images.shape[0]
+        if self.router is not None and not getattr(self, "probing", False):
+            region_logits = self.router_logits(images).float()
+            router_loss = F.cross_entropy(region_logits, batch["region"])
+            loss = loss + self.hparams.router_weight * router_loss
+            accuracy = (region_logits.argmax(1) == batch["region"]).float().mean()
+            self.log_dict(
+                {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
+            )
+        loss = self.guard_loss(loss, batch, batch_idx, lambda: terms)
         self.log_dict({"train/task_loss": task_loss, "train/kd_loss": distillation}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
+    def _route(self, stage: str, batch: Mapping[str, Any], task: int) -> None:
+        """Update the stage's routing confusion matrix with the router's answer on ``batch`` (task
+        ``task``'s inputs, whole volumes or images, in that task's preprocessing)."""
+        if stage not in self.router_metrics:
+            return
+        predicted = self.region_probabilities(batch["image"], task).argmax(1)
+        truth = torch.full_like(predicted, self.regions.index(self.tasks[task]["region"]))
+        self.router_metrics[stage].update(predicted, truth)
+
+    def _log_routing(self, stage: str) -> None:
+        """Log ``<stage>/router_accuracy`` (and, after a test, keep and write the confusion matrix)."""
+        if stage not in self.router_metrics:
+            return
+        confusion = self.router_metrics[stage].compute().long()
+        self.router_metrics[stage].reset()
+        accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp(min=1))
+        self.log(f"{stage}/router_accuracy", accuracy, sync_dist=False)
+        if stage != "test":
+            return
+        self.router_summary = {
+            "regions": list(self.regions),
+            "accuracy": accuracy,
+            "cases": int(confusion.sum()),
+            "confusion": confusion.tolist(),  # rows: true region, columns: routed region
+        }
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if self.trainer.is_global_zero and log_dir is not None:
+            write_json_atomic(Path(log_dir) / "summary" / "router.json", self.router_summary)
+
+    def on_validation_epoch_end(self) -> None:
+        """Task metrics (:class:`TaskModule`) and ``val/router_accuracy``."""
+        super().on_validation_epoch_end()
+        self._log_routing("val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Task metrics and cases (:class:`TaskModule`) and the router's answer."""
+        super().test_step(batch, batch_idx, dataloader_idx)
+        self._route("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Task metrics and summaries (:class:`TaskModule`), ``test/router_accuracy`` and
+        ``<log_dir>/summary/router.json`` (accuracy and confusion matrix of the router)."""
+        super().on_test_epoch_end()
+        self._log_routing("test")
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Task metrics (:class:`TaskModule`); with cached teacher targets also ``val/<task>/kd_loss``:
-        how far the student is from the teacher on held-out cases (whole volumes)."""
+        """Task metrics (:class:`TaskModule`) and the router's answer; with cached teacher targets also
+        ``val/<task>/kd_loss``: how far the student is from the teacher on held-out cases (whole
+        volumes)."""
         logits = self._evaluate(batch, dataloader_idx, self.val_metrics)
+        self._route("val", batch, dataloader_idx)
         cached, teacher, name = batch.get("teacher"), self._teacher, self.tasks[dataloader_idx]["name"]
         if cached is None or teacher is None or name not in teacher.class_channels:
             return

@@ -1,0 +1,172 @@
+"""The region router: W0-only features, a student that trains exactly as without it, window averaging."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from monai.networks.nets import UNet
+
+from lorkd_pl.data.datamodule import MultiRegionDataModule
+from lorkd_pl.experts import expert_routing, inject_experts, shared_weights, strip_experts
+from lorkd_pl.models.lorkd import LoRKDModule
+from lorkd_pl.models.router import RegionRouter, volume_probabilities
+
+TASKS = ["demo_abdomen_cls", "demo_brain_cls", "demo_thorax_cls"]
+CNN = {
+    "class_path": "lorkd_pl.models.backbones.ConvNet2d",
+    "init_args": {"in_channels": 1, "channels": [4, 8]},
+}
+
+
+def _randomise_experts(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("expert_B"):
+                p.normal_(0, 0.3)  # experts differ from W0
+
+
+def test_shared_weights_run_w0_alone() -> None:
+    """Oracle: strip_experts' copy (the expert-free network); transposed convs included."""
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), dropout=0.0)
+    injected = inject_experts(net, num_experts=3, rank=2)
+    _randomise_experts(injected)
+    x = torch.randn(2, 1, 8, 8, 8)
+    with shared_weights(injected):
+        got = injected(x)
+    torch.testing.assert_close(got, strip_experts(injected)(x), rtol=0, atol=0)
+    with expert_routing(injected, 1):  # the experts are really on outside the block
+        assert not torch.allclose(injected(x), got)
+
+
+def _student(router_weight: float, backbone=CNN) -> LoRKDModule:
+    data = MultiRegionDataModule(TASKS, validate=False)
+    torch.manual_seed(0)
+    return LoRKDModule(
+        task_info=data.task_info, regions=data.region_names, backbone=backbone, rank=2,
+        router_weight=router_weight,
+    )  # fmt: skip
+
+
+def _batch(student: LoRKDModule) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    tasks = torch.tensor([0, 0, 1, 2, 2, 1])
+    return {
+        "image": torch.randn(6, 1, 28, 28),
+        "label": torch.tensor([0, 1, 2, 1, 0, 2]),
+        "task": tasks,
+        "region": torch.tensor([student.regions.index(student.tasks[t]["region"]) for t in tasks.tolist()]),
+    }
+
+
+def test_router_gradient_is_its_own_and_the_students_are_unchanged() -> None:
+    """Oracle: the router's loss by hand on the expert-free copy in eval mode; the student's gradients
+    from the same step without a router."""
+    plain, routed = _student(0.0), _student(0.5)
+    routed.load_state_dict(plain.state_dict(), strict=False)  # same student weights
+    _randomise_experts(plain)
+    routed.student.load_state_dict(plain.student.state_dict())
+    assert routed.router is not None and plain.router is None
+    batch = _batch(plain)
+    for module in (plain, routed):
+        module.train()
+        module.training_step(batch, 0).backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), routed.named_parameters(), strict=False):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    oracle = strip_experts(routed.student).eval()
+    logits = routed.router(oracle(batch["image"]))
+    loss = 0.5 * F.cross_entropy(logits, batch["region"])
+    expected = torch.autograd.grad(loss, list(routed.router.parameters()))
+    for (name, p), want in zip(routed.router.named_parameters(), expected, strict=True):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(m.training for m in routed.student.modules())  # modes given back after the eval forward
+
+
+def test_router_features_leave_modes_statistics_and_random_stream_alone() -> None:
+    net = {
+        "class_path": "monai.networks.nets.UNet",
+        "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
+                      "strides": [2], "dropout": 0.3, "norm": "batch"},
+    }  # fmt: skip
+    data = MultiRegionDataModule(["demo_abdomen_seg", "demo_brain_seg"], validate=False)
+    student = LoRKDModule(
+        task_info=data.task_info, regions=data.region_names, backbone=net, rank=2, router_weight=1.0
+    ).train()
+    buffers = {k: v.clone() for k, v in student.state_dict().items()}
+    images = torch.randn(3, 1, 16, 16, 8)
+    state = torch.random.get_rng_state()
+    assert not student.shared_features(images).requires_grad  # nothing flows back into the student
+    assert student.router_logits(images).shape == (3, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # eval mode: no dropout draw
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, buffers[key], rtol=0, atol=0, msg=key)  # no BN update
+    assert all(m.training for m in student.modules())
+
+
+def _fit(folder, router_weight: float):
+    L.seed_everything(0)
+    data = MultiRegionDataModule(TASKS, batch_size=12, cache="none", validate=False)
+    student = LoRKDModule(
+        task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=2, router_weight=router_weight
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=CSVLogger(folder, name="logs"), log_every_n_steps=1,
+        limit_val_batches=2, val_check_interval=4, num_sanity_val_steps=0, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+    )  # fmt: skip
+    trainer.fit(student, datamodule=data)
+    with open(f"{trainer.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return student, rows
+
+
+def test_a_fit_with_a_router_trains_the_same_student(tmp_path) -> None:
+    plain, plain_rows = _fit(tmp_path / "plain", 0.0)
+    routed, rows = _fit(tmp_path / "routed", 1.0)
+    want = plain.state_dict()
+    for key, value in routed.state_dict().items():
+        if not key.startswith("router."):
+            torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
+    tasks = [r["train/task_loss"] for r in plain_rows if r.get("train/task_loss")]
+    assert [r["train/task_loss"] for r in rows if r.get("train/task_loss")] == tasks and len(tasks) == 4
+    accuracy = [float(r["val/router_accuracy"]) for r in rows if r.get("val/router_accuracy")]
+    assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 1.0
+    assert any(r.get("train/router_loss") for r in rows)
+    assert routed.router is not None and any(p.abs().sum() > 0 for p in routed.router.parameters())
+
+
+def test_volume_probabilities_average_the_windows() -> None:
+    """Oracle: a hand loop over the 4 non-overlapping windows of a volume 2×2×1 windows large."""
+    torch.manual_seed(0)
+    router = RegionRouter("seg3d", 3, 4)
+    conv = torch.nn.Conv3d(1, 3, 1)
+
+    def logits(windows: torch.Tensor) -> torch.Tensor:
+        return router(conv(windows))
+
+    volume = torch.randn(1, 1, 8, 6, 4)
+    with torch.no_grad():
+        got = volume_probabilities(logits, volume, (4, 3, 4), sw_batch_size=3)
+        windows = [volume[:, :, i : i + 4, j : j + 3, :] for i in (0, 4) for j in (0, 3)]
+        expected = torch.stack([logits(w).softmax(1)[0] for w in windows]).mean(0)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-6)
+    assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_router_pools_mean_and_max() -> None:
+    router = RegionRouter("seg3d", 2, 3)
+    features = torch.randn(2, 2, 4, 4, 4)
+    pooled = torch.cat([features.mean((2, 3, 4)), features.amax((2, 3, 4))], 1)
+    torch.testing.assert_close(router(features), router.layers(pooled))
+
+
+def test_router_weight_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="router_weight"):
+        _student(-1.0)
