@@ -15,7 +15,7 @@ from monai.networks.nets import UNet
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.experts import expert_routing, inject_experts, shared_weights, strip_experts
 from lorkd_pl.models.lorkd import LoRKDModule
-from lorkd_pl.models.router import RegionRouter, volume_probabilities
+from lorkd_pl.models.router import RegionRouter, tap_names, tap_width, tapped_features, volume_probabilities
 
 TASKS = ["demo_abdomen_cls", "demo_brain_cls", "demo_thorax_cls"]
 CNN = {
@@ -80,7 +80,15 @@ def test_router_gradient_is_its_own_and_the_students_are_unchanged() -> None:
     for (name, p), (_, q) in zip(plain.named_parameters(), routed.named_parameters(), strict=False):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
     oracle = strip_experts(routed.student).eval()
-    logits = routed.router(oracle(batch["image"]))
+    convs = [m for m in oracle.modules() if isinstance(m, torch.nn.Conv2d)]
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in convs]
+    final = oracle(batch["image"])
+    for hook in hooks:
+        hook.remove()
+    features = torch.cat([t for out in outputs for t in (out.mean((2, 3)), out.amax((2, 3)))] + [final], 1)
+    assert len(convs) == 4 and features.shape == (6, 2 * (4 + 4 + 8 + 8) + 8)
+    logits = routed.router(features)
     loss = 0.5 * F.cross_entropy(logits, batch["region"])
     expected = torch.autograd.grad(loss, list(routed.router.parameters()))
     for (name, p), want in zip(routed.router.named_parameters(), expected, strict=True):
@@ -102,7 +110,7 @@ def test_router_features_leave_modes_statistics_and_random_stream_alone() -> Non
     buffers = {k: v.clone() for k, v in student.state_dict().items()}
     images = torch.randn(3, 1, 16, 16, 8)
     state = torch.random.get_rng_state()
-    assert not student.shared_features(images).requires_grad  # nothing flows back into the student
+    assert not student.router_features(images).requires_grad  # nothing flows back into the student
     assert student.router_logits(images).shape == (3, 2)
     assert torch.equal(torch.random.get_rng_state(), state)  # eval mode: no dropout draw
     for key, value in student.state_dict().items():
@@ -145,11 +153,12 @@ def test_a_fit_with_a_router_trains_the_same_student(tmp_path) -> None:
 def test_volume_probabilities_average_the_windows() -> None:
     """Oracle: a hand loop over the 4 non-overlapping windows of a volume 2×2×1 windows large."""
     torch.manual_seed(0)
-    router = RegionRouter("seg3d", 3, 4)
+    router = RegionRouter(6, 4)
     conv = torch.nn.Conv3d(1, 3, 1)
 
     def logits(windows: torch.Tensor) -> torch.Tensor:
-        return router(conv(windows))
+        out = conv(windows).flatten(2)
+        return router(torch.cat([out.mean(2), out.amax(2)], 1))
 
     volume = torch.randn(1, 1, 8, 6, 4)
     with torch.no_grad():
@@ -160,11 +169,15 @@ def test_volume_probabilities_average_the_windows() -> None:
     assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-5)
 
 
-def test_router_pools_mean_and_max() -> None:
-    router = RegionRouter("seg3d", 2, 3)
-    features = torch.randn(2, 2, 4, 4, 4)
-    pooled = torch.cat([features.mean((2, 3, 4)), features.amax((2, 3, 4))], 1)
-    torch.testing.assert_close(router(features), router.layers(pooled))
+def test_taps_are_the_convolutions_once_each() -> None:
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1)
+    plain = tap_names(net)
+    injected = inject_experts(net, num_experts=2, rank=2)
+    assert tap_names(injected) == plain  # an expert layer counts once, under the plain layer's name
+    assert tap_names(strip_experts(injected)) == plain
+    x = torch.randn(2, 1, 8, 8, 8)
+    features = tapped_features(strip_experts(injected), plain, x)
+    assert features.shape == (2, tap_width(injected, plain, 2, "seg3d"))
 
 
 def test_router_weight_must_not_be_negative() -> None:

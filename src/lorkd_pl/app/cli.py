@@ -207,13 +207,20 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(
             "give --region REGION or --all-regions (`lorkd-pl export --ckpt X --dry-run` lists them)"
         )
+    from lorkd_pl.deploy.predict import ROUTER_FOLDER
+
     student, _ = load_student(args.ckpt)
     regions = student.regions if args.all_regions else [args.region]
     outs = {r: Path(args.out) / r if args.all_regions else Path(args.out) for r in regions}
-    for region, out in zip(
-        regions, export_regions(args.ckpt, regions, outs, args.overwrite, student), strict=True
-    ):
-        print(f"exported {region} to {out}")
+    router = Path(args.out) / ROUTER_FOLDER if args.all_regions and student.router is not None else None
+    if router is not None and ROUTER_FOLDER in regions:
+        raise ValueError(
+            f"a region is named {ROUTER_FOLDER!r}, the folder of the region router in an --all-regions "
+            "export; export the regions one by one (--region) or rename the region"
+        )
+    written = export_regions(args.ckpt, regions, outs, args.overwrite, student, router)
+    for name, out in zip([*regions, *(["the region router"] if router else [])], written, strict=True):
+        print(f"exported {name} to {out}")
     return 0
 
 
@@ -263,8 +270,18 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"
         )
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise ValueError(f"--min-confidence must be in [0, 1] (a probability), got {args.min_confidence}")
     for path in predict_files(
-        args.input, args.source, args.out, args.region, device, args.probabilities, args.overlap, args.force
+        args.input,
+        args.source,
+        args.out,
+        args.region,
+        device,
+        args.probabilities,
+        args.overlap,
+        args.force,
+        args.min_confidence,
     ):
         print(f"wrote {path}")
     return 0
@@ -311,10 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--source",
         required=True,
-        help="an exported expert folder (lorkd-pl export), a LoRKD checkpoint or a generalist checkpoint",
+        help="an exported expert folder (lorkd-pl export), the folder of all of them (export "
+        "--all-regions, with --region auto), a LoRKD checkpoint or a generalist checkpoint",
     )
     predict.add_argument(
-        "--region", help="the expert's region (a LoRKD checkpoint needs it; a generalist: only its tasks)"
+        "--region",
+        help="the expert's region (a LoRKD checkpoint needs it; a generalist: only its tasks); auto: each "
+        "input's own, from its DICOM BodyPartExamined or the region router (routing.csv in --out)",
+    )
+    predict.add_argument(
+        "--min-confidence",
+        type=float,
+        help="--region auto: below this router probability stop and name the top regions (default: the "
+        "router's card, 0.6)",
     )
     predict.add_argument("--out", required=True, help="output folder (files written atomically)")
     predict.add_argument("--device", help="cpu or cuda (default: cuda when available)")

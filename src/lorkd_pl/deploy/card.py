@@ -18,7 +18,9 @@ from typing import Any
 from lorkd_pl.data.transforms import describe_intensity
 from lorkd_pl.io.atomic import write_text_atomic
 
-CARD_FORMAT = 1
+#: 2: ``preprocessing.spatial_multiple`` and router cards; format-1 cards (without them) still read.
+CARD_FORMAT = 2
+READABLE_FORMATS: tuple[int, ...] = (1, 2)
 VERSIONED_PACKAGES: tuple[str, ...] = ("lorkd-pl", "torch", "lightning", "monai", "torchmetrics", "SimpleITK")
 
 
@@ -168,9 +170,9 @@ class ExpertCard:
             if "format" not in data and "input" in data:  # an export written before the card existed
                 data = _from_first_export_layout(data)
             found = data.pop("format", None)
-            if found != CARD_FORMAT:
+            if found not in READABLE_FORMATS:
                 raise CardError(
-                    f"{source}: card format {found!r}, this lorkd-pl reads format {CARD_FORMAT}; "
+                    f"{source}: card format {found!r}, this lorkd-pl reads formats {list(READABLE_FORMATS)}; "
                     "export the expert again with this version"
                 )
             data["preprocessing"] = Preprocessing(**data["preprocessing"])
@@ -199,6 +201,73 @@ class ExpertCard:
         if not isinstance(data, dict):
             raise CardError(f"{path}: an expert card is a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
+
+
+#: The router's default minimum confidence: below it ``predict --region auto`` stops and names the
+#: top regions instead of guessing.
+DEFAULT_MIN_CONFIDENCE = 0.6
+
+
+@dataclass(frozen=True)
+class RouterCard:
+    """The exported region router: which regions it tells apart and how to feed it.
+
+    Attributes:
+        kind: ``"seg3d"`` or ``"cls2d"``.
+        regions: region names in the router's output order (the experts' folder names).
+        preprocessing: each region's input pipeline (the one its training samples had): a volume is
+            prepared in every distinct pipeline and each region scored on its own one.
+        backbone: ``{"class_path", "init_args"}`` of the backbone (the shared weights ``W0``).
+        taps: the backbone's layers whose pooled outputs the router reads (with the output).
+        min_confidence: the default threshold of ``predict --region auto``.
+        parameters, source_checkpoint, versions: as in :class:`ExpertCard`.
+    """
+
+    kind: str
+    regions: list[str]
+    preprocessing: dict[str, Preprocessing]
+    backbone: dict[str, Any]
+    taps: list[str] = field(default_factory=list)
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    parameters: int = 0
+    source_checkpoint: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (the content of the router's ``metadata.json``)."""
+        return {"format": CARD_FORMAT, "role": "router", **asdict(self)}
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the card to ``path`` atomically."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RouterCard:
+        """Read a card written by :meth:`to_json`.
+
+        Raises:
+            CardError: naming the file and the missing or malformed field.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.pop("role", None) != "router":
+                raise CardError(f'{path} is not a region router\'s card (no "role": "router")')
+            found = data.pop("format", None)
+            if found not in READABLE_FORMATS:
+                raise CardError(
+                    f"{path}: card format {found!r}, this lorkd-pl reads formats {list(READABLE_FORMATS)}; "
+                    "export again with this version"
+                )
+            data["preprocessing"] = {r: Preprocessing(**p) for r, p in data["preprocessing"].items()}
+            card = cls(**data)
+            if sorted(card.preprocessing) != sorted(card.regions):
+                raise CardError(f"{path}: malformed router card (preprocessing does not name every region)")
+            return card
+        except CardError:
+            raise
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise CardError(f"{path}: malformed router card ({type(error).__name__}: {error})") from None
 
 
 def _from_first_export_layout(data: dict[str, Any]) -> dict[str, Any]:

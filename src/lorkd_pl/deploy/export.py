@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorkd_pl.deploy.card import CardError, ExpertCard
-from lorkd_pl.experts import merge_expert
+from lorkd_pl.deploy.card import CardError, ExpertCard, Preprocessing, RouterCard, package_versions
+from lorkd_pl.experts import merge_expert, strip_experts
 from lorkd_pl.io.atomic import atomic_folder
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
@@ -40,6 +40,7 @@ from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.restore import restore_module
+from lorkd_pl.models.router import RegionRouter, RouterNetwork, tap_width
 from lorkd_pl.models.teacher import load_teacher
 
 
@@ -127,6 +128,43 @@ def expert_network(student: LoRKDModule, region: str) -> tuple[ExpertNetwork, li
     return ExpertNetwork(backbone, heads).eval(), [student.tasks[i] for i in tasks]
 
 
+def router_network(student: LoRKDModule) -> RouterNetwork:
+    """The student's region router as a plain network: the shared weights ``W0`` (every expert
+    dropped) and the router, ``(N, C, *S) → (N, R)`` region logits, equal to
+    :meth:`~lorkd_pl.models.lorkd.LoRKDModule.router_logits`.
+
+    Raises:
+        ExportError: if the student was trained without a router.
+    """
+    if student.router is None:
+        raise ExportError(
+            "this checkpoint has no region router; train with model.init_args.router_weight > 0 (e.g. 0.1) "
+            "to route inputs by their content (--region auto)"
+        )
+    shared = strip_experts(student.student) if student.hparams.get("experts", True) else student.student
+    return RouterNetwork(copy.deepcopy(shared), copy.deepcopy(student.router), student.router_taps).eval()
+
+
+def router_card(student: LoRKDModule, network: nn.Module, source: dict[str, Any] | None = None) -> RouterCard:
+    """The card of :func:`router_network`: regions in output order and each region's input pipeline
+    (its first task's, as in its expert's card)."""
+    pipelines = {}
+    for region in student.regions:
+        task = student.tasks[region_tasks(student, region)[0]]
+        card = ExpertCard.from_module(student, [task], region, 0)
+        pipelines[region] = card.preprocessing
+    return RouterCard(
+        kind=student.kind,
+        regions=list(student.regions),
+        preprocessing=pipelines,
+        backbone=dict(student.hparams.backbone) if student.hparams.get("backbone") else {},
+        taps=list(student.router_taps),
+        parameters=count_parameters(network),
+        source_checkpoint=dict(source or {}),
+        versions=package_versions(),
+    )
+
+
 def deployable(
     module: TaskModule, region: str | None, source: dict[str, Any] | None = None
 ) -> tuple[nn.Module, ExpertCard]:
@@ -178,6 +216,7 @@ def export_regions(
     outs: dict[str, str | Path],
     overwrite: bool = False,
     student: LoRKDModule | None = None,
+    router_out: str | Path | None = None,
 ) -> list[Path]:
     """Export several regions; every region and output folder is checked before anything is written.
 
@@ -187,12 +226,15 @@ def export_regions(
         outs: output folder of each region.
         overwrite: replace existing output folders.
         student: the already loaded student of ``checkpoint`` (saves a reload).
+        router_out: also write the region router there (``model.pt2``: one row of region logits per
+            input window; ``state_dict.pt``; ``metadata.json``, a :class:`RouterCard`).
 
     Raises:
         ExportError: for a bad checkpoint, an unknown region, or (without ``overwrite``) every
             existing output folder, all named at once.
     """
-    existing = [str(outs[r]) for r in regions if Path(outs[r]).exists()]
+    targets = [Path(outs[r]) for r in regions] + ([Path(router_out)] if router_out is not None else [])
+    existing = [str(path) for path in targets if path.exists()]
     if existing and not overwrite:  # fail before the (slow) export, and before writing any
         raise ExportError(
             f"{', '.join(existing)} exist(s); nothing was written: pass --overwrite to replace, or "
@@ -212,16 +254,27 @@ def export_regions(
         card = dataclasses.replace(
             card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
         )
-        prepared.append((region, network, card, program))
-    _check_free_space([network for _, network, _, _ in prepared], [Path(outs[r]) for r in regions])
+        prepared.append((Path(outs[region]), network, card, program, _readme(card)))
+    if router_out is not None:
+        network = router_network(student)
+        card = router_card(student, network, source)
+        first = card.preprocessing[card.regions[0]]
+        program, multiple = export_program(network, first.channels, first.patch_size)
+        pipelines = {
+            region: dataclasses.replace(p, spatial_multiple=multiple)
+            for region, p in card.preprocessing.items()
+        }
+        card = dataclasses.replace(card, preprocessing=pipelines)
+        prepared.append((Path(router_out), network, card, program, _router_readme(card)))
+    _check_free_space([item[1] for item in prepared], targets)
     written = []
-    for region, network, card, program in prepared:
-        with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
+    for out, network, card, program, readme in prepared:
+        with atomic_folder(out, overwrite, ExportError) as work:
             torch.export.save(program, str(work / "model.pt2"))
             torch.save(network.state_dict(), work / "state_dict.pt")
             card.to_json(work / "metadata.json")
-            (work / "README.md").write_text(_readme(card), encoding="utf-8")
-        written.append(Path(outs[region]))
+            (work / "README.md").write_text(readme, encoding="utf-8")
+        written.append(out)
     return written
 
 
@@ -266,17 +319,20 @@ def export_program(
         probe = torch.randn(1, channels, *[size + multiple for size in patch_size])
         try:
             with torch.no_grad():
-                got = module(probe)
+                got, want = _as_tuple(module(probe)), _as_tuple(network(probe))
         except Exception:  # a guard of the program: not a valid size
             continue
         if not all(g.shape[2:] == probe.shape[2:] for g in got if g.ndim == probe.ndim):
             continue  # runs, but not on the input's grid (43 → 44 in a U-Net)
-        with torch.no_grad():
-            want = network(probe)
         if all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want, strict=True)):
             # sizes patch + k·m pass; they are the multiples of m only if the patch is one
             return program, multiple if all(size % multiple == 0 for size in patch_size) else 0
     return program, 0
+
+
+def _as_tuple(outputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A network's outputs as a tuple (a router answers one tensor, an expert one per task)."""
+    return (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
 
 
 def _check_free_space(networks: Sequence[nn.Module], outs: Sequence[Path]) -> None:
@@ -331,6 +387,68 @@ outputs = network(images)   # images: (N, {shape}); one logits tensor per task
 Preprocessing: {json.dumps(card.to_dict()["preprocessing"])}. `state_dict.pt` holds the same weights for
 the backbone in `metadata.json` (`backbone`) plus one head per task.
 """
+
+
+def _router_readme(card: RouterCard) -> str:
+    first = card.preprocessing[card.regions[0]]
+    shape = ", ".join(map(str, [first.channels, *first.patch_size]))
+    windows = (
+        "3D volumes are routed window by window (the training patch), the probabilities averaged over the "
+        "volume. "
+        if card.kind == "seg3d"
+        else ""
+    )
+    return f"""# lorkd-pl region router: {", ".join(card.regions)}
+
+The shared weights W0 of the student (every expert dropped) and a small classifier on their pooled
+features. Parameters: {card.parameters:,}. Source checkpoint sha256: {card.source_checkpoint.get("sha256")}.
+
+```python
+import torch
+router = torch.export.load("model.pt2").module()   # plain PyTorch, no lorkd-pl needed
+logits = router(images)   # images: (N, {shape}); (N, {len(card.regions)}) region logits, columns as `regions`
+```
+
+{windows}Each region is scored on an input prepared with its own pipeline (`preprocessing` in
+`metadata.json`). `lorkd-pl predict --source <this folder's parent> --region auto` does all of this and
+stops below the confidence {card.min_confidence} instead of guessing.
+"""
+
+
+def load_exported_router(folder: str | Path) -> tuple[RouterNetwork, RouterCard]:
+    """Rebuild an exported region router from its card and ``state_dict.pt`` (``weights_only=True``;
+    only the backbone class named in the card is imported, after the trust check).
+
+    Raises:
+        ExportError: naming the folder and the fix.
+    """
+    folder = Path(folder)
+    card_path = folder / "metadata.json"
+    if not card_path.is_file():
+        raise ExportError(
+            f"{folder} holds no region router (no metadata.json); export the student with --all-regions "
+            "(a student trained with model.init_args.router_weight > 0) or give --region"
+        )
+    try:
+        card = RouterCard.from_json(card_path)
+        check_file_network(card.backbone, str(card_path), card.backbone)
+        backbone = build_module(card.backbone)
+    except (CardError, ValueError) as error:
+        raise ExportError(f"{card_path}: {error}") from None
+    first: Preprocessing = card.preprocessing[card.regions[0]]
+    width = feature_channels(backbone, first.channels, first.patch_size)
+    try:
+        features = tap_width(backbone, card.taps, width, card.kind)
+    except AttributeError as error:  # a tap the backbone does not have
+        raise ExportError(f"{card_path}: its taps do not match the backbone ({error})") from None
+    network = RouterNetwork(backbone, RegionRouter(features, len(card.regions)), card.taps)
+    try:
+        network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    except RuntimeError as error:
+        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {error}") from None
+    return network.eval(), card
 
 
 def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:

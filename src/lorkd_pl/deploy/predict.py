@@ -417,6 +417,7 @@ def predict_files(
     probabilities: bool = False,
     overlap: float | None = None,
     force: bool = False,
+    min_confidence: float | None = None,
 ) -> list[Path]:
     """Predict every input with the expert from ``source``; return the written files.
 
@@ -426,19 +427,28 @@ def predict_files(
 
     Args:
         inputs: files, DICOM series folders, folders of files or manifests (see :func:`collect_inputs`).
-        source: an exported expert folder, a LoRKD checkpoint (then ``region`` selects the expert) or a
-            generalist checkpoint (all its tasks, or those of ``region``).
+        source: an exported expert folder, a folder of exported experts (``export --all-regions``, with
+            ``region="auto"``), a LoRKD checkpoint (then ``region`` selects the expert) or a generalist
+            checkpoint (all its tasks, or those of ``region``).
         out_dir: output folder; every file in it is written atomically.
-        region: the region (default: the inputs' ``region`` field where they all share one).
+        region: the region (default: the inputs' ``region`` field where they all share one); ``"auto"``:
+            each input's own, from its manifest row, its DICOM ``BodyPartExamined`` or the region router
+            (:mod:`lorkd_pl.deploy.routing`; the decisions go to ``<out_dir>/routing.csv``).
         device: ``"cpu"`` or ``"cuda"``.
         probabilities: segmentation: also write probability maps (see :func:`predict_segmentation`).
         overlap: segmentation: sliding-window overlap (default: the expert's).
         force: predict inputs whose DICOM modality differs from the card's (a warning instead).
+        min_confidence: ``region="auto"``: the router's lowest acceptable probability (default: the
+            router card's).
     """
     collected = collect_inputs(inputs)
     check_output_folder([*inputs, *(row["image"] for row in collected)], out_dir)
     unique = {str(Path(row["image"]).resolve()): row for row in reversed(collected)}
     rows = list(reversed(unique.values()))  # an input given twice is predicted once
+    if region == "auto":
+        return _predict_routed(
+            rows, source, Path(out_dir), device, probabilities, overlap, force, min_confidence
+        )
     regions = {row.get("region") for row in rows} - {None}
     if region is None and len(regions) == 1:
         region = regions.pop()
@@ -450,21 +460,175 @@ def predict_files(
             f"inputs {mismatched[:3]} belong to another region than the {expert.card.name!r} model's "
             f"{sorted(regions)}"
         )
-    own = [row["image"] for row in rows if is_own_output(row["image"], expert.card)]
-    if own:  # predictions of an earlier run are not inputs
+    images = _without_own_outputs([row["image"] for row in rows], [expert.card])
+    check_inputs(images, expert.card, force)
+    return _predict_with(expert, images, Path(out_dir), output_stems(images), device, probabilities, overlap)
+
+
+def _without_own_outputs(images: Sequence[str], cards: Sequence[ExpertCard]) -> list[str]:
+    """``images`` less the predictions an earlier run of these models wrote (they are not inputs).
+
+    Raises:
+        PredictError: if nothing is left.
+    """
+    own = [image for image in images if any(is_own_output(image, card) for card in cards)]
+    if own:
         print(f"lorkd-pl: skipping {len(own)} earlier prediction(s) among the inputs, e.g. {own[0]}")
-        rows = [row for row in rows if row["image"] not in own]
-    if not rows:
+    left = [image for image in images if image not in own]
+    if not left:
         raise PredictError("no inputs left to predict (the input folders hold only earlier predictions)")
-    check_inputs([row["image"] for row in rows], expert.card, force)
-    out_dir = Path(out_dir)
+    return left
+
+
+def _predict_with(
+    expert: Expert,
+    images: Sequence[str],
+    out_dir: Path,
+    stems: dict[str, str],
+    device: str,
+    probabilities: bool,
+    overlap: float | None,
+) -> list[Path]:
+    """Predict checked ``images`` with one expert; return the written files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if expert.card.kind == "cls2d":
-        return [predict_classification(expert, [row["image"] for row in rows], out_dir, device)]
-    stems = output_stems([row["image"] for row in rows])
+        return [predict_classification(expert, images, out_dir, device)]
     written: list[Path] = []
-    for row in tqdm(rows, desc="cases"):
-        written += predict_segmentation(
-            expert, row["image"], out_dir, device, probabilities, overlap, stems[row["image"]]
-        )
+    for image in tqdm(images, desc="cases"):
+        written += predict_segmentation(expert, image, out_dir, device, probabilities, overlap, stems[image])
     return written
+
+
+@dataclass
+class Router:
+    """A region router to run and its card: ``network`` maps windows ``(n, C, *S)`` to ``(n, R)`` logits."""
+
+    network: Callable[[Tensor], Tensor]
+    card: Any
+
+
+def load_routed_source(source: str | Path, device: str = "cpu") -> tuple[dict[str, Expert], Router | None]:
+    """Every region's expert and the region router (``None`` if none was exported) of a folder written by
+    ``lorkd-pl export --all-regions`` (``<region>/`` and ``router/``) or of a LoRKD checkpoint.
+
+    Raises:
+        PredictError: for a source that holds no experts, naming it and the fix.
+    """
+    from lorkd_pl.deploy.export import (
+        ExportError,
+        deployable,
+        load_exported,
+        load_exported_router,
+        load_module,
+        router_card,
+        router_network,
+    )
+    from lorkd_pl.io.hashing import sha256sum
+
+    source = Path(source)
+    try:
+        if source.is_dir():
+            if (source / "metadata.json").is_file():
+                raise PredictError(
+                    f"{source} is one exported expert; --region auto needs the folder of all experts "
+                    "(`lorkd-pl export --all-regions --out FOLDER`), or drop --region auto"
+                )
+            experts = {}
+            for folder in sorted(p for p in source.iterdir() if (p / "metadata.json").is_file()):
+                if folder.name == ROUTER_FOLDER:
+                    continue
+                network, card = load_exported(folder)
+                experts[card.region or folder.name] = Expert(network.to(device), card)
+            if not experts:
+                raise PredictError(
+                    f"{source} holds no exported experts (<region>/metadata.json); run "
+                    "`lorkd-pl export --ckpt RUN/last.ckpt --all-regions --out FOLDER` and give FOLDER"
+                )
+            router = None
+            if (source / ROUTER_FOLDER).is_dir():
+                network, card = load_exported_router(source / ROUTER_FOLDER)
+                router = Router(network.to(device), card)
+            return experts, router
+        module, _ = load_module(source, ("LoRKDModule",))
+        described = {"path": str(source), "sha256": sha256sum(source)}
+        experts = {}
+        for region in module.regions:
+            network, card = deployable(module, region, described)
+            experts[region] = Expert(network.to(device), card)
+        if module.router is None:
+            return experts, None
+        network = router_network(module)
+        return experts, Router(network.to(device), router_card(module, network, described))
+    except ExportError as error:
+        raise PredictError(str(error)) from None
+
+
+#: The subfolder of ``export --all-regions`` holding the region router.
+ROUTER_FOLDER = "router"
+
+
+def _predict_routed(
+    rows: Sequence[dict[str, Any]],
+    source: str | Path,
+    out_dir: Path,
+    device: str,
+    probabilities: bool,
+    overlap: float | None,
+    force: bool,
+    min_confidence: float | None,
+) -> list[Path]:
+    """``region="auto"``: route every input (:func:`lorkd_pl.deploy.routing.route_inputs`), check all of
+    them against their experts, write ``routing.csv``, then predict region by region."""
+    from lorkd_pl.deploy.routing import RoutingError, route_inputs, router_probabilities
+
+    experts, router = load_routed_source(source, device)
+    images = _without_own_outputs([row["image"] for row in rows], [e.card for e in experts.values()])
+    kept = [row for row in rows if row["image"] in images]
+    unknown = sorted({str(row["region"]) for row in kept if row.get("region")} - set(experts))
+    if unknown:
+        raise PredictError(
+            f"the inputs name regions {unknown} that {source} has no expert for ({sorted(experts)})"
+        )
+    threshold = (
+        min_confidence if min_confidence is not None else (router.card.min_confidence if router else 0.0)
+    )
+    if not 0 <= threshold <= 1:
+        raise PredictError(f"--min-confidence must be in [0, 1], got {threshold}")
+    routed_by = None
+    if router is not None:
+        missing = sorted(set(router.card.regions) - set(experts))
+        if missing:
+            raise PredictError(f"the router of {source} routes to {missing}, which have no expert there")
+
+        def routed_by(image: str) -> dict[str, float]:
+            return router_probabilities(router.network, router.card, image, device)
+
+    try:
+        decisions = route_inputs(kept, sorted(experts), routed_by, threshold)
+    except RoutingError as error:
+        raise PredictError(str(error)) from None
+    groups: dict[str, list[str]] = {}
+    for decision in decisions:
+        groups.setdefault(decision.region, []).append(decision.image)
+        how = f"router {decision.confidence:.2f}" if decision.confidence is not None else decision.decided_by
+        print(f"{decision.image} → {decision.region} ({how})")
+    for region, group in groups.items():
+        check_inputs(group, experts[region].card, force)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_routing(out_dir / "routing.csv", decisions, router.card.regions if router else sorted(experts))
+    stems = output_stems(images)
+    written: list[Path] = [out_dir / "routing.csv"]
+    for region, group in groups.items():
+        written += _predict_with(experts[region], group, out_dir, stems, device, probabilities, overlap)
+    return written
+
+
+def _write_routing(path: Path, decisions: Sequence[Any], regions: Sequence[str]) -> None:
+    """``routing.csv``: image, region, decided_by, confidence and the router's ``p_<region>`` columns."""
+    with atomic_file(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "region", "decided_by", "confidence", *[f"p_{r}" for r in regions]])
+        for d in decisions:
+            confidence = "" if d.confidence is None else f"{d.confidence:.6f}"
+            cells = [f"{d.probabilities[r]:.6f}" if r in d.probabilities else "" for r in regions]
+            writer.writerow([d.image, d.region, d.decided_by, confidence, *cells])

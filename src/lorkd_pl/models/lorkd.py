@@ -43,7 +43,13 @@ from lorkd_pl.models.backbones import (
 from lorkd_pl.models.base import TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
-from lorkd_pl.models.router import RegionRouter, volume_probabilities
+from lorkd_pl.models.router import (
+    RegionRouter,
+    tap_names,
+    tap_width,
+    tapped_features,
+    volume_probabilities,
+)
 from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
 from lorkd_pl.models.teacher_spec import TeacherSpec, parse_teacher
 from lorkd_pl.registry import check_ranges
@@ -202,9 +208,12 @@ class LoRKDModule(TaskModule):
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.router: RegionRouter | None = None
+        self.router_taps: list[str] = []
         if router_weight > 0:  # drawn from a forked stream: the student's initialisation stays the same
+            self.router_taps = tap_names(self.student)
+            features = tap_width(self.student, self.router_taps, width, self.kind)
             with torch.random.fork_rng(devices=[]):
-                self.router = RegionRouter(self.kind, width, len(self.regions))
+                self.router = RegionRouter(features, len(self.regions))
         # routing accuracy per stage (torchmetrics: reduced across processes) and the test confusion
         self.router_metrics = nn.ModuleDict(
             {
@@ -347,27 +356,28 @@ class LoRKDModule(TaskModule):
         with expert_routing(self.student, region):
             return self.student(images)
 
-    def shared_features(self, images: Tensor) -> Tensor:
-        """Features of the shared weights ``W0`` alone (every expert off), in eval mode, without gradient:
-        what the region router reads, in training as at inference.
+    def router_features(self, images: Tensor) -> Tensor:
+        """Pooled features of the shared weights ``W0`` alone (every expert off), in eval mode, without
+        gradient: what the region router reads, in training as at inference
+        (:func:`~lorkd_pl.models.router.tapped_features`).
 
         Args:
             images: ``(N, C, *S)``.
 
         Returns:
-            ``(N, F, *S)`` (seg3d) or ``(N, F)`` (cls2d).
+            ``(N, D)``.
         """
         with torch.no_grad(), module_mode(self.student, False):
             if not self.hparams.get("experts", True):
-                return self.student(images)
+                return tapped_features(self.student, self.router_taps, images)
             with shared_weights(self.student):
-                return self.student(images)
+                return tapped_features(self.student, self.router_taps, images)
 
     def router_logits(self, images: Tensor) -> Tensor:
         """Region logits ``(N, R)`` of images ``(N, C, *S)`` (windows of a volume: one row each)."""
         if self.router is None:
             raise ValueError("this student has no region router (train with model.init_args.router_weight>0)")
-        return self.router(self.shared_features(images))
+        return self.router(self.router_features(images))
 
     def region_probabilities(self, images: Tensor, task: int) -> Tensor:
         """Region probabilities ``(N, R)`` of whole inputs ``(N, C, *S)`` preprocessed as task ``task``'s:

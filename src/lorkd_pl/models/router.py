@@ -2,7 +2,8 @@
 
 Every expert needs its region at inference, but NIfTI files carry none and the DICOM
 ``BodyPartExamined`` tag is often missing or wrong. The router is a small classifier on the pooled
-features of the shared backbone with the shared weights ``W0`` ONLY (no expert: the region is what it
+features of the shared backbone (the output and every convolution's output, mean and max over space)
+with the shared weights ``W0`` ONLY (no expert: the region is what it
 must find), trained in the same fit as the experts (``model.init_args.router_weight > 0``).
 
 Its features are computed without gradient, in eval mode (as at inference), so the router changes
@@ -25,38 +26,90 @@ from torch import Tensor, nn
 
 #: Hidden width of the router's two-layer classifier.
 ROUTER_HIDDEN = 64
+#: The layers whose outputs the router reads (besides the network's output): every convolution, plain
+#: or carrying experts (a transformer's linears are left out: their channels are not dimension 1).
+TAP_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def tap_names(network: nn.Module) -> list[str]:
+    """The names of the convolutions the router reads, in module order; a layer carrying experts counts
+    once, under its own name (the name its merged or stripped copy has)."""
+    names: list[str] = []
+    for name, module in network.named_modules():
+        if any(name.startswith(f"{tapped}.") for tapped in names):
+            continue  # the base layer inside an expert layer
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, TAP_TYPES) or isinstance(base, TAP_TYPES):
+            names.append(name)
+    return names
+
+
+def tap_width(network: nn.Module, taps: Sequence[str], out_channels: int, kind: str) -> int:
+    """Length of the pooled feature vector :func:`tapped_features` returns."""
+    width = 0
+    for name in taps:
+        module = network.get_submodule(name)
+        width += 2 * int(getattr(module, "base_layer", module).out_channels)
+    return width + (2 * out_channels if kind == "seg3d" else out_channels)
+
+
+def pool(tensor: Tensor) -> Tensor:
+    """``(N, C, *S)`` → ``(N, 2C)``: mean and max over space; ``(N, C)`` stays as it is."""
+    if tensor.ndim <= 2:
+        return tensor
+    flat = tensor.flatten(2)
+    return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
+
+
+def tapped_features(network: nn.Module, taps: Sequence[str], images: Tensor) -> Tensor:
+    """One forward of ``network``; the pooled outputs of its ``taps`` and of the network, concatenated.
+
+    Args:
+        network: the backbone (whatever routing or mode the caller set).
+        taps: layer names (:func:`tap_names`).
+        images: ``(N, C, *S)``.
+
+    Returns:
+        ``(N, D)``, D = :func:`tap_width`.
+    """
+    pooled: list[Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+        pooled.append(pool(output))
+
+    handles = [network.get_submodule(name).register_forward_hook(keep) for name in taps]
+    try:
+        output = network(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([*pooled, pool(output)], dim=1)
 
 
 class RegionRouter(nn.Module):
     """Pooled features → region logits: LayerNorm, Linear, GELU, Linear.
 
     Args:
-        kind: ``"seg3d"`` (features ``(N, F, *S)``, pooled by mean and max over space) or ``"cls2d"``
-            (features ``(N, F)``).
-        width: feature width F.
+        features: length D of the pooled feature vector (:func:`tap_width`).
         num_regions: R, in the run's region order.
         hidden: hidden width.
     """
 
-    def __init__(self, kind: str, width: int, num_regions: int, hidden: int = ROUTER_HIDDEN) -> None:
+    def __init__(self, features: int, num_regions: int, hidden: int = ROUTER_HIDDEN) -> None:
         super().__init__()
-        inputs = 2 * width if kind == "seg3d" else width
         self.layers = nn.Sequential(
-            nn.LayerNorm(inputs), nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, num_regions)
+            nn.LayerNorm(features), nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, num_regions)
         )
 
     def forward(self, features: Tensor) -> Tensor:
-        """Region logits.
-
-        Args:
-            features: ``(N, F, *S)`` (pooled here) or ``(N, F)``.
-
-        Returns:
-            ``(N, R)``.
-        """
-        if features.ndim > 2:
-            flat = features.flatten(2)
-            features = torch.cat([flat.mean(2), flat.amax(2)], dim=1)
+        """``features`` ``(N, D)`` → ``(N, R)`` region logits."""
         return self.layers(features)
 
 
@@ -67,14 +120,15 @@ class RouterNetwork(nn.Module):
         ``(N, C, *S) → (N, R)`` region logits (one per window for a 3D volume's sliding windows).
     """
 
-    def __init__(self, backbone: nn.Module, router: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, router: nn.Module, taps: Sequence[str]) -> None:
         super().__init__()
         self.backbone = backbone
         self.router = router
+        self.taps = list(taps)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images`` ``(N, C, *S)`` → ``(N, R)`` region logits."""
-        return self.router(self.backbone(images))
+        return self.router(tapped_features(self.backbone, self.taps, images))
 
 
 def volume_probabilities(

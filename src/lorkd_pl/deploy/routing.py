@@ -1,0 +1,217 @@
+"""``lorkd-pl predict --region auto``: pick each input's expert from its DICOM tag or the region router.
+
+For every input, in this order:
+
+1. a manifest's ``region`` column, when given;
+2. the DICOM ``BodyPartExamined`` tag (0018,0015), when present and known: it names one of the
+   exported regions (compared without case and punctuation, ``HEAD_NECK`` = ``headneck``) or one of the
+   DICOM defined terms of :data:`BODY_PART_REGIONS` that maps onto one (``CHEST`` → ``thorax``);
+3. the region router (:mod:`lorkd_pl.models.router`): each region scored on the input prepared with
+   that region's own pipeline (3D: window by window, averaged over the volume). Below the minimum
+   confidence the run stops before any prediction, naming the input and its top regions with their
+   probabilities: never a silent guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+from monai import transforms as mt
+from torch import Tensor
+
+from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
+from lorkd_pl.deploy.card import Preprocessing, RouterCard
+from lorkd_pl.models.router import volume_probabilities
+
+#: DICOM ``BodyPartExamined`` defined terms (PS3.16 CID 4031) and the region name each stands for; a
+#: term counts only if that region is among the exported experts.
+BODY_PART_REGIONS: dict[str, str] = {
+    "brain": "brain",
+    "head": "brain",
+    "skull": "brain",
+    "chest": "thorax",
+    "thorax": "thorax",
+    "lung": "thorax",
+    "heart": "thorax",
+    "abdomen": "abdomen",
+    "liver": "abdomen",
+    "kidney": "abdomen",
+    "pancreas": "abdomen",
+    "pelvis": "pelvis",
+    "hip": "pelvis",
+    "bladder": "pelvis",
+    "prostate": "pelvis",
+    "neck": "neck",
+    "knee": "knee",
+    "breast": "breast",
+}
+BODY_PART_TAG = "0018|0015"
+
+
+class RoutingError(ValueError):
+    """Inputs that cannot be routed with confidence; names each input and its top regions."""
+
+
+@dataclass
+class Routed:
+    """Where one input goes and why.
+
+    Attributes:
+        image: the input.
+        region: the chosen region.
+        decided_by: ``"manifest"``, ``"DICOM BodyPartExamined=<tag>"`` or ``"router"``.
+        confidence: the router's probability of ``region`` (``None`` when the router was not asked).
+        probabilities: the router's probability of every region (empty when not asked).
+    """
+
+    image: str
+    region: str
+    decided_by: str
+    confidence: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def body_part_region(tag: str | None, regions: Sequence[str]) -> str | None:
+    """The region a ``BodyPartExamined`` value names among ``regions``, or ``None`` (absent, unknown, or
+    a term spanning regions such as ``ABDOMENPELVIS``)."""
+    if not tag or not tag.strip():
+        return None
+    by_key = {_key(region): region for region in regions}
+    key = _key(tag)
+    if key in by_key:
+        return by_key[key]
+    return by_key.get(_key(BODY_PART_REGIONS.get(key, "")))
+
+
+def read_body_part(image: str) -> str | None:
+    """The ``BodyPartExamined`` tag of a DICOM file or of a DICOM series folder's first file (header
+    only), or ``None``."""
+    path = Path(image)
+    try:
+        if path.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
+            if not files:
+                return None
+            path = Path(files[0])
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if not reader.HasMetaDataKey(BODY_PART_TAG):
+        return None
+    return reader.GetMetaData(BODY_PART_TAG).strip() or None
+
+
+def _pipeline_key(prep: Preprocessing, kind: str) -> tuple[Any, ...]:
+    if kind == "cls2d":
+        return (tuple(prep.patch_size), prep.channels)
+    spacing = tuple(prep.spacing) if prep.spacing else None
+    return ((prep.modality or "other").upper(), spacing, tuple(prep.patch_size), prep.sw_batch_size)
+
+
+def router_probabilities(
+    network: Callable[[Tensor], Tensor], card: RouterCard, image: str, device: str = "cpu"
+) -> dict[str, float]:
+    """The router's probability of every region for one input file.
+
+    The input is prepared once per distinct pipeline of the card; region ``r``'s score is its
+    probability on the input prepared with ``r``'s own pipeline (what the router saw of ``r`` in
+    training); the scores are normalised to sum to 1 (with one pipeline: the router's softmax itself).
+
+    Args:
+        network: ``(n, C, *S) → (n, R)`` region logits (an exported router or a student's).
+        card: the router's card.
+        image: a file or a DICOM series folder.
+        device: where the network runs.
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for region in card.regions:
+        groups.setdefault(_pipeline_key(card.preprocessing[region], card.kind), []).append(region)
+    scores: dict[str, float] = {}
+    with torch.no_grad():
+        for members in groups.values():
+            prep = card.preprocessing[members[0]]
+            if card.kind == "seg3d":
+                steps = seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing)
+                x = mt.Compose(steps)({"image": image})["image"][None].float().to(device)
+                probabilities = volume_probabilities(network, x, prep.patch_size, prep.sw_batch_size)[0]
+            else:
+                transform = cls2d_transforms(False, prep.patch_size, prep.channels)
+                x = transform({"image": image, "label": 0})["image"][None].float().to(device)
+                probabilities = network(x).float().softmax(1)[0]
+            for region in members:
+                scores[region] = float(probabilities[card.regions.index(region)])
+    total = sum(scores.values()) or 1.0
+    return {region: scores[region] / total for region in card.regions}
+
+
+def describe_top(probabilities: Mapping[str, float], count: int = 3) -> str:
+    """``brain 0.48, thorax 0.31, abdomen 0.12``: the ``count`` most probable regions."""
+    ranked = sorted(probabilities.items(), key=lambda item: -item[1])[:count]
+    return ", ".join(f"{region} {value:.2f}" for region, value in ranked)
+
+
+def route_inputs(
+    rows: Sequence[Mapping[str, Any]],
+    regions: Sequence[str],
+    router: Callable[[str], dict[str, float]] | None,
+    min_confidence: float,
+) -> list[Routed]:
+    """Decide every input's region (see the module docstring) before anything is predicted.
+
+    Args:
+        rows: ``{"image", "region"?}`` inputs (a manifest's ``region`` is taken as given).
+        regions: the exported regions.
+        router: ``image → {region: probability}`` (``None``: no router was exported; then every input
+            needs a region from its manifest or DICOM tag).
+        min_confidence: the router's lowest acceptable probability of its top region.
+
+    Raises:
+        RoutingError: listing every input routed below ``min_confidence`` with its top regions, or the
+            inputs left without a region when there is no router.
+    """
+    decided, unsure, unrouted = [], [], []
+    for row in rows:
+        image = str(row["image"])
+        if row.get("region"):
+            decided.append(Routed(image, str(row["region"]), "manifest"))
+            continue
+        tag = read_body_part(image)
+        region = body_part_region(tag, regions)
+        if region is not None:
+            decided.append(Routed(image, region, f"DICOM BodyPartExamined={tag}"))
+            continue
+        if router is None:
+            unrouted.append(image)
+            continue
+        probabilities = router(image)
+        best = max(probabilities, key=probabilities.__getitem__)
+        if probabilities[best] < min_confidence:
+            unsure.append(f"{image}: {describe_top(probabilities)}")
+        decided.append(Routed(image, best, "router", probabilities[best], probabilities))
+    if unrouted:
+        raise RoutingError(
+            f"no region router in this export and no known DICOM BodyPartExamined for {unrouted[:3]}"
+            f"{' and others' if len(unrouted) > 3 else ''}: give --region REGION (one of {list(regions)}) "
+            "or a manifest with a region column, or export a student trained with a router"
+        )
+    if unsure:
+        raise RoutingError(
+            f"the region router is not confident enough (below --min-confidence {min_confidence:g}) for "
+            f"{len(unsure)} input(s); nothing was predicted. Top regions: {'; '.join(unsure[:5])}"
+            f"{'; …' if len(unsure) > 5 else ''}. Give their region (--region REGION, or a manifest's "
+            "region column), or lower --min-confidence"
+        )
+    return decided
