@@ -69,35 +69,94 @@ def merged_expert_parameters(student, task: int) -> int:
 
 def export_and_predict(
     kind: str, student, root: Path = DEMO_ROOT, predict_task: str = "demo_brain_seg"
-) -> str:
-    """Export every region's expert; for 3D, predict one test volume of ``predict_task`` (a brain task)
-    with the exported brain expert."""
-    from lorkd_pl.deploy.export import export_region
+) -> tuple[str, dict[str, Any] | None]:
+    """Export every region's expert and the region router; for 3D, predict every test volume with
+    ``--region auto`` (the router picks each volume's expert) and score the routing; return the report's
+    text and the router's test result (``None`` without a router).
+
+    2D: the router's test accuracy is the test run's (``<log_dir>/router.json``): every 2D region has the
+    same input pipeline, so it is what ``--region auto`` decides on the same images.
+    """
+    from lorkd_pl.deploy.export import export_regions
+    from lorkd_pl.deploy.predict import ROUTER_FOLDER
 
     checkpoint = root / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
     experts = root / "experts" / kind
-    for region in student.regions:
-        export_region(checkpoint, region, experts / region, overwrite=True, student=student)
+    router = experts / ROUTER_FOLDER if student.router is not None else None
+    outs = {region: experts / region for region in student.regions}
+    export_regions(checkpoint, student.regions, outs, overwrite=True, student=student, router_out=router)
     text = (
         f"\nExported {len(student.regions)} merged experts to {experts}/<region> "
-        "(model.pt2, state_dict.pt, metadata.json)."
+        "(model.pt2, state_dict.pt, metadata.json)"
+        + (f" and the region router to {router}." if router else ".")
     )
-    if kind != "seg" or "brain" not in student.regions:
-        return text
+    routing = None
+    if kind == "cls" and student.router_summary is not None:
+        routing = {**student.router_summary, "decided_on": "test run (one pipeline for every 2D region)"}
+    if kind == "seg" and router is not None:
+        routing, line = route_test_volumes(student, experts, root / "predictions", predict_task)
+        text += line
+    if routing is not None:
+        text += (
+            f"\nRegion router on the test split: accuracy {routing['accuracy']:.3f} over {routing['cases']} "
+            f"{'volumes' if kind == 'seg' else 'images'}"
+            + (
+                f", {routing['below_threshold']} below its confidence threshold {routing['min_confidence']}"
+                if "below_threshold" in routing
+                else ""
+            )
+            + f" (target ≥ 0.95: {'met' if routing['accuracy'] >= 0.95 else 'MISSED'})."
+        )
+    return text, routing
+
+
+def route_test_volumes(student, experts: Path, out: Path, predict_task: str) -> tuple[dict[str, Any], str]:
+    """``lorkd-pl predict --region auto`` on every 3D test volume of the run's tasks with the exported
+    experts and router; the routing accuracy and the Dice of ``predict_task``'s first volume, predicted
+    by the expert its routing chose, in the input's own grid."""
+    import csv
+
     import SimpleITK as sitk
 
-    from lorkd_pl.deploy.predict import predict_files
+    from lorkd_pl.deploy.card import RouterCard
+    from lorkd_pl.deploy.predict import ROUTER_FOLDER, output_stems, predict_files
     from lorkd_pl.registry import get_task
 
-    record = get_task(predict_task).records("test")[0]
-    written = predict_files([record["image"]], experts / "brain", root / "predictions")[0]
+    truth, labels = {}, {}
+    for task in student.tasks:
+        for record in get_task(task["name"]).records("test"):
+            truth[str(Path(record["image"]).resolve())] = task["region"]
+            labels[record["image"]] = (task["name"], record["label"])
+    # every volume is routed and predicted (threshold 0); the threshold is scored from routing.csv
+    predict_files(list(labels), experts, out, region="auto", min_confidence=0.0)
+    threshold = RouterCard.from_json(experts / ROUTER_FOLDER / "metadata.json").min_confidence
+    with open(out / "routing.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    correct = [truth[str(Path(row["image"]).resolve())] == row["region"] for row in rows]
+    below = [float(row["confidence"]) < threshold for row in rows if row["confidence"]]
+    routing = {
+        "accuracy": sum(correct) / len(correct),
+        "cases": len(correct),
+        "below_threshold": sum(below),
+        "min_confidence": threshold,
+        "mean_confidence": sum(float(r["confidence"]) for r in rows if r["confidence"]) / max(len(below), 1),
+        "decided_on": "lorkd-pl predict --region auto on the test volumes (exported router)",
+    }
+    image = next((i for i, (task, _) in labels.items() if task == predict_task), None)
+    if image is None:
+        return routing, ""
+    task, label = labels[image]
+    text = f"\nPredicted the {len(labels)} test volumes with `--region auto` ({out / 'routing.csv'}); "
+    routed = next(row["region"] for row in rows if Path(row["image"]).resolve() == Path(image).resolve())
+    if routed != get_task(task).region:
+        return routing, text + f"{Path(image).name} was routed to {routed}, not {get_task(task).region}."
+    written = out / f"{output_stems(list(labels))[image]}_{task}.nii.gz"
     prediction = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(written))).astype("int64"))
-    truth = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(record["label"])).astype("int64"))
-    dice = dice_per_class(prediction, truth, len(get_task(predict_task).classes))
-    return text + (
-        f"\nPredicted {Path(record['image']).name} with the exported brain expert → {written} "
-        f"(input geometry kept; Dice per class in the original grid: {', '.join(f'{d:.3f}' for d in dice)}; "
-        f"mean {nanmean(dice):.3f})."
+    reference = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(label)).astype("int64"))
+    dice = dice_per_class(prediction, reference, len(get_task(task).classes))
+    return routing, text + (
+        f"{Path(image).name} → {written} (input geometry kept; Dice per class in the original grid: "
+        f"{', '.join(f'{d:.3f}' for d in dice)}; mean {nanmean(dice):.3f})."
     )
 
 
@@ -225,7 +284,10 @@ def run_demo(
             + ("beat" if means["lorkd"] > means["plain_kd"] else "do NOT beat")
             + " the plain-KD student's.",
         ]
-        lines.append(export_and_predict(kind, student, root, predict_task))
+        text, routing = export_and_predict(kind, student, root, predict_task)
+        lines.append(text)
+        if routing is not None:
+            result["lorkd"]["router"] = routing
         sections.append("\n".join(lines))
     return "\n\n".join(sections), results
 

@@ -482,7 +482,7 @@ class LoRKDModule(TaskModule):
         }
         log_dir = self.trainer.log_dir if self._trainer is not None else None
         if self.trainer.is_global_zero and log_dir is not None:
-            write_json_atomic(Path(log_dir) / "summary" / "router.json", self.router_summary)
+            write_json_atomic(Path(log_dir) / "router.json", self.router_summary)
 
     def on_validation_epoch_end(self) -> None:
         """Task metrics (:class:`TaskModule`) and ``val/router_accuracy``."""
@@ -496,7 +496,7 @@ class LoRKDModule(TaskModule):
 
     def on_test_epoch_end(self) -> None:
         """Task metrics and summaries (:class:`TaskModule`), ``test/router_accuracy`` and
-        ``<log_dir>/summary/router.json`` (accuracy and confusion matrix of the router)."""
+        ``<log_dir>/router.json`` (accuracy and confusion matrix of the router)."""
         super().on_test_epoch_end()
         self._log_routing("test")
 
