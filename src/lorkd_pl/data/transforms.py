@@ -27,19 +27,54 @@ CT_WINDOW: tuple[float, float] = (-500.0, 1000.0)
 MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 
 
-def intensity_transforms(modality: str) -> list[mt.MapTransform]:
+#: A preprocessing step as data: a MONAI transform's class name in ``monai.transforms`` and its
+#: arguments. lorkd-pl builds its pipelines from these lists, and ``export --format bundle`` writes the
+#: same lists into a MONAI bundle's ``inference.json``: one description, two consumers.
+Step = tuple[str, dict[str, Any]]
+
+
+def intensity_steps(modality: str) -> list[Step]:
     """Normalisation of ``image`` by modality: CT window then z-score; MR percentile clip then z-score."""
     modality = modality.upper()
-    steps: list[mt.MapTransform] = []
+    steps: list[Step] = []
     if modality == "CT":
         low, high = CT_WINDOW
-        steps.append(
-            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
-        )
+        window = {"a_min": low, "a_max": high, "b_min": low, "b_max": high, "clip": True}
+        steps.append(("ScaleIntensityRanged", {"keys": "image", **window}))
     elif modality == "MR":
-        steps.append(mt.ClipIntensityPercentilesd("image", lower=MR_PERCENTILES[0], upper=MR_PERCENTILES[1]))
-    steps.append(mt.NormalizeIntensityd("image"))
+        lower, upper = MR_PERCENTILES
+        steps.append(("ClipIntensityPercentilesd", {"keys": "image", "lower": lower, "upper": upper}))
+    steps.append(("NormalizeIntensityd", {"keys": "image"}))
     return steps
+
+
+def build_steps(steps: Sequence[Step], **extra: dict[str, Any]) -> list[mt.Transform]:
+    """The MONAI transforms of ``steps``; ``extra[name]`` adds arguments to the steps of that class
+    (objects that cannot be written as data, e.g. a reader instance)."""
+    return [getattr(mt, name)(**arguments, **extra.get(name, {})) for name, arguments in steps]
+
+
+def intensity_transforms(modality: str) -> list[mt.MapTransform]:
+    """The transforms of :func:`intensity_steps`."""
+    return build_steps(intensity_steps(modality))
+
+
+def seg3d_steps(
+    keys: Sequence[str], modality: str, spacing: Sequence[float] | None, axcodes: str | None = "RAS"
+) -> list[Step]:
+    """The steps of :func:`seg3d_preprocessing` with the modality's intensity steps (the reader is
+    added when they are built)."""
+    keys = list(keys)
+    steps: list[Step] = [
+        ("LoadImaged", {"keys": keys, "image_only": True}),
+        ("EnsureChannelFirstd", {"keys": keys}),
+    ]
+    if axcodes:
+        steps.append(("Orientationd", {"keys": keys, "axcodes": axcodes, "labels": None}))
+    if spacing:
+        modes = ["bilinear" if key == "image" else "nearest" for key in keys]
+        steps.append(("Spacingd", {"keys": keys, "pixdim": [float(v) for v in spacing], "mode": modes}))
+    return steps + intensity_steps(modality or "other")
 
 
 def seg3d_preprocessing(
@@ -62,17 +97,11 @@ def seg3d_preprocessing(
         axcodes: the orientation to bring the volume to; ``None`` keeps the file's voxel order (a
             teacher's own pipeline).
     """
-    keys = list(keys)
-    steps: list[mt.Transform] = [
-        mt.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
-        mt.EnsureChannelFirstd(keys),
-    ]
-    if axcodes:
-        steps.append(mt.Orientationd(keys, axcodes=axcodes, labels=None))
-    if spacing:
-        modes = ["bilinear" if key == "image" else "nearest" for key in keys]
-        steps.append(mt.Spacingd(keys, pixdim=tuple(spacing), mode=modes))
-    return steps + list(intensity if intensity is not None else intensity_transforms(modality or "other"))
+    steps = seg3d_steps(keys, modality, spacing, axcodes)
+    if intensity is not None:  # replace the modality's intensity steps
+        steps = steps[: len(steps) - len(intensity_steps(modality or "other"))]
+    built = build_steps(steps, LoadImaged={"reader": SimpleITKReader()})
+    return built + list(intensity if intensity is not None else [])
 
 
 def describe_intensity(kind: str, modality: str | None) -> str:

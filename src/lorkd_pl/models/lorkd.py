@@ -130,7 +130,8 @@ class LoRKDModule(TaskModule):
         kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
         kd_weight: λ, the weight of the KD term(s).
         temperature: τ of the logit KD.
-        router_weight: weight of the region router's cross-entropy; ``0`` (default) trains no router.
+        router_weight: weight of the region router's cross-entropy; ``0`` (default) trains no router
+            (nor does a run of one region).
             Its gradient reaches the router's own parameters only (the features it reads are
             computed without gradient), so the student trains exactly as without it; under Adam(W)
             any weight > 0 trains it alike, under SGD the weight scales its step.
@@ -209,7 +210,8 @@ class LoRKDModule(TaskModule):
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.router: RegionRouter | None = None
         self.router_taps: list[str] = []
-        if router_weight > 0:  # drawn from a forked stream: the student's initialisation stays the same
+        if router_weight > 0 and len(self.regions) > 1:  # one region: nothing to route
+            # drawn from a forked random stream: the student's initialisation stays the same
             self.router_taps = tap_names(self.student)
             features = tap_width(self.student, self.router_taps, width, self.kind)
             with torch.random.fork_rng(devices=[]):
