@@ -218,7 +218,10 @@ def _export(args: argparse.Namespace) -> int:
             f"a region is named {ROUTER_FOLDER!r}, the folder of the region router in an --all-regions "
             "export; export the regions one by one (--region) or rename the region"
         )
-    written = export_regions(args.ckpt, regions, outs, args.overwrite, student, router)
+    if args.format != "torch" and router is not None:
+        print(f"lorkd-pl: the region router is exported in the default format only (--format {args.format})")
+        router = None
+    written = export_regions(args.ckpt, regions, outs, args.overwrite, student, router, args.format)
     for name, out in zip([*regions, *(["the region router"] if router else [])], written, strict=True):
         print(f"exported {name} to {out}")
     return 0
@@ -393,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--all-regions", action="store_true", help="export every region into OUT/<region>")
     export.add_argument("--out", help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    export.add_argument(
+        "--format",
+        choices=("torch", "bundle", "onnx"),
+        default="torch",
+        help="torch: model.pt2 + state_dict.pt + card (default); bundle: a MONAI bundle (3D segmentation; "
+        "runs with python -m monai.bundle run, no lorkd-pl); onnx: model.onnx + card (the onnx extra)",
+    )
     export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
     export.add_argument("--teacher", help="with --dry-run: the teacher to count (e.g. its last.ckpt)")
 

@@ -217,6 +217,7 @@ def export_regions(
     overwrite: bool = False,
     student: LoRKDModule | None = None,
     router_out: str | Path | None = None,
+    format: str = "torch",
 ) -> list[Path]:
     """Export several regions; every region and output folder is checked before anything is written.
 
@@ -228,6 +229,9 @@ def export_regions(
         student: the already loaded student of ``checkpoint`` (saves a reload).
         router_out: also write the region router there (``model.pt2``: one row of region logits per
             input window; ``state_dict.pt``; ``metadata.json``, a :class:`RouterCard`).
+        format: ``"torch"`` (the module docstring's folder), ``"bundle"`` (a MONAI bundle,
+            :mod:`lorkd_pl.deploy.bundle`) or ``"onnx"`` (``model.onnx`` with dynamic batch and spatial
+            sizes, ``metadata.json`` and ``README.md``; needs the ``onnx`` extra).
 
     Raises:
         ExportError: for a bad checkpoint, an unknown region, or (without ``overwrite``) every
@@ -240,11 +244,15 @@ def export_regions(
             f"{', '.join(existing)} exist(s); nothing was written: pass --overwrite to replace, or "
             "choose another --out"
         )
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
     if student is None:
         student, _ = load_student(checkpoint)
     for region in regions:
         region_tasks(student, region)
     source = {"path": str(checkpoint), "sha256": sha256sum(checkpoint)}
+    if format != "torch":
+        return _export_other_format(student, regions, outs, overwrite, source, format)
     prepared = []  # every program is made before any folder is written: a failure writes nothing
     for region in regions:
         network, card = deployable(student, region, source)
@@ -276,6 +284,69 @@ def export_regions(
             (work / "README.md").write_text(readme, encoding="utf-8")
         written.append(out)
     return written
+
+
+#: Export formats: lorkd-pl's own folder, a MONAI bundle, ONNX.
+FORMATS: tuple[str, ...] = ("torch", "bundle", "onnx")
+
+
+def _export_other_format(
+    student: LoRKDModule,
+    regions: Sequence[str],
+    outs: dict[str, str | Path],
+    overwrite: bool,
+    source: dict[str, Any],
+    format: str,
+) -> list[Path]:
+    """``format="bundle"`` or ``"onnx"`` for every region; everything is checked (and every ONNX graph
+    made) before any folder is written."""
+    from lorkd_pl.deploy.bundle import BundleError, check_bundle, write_bundle
+    from lorkd_pl.deploy.onnx import OnnxError, onnx_graph
+
+    prepared = []
+    for region in regions:
+        network, card = deployable(student, region, source)
+        try:
+            if format == "bundle":
+                check_bundle(card)
+                prepared.append((region, network, card, None))
+            else:
+                graph, multiple = onnx_graph(network, card)
+                card = dataclasses.replace(
+                    card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
+                )
+                prepared.append((region, network, card, graph))
+        except (BundleError, OnnxError) as error:
+            raise ExportError(str(error)) from None
+    _check_free_space([network for _, network, _, _ in prepared], [Path(outs[r]) for r in regions])
+    written = []
+    for region, network, card, graph in prepared:
+        with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
+            if format == "bundle":
+                head = network.heads[0]
+                write_bundle(work, network.backbone, head, card, int(head.in_channels))
+            else:
+                (work / "model.onnx").write_bytes(graph)
+                card.to_json(work / "metadata.json")
+                (work / "README.md").write_text(_onnx_readme(card), encoding="utf-8")
+        written.append(Path(outs[region]))
+    return written
+
+
+def _onnx_readme(card: ExpertCard) -> str:
+    names = ", ".join(f"`logits_{t['name']}`" for t in card.tasks)
+    return f"""# lorkd-pl expert: {card.region} (ONNX)
+
+```python
+import onnxruntime
+session = onnxruntime.InferenceSession("model.onnx")
+outputs = session.run(None, {{"images": images}})   # images: float32 (N, {card.preprocessing.channels}, ...)
+```
+
+Outputs: {names} (one logits array per task, classes in `metadata.json`).
+{_sizes(card).replace("model.pt2", "model.onnx")}
+Preprocessing: {json.dumps(card.to_dict()["preprocessing"])}.
+"""
 
 
 #: The largest total stride :func:`export_program` looks for.
