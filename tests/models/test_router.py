@@ -148,6 +148,9 @@ def test_a_fit_with_a_router_trains_the_same_student(tmp_path) -> None:
     assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 1.0
     assert any(r.get("train/router_loss") for r in rows)
     assert routed.router is not None and any(p.abs().sum() > 0 for p in routed.router.parameters())
+    student_group, router_group = routed.trainer.optimizers[0].param_groups
+    assert [id(p) for p in router_group["params"]] == [id(p) for p in routed.router.parameters()]
+    assert router_group["lr"] == routed.hparams.lr > student_group["lr"]  # the router's rate does not decay
 
 
 def test_volume_probabilities_average_the_windows() -> None:

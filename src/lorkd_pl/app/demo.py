@@ -90,6 +90,13 @@ def export_and_predict(
         "(model.pt2, state_dict.pt, metadata.json)"
         + (f" and the region router to {router}." if router else ".")
     )
+    if kind == "seg":  # the same experts as MONAI bundles (run without lorkd-pl)
+        bundles = {region: root / "bundles" / region for region in student.regions}
+        export_regions(checkpoint, student.regions, bundles, overwrite=True, student=student, format="bundle")
+        text += (
+            f"\nMONAI bundles of the experts: {root / 'bundles'}/<region> (in a bundle folder: python -m "
+            "monai.bundle run --config_file configs/inference.json --image SCAN.nii.gz --output_dir OUT)."
+        )
     routing = None
     if kind == "cls" and student.router_summary is not None:
         routing = {**student.router_summary, "decided_on": "test run (one pipeline for every 2D region)"}

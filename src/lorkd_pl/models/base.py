@@ -314,15 +314,26 @@ class TaskModule(L.LightningModule):
             write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", task_summary(task, rows))
 
     # ------------------------------------------------------------------ optimisation
+    def steady_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained at the peak learning rate to the end (after the warm-up), outside the
+        cosine decay: heads that must keep up with features that move until the last step (the region
+        router of :class:`~lorkd_pl.models.lorkd.LoRKDModule`). None by default."""
+        return []
+
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW or SGD over the trainable parameters; linear warm-up then cosine decay, per step."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """AdamW or SGD over the trainable parameters; linear warm-up then cosine decay, per step
+        (:meth:`steady_parameters`: warm-up, then the peak rate)."""
+        steady = [p for p in self.steady_parameters() if p.requires_grad]
+        held = {id(p) for p in steady}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in held]}]
+        if steady:
+            groups.append({"params": steady})
         if self.hparams.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                params, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+                groups, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
             )
         else:
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams.warmup_steps, total - 1)
 
@@ -332,5 +343,9 @@ class TaskModule(L.LightningModule):
             progress = (step - warmup) / max(total - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        def steady_schedule(step: int) -> float:
+            return (step + 1) / (warmup + 1) if step < warmup else 1.0
+
+        schedules = [schedule, steady_schedule][: len(groups)]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -375,6 +375,11 @@ class LoRKDModule(TaskModule):
             with shared_weights(self.student):
                 return tapped_features(self.student, self.router_taps, images)
 
+    def steady_parameters(self) -> list[nn.Parameter]:
+        """The router's: its features move until the last step, so it keeps the peak learning rate
+        instead of decaying with the student (a decayed router would freeze on stale features)."""
+        return list(self.router.parameters()) if self.router is not None else []
+
     def router_logits(self, images: Tensor) -> Tensor:
         """Region logits ``(N, R)`` of images ``(N, C, *S)`` (windows of a volume: one row each)."""
         if self.router is None:
