@@ -53,8 +53,13 @@ def exported(tmp_path_factory):
     return student, checkpoint, folder / "experts"
 
 
-def test_exported_router_equals_the_students(exported) -> None:
-    student, _, experts = exported
+def test_exported_router_equals_the_students(exported, capsys) -> None:
+    student, checkpoint, experts = exported
+    assert main(["export", "--ckpt", str(checkpoint), "--dry-run"]) == 0
+    head = sum(p.numel() for p in student.router.parameters())
+    assert f"| region router: W0 + classifier ({head:,}) | {student.expert_free_parameters + head:,} |" in (
+        capsys.readouterr().out
+    )
     assert sorted(p.name for p in experts.iterdir()) == ["brain", "router", "thorax"]
     network, card = load_exported_router(experts / "router")
     assert card.regions == ["brain", "thorax"] and card.taps == student.router_taps
@@ -174,3 +179,36 @@ def test_auto_needs_a_router_or_a_tag(tmp_path) -> None:
              "--min-confidence", "1.5", "--out", str(tmp_path / "o")]
         )  # fmt: skip
     assert stop.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_2d_images_are_routed_by_the_router_on_their_pixels(tmp_path) -> None:
+    """Oracle: the student's router on the image prepared as in training (cls2d_transforms)."""
+    from lorkd_pl.data.transforms import cls2d_transforms
+    from lorkd_pl.registry import get_task
+    from test_export import CNN
+
+    torch.manual_seed(0)
+    data = MultiRegionDataModule(["demo_brain_cls", "demo_thorax_cls"], validate=False)
+    student = LoRKDModule(
+        task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=2, router_weight=1.0
+    ).eval()
+    checkpoint = save_checkpoint(student, tmp_path / "cls.ckpt")
+    main(["export", "--ckpt", str(checkpoint), "--all-regions", "--out", str(tmp_path / "experts")])
+    pngs = []
+    for region in ("brain", "thorax"):
+        array = np.asarray(get_task(f"demo_{region}_cls").records("test")[0]["image"])
+        pngs.append(tmp_path / f"{region}.png")
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(pngs[-1]))
+    written = predict_files(pngs, tmp_path / "experts", tmp_path / "out", region="auto", min_confidence=0.0)
+    with open(tmp_path / "out" / "routing.csv", newline="") as handle:
+        rows = {row["image"]: row for row in csv.DictReader(handle)}
+    for png in pngs:
+        x = cls2d_transforms(False, [28, 28], 1)({"image": str(png), "label": 0})["image"][None]
+        with torch.no_grad():
+            want = student.router_logits(x).softmax(1)[0]
+        row = rows[str(png)]
+        got = [float(row[f"p_{region}"]) for region in student.regions]
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+        assert row["region"] == student.regions[int(want.argmax())]
+    routed = {row["region"] for row in rows.values()}
+    assert {p.name for p in written} == {"routing.csv"} | {f"{r}_predictions.csv" for r in routed}

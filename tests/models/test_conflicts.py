@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -171,3 +172,28 @@ def test_a_generalist_has_shared_weights_only() -> None:
     cosine = records[0]["cosine"]
     torch.testing.assert_close(cosine, cosine.T)
     torch.testing.assert_close(torch.diagonal(cosine), torch.ones(3, dtype=torch.float64))
+
+
+def test_a_resumed_fit_continues_the_history(tmp_path) -> None:
+    def fit(steps: int, callback: GradientConflict, ckpt_path=None) -> L.Trainer:
+        L.seed_everything(0)
+        data = MultiRegionDataModule(TASKS, batch_size=12, cache="none", validate=False)
+        student = LoRKDModule(task_info=data.task_info, regions=data.region_names, backbone=CNN, rank=2)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=steps, logger=CSVLogger(tmp_path, name="logs"), callbacks=[callback],
+            limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(student, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    first = GradientConflict(every_n_steps=1, probe_samples_per_region=2)
+    trainer = fit(2, first)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    measured = sorted({r["step"] for r in first.records})
+    assert measured and max(measured) == 1
+    resumed = GradientConflict(every_n_steps=1, probe_samples_per_region=2)
+    trainer = fit(4, resumed, tmp_path / "step2.ckpt")
+    history = json.loads((Path(trainer.log_dir) / "conflicts.json").read_text())
+    steps = sorted({r["step"] for r in history["records"]})
+    assert steps[: len(measured)] == measured and steps[-1] == 3  # the earlier steps kept, then continued

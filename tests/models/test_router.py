@@ -86,8 +86,13 @@ def test_router_gradient_is_its_own_and_the_students_are_unchanged() -> None:
     final = oracle(batch["image"])
     for hook in hooks:
         hook.remove()
-    features = torch.cat([t for out in outputs for t in (out.mean((2, 3)), out.amax((2, 3)))] + [final], 1)
-    assert len(convs) == 4 and features.shape == (6, 2 * (4 + 4 + 8 + 8) + 8)
+    pooled = [t for out in outputs for t in (out.mean((2, 3)), out.amax((2, 3)))]
+    last = outputs[-1]  # the deepest layer's output (14×14), also averaged on a 2×2 grid by hand
+    cells = [last[:, :, i : i + 7, j : j + 7].mean((2, 3)) for i in (0, 7) for j in (0, 7)]
+    grid = torch.stack(cells, 2).flatten(1)  # (N, C·4), channel-major like adaptive pooling's flatten
+    features = torch.cat([*pooled[:-2], pooled[-2], pooled[-1], grid, final], 1)
+    assert routed.router_grid_taps == ["features.9"]  # the last conv at the deepest resolution
+    assert len(convs) == 4 and features.shape == (6, 2 * (4 + 4 + 8 + 8) + 8 * 4 + 8)
     logits = routed.router(features)
     loss = 0.5 * F.cross_entropy(logits, batch["region"])
     expected = torch.autograd.grad(loss, list(routed.router.parameters()))

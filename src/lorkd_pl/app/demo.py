@@ -278,7 +278,8 @@ def run_demo(
             "",
             f"Parameters: teacher {result['teacher']['params']:,}; plain-KD student "
             f"{result['plain_kd']['params']:,}; LoRKD student with all {len(student.regions)} experts and "
-            f"{len(student.heads)} heads {result['lorkd']['params_all_experts']:,}; one merged expert + its "
+            f"{len(student.heads)} heads {result['lorkd']['params_all_experts']:,} (+ region router "
+            f"classifier {result['lorkd']['params_router_head']:,}); one merged expert + its "
             f"head {min(merged):,}–{max(merged):,} (teacher / merged expert: "
             f"{result['size_ratio_teacher_to_merged_expert']:.1f}×). Fit time: "
             + ", ".join(f"{name} {timings[name]:.0f} s" for name in RUNS)
@@ -324,7 +325,9 @@ def kind_results(
         out[name] = {"mean": mean, "per_region": per_region, "fit_seconds": round(timings[name], 1)}
     out["teacher"]["params"] = count_parameters(teacher)
     out["plain_kd"]["params"] = count_parameters(plain)
-    out["lorkd"]["params_all_experts"] = count_parameters(student)
+    router = count_parameters(student.router) if getattr(student, "router", None) is not None else 0
+    out["lorkd"]["params_all_experts"] = count_parameters(student) - router  # experts, W0, heads
+    out["lorkd"]["params_router_head"] = router  # the router's classifier (it reads W0's features)
     out["lorkd"]["params_merged_expert"] = max(merged)
     out["size_ratio_teacher_to_merged_expert"] = count_parameters(teacher) / max(merged)
     return out

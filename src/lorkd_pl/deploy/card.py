@@ -218,7 +218,8 @@ class RouterCard:
         preprocessing: each region's input pipeline (the one its training samples had): a volume is
             prepared in every distinct pipeline and each region scored on its own one.
         backbone: ``{"class_path", "init_args"}`` of the backbone (the shared weights ``W0``).
-        taps: the backbone's layers whose pooled outputs the router reads (with the output).
+        taps: the backbone's layers whose pooled outputs the router reads (with the output);
+            ``grid_taps``: those also averaged on a coarse grid (the deepest ones).
         min_confidence: the default threshold of ``predict --region auto``.
         parameters, source_checkpoint, versions: as in :class:`ExpertCard`.
     """
@@ -228,6 +229,7 @@ class RouterCard:
     preprocessing: dict[str, Preprocessing]
     backbone: dict[str, Any]
     taps: list[str] = field(default_factory=list)
+    grid_taps: list[str] = field(default_factory=list)
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     parameters: int = 0
     source_checkpoint: dict[str, Any] = field(default_factory=dict)

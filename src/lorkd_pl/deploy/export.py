@@ -142,7 +142,9 @@ def router_network(student: LoRKDModule) -> RouterNetwork:
             "to route inputs by their content (--region auto)"
         )
     shared = strip_experts(student.student) if student.hparams.get("experts", True) else student.student
-    return RouterNetwork(copy.deepcopy(shared), copy.deepcopy(student.router), student.router_taps).eval()
+    return RouterNetwork(
+        copy.deepcopy(shared), copy.deepcopy(student.router), student.router_taps, student.router_grid_taps
+    ).eval()
 
 
 def router_card(student: LoRKDModule, network: nn.Module, source: dict[str, Any] | None = None) -> RouterCard:
@@ -159,6 +161,7 @@ def router_card(student: LoRKDModule, network: nn.Module, source: dict[str, Any]
         preprocessing=pipelines,
         backbone=dict(student.hparams.backbone) if student.hparams.get("backbone") else {},
         taps=list(student.router_taps),
+        grid_taps=list(student.router_grid_taps),
         parameters=count_parameters(network),
         source_checkpoint=dict(source or {}),
         versions=package_versions(),
@@ -509,10 +512,10 @@ def load_exported_router(folder: str | Path) -> tuple[RouterNetwork, RouterCard]
     first: Preprocessing = card.preprocessing[card.regions[0]]
     width = feature_channels(backbone, first.channels, first.patch_size)
     try:
-        features = tap_width(backbone, card.taps, width, card.kind)
+        features = tap_width(backbone, card.taps, width, card.kind, card.grid_taps)
     except AttributeError as error:  # a tap the backbone does not have
         raise ExportError(f"{card_path}: its taps do not match the backbone ({error})") from None
-    network = RouterNetwork(backbone, RegionRouter(features, len(card.regions)), card.taps)
+    network = RouterNetwork(backbone, RegionRouter(features, len(card.regions)), card.taps, card.grid_taps)
     try:
         network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
     except CheckpointError as error:
@@ -576,7 +579,7 @@ def size_report(checkpoint: str | Path, teacher: str | Path | None = None) -> st
         lines.append(f"| teacher ({recorded or 'unknown'}; pass --teacher PATH to count it) | | |")
     lines.append(
         f"| student, all {len(student.regions)} experts + {len(student.heads)} heads "
-        f"| {count_parameters(student):,} "
+        f"| {count_parameters(student) - (count_parameters(student.router) if student.router else 0):,} "
         f"| {Path(checkpoint).stat().st_size / 2**20:.2f} MiB (checkpoint incl. optimizer) |"
     )
     for region in student.regions:
@@ -585,6 +588,15 @@ def size_report(checkpoint: str | Path, teacher: str | Path | None = None) -> st
         torch.save(network.state_dict(), buffer)  # the size of its state_dict.pt
         lines.append(
             f"| merged expert: {region} | {count_parameters(network):,} "
+            f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
+        )
+    if student.router is not None:
+        network = router_network(student)
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)
+        head = count_parameters(network.router)
+        lines.append(
+            f"| region router: W0 + classifier ({head:,}) | {count_parameters(network):,} "
             f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
         )
     return "\n".join(lines)

@@ -278,6 +278,16 @@ class GradientConflict(L.Callback):
                  "cosine": [[float(v) for v in row] for row in matrix.tolist()]}
             )  # fmt: skip
 
+    def state_dict(self) -> dict[str, Any]:
+        """The history so far, saved in every checkpoint: a resumed fit continues it (the probe batch
+        itself is not saved, it can be large; after a resume it is collected anew)."""
+        return {"records": self.records, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the history of a checkpoint (see :meth:`state_dict`)."""
+        self.records = list(state_dict.get("records", []))
+        self.last_step = int(state_dict.get("last_step", -1))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: it broadcasts under DDP
         if trainer.is_global_zero and log_dir and self.records:

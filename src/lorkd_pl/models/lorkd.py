@@ -45,6 +45,7 @@ from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
 from lorkd_pl.models.router import (
     RegionRouter,
+    deepest_taps,
     tap_names,
     tap_width,
     tapped_features,
@@ -210,10 +211,15 @@ class LoRKDModule(TaskModule):
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
         self.router: RegionRouter | None = None
         self.router_taps: list[str] = []
+        self.router_grid_taps: list[str] = []
         if router_weight > 0 and len(self.regions) > 1:  # one region: nothing to route
             # drawn from a forked random stream: the student's initialisation stays the same
             self.router_taps = tap_names(self.student)
-            features = tap_width(self.student, self.router_taps, width, self.kind)
+            probe = torch.zeros(1, in_channels, *self.tasks[0]["patch_size"])
+            self.router_grid_taps = deepest_taps(
+                self.student, self.router_taps, lambda: self.router_features(probe, grid=False)
+            )
+            features = tap_width(self.student, self.router_taps, width, self.kind, self.router_grid_taps)
             with torch.random.fork_rng(devices=[]):
                 self.router = RegionRouter(features, len(self.regions))
         # routing accuracy per stage (torchmetrics: reduced across processes) and the test confusion
@@ -358,7 +364,7 @@ class LoRKDModule(TaskModule):
         with expert_routing(self.student, region):
             return self.student(images)
 
-    def router_features(self, images: Tensor) -> Tensor:
+    def router_features(self, images: Tensor, grid: bool = True) -> Tensor:
         """Pooled features of the shared weights ``W0`` alone (every expert off), in eval mode, without
         gradient: what the region router reads, in training as at inference
         (:func:`~lorkd_pl.models.router.tapped_features`).
@@ -369,11 +375,12 @@ class LoRKDModule(TaskModule):
         Returns:
             ``(N, D)``.
         """
+        grid_taps = self.router_grid_taps if grid else ()
         with torch.no_grad(), module_mode(self.student, False):
             if not self.hparams.get("experts", True):
-                return tapped_features(self.student, self.router_taps, images)
+                return tapped_features(self.student, self.router_taps, images, grid_taps)
             with shared_weights(self.student):
-                return tapped_features(self.student, self.router_taps, images)
+                return tapped_features(self.student, self.router_taps, images, grid_taps)
 
     def steady_parameters(self) -> list[nn.Parameter]:
         """The router's: its features move until the last step, so it keeps the peak learning rate

@@ -2,7 +2,8 @@
 
 Every expert needs its region at inference, but NIfTI files carry none and the DICOM
 ``BodyPartExamined`` tag is often missing or wrong. The router is a small classifier on the pooled
-features of the shared backbone (the output and every convolution's output, mean and max over space)
+features of the shared backbone (the output and every convolution's output, mean and max over space;
+the deepest convolution's output also on a coarse 2-per-axis grid, which keeps the layout)
 with the shared weights ``W0`` ONLY (no expert: the region is what it
 must find), trained in the same fit as the experts (``model.init_args.router_weight > 0``).
 
@@ -18,9 +19,11 @@ probabilities averaged over the volume (each voxel weighted by the windows cover
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
@@ -51,40 +54,96 @@ def tap_names(network: nn.Module) -> list[str]:
     return names
 
 
-def tap_width(network: nn.Module, taps: Sequence[str], out_channels: int, kind: str) -> int:
+#: Cells per axis of the coarse grid the deepest taps are also averaged on (their layout).
+GRID = 2
+
+
+def _spatial_dims(module: nn.Module) -> int:
+    return len(getattr(module, "base_layer", module).kernel_size)
+
+
+def deepest_taps(network: nn.Module, taps: Sequence[str], run: Callable[[], object]) -> list[str]:
+    """The last tap (in forward order) among those whose outputs have the fewest spatial elements — the
+    network's deepest layer — from one forward (``run``); its output is also averaged on a
+    ``GRID``-per-axis grid, which keeps the coarse layout of the input (where the organs lie) that global
+    pooling loses. Empty when that output is smaller than the grid.
+
+    Args:
+        network: the backbone.
+        taps: its tapped layers (:func:`tap_names`).
+        run: one forward of ``network`` on an input of the training patch (whatever routing it needs).
+    """
+    sizes: dict[str, int] = {}
+
+    def measure(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:  # returns None: output kept
+            sizes.setdefault(name, math.prod(output.shape[2:]))
+
+        return hook
+
+    handles = [network.get_submodule(name).register_forward_hook(measure(name)) for name in taps]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not sizes:
+        return []
+    smallest = min(sizes.values())
+    deepest = [name for name, size in sizes.items() if size == smallest]  # in the order they ran
+    last = deepest[-1]
+    return [last] if smallest >= GRID ** _spatial_dims(network.get_submodule(last)) else []
+
+
+def tap_width(
+    network: nn.Module, taps: Sequence[str], out_channels: int, kind: str, grid_taps: Sequence[str] = ()
+) -> int:
     """Length of the pooled feature vector :func:`tapped_features` returns."""
     width = 0
     for name in taps:
         module = network.get_submodule(name)
-        width += 2 * int(getattr(module, "base_layer", module).out_channels)
+        channels = int(getattr(module, "base_layer", module).out_channels)
+        width += 2 * channels + (channels * GRID ** _spatial_dims(module) if name in grid_taps else 0)
     return width + (2 * out_channels if kind == "seg3d" else out_channels)
 
 
-def pool(tensor: Tensor) -> Tensor:
-    """``(N, C, *S)`` → ``(N, 2C)``: mean and max over space; ``(N, C)`` stays as it is."""
+def pool(tensor: Tensor, grid: bool = False) -> Tensor:
+    """``(N, C, *S)`` → ``(N, 2C)``: mean and max over space (with ``grid``, then the means of the
+    ``GRID``-per-axis cells too: ``(N, 2C + C·GRID^d)``); ``(N, C)`` stays as it is."""
     if tensor.ndim <= 2:
         return tensor
     flat = tensor.flatten(2)
-    return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
+    parts = [flat.mean(2), flat.amax(2)]
+    if grid:
+        adaptive = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[tensor.ndim - 3]
+        parts.append(adaptive(tensor, GRID).flatten(1))
+    return torch.cat(parts, dim=1)
 
 
-def tapped_features(network: nn.Module, taps: Sequence[str], images: Tensor) -> Tensor:
+def tapped_features(
+    network: nn.Module, taps: Sequence[str], images: Tensor, grid_taps: Sequence[str] = ()
+) -> Tensor:
     """One forward of ``network``; the pooled outputs of its ``taps`` and of the network, concatenated.
 
     Args:
         network: the backbone (whatever routing or mode the caller set).
         taps: layer names (:func:`tap_names`).
         images: ``(N, C, *S)``.
+        grid_taps: the taps also averaged on the coarse grid (:func:`deepest_taps`).
 
     Returns:
         ``(N, D)``, D = :func:`tap_width`.
     """
     pooled: list[Tensor] = []
 
-    def keep(_module: nn.Module, _inputs: object, output: Tensor) -> None:
-        pooled.append(pool(output))
+    def keep(grid: bool) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:  # returns None: output kept
+            pooled.append(pool(output, grid))
 
-    handles = [network.get_submodule(name).register_forward_hook(keep) for name in taps]
+        return hook
+
+    handles = [network.get_submodule(name).register_forward_hook(keep(name in grid_taps)) for name in taps]
     try:
         output = network(images)
     finally:
@@ -120,15 +179,18 @@ class RouterNetwork(nn.Module):
         ``(N, C, *S) → (N, R)`` region logits (one per window for a 3D volume's sliding windows).
     """
 
-    def __init__(self, backbone: nn.Module, router: nn.Module, taps: Sequence[str]) -> None:
+    def __init__(
+        self, backbone: nn.Module, router: nn.Module, taps: Sequence[str], grid_taps: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.router = router
         self.taps = list(taps)
+        self.grid_taps = list(grid_taps)
 
     def forward(self, images: Tensor) -> Tensor:
         """``images`` ``(N, C, *S)`` → ``(N, R)`` region logits."""
-        return self.router(tapped_features(self.backbone, self.taps, images))
+        return self.router(tapped_features(self.backbone, self.taps, images, self.grid_taps))
 
 
 def volume_probabilities(
