@@ -191,3 +191,25 @@ def test_taps_are_the_convolutions_once_each() -> None:
 def test_router_weight_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="router_weight"):
         _student(-1.0)
+
+
+def test_router_learns_from_the_last_batches_features() -> None:
+    """Oracle: cross-entropy over the features of the last ROUTER_REPLAY batches, computed by hand."""
+    from lorkd_pl.models.lorkd import ROUTER_REPLAY
+
+    student = _student(1.0).train()
+    seen = []  # each batch's features as they were at its step (BatchNorm statistics move)
+    for seed in range(ROUTER_REPLAY + 2):
+        torch.manual_seed(seed)
+        batch = _batch(student)
+        batch["image"] = torch.randn_like(batch["image"])
+        student.zero_grad()
+        student.training_step(batch, seed).backward()  # no optimiser step: the weights stay
+        # the router read them after the step's own forward had updated the BatchNorm statistics
+        seen.append((student.router_features(batch["image"]), batch["region"]))
+    kept = seen[-ROUTER_REPLAY:]
+    features = torch.cat([f for f, _ in kept])
+    loss = F.cross_entropy(student.router(features), torch.cat([r for _, r in kept]))
+    expected = torch.autograd.grad(loss, list(student.router.parameters()))
+    for (name, p), want in zip(student.router.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7, msg=name)

@@ -320,6 +320,10 @@ class TaskModule(L.LightningModule):
         router of :class:`~lorkd_pl.models.lorkd.LoRKDModule`). None by default."""
         return []
 
+    def steady_learning_rate(self) -> float:
+        """The peak learning rate of :meth:`steady_parameters` (default: ``lr``)."""
+        return float(self.hparams.lr)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW or SGD over the trainable parameters; linear warm-up then cosine decay, per step
         (:meth:`steady_parameters`: warm-up, then the peak rate)."""
@@ -327,7 +331,7 @@ class TaskModule(L.LightningModule):
         held = {id(p) for p in steady}
         groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in held]}]
         if steady:
-            groups.append({"params": steady})
+            groups.append({"params": steady, "lr": self.steady_learning_rate()})
         if self.hparams.optimizer == "sgd":
             optimizer = torch.optim.SGD(
                 groups, lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay

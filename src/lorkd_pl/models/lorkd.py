@@ -56,6 +56,10 @@ from lorkd_pl.models.teacher_spec import TeacherSpec, parse_teacher
 from lorkd_pl.registry import check_ranges
 
 KDKind = Literal["logits", "features", "both", "none"]
+#: The router learns from the features of the last this many training batches (the current one and
+#: the earlier ones, kept without gradient): more passes over recent features for the small classifier
+#: at no cost to the student.
+ROUTER_REPLAY = 8
 DEFAULT_RANK = 8
 
 
@@ -136,6 +140,8 @@ class LoRKDModule(TaskModule):
             Its gradient reaches the router's own parameters only (the features it reads are
             computed without gradient), so the student trains exactly as without it; under Adam(W)
             any weight > 0 trains it alike, under SGD the weight scales its step.
+        router_lr: the router's learning rate, held after the warm-up (its features move until the last
+            step); default ``lr``.
         optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size, nonfinite_loss: see
             :class:`TaskModule`.
     """
@@ -163,6 +169,7 @@ class LoRKDModule(TaskModule):
         kd_weight: float = 1.0,
         temperature: float = 1.0,
         router_weight: float = 0.0,
+        router_lr: float | None = None,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-2,
@@ -180,6 +187,7 @@ class LoRKDModule(TaskModule):
                 ("kd_weight", lambda v: v >= 0, ">= 0"),
                 ("temperature", lambda v: v > 0, "> 0"),
                 ("router_weight", lambda v: v >= 0, ">= 0 (0 trains no region router)"),
+                ("router_lr", lambda v: v is None or v > 0, "> 0 (or null: the model's lr)"),
             ],
         )
         spec = parse_teacher(teacher, teacher_model)
@@ -276,6 +284,7 @@ class LoRKDModule(TaskModule):
         """Load the teacher and check it before the first step: live, its class mapping and output
         convention on a training crop; cached, build the missing targets (each process its shard,
         then all wait). Optionally copy a generalist teacher into the student."""
+        self.__dict__["_router_bank"] = []  # the router's replay starts with this fit
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.use_teacher_targets(None)
@@ -387,6 +396,10 @@ class LoRKDModule(TaskModule):
         instead of decaying with the student (a decayed router would freeze on stale features)."""
         return list(self.router.parameters()) if self.router is not None else []
 
+    def steady_learning_rate(self) -> float:
+        """``router_lr`` (default ``lr``)."""
+        return float(self.hparams.get("router_lr") or self.hparams.lr)
+
     def router_logits(self, images: Tensor) -> Tensor:
         """Region logits ``(N, R)`` of images ``(N, C, *S)`` (windows of a volume: one row each)."""
         if self.router is None:
@@ -457,9 +470,14 @@ class LoRKDModule(TaskModule):
         loss = task_loss + self.hparams.kd_weight * distillation
         size = images.shape[0]
         if self.router is not None and not getattr(self, "probing", False):
-            region_logits = self.router_logits(images).float()
-            router_loss = F.cross_entropy(region_logits, batch["region"])
+            features = self.router_features(images)
+            bank = self.__dict__.setdefault("_router_bank", [])  # not state: a resume starts it anew
+            bank.append((features, batch["region"]))
+            del bank[:-ROUTER_REPLAY]
+            replay = torch.cat([f for f, _ in bank]), torch.cat([r for _, r in bank])
+            router_loss = F.cross_entropy(self.router(replay[0]).float(), replay[1])
             loss = loss + self.hparams.router_weight * router_loss
+            region_logits = self.router(features).float()
             accuracy = (region_logits.argmax(1) == batch["region"]).float().mean()
             self.log_dict(
                 {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
