@@ -4,6 +4,7 @@ DICOM tag or the router names, and an unsure router stops the run instead of gue
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pydicom
@@ -17,7 +18,7 @@ from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.transforms import seg3d_preprocessing
 from lorkd_pl.deploy.export import load_exported_router
 from lorkd_pl.deploy.predict import PredictError, predict_files
-from lorkd_pl.deploy.routing import body_part_region, router_probabilities
+from lorkd_pl.deploy.routing import RoutingError, body_part_region, route_inputs, router_probabilities
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.router import volume_probabilities
 from test_predict import NIFTI, UNET, dicom_series
@@ -88,9 +89,19 @@ def test_router_probabilities_score_each_region_in_its_own_pipeline(exported) ->
         with torch.no_grad():
             p = volume_probabilities(student.router_logits, x["image"][None], task["patch_size"], 2)[0]
         scores[region] = float(p[student.regions.index(region)])
-    total = sum(scores.values())
     for region in scores:
-        assert got[region] == pytest.approx(scores[region] / total, rel=1e-4)
+        assert got[region] == pytest.approx(scores[region], rel=1e-4)
+
+
+def test_an_unsure_router_never_passes_by_normalisation_or_nan() -> None:
+    rows = [{"image": "a.nii.gz"}]
+    # 0.05 / 0.01 on their own pipelines: 0.83 of the total, but the router rejects brain on its own
+    with pytest.raises(RoutingError, match=r"a.nii.gz: brain 0.83, thorax 0.17 \(own-pipeline brain 0.05\)"):
+        route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": 0.05, "thorax": 0.01}, 0.6)
+    with pytest.raises(RoutingError, match="not confident enough"):
+        route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": math.nan, "thorax": math.nan}, 0.6)
+    (routed,) = route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": 0.9, "thorax": 0.1}, 0.6)
+    assert (routed.region, routed.confidence) == ("brain", pytest.approx(0.9))
 
 
 def _biased_export(tmp_path, bias) -> tuple:
@@ -115,9 +126,8 @@ def test_auto_region_predicts_with_the_routed_expert(tmp_path, capsys) -> None:
     with open(tmp_path / "auto" / "routing.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["region"] == "thorax" and row["decided_by"] == "router"
-    assert float(row["p_thorax"]) > 0.999 and float(row["confidence"]) == pytest.approx(
-        float(row["p_thorax"])
-    )
+    assert float(row["p_thorax"]) > 0.999  # the share among the regions; the confidence is the smaller
+    assert float(row["confidence"]) == pytest.approx(float(row["p_thorax"]), abs=1e-4)  # of it and its own
     # the same from the checkpoint itself (each expert merged in memory)
     predict_files([NIFTI], checkpoint, tmp_path / "from_ckpt", region="auto")
     from_ckpt = sitk.ReadImage(str(tmp_path / "from_ckpt" / name))

@@ -388,7 +388,7 @@ def test_names_that_look_trusted_but_are_not(student_checkpoint, tmp_path, capsy
     assert not marker.exists()
 
 
-def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monkeypatch) -> None:
+def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monkeypatch, capsys) -> None:
     data = torch.load(student_checkpoint, weights_only=True)
     data["hyper_parameters"] = {**data["hyper_parameters"], "teacher": str(tmp_path / "their_teacher.ckpt")}
     torch.save(data, tmp_path / "theirs.ckpt")
@@ -406,5 +406,9 @@ def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monke
         "--ckpt_path",
         str(tmp_path / "theirs.ckpt"),
     ]
+    with pytest.raises(SystemExit):  # the packaged config trains a router; this checkpoint has none
+        main(args)
+    assert "trained without a region router" in capsys.readouterr().err
+    args.insert(3, "--model.init_args.router_weight=0")
     assert main(args) == 0
     assert built[0].model.hparams.teacher is None  # the user's config, not the file

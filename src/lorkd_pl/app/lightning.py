@@ -246,12 +246,19 @@ class LorkdCLI(LightningCLI):
             if "Error(s) in loading state_dict" not in str(error):
                 raise
             first = str(error).strip().splitlines()
-            earlier = (
-                "; a LoRKD student from an earlier lorkd-pl, whose transposed convolutions carried no "
-                "experts: add --model.init_args.transposed_convs=false"
-                if "Missing key(s)" in str(error) and ".expert_" in str(error)
-                else ""
-            )
+            earlier = ""
+            if "Missing key(s)" in str(error) and ".expert_" in str(error):
+                earlier = (
+                    "; a LoRKD student from an earlier lorkd-pl, whose transposed convolutions carried no "
+                    "experts: add --model.init_args.transposed_convs=false"
+                )
+            elif "Missing key(s)" in str(error) and '"router.' in str(error):
+                earlier = (
+                    "; it was trained without a region router (the packaged LoRKD configs now train one): "
+                    "add --model.init_args.router_weight=0"
+                )
+            elif "Unexpected key(s)" in str(error) and '"router.' in str(error):
+                earlier = "; it has a region router: set model.init_args.router_weight > 0 (e.g. 1.0)"
             raise CheckpointError(
                 "the checkpoint's weights do not fit the configured model "
                 f"({' '.join(first[1:2]).strip()[:200]}); use the model config it was trained with "

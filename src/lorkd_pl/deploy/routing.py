@@ -7,9 +7,10 @@ For every input, in this order:
    exported regions (compared without case and punctuation, ``HEAD_NECK`` = ``headneck``) or one of the
    DICOM defined terms of :data:`BODY_PART_REGIONS` that maps onto one (``CHEST`` → ``thorax``);
 3. the region router (:mod:`lorkd_pl.models.router`): each region scored on the input prepared with
-   that region's own pipeline (3D: window by window, averaged over the volume). Below the minimum
-   confidence the run stops before any prediction, naming the input and its top regions with their
-   probabilities: never a silent guess.
+   that region's own pipeline (3D: window by window, averaged over the volume), the scores normalised
+   over the regions. The confidence is the smaller of the top region's normalised score and its own
+   probability; below the minimum confidence the run stops before any prediction, naming the input
+   and its top regions with their probabilities: never a silent guess.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ class Routed:
         image: the input.
         region: the chosen region.
         decided_by: ``"manifest"``, ``"DICOM BodyPartExamined=<tag>"`` or ``"router"``.
-        confidence: the router's probability of ``region`` (``None`` when the router was not asked).
-        probabilities: the router's probability of every region (empty when not asked).
+        confidence: the smaller of ``region``'s normalised probability and its probability on its
+            own pipeline (``None`` when the router was not asked).
+        probabilities: the router's normalised probability of every region (empty when not asked).
     """
 
     image: str
@@ -124,17 +126,21 @@ def _pipeline_key(prep: Preprocessing, kind: str) -> tuple[Any, ...]:
 def router_probabilities(
     network: Callable[[Tensor], Tensor], card: RouterCard, image: str, device: str = "cpu"
 ) -> dict[str, float]:
-    """The router's probability of every region for one input file.
+    """The router's probability of every region for one input file, each on its own pipeline.
 
-    The input is prepared once per distinct pipeline of the card; region ``r``'s score is its
-    probability on the input prepared with ``r``'s own pipeline (what the router saw of ``r`` in
-    training); the scores are normalised to sum to 1 (with one pipeline: the router's softmax itself).
+    The input is prepared once per distinct pipeline of the card; region ``r``'s score is the router's
+    probability of ``r`` on the input prepared with ``r``'s own pipeline (what the router saw of ``r``
+    in training). With one pipeline these are the router's softmax itself; with several they need not
+    sum to 1 (:func:`route_inputs` normalises them and gates on both).
 
     Args:
         network: ``(n, C, *S) → (n, R)`` region logits (an exported router or a student's).
         card: the router's card.
         image: a file or a DICOM series folder.
         device: where the network runs.
+
+    Raises:
+        RoutingError: for an input with NaN or infinite values.
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for region in card.regions:
@@ -146,15 +152,20 @@ def router_probabilities(
             if card.kind == "seg3d":
                 steps = seg3d_preprocessing(["image"], prep.modality or "other", prep.spacing)
                 x = mt.Compose(steps)({"image": image})["image"][None].float().to(device)
-                probabilities = volume_probabilities(network, x, prep.patch_size, prep.sw_batch_size)[0]
             else:
                 transform = cls2d_transforms(False, prep.patch_size, prep.channels)
                 x = transform({"image": image, "label": 0})["image"][None].float().to(device)
+            if not torch.isfinite(x).all():
+                raise RoutingError(
+                    f"{image} holds NaN or infinite values; fix or drop it (nothing was predicted)"
+                )
+            if card.kind == "seg3d":
+                probabilities = volume_probabilities(network, x, prep.patch_size, prep.sw_batch_size)[0]
+            else:
                 probabilities = network(x).float().softmax(1)[0]
             for region in members:
                 scores[region] = float(probabilities[card.regions.index(region)])
-    total = sum(scores.values()) or 1.0
-    return {region: scores[region] / total for region in card.regions}
+    return {region: scores[region] for region in card.regions}
 
 
 def describe_top(probabilities: Mapping[str, float], count: int = 3) -> str:
@@ -196,11 +207,17 @@ def route_inputs(
         if router is None:
             unrouted.append(image)
             continue
-        probabilities = router(image)
+        scores = router(image)  # each region on its own pipeline
+        total = sum(scores.values())
+        probabilities = {r: v / total for r, v in scores.items()} if total > 0 else dict(scores)
         best = max(probabilities, key=probabilities.__getitem__)
-        if probabilities[best] < min_confidence:
-            unsure.append(f"{image}: {describe_top(probabilities)}")
-        decided.append(Routed(image, best, "router", probabilities[best], probabilities))
+        # both the share among the regions AND the region's own probability must reach the threshold
+        # (normalising across pipelines alone could make a router that rejects every region look sure);
+        # a NaN never passes
+        confidence = min(probabilities[best], scores[best])
+        if not confidence >= min_confidence:
+            unsure.append(f"{image}: {describe_top(probabilities)} (own-pipeline {best} {scores[best]:.2f})")
+        decided.append(Routed(image, best, "router", confidence, probabilities))
     if unrouted:
         raise RoutingError(
             f"no region router in this export and no known DICOM BodyPartExamined for {unrouted[:3]}"
