@@ -222,3 +222,21 @@ def test_2d_images_are_routed_by_the_router_on_their_pixels(tmp_path) -> None:
         assert row["region"] == student.regions[int(want.argmax())]
     routed = {row["region"] for row in rows.values()}
     assert {p.name for p in written} == {"routing.csv"} | {f"{r}_predictions.csv" for r in routed}
+
+
+def test_experts_and_router_of_different_checkpoints_are_refused(exported, tmp_path) -> None:
+    import shutil
+
+    _, _, experts = exported
+    _, _, other = _biased_export(tmp_path, (0.0, 0.0))  # another checkpoint
+    mixed = tmp_path / "mixed"
+    shutil.copytree(experts, mixed)
+    shutil.rmtree(mixed / "router")
+    shutil.copytree(other / "router", mixed / "router")  # a router left from another export
+    with pytest.raises(PredictError, match="come from different checkpoints"):
+        predict_files([NIFTI], mixed, tmp_path / "out", region="auto")
+    shutil.rmtree(mixed / "router")
+    shutil.copytree(experts / "brain", mixed / "brain_copy")
+    with pytest.raises(PredictError, match="two experts of region 'brain'"):
+        predict_files([NIFTI], mixed, tmp_path / "out", region="auto")
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,14 @@ from monai.networks.nets import UNet
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.experts import expert_routing, inject_experts, shared_weights, strip_experts
 from lorkd_pl.models.lorkd import LoRKDModule
-from lorkd_pl.models.router import RegionRouter, tap_names, tap_width, tapped_features, volume_probabilities
+from lorkd_pl.models.router import (
+    RegionRouter,
+    tap_names,
+    tap_width,
+    tapped_features,
+    volume_probabilities,
+    window_starts,
+)
 
 TASKS = ["demo_abdomen_cls", "demo_brain_cls", "demo_thorax_cls"]
 CNN = {
@@ -175,6 +182,14 @@ def test_volume_probabilities_average_the_windows() -> None:
         expected = torch.stack([logits(w).softmax(1)[0] for w in windows]).mean(0)
     torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-6)
     assert math.isclose(float(got.sum()), 1.0, rel_tol=1e-5)
+    assert window_starts(10, 4) == [0, 4, 6] and window_starts(8, 4) == [0, 4] and window_starts(3, 4) == [0]
+    small = torch.randn(2, 1, 3, 6, 4)  # smaller than the window along x: zero-padded 0 | 1, as MONAI
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(small, (0, 0, 0, 0, 0, 1))
+        want = torch.stack([logits(padded[:, :, :, j : j + 3]).softmax(1) for j in (0, 3)]).mean(0)
+        torch.testing.assert_close(
+            volume_probabilities(logits, small, (4, 3, 4), 1), want, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_taps_are_the_convolutions_once_each() -> None:

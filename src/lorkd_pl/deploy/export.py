@@ -521,7 +521,8 @@ def load_exported_router(folder: str | Path) -> tuple[RouterNetwork, RouterCard]
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except RuntimeError as error:
-        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {error}") from None
+        first = " ".join(str(error).strip().splitlines()[:2])[:300]
+        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {first}") from None
     return network.eval(), card
 
 
@@ -552,7 +553,8 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except RuntimeError as error:  # keys or shapes do not match the card
-        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {error}") from None
+        first = " ".join(str(error).strip().splitlines()[:2])[:300]
+        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {first}") from None
     return network.eval(), card
 
 

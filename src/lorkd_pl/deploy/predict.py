@@ -538,7 +538,13 @@ def load_routed_source(source: str | Path, device: str = "cpu") -> tuple[dict[st
                 if folder.name == ROUTER_FOLDER:
                     continue
                 network, card = load_exported(folder)
-                experts[card.region or folder.name] = Expert(network.to(device), card)
+                region = card.region or folder.name
+                if region in experts:
+                    raise PredictError(
+                        f"{source} holds two experts of region {region!r} ({folder.name} and another); keep "
+                        "one export per region in the folder given to --region auto"
+                    )
+                experts[region] = Expert(network.to(device), card)
             if not experts:
                 raise PredictError(
                     f"{source} holds no exported experts (<region>/metadata.json); run "
@@ -548,6 +554,15 @@ def load_routed_source(source: str | Path, device: str = "cpu") -> tuple[dict[st
             if (source / ROUTER_FOLDER).is_dir():
                 network, card = load_exported_router(source / ROUTER_FOLDER)
                 router = Router(network.to(device), card)
+            sources = {e.card.source_checkpoint.get("sha256") for e in experts.values()}
+            if router is not None:
+                sources.add(router.card.source_checkpoint.get("sha256"))
+            if len(sources) > 1:
+                raise PredictError(
+                    f"the experts{' and the router' if router else ''} in {source} come from different "
+                    "checkpoints (their cards' source_checkpoint sha256 differ); export them together "
+                    "(lorkd-pl export --all-regions) into an empty folder"
+                )
             return experts, router
         module, _ = load_module(source, ("LoRKDModule",))
         described = {"path": str(source), "sha256": sha256sum(source)}

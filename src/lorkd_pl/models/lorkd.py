@@ -223,9 +223,11 @@ class LoRKDModule(TaskModule):
         if router_weight > 0 and len(self.regions) > 1:  # one region: nothing to route
             # drawn from a forked random stream: the student's initialisation stays the same
             self.router_taps = tap_names(self.student)
-            probe = torch.zeros(1, in_channels, *self.tasks[0]["patch_size"])
             self.router_grid_taps = deepest_taps(
-                self.student, self.router_taps, lambda: self.router_features(probe, grid=False)
+                self.student,
+                self.router_taps,
+                lambda size: self.router_features(torch.zeros(1, in_channels, *size), grid=False),
+                self.tasks[0]["patch_size"],
             )
             features = tap_width(self.student, self.router_taps, width, self.kind, self.router_grid_taps)
             with torch.random.fork_rng(devices=[]):
@@ -477,8 +479,8 @@ class LoRKDModule(TaskModule):
             replay = torch.cat([f for f, _ in bank]), torch.cat([r for _, r in bank])
             router_loss = F.cross_entropy(self.router(replay[0]).float(), replay[1])
             loss = loss + self.hparams.router_weight * router_loss
-            region_logits = self.router(features).float()
-            accuracy = (region_logits.argmax(1) == batch["region"]).float().mean()
+            with torch.no_grad():
+                accuracy = (self.router(features).argmax(1) == batch["region"]).float().mean()
             self.log_dict(
                 {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
             )

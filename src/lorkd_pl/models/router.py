@@ -13,18 +13,17 @@ without it, BatchNorm statistics and the random stream are untouched. Only the r
 parameters learn from its loss (cross-entropy on the samples' regions).
 
 3D volumes are routed window by window (the training patch, as the experts see them) and the region
-probabilities averaged over the volume (each voxel weighted by the windows covering it):
-:func:`volume_probabilities`.
+probabilities averaged over the windows: :func:`volume_probabilities`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 #: Hidden width of the router's two-layer classifier.
@@ -62,38 +61,52 @@ def _spatial_dims(module: nn.Module) -> int:
     return len(getattr(module, "base_layer", module).kernel_size)
 
 
-def deepest_taps(network: nn.Module, taps: Sequence[str], run: Callable[[], object]) -> list[str]:
+def deepest_taps(
+    network: nn.Module, taps: Sequence[str], run: Callable[[Tensor], object], patch_size: Sequence[int]
+) -> list[str]:
     """The last tap (in forward order) among those whose outputs have the fewest spatial elements — the
-    network's deepest layer — from one forward (``run``); its output is also averaged on a
-    ``GRID``-per-axis grid, which keeps the coarse layout of the input (where the organs lie) that global
-    pooling loses. Empty when that output is smaller than the grid.
+    network's deepest layer; its output is also averaged on a ``GRID``-per-axis grid, which keeps the
+    coarse layout of the input (where the organs lie) that global pooling loses. Empty when that output
+    is smaller than the grid at the training patch.
+
+    Found from one forward (``run(images)``) on a small input first (at most 64 per axis: cheap for a
+    large network), on the patch itself if the network refuses it (e.g. UNETR's fixed size).
 
     Args:
         network: the backbone.
         taps: its tapped layers (:func:`tap_names`).
-        run: one forward of ``network`` on an input of the training patch (whatever routing it needs).
+        run: one forward of ``network`` on ``(1, C, *size)`` zeros (whatever routing it needs).
+        patch_size: the training patch.
     """
-    sizes: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def measure(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:  # returns None: output kept
-            sizes.setdefault(name, math.prod(output.shape[2:]))
+            shapes.setdefault(name, tuple(output.shape[2:]))
 
         return hook
 
+    patch = [int(p) for p in patch_size]
+    probe = [min(p, 64) for p in patch]
     handles = [network.get_submodule(name).register_forward_hook(measure(name)) for name in taps]
     try:
         with torch.no_grad():
-            run()
+            try:
+                run(probe)
+            except (RuntimeError, ValueError, AssertionError):
+                shapes.clear()
+                probe = patch
+                run(probe)
     finally:
         for handle in handles:
             handle.remove()
-    if not sizes:
+    if not shapes:
         return []
-    smallest = min(sizes.values())
-    deepest = [name for name, size in sizes.items() if size == smallest]  # in the order they ran
-    last = deepest[-1]
-    return [last] if smallest >= GRID ** _spatial_dims(network.get_submodule(last)) else []
+    smallest = min(math.prod(shape) for shape in shapes.values())
+    last = [name for name, shape in shapes.items() if math.prod(shape) == smallest][-1]  # in the order run
+    # its size at the training patch (a probe smaller than the patch scales every axis down alike)
+    at_patch = [size * p // q for size, p, q in zip(shapes[last], patch, probe, strict=False)]
+    return [last] if all(size >= GRID for size in at_patch) else []
 
 
 def tap_width(
@@ -193,13 +206,22 @@ class RouterNetwork(nn.Module):
         return self.router(tapped_features(self.backbone, self.taps, images, self.grid_taps))
 
 
+def window_starts(size: int, window: int) -> list[int]:
+    """Start of every window along one axis: non-overlapping from 0, the last one flush with the end
+    (MONAI's sliding-window grid at overlap 0)."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, window))
+    return starts + ([size - window] if starts[-1] != size - window else [])
+
+
 def volume_probabilities(
     logits: Callable[[Tensor], Tensor], images: Tensor, roi_size: Sequence[int], sw_batch_size: int = 4
 ) -> Tensor:
-    """Region probabilities of whole volumes: the router's window probabilities averaged over the volume.
-
-    MONAI's sliding window (no overlap, constant weighting) spreads every window's probabilities over
-    its voxels; their mean over the volume weights each window by the voxels it alone covers.
+    """Region probabilities of whole volumes: the mean of the router's probabilities over the volume's
+    windows (the training patch; non-overlapping, the last one per axis flush with the end; a volume
+    smaller than the window is zero-padded, as MONAI's sliding window does). Nothing of the volume's
+    size is kept on the device but the windows of one forward.
 
     Args:
         logits: ``(n, C, *roi) → (n, R)`` region logits of windows.
@@ -210,14 +232,26 @@ def volume_probabilities(
     Returns:
         ``(N, R)`` float32 probabilities (rows sum to 1).
     """
-
-    def spread(windows: Tensor) -> Tensor:
-        probabilities = logits(windows).float().softmax(1)  # (n, R)
-        view = probabilities[(...,) + (None,) * (windows.ndim - 2)]
-        return view.expand(-1, -1, *windows.shape[2:]).contiguous()  # MONAI scales it in place
-
-    maps = sliding_window_inference(
-        images, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=spread, overlap=0.0
+    roi = [int(r) for r in roi_size]
+    padding: list[int] = []
+    for size, window in zip(reversed(images.shape[2:]), reversed(roi), strict=True):
+        missing = max(window - size, 0)
+        padding += [missing // 2, missing - missing // 2]
+    images = F.pad(images, padding) if any(padding) else images
+    corners = list(
+        itertools.product(*[window_starts(s, w) for s, w in zip(images.shape[2:], roi, strict=True)])
     )
-    assert isinstance(maps, Tensor)
-    return maps.float().flatten(2).mean(2)
+    out = []
+    for volume in images:
+        total = None
+        for first in range(0, len(corners), sw_batch_size):
+            windows = torch.stack(
+                [
+                    volume[(slice(None), *[slice(c, c + w) for c, w in zip(corner, roi, strict=True)])]
+                    for corner in corners[first : first + sw_batch_size]
+                ]
+            )
+            part = logits(windows).float().softmax(1).sum(0)
+            total = part if total is None else total + part
+        out.append(total / len(corners))
+    return torch.stack(out)
