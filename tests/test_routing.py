@@ -94,9 +94,9 @@ def test_router_probabilities_score_each_region_in_its_own_pipeline(exported) ->
 
 
 def test_an_unsure_router_never_passes_by_normalisation_or_nan() -> None:
-    rows = [{"image": "a.nii.gz"}]
+    rows = [{"image": str(NIFTI)}]  # a NIfTI: no DICOM tag, the router decides
     # 0.05 / 0.01 on their own pipelines: 0.83 of the total, but the router rejects brain on its own
-    with pytest.raises(RoutingError, match=r"a.nii.gz: brain 0.83, thorax 0.17 \(own-pipeline brain 0.05\)"):
+    with pytest.raises(RoutingError, match=r"nii: brain 0.83, thorax 0.17 \(own-pipeline brain 0.05\)"):
         route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": 0.05, "thorax": 0.01}, 0.6)
     with pytest.raises(RoutingError, match="not confident enough"):
         route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": math.nan, "thorax": math.nan}, 0.6)

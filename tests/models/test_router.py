@@ -23,12 +23,7 @@ from lorkd_pl.models.router import (
     volume_probabilities,
     window_starts,
 )
-
-TASKS = ["demo_abdomen_cls", "demo_brain_cls", "demo_thorax_cls"]
-CNN = {
-    "class_path": "lorkd_pl.models.backbones.ConvNet2d",
-    "init_args": {"in_channels": 1, "channels": [4, 8]},
-}
+from models.test_conflicts import CNN, TASKS  # the same tiny classifier run
 
 
 def _randomise_experts(module: torch.nn.Module) -> None:

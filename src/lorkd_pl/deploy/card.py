@@ -194,13 +194,7 @@ class ExpertCard:
             CardError: naming the file for an unreadable or malformed card.
         """
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CardError(f"cannot read expert card {path}: {error}") from None
-        if not isinstance(data, dict):
-            raise CardError(f"{path}: an expert card is a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_card_json(path, "expert card"), str(path))
 
 
 #: The router's default minimum confidence: below it ``predict --region auto`` stops and names the
@@ -251,9 +245,9 @@ class RouterCard:
             CardError: naming the file and the missing or malformed field.
         """
         path = Path(path)
+        data = read_card_json(path, "router card")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.pop("role", None) != "router":
+            if data.pop("role", None) != "router":
                 raise CardError(f'{path} is not a region router\'s card (no "role": "router")')
             found = data.pop("format", None)
             if found not in READABLE_FORMATS:
@@ -268,8 +262,23 @@ class RouterCard:
             return card
         except CardError:
             raise
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CardError(f"{path}: malformed router card ({type(error).__name__}: {error})") from None
+
+
+def read_card_json(path: Path, what: str) -> dict[str, Any]:
+    """A card file's JSON object.
+
+    Raises:
+        CardError: naming the file when it cannot be read, is not JSON or not an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CardError(f"cannot read {what} {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise CardError(f"{path}: an {what} is a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _from_first_export_layout(data: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,9 @@ from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
 from lorkd_pl.deploy.card import ExpertCard
 from lorkd_pl.io.atomic import atomic_file
 
+#: DICOM ``BodyPartExamined`` (0018,0015).
+BODY_PART_TAG = "0018|0015"
+
 
 class PredictError(ValueError):
     """Inputs or the model source cannot be used; names the path and the fix."""
@@ -133,6 +136,7 @@ class InputInfo:
     components: int
     modality: str | None
     spacing: tuple[float, ...] = ()
+    body_part: str | None = None
 
     @property
     def describe(self) -> str:
@@ -174,7 +178,15 @@ def inspect_input(image: str) -> InputInfo:
         )
     except RuntimeError as error:
         raise PredictError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
-    return InputInfo(what, size, header.GetNumberOfComponents(), modality or None, tuple(header.GetSpacing()))
+    body_part = header.GetMetaData(BODY_PART_TAG).strip() if header.HasMetaDataKey(BODY_PART_TAG) else None
+    return InputInfo(
+        what,
+        size,
+        header.GetNumberOfComponents(),
+        modality or None,
+        tuple(header.GetSpacing()),
+        body_part or None,
+    )
 
 
 def _header(path: str) -> sitk.ImageFileReader:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
 import torch
 from monai import transforms as mt
 from torch import Tensor
@@ -52,7 +50,6 @@ BODY_PART_REGIONS: dict[str, str] = {
     "knee": "knee",
     "breast": "breast",
 }
-BODY_PART_TAG = "0018|0015"
 
 
 class RoutingError(ValueError):
@@ -98,22 +95,9 @@ def body_part_region(tag: str | None, regions: Sequence[str]) -> str | None:
 def read_body_part(image: str) -> str | None:
     """The ``BodyPartExamined`` tag of a DICOM file or of a DICOM series folder's first file (header
     only), or ``None``."""
-    path = Path(image)
-    try:
-        if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
-            if not files:
-                return None
-            path = Path(files[0])
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    if not reader.HasMetaDataKey(BODY_PART_TAG):
-        return None
-    return reader.GetMetaData(BODY_PART_TAG).strip() or None
+    from lorkd_pl.deploy.predict import inspect_input
+
+    return inspect_input(image).body_part
 
 
 def _pipeline_key(prep: Preprocessing, kind: str) -> tuple[Any, ...]:
