@@ -256,14 +256,8 @@ def expert_routing(model: nn.Module, region_idx: Tensor | int | Sequence[int]) -
     """
     layers, num_experts = _num_experts(model)
     routing = Routing.build(region_idx, num_experts)
-    previous = [layer._routing for layer in layers]
-    for layer in layers:
-        layer._routing = routing
-    try:
+    with _installed(layers, routing):
         yield routing
-    finally:
-        for layer, old in zip(layers, previous, strict=True):
-            layer._routing = old
 
 
 @contextmanager
@@ -277,9 +271,16 @@ def shared_weights(model: nn.Module) -> Iterator[None]:
         model: a model with expert layers (a DDP-wrapped model works too).
     """
     layers, _ = _num_experts(model)
+    with _installed(layers, SHARED_WEIGHTS):
+        yield
+
+
+@contextmanager
+def _installed(layers: Sequence[ExpertLayer], routing: Routing) -> Iterator[None]:
+    """``routing`` in every expert layer for the block, then each layer's previous one (nesting works)."""
     previous = [layer._routing for layer in layers]
     for layer in layers:
-        layer._routing = SHARED_WEIGHTS
+        layer._routing = routing
     try:
         yield
     finally:
