@@ -21,6 +21,7 @@ Training step on a mixed-region batch (sorted by region by the data module):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,7 +222,6 @@ class LoRKDModule(TaskModule):
         self.router_taps: list[str] = []
         self.router_grid_taps: list[str] = []
         if router_weight > 0 and len(self.regions) > 1:  # one region: nothing to route
-            # drawn from a forked random stream: the student's initialisation stays the same
             self.router_taps = tap_names(self.student)
             self.router_grid_taps = deepest_taps(
                 self.student,
@@ -230,7 +230,7 @@ class LoRKDModule(TaskModule):
                 self.tasks[0]["patch_size"],
             )
             features = tap_width(self.student, self.router_taps, width, self.kind, self.router_grid_taps)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # the student's initialisation stays the same
                 self.router = RegionRouter(features, len(self.regions))
         # routing accuracy per stage (torchmetrics: reduced across processes) and the test confusion
         self.router_metrics = nn.ModuleDict(
@@ -387,11 +387,9 @@ class LoRKDModule(TaskModule):
             ``(N, D)``.
         """
         grid_taps = self.router_grid_taps if grid else ()
-        with torch.no_grad(), module_mode(self.student, False):
-            if not self.hparams.get("experts", True):
-                return tapped_features(self.student, self.router_taps, images, grid_taps)
-            with shared_weights(self.student):
-                return tapped_features(self.student, self.router_taps, images, grid_taps)
+        experts_off = shared_weights(self.student) if self.hparams.get("experts", True) else nullcontext()
+        with torch.no_grad(), module_mode(self.student, False), experts_off:
+            return tapped_features(self.student, self.router_taps, images, grid_taps)
 
     def steady_parameters(self) -> list[nn.Parameter]:
         """The router's: its features move until the last step, so it keeps the peak learning rate
@@ -476,11 +474,11 @@ class LoRKDModule(TaskModule):
             bank = self.__dict__.setdefault("_router_bank", [])  # not state: a resume starts it anew
             bank.append((features, batch["region"]))
             del bank[:-ROUTER_REPLAY]
-            replay = torch.cat([f for f, _ in bank]), torch.cat([r for _, r in bank])
-            router_loss = F.cross_entropy(self.router(replay[0]).float(), replay[1])
+            region_logits = self.router(torch.cat([f for f, _ in bank])).float()
+            router_loss = F.cross_entropy(region_logits, torch.cat([r for _, r in bank]))
             loss = loss + self.hparams.router_weight * router_loss
-            with torch.no_grad():
-                accuracy = (self.router(features).argmax(1) == batch["region"]).float().mean()
+            current = region_logits[-size:].detach()  # this batch's rows are the bank's last
+            accuracy = (current.argmax(1) == batch["region"]).float().mean()
             self.log_dict(
                 {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
             )
