@@ -62,8 +62,13 @@ def intensity_transforms(modality: str) -> list[mt.MapTransform]:
 def seg3d_steps(
     keys: Sequence[str], modality: str, spacing: Sequence[float] | None, axcodes: str | None = "RAS"
 ) -> list[Step]:
-    """The steps of :func:`seg3d_preprocessing` with the modality's intensity steps (the reader is
-    added when they are built)."""
+    """The steps of :func:`seg3d_preprocessing`: geometry, then the modality's intensity steps (the
+    reader is added when they are built)."""
+    return geometry_steps(keys, spacing, axcodes) + intensity_steps(modality or "other")
+
+
+def geometry_steps(keys: Sequence[str], spacing: Sequence[float] | None, axcodes: str | None) -> list[Step]:
+    """Load, channel first, orientation ``axcodes`` (if any), resampling to ``spacing`` (if any)."""
     keys = list(keys)
     steps: list[Step] = [
         ("LoadImaged", {"keys": keys, "image_only": True}),
@@ -74,7 +79,7 @@ def seg3d_steps(
     if spacing:
         modes = ["bilinear" if key == "image" else "nearest" for key in keys]
         steps.append(("Spacingd", {"keys": keys, "pixdim": [float(v) for v in spacing], "mode": modes}))
-    return steps + intensity_steps(modality or "other")
+    return steps
 
 
 def seg3d_preprocessing(
@@ -97,11 +102,8 @@ def seg3d_preprocessing(
         axcodes: the orientation to bring the volume to; ``None`` keeps the file's voxel order (a
             teacher's own pipeline).
     """
-    steps = seg3d_steps(keys, modality, spacing, axcodes)
-    if intensity is not None:  # replace the modality's intensity steps
-        steps = steps[: len(steps) - len(intensity_steps(modality or "other"))]
-    built = build_steps(steps, LoadImaged={"reader": SimpleITKReader()})
-    return built + list(intensity if intensity is not None else [])
+    geometry = build_steps(geometry_steps(keys, spacing, axcodes), LoadImaged={"reader": SimpleITKReader()})
+    return geometry + list(intensity if intensity is not None else intensity_transforms(modality or "other"))
 
 
 def describe_intensity(kind: str, modality: str | None) -> str:
