@@ -273,8 +273,6 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"
         )
-    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
-        raise ValueError(f"--min-confidence must be in [0, 1] (a probability), got {args.min_confidence}")
     for path in predict_files(
         args.input,
         args.source,

@@ -169,12 +169,7 @@ class ExpertCard:
             data = dict(data)
             if "format" not in data and "input" in data:  # an export written before the card existed
                 data = _from_first_export_layout(data)
-            found = data.pop("format", None)
-            if found not in READABLE_FORMATS:
-                raise CardError(
-                    f"{source}: card format {found!r}, this lorkd-pl reads formats {list(READABLE_FORMATS)}; "
-                    "export the expert again with this version"
-                )
+            check_format(data.pop("format", None), source)
             data["preprocessing"] = Preprocessing(**data["preprocessing"])
             card = cls(**data)
         except CardError:
@@ -249,21 +244,33 @@ class RouterCard:
         try:
             if data.pop("role", None) != "router":
                 raise CardError(f'{path} is not a region router\'s card (no "role": "router")')
-            found = data.pop("format", None)
-            if found not in READABLE_FORMATS:
-                raise CardError(
-                    f"{path}: card format {found!r}, this lorkd-pl reads formats {list(READABLE_FORMATS)}; "
-                    "export again with this version"
-                )
+            check_format(data.pop("format", None), str(path))
             data["preprocessing"] = {r: Preprocessing(**p) for r, p in data["preprocessing"].items()}
             card = cls(**data)
             if sorted(card.preprocessing) != sorted(card.regions):
                 raise CardError(f"{path}: malformed router card (preprocessing does not name every region)")
+            if not 0 <= card.min_confidence <= 1:
+                raise CardError(
+                    f"{path}: malformed router card (min_confidence {card.min_confidence} not in [0, 1])"
+                )
             return card
         except CardError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CardError(f"{path}: malformed router card ({type(error).__name__}: {error})") from None
+
+
+def check_format(found: Any, source: str) -> None:
+    """Refuse a card of a format this lorkd-pl cannot read.
+
+    Raises:
+        CardError: naming the card, its format and the readable ones.
+    """
+    if found not in READABLE_FORMATS:
+        raise CardError(
+            f"{source}: card format {found!r}, this lorkd-pl reads formats {list(READABLE_FORMATS)}; "
+            "export it again with this version"
+        )
 
 
 def read_card_json(path: Path, what: str) -> dict[str, Any]:

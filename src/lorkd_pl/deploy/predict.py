@@ -453,6 +453,8 @@ def predict_files(
         min_confidence: ``region="auto"``: the router's lowest acceptable probability (default: the
             router card's).
     """
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise PredictError(f"--min-confidence must be in [0, 1] (a probability), got {min_confidence}")
     collected = collect_inputs(inputs)
     check_output_folder([*inputs, *(row["image"] for row in collected)], out_dir)
     unique = {str(Path(row["image"]).resolve()): row for row in reversed(collected)}
@@ -619,8 +621,6 @@ def _predict_routed(
     threshold = (
         min_confidence if min_confidence is not None else (router.card.min_confidence if router else 0.0)
     )
-    if not 0 <= threshold <= 1:
-        raise PredictError(f"--min-confidence must be in [0, 1], got {threshold}")
     routed_by = None
     if router is not None:
         missing = sorted(set(router.card.regions) - set(experts))
