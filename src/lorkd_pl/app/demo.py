@@ -325,9 +325,11 @@ def kind_results(
         out[name] = {"mean": mean, "per_region": per_region, "fit_seconds": round(timings[name], 1)}
     out["teacher"]["params"] = count_parameters(teacher)
     out["plain_kd"]["params"] = count_parameters(plain)
-    router = count_parameters(student.router) if getattr(student, "router", None) is not None else 0
-    out["lorkd"]["params_all_experts"] = count_parameters(student) - router  # experts, W0, heads
-    out["lorkd"]["params_router_head"] = router  # the router's classifier (it reads W0's features)
+    from lorkd_pl.deploy.export import student_parameters
+
+    out["lorkd"]["params_all_experts"] = student_parameters(student)  # W0, experts, heads
+    # the router's classifier (it reads W0's features)
+    out["lorkd"]["params_router_head"] = count_parameters(student) - student_parameters(student)
     out["lorkd"]["params_merged_expert"] = max(merged)
     out["size_ratio_teacher_to_merged_expert"] = count_parameters(teacher) / max(merged)
     return out

@@ -22,7 +22,7 @@ import dataclasses
 import io
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,9 +262,7 @@ def export_regions(
         program, multiple = export_program(
             network, card.preprocessing.channels, card.preprocessing.patch_size
         )
-        card = dataclasses.replace(
-            card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
-        )
+        card = _with_multiple(card, multiple)
         prepared.append((Path(outs[region]), network, card, program, _readme(card)))
     if router_out is not None:
         network = router_network(student)
@@ -287,6 +285,13 @@ def export_regions(
             (work / "README.md").write_text(readme, encoding="utf-8")
         written.append(out)
     return written
+
+
+def _with_multiple(card: ExpertCard, multiple: int) -> ExpertCard:
+    """``card`` with the measured ``preprocessing.spatial_multiple``."""
+    return dataclasses.replace(
+        card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
+    )
 
 
 #: Export formats: lorkd-pl's own folder, a MONAI bundle, ONNX.
@@ -315,9 +320,7 @@ def _export_other_format(
                 prepared.append((region, network, card, None))
             else:
                 graph, multiple = onnx_graph(network, card)
-                card = dataclasses.replace(
-                    card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
-                )
+                card = _with_multiple(card, multiple)
                 prepared.append((region, network, card, graph))
         except (BundleError, OnnxError) as error:
             raise ExportError(str(error)) from None
@@ -503,12 +506,7 @@ def load_exported_router(folder: str | Path) -> tuple[RouterNetwork, RouterCard]
             f"{folder} holds no region router (no metadata.json); export the student with --all-regions "
             "(a student trained with model.init_args.router_weight > 0) or give --region"
         )
-    try:
-        card = RouterCard.from_json(card_path)
-        check_file_network(card.backbone, str(card_path), card.backbone)
-        backbone = build_module(card.backbone)
-    except (CardError, ValueError) as error:
-        raise ExportError(f"{card_path}: {error}") from None
+    card, backbone = _card_and_backbone(card_path, RouterCard.from_json)
     first: Preprocessing = card.preprocessing[card.regions[0]]
     width = feature_channels(backbone, first.channels, first.patch_size)
     try:
@@ -516,14 +514,7 @@ def load_exported_router(folder: str | Path) -> tuple[RouterNetwork, RouterCard]
     except AttributeError as error:  # a tap the backbone does not have
         raise ExportError(f"{card_path}: its taps do not match the backbone ({error})") from None
     network = RouterNetwork(backbone, RegionRouter(features, len(card.regions)), card.taps, card.grid_taps)
-    try:
-        network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
-    except CheckpointError as error:
-        raise ExportError(str(error)) from None
-    except RuntimeError as error:
-        first = " ".join(str(error).strip().splitlines()[:2])[:300]
-        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {first}") from None
-    return network.eval(), card
+    return _load_weights(network, folder), card
 
 
 def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
@@ -540,22 +531,43 @@ def load_exported(folder: str | Path) -> tuple[ExpertNetwork, ExpertCard]:
     card_path = folder / "metadata.json"
     if not card_path.is_file():
         raise ExportError(f"{folder} is not an exported expert (no metadata.json); run lorkd-pl export first")
-    try:
-        card = ExpertCard.from_json(card_path)
-        check_file_network(card.backbone, str(card_path), card.backbone)  # before anything is imported
-        backbone = build_module(card.backbone)
-    except (CardError, ValueError) as error:
-        raise ExportError(f"{card_path}: {error}") from None
+    card, backbone = _card_and_backbone(card_path, ExpertCard.from_json)
     width = feature_channels(backbone, card.preprocessing.channels, card.preprocessing.patch_size)
     network = ExpertNetwork(backbone, [make_head(card.kind, width, len(t["classes"])) for t in card.tasks])
+    return _load_weights(network, folder), card
+
+
+def _card_and_backbone(card_path: Path, read: Callable[[Path], Any]) -> tuple[Any, nn.Module]:
+    """An export folder's card (``read``) and its backbone, built only after the card's class path
+    passed the trust check.
+
+    Raises:
+        ExportError: naming the card and the reason.
+    """
+    try:
+        card = read(card_path)
+        check_file_network(card.backbone, str(card_path), card.backbone)  # before anything is imported
+        return card, build_module(card.backbone)
+    except (CardError, ValueError) as error:
+        raise ExportError(f"{card_path}: {error}") from None
+
+
+def _load_weights(network: nn.Module, folder: Path) -> nn.Module:
+    """``folder/state_dict.pt`` (``weights_only=True``) loaded into ``network``, in eval mode.
+
+    Raises:
+        ExportError: for an unsafe file, or weights that do not match the card's network.
+    """
     try:
         network.load_state_dict(load_checkpoint_file(folder / "state_dict.pt"))
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except RuntimeError as error:  # keys or shapes do not match the card
         first = " ".join(str(error).strip().splitlines()[:2])[:300]
-        raise ExportError(f"{folder / 'state_dict.pt'} does not match {card_path}: {first}") from None
-    return network.eval(), card
+        raise ExportError(
+            f"{folder / 'state_dict.pt'} does not match {folder / 'metadata.json'}: {first}"
+        ) from None
+    return network.eval()
 
 
 def size_report(checkpoint: str | Path, teacher: str | Path | None = None) -> str:
@@ -581,24 +593,30 @@ def size_report(checkpoint: str | Path, teacher: str | Path | None = None) -> st
         lines.append(f"| teacher ({recorded or 'unknown'}; pass --teacher PATH to count it) | | |")
     lines.append(
         f"| student, all {len(student.regions)} experts + {len(student.heads)} heads "
-        f"| {count_parameters(student) - (count_parameters(student.router) if student.router else 0):,} "
+        f"| {student_parameters(student):,} "
         f"| {Path(checkpoint).stat().st_size / 2**20:.2f} MiB (checkpoint incl. optimizer) |"
     )
     for region in student.regions:
         network, _ = expert_network(student, region)
-        buffer = io.BytesIO()
-        torch.save(network.state_dict(), buffer)  # the size of its state_dict.pt
         lines.append(
-            f"| merged expert: {region} | {count_parameters(network):,} "
-            f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
+            f"| merged expert: {region} | {count_parameters(network):,} | {_state_dict_mib(network)} |"
         )
     if student.router is not None:
         network = router_network(student)
-        buffer = io.BytesIO()
-        torch.save(network.state_dict(), buffer)
-        head = count_parameters(network.router)
         lines.append(
-            f"| region router: W0 + classifier ({head:,}) | {count_parameters(network):,} "
-            f"| {buffer.tell() / 2**20:.2f} MiB (state_dict.pt) |"
+            f"| region router: W0 + classifier ({count_parameters(network.router):,}) "
+            f"| {count_parameters(network):,} | {_state_dict_mib(network)} |"
         )
     return "\n".join(lines)
+
+
+def _state_dict_mib(network: nn.Module) -> str:
+    """The size of the network's ``state_dict.pt``, in words."""
+    buffer = io.BytesIO()
+    torch.save(network.state_dict(), buffer)
+    return f"{buffer.tell() / 2**20:.2f} MiB (state_dict.pt)"
+
+
+def student_parameters(student: LoRKDModule) -> int:
+    """Parameters of a LoRKD student's W0, experts and heads: the region router's classifier apart."""
+    return count_parameters(student) - (count_parameters(student.router) if student.router is not None else 0)
