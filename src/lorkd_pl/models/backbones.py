@@ -8,7 +8,7 @@ segmentation a 1×1 convolution, classification a linear layer (on pooled featur
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -143,3 +143,24 @@ def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
     finally:
         for child, mode in modes.items():
             child.training = mode
+
+
+@contextmanager
+def on_outputs(network: nn.Module, hooks: Mapping[str, Callable[[Any], object]]) -> Iterator[None]:
+    """During the block, call ``hooks[name](output)`` after every forward of ``network``'s submodule
+    ``name`` (its output is left as it is); the hooks are removed afterwards, also on an error."""
+
+    def hook_of(call: Callable[[Any], object]) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: Any) -> None:  # None: the output is kept
+            call(output)
+
+        return hook
+
+    handles = [
+        network.get_submodule(name).register_forward_hook(hook_of(call)) for name, call in hooks.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lorkd_pl.io.atomic import write_strict_json_atomic
-from lorkd_pl.models.backbones import module_mode
+from lorkd_pl.models.backbones import module_mode, on_outputs
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("expert_A", "expert_B")
 #: The probe collects samples from at most this many training batches.
@@ -73,21 +73,19 @@ def layer_groups(network: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     encoder (a classifier has no decoder). Parameters of layers that did not run count as encoder.
     """
     order: list[tuple[str, int]] = []
-    hooks = []
-    for name, child in network.named_modules():
-        if any(True for _ in child.parameters(recurse=False)) or hasattr(child, "base_layer"):
 
-            def record(_module, _inputs, output, name=name) -> None:
-                tensor = output[0] if isinstance(output, (tuple, list)) else output
-                if isinstance(tensor, Tensor):
-                    order.append((name, math.prod(tensor.shape[2:]) if tensor.ndim > 2 else 1))
+    def record(name: str, output: Any) -> None:
+        tensor = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(tensor, Tensor):
+            order.append((name, math.prod(tensor.shape[2:]) if tensor.ndim > 2 else 1))
 
-            hooks.append(child.register_forward_hook(record))
-    try:
+    layers = {
+        name: lambda output, name=name: record(name, output)
+        for name, child in network.named_modules()
+        if any(True for _ in child.parameters(recurse=False)) or hasattr(child, "base_layer")
+    }
+    with on_outputs(network, layers):
         run()
-    finally:
-        for hook in hooks:
-            hook.remove()
     group_of_layer: dict[str, str] = {}
     if order:
         deepest = min(range(len(order)), key=lambda i: order[i][1])

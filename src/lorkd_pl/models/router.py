@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorkd_pl.models.backbones import on_outputs
+
 #: Hidden width of the router's two-layer classifier.
 ROUTER_HIDDEN = 64
 #: The layers whose outputs the router reads (besides the network's output): every convolution, plain
@@ -79,27 +81,18 @@ def deepest_taps(
         patch_size: the training patch.
     """
     shapes: dict[str, tuple[int, ...]] = {}
-
-    def measure(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:  # returns None: output kept
-            shapes.setdefault(name, tuple(output.shape[2:]))
-
-        return hook
-
     patch = [int(p) for p in patch_size]
     probe = [min(p, 64) for p in patch]
-    handles = [network.get_submodule(name).register_forward_hook(measure(name)) for name in taps]
-    try:
-        with torch.no_grad():
-            try:
-                run(probe)
-            except (RuntimeError, ValueError, AssertionError):
-                shapes.clear()
-                probe = patch
-                run(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    measure = {
+        name: lambda output, name=name: shapes.setdefault(name, tuple(output.shape[2:])) for name in taps
+    }
+    with torch.no_grad(), on_outputs(network, measure):
+        try:
+            run(probe)
+        except (RuntimeError, ValueError, AssertionError):
+            shapes.clear()
+            probe = patch
+            run(probe)
     if not shapes:
         return []
     smallest = min(math.prod(shape) for shape in shapes.values())
@@ -149,19 +142,9 @@ def tapped_features(
         ``(N, D)``, D = :func:`tap_width`.
     """
     pooled: list[Tensor] = []
-
-    def keep(grid: bool) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:  # returns None: output kept
-            pooled.append(pool(output, grid))
-
-        return hook
-
-    handles = [network.get_submodule(name).register_forward_hook(keep(name in grid_taps)) for name in taps]
-    try:
+    keep = {name: lambda output, grid=name in grid_taps: pooled.append(pool(output, grid)) for name in taps}
+    with on_outputs(network, keep):
         output = network(images)
-    finally:
-        for handle in handles:
-            handle.remove()
     return torch.cat([*pooled, pool(output)], dim=1)
 
 
