@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lorkd_pl.data.transforms import seg3d_steps
-from lorkd_pl.deploy.card import ExpertCard, package_versions
+from lorkd_pl.deploy.card import ExpertCard, package_version, package_versions
 
 #: The reader a bundle loads NIfTI files with (MONAI's, backed by nibabel).
 BUNDLE_READER = "NibabelReader"
@@ -159,8 +159,8 @@ def bundle_metadata(card: ExpertCard) -> dict[str, Any]:
         "changelog": {"1.0.0": f"exported by lorkd-pl {versions.get('lorkd-pl')}"},
         "monai_version": versions.get("monai"),
         "pytorch_version": versions.get("torch"),
-        "numpy_version": _version("numpy"),
-        "required_packages_version": {"nibabel": _version("nibabel")},
+        "numpy_version": package_version("numpy"),
+        "required_packages_version": {"nibabel": package_version("nibabel")},
         "name": f"lorkd-pl {card.name} expert: {task['name']}",
         "task": f"{card.name} segmentation ({', '.join(task['classes'][1:])})",
         "description": (
@@ -202,15 +202,6 @@ def bundle_metadata(card: ExpertCard) -> dict[str, Any]:
         },
         "lorkd_pl": {"card": card.to_dict()},
     }
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def write_bundle(work: Path, backbone: nn.Module, head: nn.Module, card: ExpertCard, head_in: int) -> None:

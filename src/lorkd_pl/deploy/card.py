@@ -326,10 +326,12 @@ def _pipeline(task: dict[str, Any]) -> tuple[Any, ...]:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages an export depends on."""
-    out = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
+    return {package: package_version(package) for package in VERSIONED_PACKAGES}
+
+
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or ``"not installed"``."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
