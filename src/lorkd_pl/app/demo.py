@@ -129,24 +129,28 @@ def route_test_volumes(student, experts: Path, out: Path, predict_task: str) -> 
     from lorkd_pl.deploy.predict import ROUTER_FOLDER, output_stems, predict_files
     from lorkd_pl.registry import get_task
 
-    truth, labels = {}, {}
-    for task in student.tasks:
-        for record in get_task(task["name"]).records("test"):
-            truth[str(Path(record["image"]).resolve())] = task["region"]
-            labels[record["image"]] = (task["name"], record["label"])
+    labels = {  # test image → (task, label)
+        record["image"]: (task["name"], record["label"])
+        for task in student.tasks
+        for record in get_task(task["name"]).records("test")
+    }
     # every volume is routed and predicted (threshold 0); the threshold is scored from routing.csv
     predict_files(list(labels), experts, out, region="auto", min_confidence=0.0)
     threshold = RouterCard.from_json(experts / ROUTER_FOLDER / "metadata.json").min_confidence
     with open(out / "routing.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    correct = [truth[str(Path(row["image"]).resolve())] == row["region"] for row in rows]
-    below = [float(row["confidence"]) < threshold for row in rows if row["confidence"]]
+    routed = {str(Path(row["image"]).resolve()): row["region"] for row in rows}
+
+    def routed_right(image: str) -> bool:
+        return routed[str(Path(image).resolve())] == get_task(labels[image][0]).region
+
+    confidences = [float(row["confidence"]) for row in rows if row["confidence"]]
     routing = {
-        "accuracy": sum(correct) / len(correct),
-        "cases": len(correct),
-        "below_threshold": sum(below),
+        "accuracy": sum(map(routed_right, labels)) / len(labels),
+        "cases": len(labels),
+        "below_threshold": sum(c < threshold for c in confidences),
         "min_confidence": threshold,
-        "mean_confidence": sum(float(r["confidence"]) for r in rows if r["confidence"]) / max(len(below), 1),
+        "mean_confidence": sum(confidences) / max(len(confidences), 1),
         "decided_on": "lorkd-pl predict --region auto on the test volumes (exported router)",
     }
     image = next((i for i, (task, _) in labels.items() if task == predict_task), None)
@@ -154,9 +158,9 @@ def route_test_volumes(student, experts: Path, out: Path, predict_task: str) -> 
         return routing, ""
     task, label = labels[image]
     text = f"\nPredicted the {len(labels)} test volumes with `--region auto` ({out / 'routing.csv'}); "
-    routed = next(row["region"] for row in rows if Path(row["image"]).resolve() == Path(image).resolve())
-    if routed != get_task(task).region:
-        return routing, text + f"{Path(image).name} was routed to {routed}, not {get_task(task).region}."
+    if not routed_right(image):
+        routed_to = routed[str(Path(image).resolve())]
+        return routing, text + f"{Path(image).name} was routed to {routed_to}, not {get_task(task).region}."
     written = out / f"{output_stems(list(labels))[image]}_{task}.nii.gz"
     prediction = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(written))).astype("int64"))
     reference = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(label)).astype("int64"))
