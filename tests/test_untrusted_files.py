@@ -412,3 +412,49 @@ def test_ckpt_path_never_chooses_the_teacher(student_checkpoint, tmp_path, monke
     args.insert(3, "--model.init_args.router_weight=0")
     assert main(args) == 0
     assert built[0].model.hparams.teacher is None  # the user's config, not the file
+
+
+def test_bundle_references_are_followed_as_monai_resolves_them(tmp_path) -> None:
+    """Relative references (``@#``, ``@##``, ``@::``, into lists, to the root) reach the same entries
+    MONAI's own resolver reaches; each such entry is checked, so none of them runs."""
+    marker = tmp_path / "code-ran"
+    net = {"_target_": "monai.networks.nets.UNet", **UNET_NET}
+    evil = {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]}
+    code = f"$__import__('pathlib').Path({str(marker)!r}).touch()"
+    bundle = bundle_folder(tmp_path / "bundle")
+    cases = {
+        "up one level (@##)": {"evil": evil, "network_def": {**net, "act": "@##evil"}},
+        "up one level (@::::)": {"evil": evil, "network_def": {**net, "act": "@::::evil"}},
+        "an expression up one level": {"touch": code, "network_def": {**net, "act": "@##touch"}},
+        "from a list": {"evil": evil, "network_def": {**net, "act": ["@###evil", {"inplace": True}]}},
+        "up from a referenced entry (@##)": {
+            "parts": {"evil": evil, "net": {**net, "act": "@##evil"}},
+            "network_def": "@parts::net",
+        },
+        "up from a referenced entry (@::::)": {
+            "parts": {"touch": code, "net": {**net, "act": "@::::touch"}},
+            "network_def": "@parts#net",
+        },
+        "the root (@##)": {"evil": evil, "network_def": {**net, "act": "@##"}},
+    }
+    for name, config in cases.items():
+        (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+        with pytest.raises(TeacherError, match=r"expression|subprocess\.Popen"):
+            load_teacher(bundle, [])
+        assert not marker.exists(), name
+    for name, reference in (("a missing entry", "@##nowhere"), ("beyond the root", "@####evil")):
+        config = {"evil": evil, "network_def": {**net, "act": reference}}
+        (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+        with pytest.raises(TeacherError, match=r"reference"):
+            load_teacher(bundle, [])
+        assert not marker.exists(), name
+    # a relative reference to plain data still loads, and MONAI resolves it to the same entry
+    config = {"act": ["PRELU", {}], "net": {**net, "act": "@##act", "channels": "@#sizes", "sizes": [4, 8]}}
+    config["network_def"] = "@net"
+    config["net"].pop("sizes")
+    config["sizes"] = [4, 8]
+    config["net"]["channels"] = "@##sizes"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    network = load_teacher(bundle, []).network
+    assert type(network).__name__ == "UNet" and tuple(network.channels) == (4, 8)
+    assert any(isinstance(module, torch.nn.PReLU) for module in network.modules())  # "@##act"

@@ -328,15 +328,49 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
     its full name, so MONAI's own lookup cannot resolve it differently), holds a ``$`` expression (unless
     ``$LORKD_PL_TRUST_BUNDLE_CODE=1``), a ``%`` macro, ``_requires_`` or a ``_mode_`` other than default.
 
+    References are found and made absolute by MONAI's own rules (``ConfigParser.resolve_relative_ids``,
+    ``ReferenceResolver.match_refs_pattern``), so every form MONAI follows (``@name``, ``@#sibling``,
+    ``@##up``, ``@::…``, the root) reaches the same entry here; one that MONAI could not resolve is
+    refused.
+
     Raises:
         TeacherError: naming the config file, the entry and the fix.
     """
+    from monai.bundle import ConfigParser
+    from monai.bundle.reference_resolver import ReferenceResolver
+
     seen: set[str] = set()
+    missing = object()
+
+    def child(where: str, key: Any) -> str:
+        return f"{where}::{key}" if where else str(key)
+
+    def follow(text: str, where: str) -> None:
+        try:
+            absolute = ConfigParser.resolve_relative_ids(where, text)
+        except ValueError:
+            absolute = None
+        if absolute is None:
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} holds the reference {text!r}, which points above "
+                "the config's root; reference an entry of this config"
+            )
+        for reference in ReferenceResolver.match_refs_pattern(absolute):
+            if reference in seen:
+                continue
+            seen.add(reference)
+            target = parser.get(reference, default=missing) if reference else parser.config
+            if target is missing:
+                raise TeacherError(
+                    f"MONAI bundle config {config}: {where} holds the reference {text!r} to {reference!r}, "
+                    "which the config does not define; define it or remove the reference"
+                )
+            visit(target, reference)
 
     def visit(node: Any, where: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                visit(value, f"{where}::{key}")
+                visit(value, child(where, key))
             if "_requires_" in node or node.get("_mode_", "default") != "default":
                 raise TeacherError(
                     f"MONAI bundle config {config}: {where} uses _requires_ or _mode_ "
@@ -356,7 +390,7 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
                     raise TeacherError(str(error)) from None
         elif isinstance(node, (list, tuple)):
             for index, item in enumerate(node):
-                visit(item, f"{where}::{index}")
+                visit(item, child(where, index))
         elif isinstance(node, str) and node.startswith("$") and not bundle_code_trusted():
             raise TeacherError(
                 f"MONAI bundle config {config}: {where} is the expression {node!r}; lorkd-pl runs no code "
@@ -367,11 +401,8 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
                 f"MONAI bundle config {config}: {where} loads another file ({node!r}); put the network "
                 "definition in the bundle's own inference config"
             )
-        elif isinstance(node, str) and node.startswith("@"):
-            reference = node[1:].replace("#", "::")
-            if reference not in seen:
-                seen.add(reference)
-                visit(parser.get(reference), reference)
+        elif isinstance(node, str):
+            follow(node, where)
 
     visit(parser.config["network_def"], "network_def")
 
