@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from expert_conv import devices_for, emit, machine_name, time_steps
-from lorkd_pl.deploy.export import ExpertNetwork, export_region, load_exported
+from lorkd_pl.deploy.export import export_region
+from lorkd_pl.deploy.folders import load_exported
+from lorkd_pl.deploy.networks import ExpertNetwork
 from lorkd_pl.experts import strip_experts
 from lorkd_pl.models.lorkd import LoRKDModule
 from train_step import SETUPS, run_info

@@ -30,7 +30,7 @@ from lorkd_pl.experts import merge_expert
 from lorkd_pl.models.backbones import build_module, count_parameters
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
-from lorkd_pl.models.teacher import Teacher
+from lorkd_pl.models.teacher.loading import Teacher
 from lorkd_pl.registry import DEFAULT_REGIONS
 
 BASELINE = "expert-free student"

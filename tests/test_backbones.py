@@ -138,9 +138,10 @@ def test_dynunet_deep_supervision_from_a_dynunet_generalist(tmp_path, monkeypatc
     saved = fit(tmp_path, "demo/lorkd_seg", "student", student)
     assert saved["global_step"] == 2
 
+    from lorkd_pl.models.lorkd import LoRKDModule
     from lorkd_pl.models.restore import restore_module
 
-    module = restore_module(saved, "student")
+    module = restore_module(saved, "student", (LoRKDModule,))
     layers = dict(expert_layers(module.student))
     assert any(isinstance(layer, ExpertConvTranspose) for layer in layers.values())
     assert all(layer.ranks == (8, 8) for name, layer in layers.items() if name.startswith("upsamples"))

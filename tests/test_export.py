@@ -11,7 +11,9 @@ import torch
 
 from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.deploy.export import ExpertNetwork, ExportError, export_region, load_exported, load_student
+from lorkd_pl.deploy.export import export_region
+from lorkd_pl.deploy.folders import load_exported
+from lorkd_pl.deploy.networks import ExpertNetwork, ExportError, load_student
 from lorkd_pl.models.backbones import build_module, count_parameters, make_head
 from lorkd_pl.models.lorkd import LoRKDModule
 from training_helpers import save_checkpoint
@@ -259,7 +261,7 @@ def test_spatial_multiple_is_a_divisor_of_the_accepted_sizes() -> None:
     accepted sizes are the multiples of 2⁴ = 16 (the oracle)."""
     from monai.networks.nets import BasicUNet
 
-    from lorkd_pl.deploy.export import export_program
+    from lorkd_pl.deploy.program import export_program
 
     class Tasks(torch.nn.Module):  # an exported network returns one output per task
         def __init__(self) -> None:

@@ -15,7 +15,8 @@ import torch
 
 from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
-from lorkd_pl.deploy.export import ExportError, expert_network, export_regions
+from lorkd_pl.deploy.export import export_regions
+from lorkd_pl.deploy.networks import ExportError, expert_network
 from lorkd_pl.deploy.predict import predict_files
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.registry import get_task

@@ -16,6 +16,7 @@ from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.deploy.export import export_region
 from lorkd_pl.deploy.predict import PredictError, predict_files
+from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.lorkd import LoRKDModule
 from training_helpers import save_checkpoint
 
@@ -156,12 +157,15 @@ def generalist_checkpoint(tmp_path_factory):
 
 
 def test_a_generalist_checkpoint_predicts_its_tasks(generalist_checkpoint, tmp_path) -> None:
-    from lorkd_pl.deploy.predict import load_expert
+    from lorkd_pl.deploy.folders import load_expert
+    from lorkd_pl.deploy.networks import ExportError
     from lorkd_pl.io.checkpoints import load_checkpoint_file
     from lorkd_pl.models.restore import restore_module
 
-    module = restore_module(load_checkpoint_file(generalist_checkpoint), generalist_checkpoint)
-    with pytest.raises(PredictError, match=r"need different preprocessing .*demo_brain_seg: modality MR"):
+    module = restore_module(
+        load_checkpoint_file(generalist_checkpoint), generalist_checkpoint, (GeneralistModule,)
+    )
+    with pytest.raises(ExportError, match=r"need different preprocessing .*demo_brain_seg: modality MR"):
         load_expert(generalist_checkpoint)  # CT and MR tasks cannot share one input pipeline
     expert = load_expert(generalist_checkpoint, "thorax")
     assert expert.card.region == "thorax" and expert.card.model == "GeneralistModule"
@@ -180,7 +184,8 @@ def test_a_generalist_checkpoint_predicts_its_tasks(generalist_checkpoint, tmp_p
 
 
 def test_one_sliding_window_pass_serves_every_task(tmp_path) -> None:
-    from lorkd_pl.deploy.predict import load_expert, predict_segmentation
+    from lorkd_pl.deploy.folders import load_expert
+    from lorkd_pl.deploy.predict import predict_segmentation
 
     both_ct = generalist(tmp_path, ["demo_abdomen_seg", "demo_thorax_seg"])
     calls = []
@@ -271,7 +276,7 @@ def test_a_2d_image_file_is_classified_as_its_array_would_be(tmp_path) -> None:
     import csv
 
     from lorkd_pl.data.transforms import cls2d_transforms
-    from lorkd_pl.deploy.predict import load_expert
+    from lorkd_pl.deploy.folders import load_expert
     from lorkd_pl.registry import get_task
     from training_helpers import write_generalist_checkpoint
 

@@ -16,9 +16,14 @@ from monai import transforms as mt
 from lorkd_pl.app.cli import main
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.transforms import seg3d_preprocessing
-from lorkd_pl.deploy.export import load_exported_router
+from lorkd_pl.deploy.folders import load_exported_router
 from lorkd_pl.deploy.predict import PredictError, predict_files
-from lorkd_pl.deploy.routing import RoutingError, body_part_region, route_inputs, router_probabilities
+from lorkd_pl.deploy.region_choice import (
+    RegionChoiceError,
+    body_part_region,
+    choose_regions,
+    router_probabilities,
+)
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.router import volume_probabilities
 from test_predict import NIFTI, UNET, dicom_series
@@ -96,11 +101,11 @@ def test_router_probabilities_score_each_region_in_its_own_pipeline(exported) ->
 def test_an_unsure_router_never_passes_by_normalisation_or_nan() -> None:
     rows = [{"image": str(NIFTI)}]  # a NIfTI: no DICOM tag, the router decides
     # 0.05 / 0.01 on their own pipelines: 0.83 of the total, but the router rejects brain on its own
-    with pytest.raises(RoutingError, match=r"nii: brain 0.83, thorax 0.17 \(own-pipeline brain 0.05\)"):
-        route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": 0.05, "thorax": 0.01}, 0.6)
-    with pytest.raises(RoutingError, match="not confident enough"):
-        route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": math.nan, "thorax": math.nan}, 0.6)
-    (routed,) = route_inputs(rows, ["brain", "thorax"], lambda image: {"brain": 0.9, "thorax": 0.1}, 0.6)
+    with pytest.raises(RegionChoiceError, match=r"nii: brain 0.83, thorax 0.17 \(own-pipeline brain 0.05\)"):
+        choose_regions(rows, ["brain", "thorax"], lambda image: {"brain": 0.05, "thorax": 0.01}, 0.6)
+    with pytest.raises(RegionChoiceError, match="not confident enough"):
+        choose_regions(rows, ["brain", "thorax"], lambda image: {"brain": math.nan, "thorax": math.nan}, 0.6)
+    (routed,) = choose_regions(rows, ["brain", "thorax"], lambda image: {"brain": 0.9, "thorax": 0.1}, 0.6)
     assert (routed.region, routed.confidence) == ("brain", pytest.approx(0.9))
 
 

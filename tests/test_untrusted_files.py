@@ -21,7 +21,7 @@ from lorkd_pl.deploy.export import export_region
 from lorkd_pl.io import checkpoints as checkpoint_io
 from lorkd_pl.io.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 from lorkd_pl.models.lorkd import LoRKDModule
-from lorkd_pl.models.teacher import TeacherError, load_teacher
+from lorkd_pl.models.teacher.loading import TeacherError, load_teacher
 from training_helpers import keep_built_clis, save_checkpoint, write_generalist_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def test_a_class_path_payload_runs_through_no_entry_point(student_checkpoint, tm
 
 
 def test_trusted_modules_can_be_extended_by_the_user(student_checkpoint, tmp_path, monkeypatch) -> None:
-    from lorkd_pl.deploy.export import ExportError, load_student
+    from lorkd_pl.deploy.networks import ExportError, load_student
     from lorkd_pl.io.trust import ENV_TRUSTED_MODULES
 
     backbone = {"class_path": "tests_trusted_nets.TinyNet", "init_args": {}}

@@ -13,7 +13,7 @@ from lorkd_pl.models.backbones import count_parameters
 from lorkd_pl.models.generalist import GeneralistModule, union_label_space
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.losses import TaskLoss, kd_kl
-from lorkd_pl.models.teacher import TeacherError, load_teacher
+from lorkd_pl.models.teacher.loading import TeacherError, load_teacher
 
 CNN = {
     "class_path": "lorkd_pl.models.backbones.ConvNet2d",
@@ -141,7 +141,7 @@ def test_the_plain_kd_control_is_the_same_student_without_experts(run, teacher_p
     images = data["image"][:2]
     torch.testing.assert_close(plain.features(images, 0), plain.features(images, 2))
     # it exports like an expert: the deployable network of a region is its backbone and that region's head
-    from lorkd_pl.deploy.export import expert_network
+    from lorkd_pl.deploy.networks import expert_network
 
     network, tasks = expert_network(plain, "brain")
     assert [t["region"] for t in tasks] == ["brain"]
@@ -312,7 +312,7 @@ def test_a_checkpoint_saved_with_a_rank_list_still_loads(run, tmp_path) -> None:
         "brain": 3,
         "thorax": 4,
     }
-    restored = restore_module(data, "old.ckpt")
+    restored = restore_module(data, "old.ckpt", (LoRKDModule,))
     assert all(list(layer.ranks) == [2, 3, 4] for _, layer in expert_layers(restored.student))
 
 
@@ -358,7 +358,7 @@ def test_a_student_saved_before_transposed_experts_still_loads(tmp_path) -> None
     )
     data = torch.load(save_checkpoint(model, tmp_path / "old.ckpt"), weights_only=True)
     del data["hyper_parameters"]["transposed_convs"]  # as an earlier lorkd-pl saved it
-    restored = restore_module(data, "old.ckpt")
+    restored = restore_module(data, "old.ckpt", (LoRKDModule,))
     assert not any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(restored.student))
     fresh = LoRKDModule(task_info=[SEG_TASK], regions=["abdomen"], backbone=DEEP_DYNUNET)
     assert any(isinstance(layer, ExpertConvTranspose) for _, layer in expert_layers(fresh.student))

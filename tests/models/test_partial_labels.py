@@ -9,7 +9,7 @@ from monai.losses import DiceCELoss
 from lorkd_pl.models.generalist import GeneralistModule, union_label_space
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.losses import kd_kl
-from lorkd_pl.models.teacher import TeacherError, load_teacher
+from lorkd_pl.models.teacher.loading import TeacherError, load_teacher
 from lorkd_pl.registry import TaskSpec
 
 UNET = {

@@ -16,7 +16,7 @@ from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.experts import expert_routing, inject_experts, shared_weights, strip_experts
 from lorkd_pl.models.lorkd import LoRKDModule
 from lorkd_pl.models.router import (
-    RegionRouter,
+    RegionClassifier,
     tap_names,
     tap_width,
     tapped_features,
@@ -163,7 +163,7 @@ def test_a_fit_with_a_router_trains_the_same_student(tmp_path) -> None:
 def test_volume_probabilities_average_the_windows() -> None:
     """Oracle: a hand loop over the 4 non-overlapping windows of a volume 2×2×1 windows large."""
     torch.manual_seed(0)
-    router = RegionRouter(6, 4)
+    router = RegionClassifier(6, 4)
     conv = torch.nn.Conv3d(1, 3, 1)
 
     def logits(windows: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from torch import nn
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.readers import SimpleITKReader
 from lorkd_pl.models.losses import kd_binary, kd_kl, kd_loss
-from lorkd_pl.models.teacher import TeacherError, load_teacher
-from lorkd_pl.models.teacher_outputs import task_targets
-from lorkd_pl.models.teacher_pipeline import prepare_targets
-from lorkd_pl.models.teacher_spec import TeacherSpecError, parse_teacher
+from lorkd_pl.models.teacher.loading import TeacherError, load_teacher
+from lorkd_pl.models.teacher.outputs import task_targets
+from lorkd_pl.models.teacher.pipeline import prepare_targets
+from lorkd_pl.models.teacher.spec import TeacherSpecError, parse_teacher
 from lorkd_pl.registry import get_task
 
 TASK = "demo_brain_seg"
@@ -638,7 +638,7 @@ def test_sliding_windows_of_log_probabilities_stay_normalised(tmp_path, brain_da
     }
     spec = parse_teacher({**described, "classes": dict(zip(CLASSES, range(4), strict=True))})
     teacher = load_teacher(spec, brain_data.task_info)
-    from lorkd_pl.models.teacher_pipeline import task_pipelines
+    from lorkd_pl.models.teacher.pipeline import task_pipelines
 
     pipeline = task_pipelines(spec, brain_data)[TASK]
     raw = pipeline.raw_output(teacher, torch.randn(1, 1, 30, 28, 20))

@@ -23,12 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test")
-LIGHTNING_HELP = {
-    "fit": "train a model (Lightning fit; --overwrite moves an earlier run's checkpoints aside)",
-    "validate": "validate a checkpoint per task (Lightning validate)",
-    "test": "test a checkpoint per task and write summary/<task>.json (Lightning test)",
-}
+from lorkd_pl.app.commands import LIGHTNING_COMMANDS, LIGHTNING_HELP, TEACHER_COMMANDS, TEACHER_HELP
 
 
 class _Version(argparse.Action):
@@ -82,15 +77,6 @@ def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = Fal
         sys.stderr.write(f"lorkd-pl: error: {error}\n")
         raise SystemExit(2) from error
     return 0
-
-
-TEACHER_COMMANDS: tuple[str, ...] = ("teacher-targets", "teacher-test")
-TEACHER_HELP = {
-    "teacher-targets": "build the cached teacher targets of a config now (a fit reuses them); "
-    "lorkd-pl teacher-targets --config X [--device cuda]",
-    "teacher-test": "test a config's (outside) teacher in its own pipeline, writing OUT/summary/<task>.json "
-    "for lorkd-pl report --teacher; lorkd-pl teacher-test --config X --out OUT [--device cuda]",
-}
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -194,7 +180,8 @@ def _anatomy_check(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lorkd_pl.deploy.export import export_regions, load_student, size_report
+    from lorkd_pl.deploy.export import export_regions, size_report
+    from lorkd_pl.deploy.networks import load_student
 
     if args.dry_run:
         print(size_report(args.ckpt, args.teacher))
@@ -207,7 +194,7 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(
             "give --region REGION or --all-regions (`lorkd-pl export --ckpt X --dry-run` lists them)"
         )
-    from lorkd_pl.deploy.predict import ROUTER_FOLDER
+    from lorkd_pl.deploy.folders import ROUTER_FOLDER
 
     student, _ = load_student(args.ckpt)
     regions = student.regions if args.all_regions else [args.region]
@@ -268,21 +255,16 @@ def _device(name: str | None) -> str:
 def _predict(args: argparse.Namespace) -> int:
     from lorkd_pl.deploy.predict import predict_files
 
-    device = _device(args.device)
-    if args.overlap is not None and not 0 <= args.overlap < 1:
-        raise ValueError(
-            f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {args.overlap}"
-        )
     for path in predict_files(
         args.input,
         args.source,
         args.out,
-        args.region,
-        device,
-        args.probabilities,
-        args.overlap,
-        args.force,
-        args.min_confidence,
+        region=args.region,
+        device=_device(args.device),
+        probabilities=args.probabilities,
+        overlap=args.overlap,
+        force=args.force,
+        min_confidence=args.min_confidence,
     ):
         print(f"wrote {path}")
     return 0

@@ -61,7 +61,7 @@ def _test(config: Path, checkpoint: Path, extra: list[str]) -> tuple[Any, str]:
 def merged_expert_parameters(student, task: int) -> int:
     """Parameters of the deployable network of a task's region: the merged backbone and every head of
     that region (what ``lorkd-pl export --region`` writes)."""
-    from lorkd_pl.deploy.export import expert_network
+    from lorkd_pl.deploy.networks import expert_network
 
     network, _ = expert_network(student, student.tasks[task]["region"])
     return count_parameters(network)
@@ -78,7 +78,7 @@ def export_and_predict(
     same input pipeline, so it is what ``--region auto`` decides on the same images.
     """
     from lorkd_pl.deploy.export import export_regions
-    from lorkd_pl.deploy.predict import ROUTER_FOLDER
+    from lorkd_pl.deploy.folders import ROUTER_FOLDER
 
     checkpoint = root / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
     experts = root / "experts" / kind
@@ -126,7 +126,8 @@ def route_test_volumes(student, experts: Path, out: Path, predict_task: str) -> 
     import SimpleITK as sitk
 
     from lorkd_pl.deploy.card import RouterCard
-    from lorkd_pl.deploy.predict import ROUTER_FOLDER, output_stems, predict_files
+    from lorkd_pl.deploy.folders import ROUTER_FOLDER
+    from lorkd_pl.deploy.predict import output_stems, predict_files
     from lorkd_pl.registry import get_task
 
     labels = {  # test image → (task, label)
@@ -329,7 +330,7 @@ def kind_results(
         out[name] = {"mean": mean, "per_region": per_region, "fit_seconds": round(timings[name], 1)}
     out["teacher"]["params"] = count_parameters(teacher)
     out["plain_kd"]["params"] = count_parameters(plain)
-    from lorkd_pl.deploy.export import student_parameters
+    from lorkd_pl.deploy.networks import student_parameters
 
     out["lorkd"]["params_all_experts"] = student_parameters(student)  # W0, experts, heads
     # the router's classifier (it reads W0's features)

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lorkd_pl.app.cli import LIGHTNING_COMMANDS
+from lorkd_pl.app.commands import LIGHTNING_COMMANDS
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
@@ -45,8 +45,8 @@ from lorkd_pl.io.compatibility import check_compatible
 from lorkd_pl.io.trust import UntrustedFileError, check_file_network, named_classes
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
-from lorkd_pl.models.teacher import TeacherError
-from lorkd_pl.models.teacher_spec import TeacherSpecError
+from lorkd_pl.models.teacher.loading import TeacherError
+from lorkd_pl.models.teacher.spec import TeacherSpecError
 from lorkd_pl.registry import RegistryError, get_task, order_regions
 
 
@@ -334,7 +334,7 @@ def _configured(args: Sequence[str]) -> tuple[Any, Any]:
 def teacher_targets(args: Sequence[str], device: str = "cpu") -> str:
     """``lorkd-pl teacher-targets --config X``: build the cached teacher targets of the training and
     validation cases now (a fit then reuses them); returns the summary line."""
-    from lorkd_pl.models.teacher_pipeline import describe_build, prepare_targets
+    from lorkd_pl.models.teacher.pipeline import describe_build, prepare_targets
 
     model, datamodule = _configured(args)
     if not model.teacher_spec.cache:
@@ -348,7 +348,7 @@ def teacher_targets(args: Sequence[str], device: str = "cpu") -> str:
 def teacher_test(args: Sequence[str], out: str, device: str = "cpu") -> list[Path]:
     """``lorkd-pl teacher-test --config X --out DIR``: test the configured teacher in its own pipeline
     on the tasks' test splits; writes ``DIR/summary/<task>.json`` (for ``lorkd-pl report --teacher``)."""
-    from lorkd_pl.models.teacher_pipeline import evaluate_teacher, task_pipelines
+    from lorkd_pl.models.teacher.pipeline import evaluate_teacher, task_pipelines
 
     model, datamodule = _configured(args)
     datamodule.setup("test")

@@ -45,6 +45,18 @@ class ImageReadError(OSError):
     """An image file or DICOM folder is missing or cannot be decoded."""
 
 
+#: DICOM ``Modality`` (0008,0060) and ``BodyPartExamined`` (0018,0015).
+MODALITY_TAG = "0008|0060"
+BODY_PART_TAG = "0018|0015"
+
+
+def dicom_series_files(folder: str | Path) -> list[list[str]]:
+    """The files of every DICOM series directly in ``folder`` (GDCM's order: by position), one list
+    per series; ``[]`` when it holds none."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    return [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i)) for i in ids]
+
+
 def _nifti_expected_bytes(header: bytes) -> int | None:
     """``vox_offset + voxels × bytes per voxel`` from a NIfTI-1/2 header, or ``None`` if not NIfTI."""
     for order in ("<", ">"):
@@ -119,10 +131,10 @@ def read_image(path: str | Path, check: bool = False) -> sitk.Image:
         check_complete(path)
     try:
         if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            series = dicom_series_files(path)
             if not series:
                 raise ImageReadError(f"no DICOM series in folder {path} (expected a folder of .dcm slices)")
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+            files = series[0]
             if len(files) == 1:  # one file (e.g. a multi-frame DICOM): read it as it is
                 return sitk.ReadImage(files[0])
             reader = sitk.ImageSeriesReader()
@@ -253,3 +265,73 @@ class SimpleITKReader(ImageReader):
             _copy_compatible_dict(header, meta)
             arrays.append(array)
         return _stack_images(arrays, meta), meta
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What an input is, from its header (no pixels read): how it will be read, its size, components
+    per voxel and the DICOM ``Modality`` tag when it has one."""
+
+    what: str
+    size: tuple[int, ...]
+    components: int
+    modality: str | None
+    spacing: tuple[float, ...] = ()
+    body_part: str | None = None
+
+    @property
+    def describe(self) -> str:
+        """``DICOM series, 512×512×80, CT`` and the like."""
+        parts = [self.what, "×".join(map(str, self.size))]
+        if self.components > 1:
+            parts.append(f"{self.components} components")
+        if self.modality:
+            parts.append(self.modality)
+        return ", ".join(parts)
+
+
+def inspect_input(image: str) -> InputInfo:
+    """Classify one input from its header: a DICOM series folder, a DICOM file or another image file.
+
+    Raises:
+        ImageReadError: naming the input if its header cannot be read.
+    """
+    path = Path(image)
+    try:
+        if path.is_dir():
+            series = dicom_series_files(path)
+            files = series[0] if series else []
+            if not files:
+                raise ImageReadError(f"{path}: no DICOM series in this folder")
+            header = _header(files[0])
+            size = (*header.GetSize()[:2], len(files)) if len(files) > 1 else tuple(header.GetSize())
+            what = "DICOM series" if len(files) > 1 else "DICOM series of one file"
+        else:
+            header = _header(str(path))
+            size = tuple(header.GetSize())
+            what = (
+                "DICOM file"
+                if header.HasMetaDataKey(MODALITY_TAG)
+                else f"{path.suffix.lstrip('.') or 'image'} file"
+            )
+        modality = (
+            header.GetMetaData(MODALITY_TAG).strip().upper() if header.HasMetaDataKey(MODALITY_TAG) else None
+        )
+    except RuntimeError as error:
+        raise ImageReadError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
+    body_part = header.GetMetaData(BODY_PART_TAG).strip() if header.HasMetaDataKey(BODY_PART_TAG) else None
+    return InputInfo(
+        what,
+        size,
+        header.GetNumberOfComponents(),
+        modality or None,
+        tuple(header.GetSpacing()),
+        body_part or None,
+    )
+
+
+def _header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader

@@ -1,7 +1,7 @@
 """Precomputed teacher targets on disk: one file per case, read lazily by the data pipeline.
 
 A target is the teacher's KD target of one case's task, in the STUDENT's preprocessed grid (seg3d:
-``(K_task, X, Y, Z)``; cls2d: ``(K_task,)``), made once by :mod:`lorkd_pl.models.teacher_pipeline`.
+``(K_task, X, Y, Z)``; cls2d: ``(K_task,)``), made once by :mod:`lorkd_pl.models.teacher.pipeline`.
 It is stored as ``<cache>/<task>/<case>.npz`` (compressed; fp16 by default) together with its key: the
 sha256 of the teacher file's digest, the teacher's pipeline and output convention, the task's class
 mapping, the student's preprocessing and the image's content digest. An entry whose key differs is

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import csv
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,56 +29,26 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lorkd_pl.data.formats import read_manifest
-from lorkd_pl.data.readers import SUFFIXES, Geometry, ImageReadError, check_complete, read_geometry
+from lorkd_pl.data.readers import (
+    SUFFIXES,
+    Geometry,
+    ImageReadError,
+    InputInfo,
+    check_complete,
+    dicom_series_files,
+    inspect_input,
+    read_geometry,
+)
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
 from lorkd_pl.deploy.card import ExpertCard
+from lorkd_pl.deploy.folders import Expert, load_expert, load_experts_and_router
+from lorkd_pl.deploy.networks import ExportError
+from lorkd_pl.deploy.region_choice import RegionChoiceError, choose_regions, router_probabilities
 from lorkd_pl.io.atomic import atomic_file
-
-#: DICOM ``BodyPartExamined`` (0018,0015).
-BODY_PART_TAG = "0018|0015"
 
 
 class PredictError(ValueError):
     """Inputs or the model source cannot be used; names the path and the fix."""
-
-
-@dataclass
-class Expert:
-    """A network to run and its card (what it outputs and how to feed it).
-
-    ``network`` maps images ``(N, C, *S)`` to one logits tensor per task of ``card.tasks``.
-    """
-
-    network: Callable[[Tensor], Sequence[Tensor]]
-    card: ExpertCard
-
-
-def load_expert(source: str | Path, region: str | None = None, device: str = "cpu") -> Expert:
-    """An exported expert folder, a LoRKD checkpoint plus ``region`` (merged in memory), or a
-    generalist checkpoint (all its tasks, or ``region``'s).
-
-    Everything is read with ``weights_only=True`` (a folder through
-    :func:`lorkd_pl.deploy.export.load_exported`, not its ``model.pt2`` program), so an untrusted file
-    cannot run code.
-
-    Raises:
-        PredictError: for a region the source does not hold, naming the source.
-    """
-    from lorkd_pl.deploy.export import ExportError, deployable, load_exported, load_module
-    from lorkd_pl.io.hashing import sha256sum
-
-    source = Path(source)
-    try:
-        if source.is_dir():
-            network, card = load_exported(source)
-            if region is not None and region != card.region:
-                raise PredictError(f"{source} is the {card.region!r} expert, not {region!r}")
-        else:
-            module, _ = load_module(source, ("LoRKDModule", "GeneralistModule"))
-            network, card = deployable(module, region, {"path": str(source), "sha256": sha256sum(source)})
-    except ExportError as error:
-        raise PredictError(str(error)) from None
-    return Expert(network.to(device), card)
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -93,12 +62,8 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 {k: r[k] for k in ("image", "region") if k in r}
                 for r in read_manifest(item, require_label=False)
             ]
-        elif item.is_dir() and (series := sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item))):
-            dicom = {
-                Path(f).name
-                for s in series
-                for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(item), s)
-            }
+        elif item.is_dir() and (series := dicom_series_files(item)):
+            dicom = {Path(f).name for files in series for f in files}
             others = [p.name for p in sorted(item.iterdir()) if p.is_file() and p.name not in dicom]
             if len(series) > 1 or others:
                 raise PredictError(
@@ -124,76 +89,6 @@ def _output_name(image: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-@dataclass(frozen=True)
-class InputInfo:
-    """What an input is, from its header (no pixels read): how it will be read, its size, components
-    per voxel and the DICOM ``Modality`` tag when it has one."""
-
-    what: str
-    size: tuple[int, ...]
-    components: int
-    modality: str | None
-    spacing: tuple[float, ...] = ()
-    body_part: str | None = None
-
-    @property
-    def describe(self) -> str:
-        """``DICOM series, 512×512×80, CT`` and the like."""
-        parts = [self.what, "×".join(map(str, self.size))]
-        if self.components > 1:
-            parts.append(f"{self.components} components")
-        if self.modality:
-            parts.append(self.modality)
-        return ", ".join(parts)
-
-
-def inspect_input(image: str) -> InputInfo:
-    """Classify one input from its header: a DICOM series folder, a DICOM file or another image file.
-
-    Raises:
-        PredictError: naming the input if its header cannot be read.
-    """
-    path = Path(image)
-    try:
-        if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]) if series else ()
-            if not files:
-                raise PredictError(f"{path}: no DICOM series in this folder")
-            header = _header(files[0])
-            size = (*header.GetSize()[:2], len(files)) if len(files) > 1 else tuple(header.GetSize())
-            what = "DICOM series" if len(files) > 1 else "DICOM series of one file"
-        else:
-            header = _header(str(path))
-            size = tuple(header.GetSize())
-            what = (
-                "DICOM file"
-                if header.HasMetaDataKey("0008|0060")
-                else f"{path.suffix.lstrip('.') or 'image'} file"
-            )
-        modality = (
-            header.GetMetaData("0008|0060").strip().upper() if header.HasMetaDataKey("0008|0060") else None
-        )
-    except RuntimeError as error:
-        raise PredictError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
-    body_part = header.GetMetaData(BODY_PART_TAG).strip() if header.HasMetaDataKey(BODY_PART_TAG) else None
-    return InputInfo(
-        what,
-        size,
-        header.GetNumberOfComponents(),
-        modality or None,
-        tuple(header.GetSpacing()),
-        body_part or None,
-    )
-
-
-def _header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader
 
 
 def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = False) -> str | None:
@@ -242,9 +137,9 @@ def check_inputs(images: Sequence[str], card: ExpertCard, force: bool = False) -
     for image in images:
         try:
             check_complete(image)
+            info = inspect_input(image)
         except ImageReadError as error:
             raise PredictError(str(error)) from None
-        info = inspect_input(image)
         warning = check_input(image, info, card, force)
         print(f"{image}: {info.describe} → {tasks}")
         if warning:
@@ -424,6 +319,7 @@ def predict_files(
     inputs: Sequence[str | Path],
     source: str | Path,
     out_dir: str | Path,
+    *,
     region: str | None = None,
     device: str = "cpu",
     probabilities: bool = False,
@@ -445,7 +341,7 @@ def predict_files(
         out_dir: output folder; every file in it is written atomically.
         region: the region (default: the inputs' ``region`` field where they all share one); ``"auto"``:
             each input's own, from its manifest row, its DICOM ``BodyPartExamined`` or the region router
-            (:mod:`lorkd_pl.deploy.routing`; the decisions go to ``<out_dir>/routing.csv``).
+            (:mod:`lorkd_pl.deploy.region_choice`; the decisions go to ``<out_dir>/routing.csv``).
         device: ``"cpu"`` or ``"cuda"``.
         probabilities: segmentation: also write probability maps (see :func:`predict_segmentation`).
         overlap: segmentation: sliding-window overlap (default: the expert's).
@@ -453,6 +349,10 @@ def predict_files(
         min_confidence: ``region="auto"``: the router's lowest acceptable probability (default: the
             router card's).
     """
+    if overlap is not None and not 0 <= overlap < 1:
+        raise PredictError(
+            f"--overlap must be in [0, 1) (the fraction of a window its neighbour covers), got {overlap}"
+        )
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise PredictError(f"--min-confidence must be in [0, 1] (a probability), got {min_confidence}")
     collected = collect_inputs(inputs)
@@ -466,7 +366,10 @@ def predict_files(
     regions = {row.get("region") for row in rows} - {None}
     if region is None and len(regions) == 1:
         region = regions.pop()
-    expert = load_expert(source, region, device)
+    try:
+        expert = load_expert(source, region, device)
+    except ExportError as error:
+        raise PredictError(str(error)) from None
     regions = {t["region"] for t in expert.card.tasks}
     mismatched = [row["image"] for row in rows if row.get("region") not in (None, *regions)]
     if mismatched:
@@ -513,89 +416,6 @@ def _predict_with(
     return written
 
 
-@dataclass
-class Router:
-    """A region router to run and its card: ``network`` maps windows ``(n, C, *S)`` to ``(n, R)`` logits."""
-
-    network: Callable[[Tensor], Tensor]
-    card: Any
-
-
-def load_routed_source(source: str | Path, device: str = "cpu") -> tuple[dict[str, Expert], Router | None]:
-    """Every region's expert and the region router (``None`` if none was exported) of a folder written by
-    ``lorkd-pl export --all-regions`` (``<region>/`` and ``router/``) or of a LoRKD checkpoint.
-
-    Raises:
-        PredictError: for a source that holds no experts, naming it and the fix.
-    """
-    from lorkd_pl.deploy.export import (
-        ExportError,
-        deployable,
-        load_exported,
-        load_exported_router,
-        load_module,
-        router_card,
-        router_network,
-    )
-    from lorkd_pl.io.hashing import sha256sum
-
-    source = Path(source)
-    try:
-        if source.is_dir():
-            if (source / "metadata.json").is_file():
-                raise PredictError(
-                    f"{source} is one exported expert; --region auto needs the folder of all experts "
-                    "(`lorkd-pl export --all-regions --out FOLDER`), or drop --region auto"
-                )
-            experts = {}
-            for folder in sorted(p for p in source.iterdir() if (p / "metadata.json").is_file()):
-                if folder.name == ROUTER_FOLDER:
-                    continue
-                network, card = load_exported(folder)
-                region = card.region or folder.name
-                if region in experts:
-                    raise PredictError(
-                        f"{source} holds two experts of region {region!r} ({folder.name} and another); keep "
-                        "one export per region in the folder given to --region auto"
-                    )
-                experts[region] = Expert(network.to(device), card)
-            if not experts:
-                raise PredictError(
-                    f"{source} holds no exported experts (<region>/metadata.json); run "
-                    "`lorkd-pl export --ckpt RUN/last.ckpt --all-regions --out FOLDER` and give FOLDER"
-                )
-            router = None
-            if (source / ROUTER_FOLDER).is_dir():
-                network, card = load_exported_router(source / ROUTER_FOLDER)
-                router = Router(network.to(device), card)
-            sources = {e.card.source_checkpoint.get("sha256") for e in experts.values()}
-            if router is not None:
-                sources.add(router.card.source_checkpoint.get("sha256"))
-            if len(sources) > 1:
-                raise PredictError(
-                    f"the experts{' and the router' if router else ''} in {source} come from different "
-                    "checkpoints (their cards' source_checkpoint sha256 differ); export them together "
-                    "(lorkd-pl export --all-regions) into an empty folder"
-                )
-            return experts, router
-        module, _ = load_module(source, ("LoRKDModule",))
-        described = {"path": str(source), "sha256": sha256sum(source)}
-        experts = {}
-        for region in module.regions:
-            network, card = deployable(module, region, described)
-            experts[region] = Expert(network.to(device), card)
-        if module.router is None:
-            return experts, None
-        network = router_network(module)
-        return experts, Router(network.to(device), router_card(module, network, described))
-    except ExportError as error:
-        raise PredictError(str(error)) from None
-
-
-#: The subfolder of ``export --all-regions`` holding the region router.
-ROUTER_FOLDER = "router"
-
-
 def _predict_routed(
     rows: Sequence[dict[str, Any]],
     source: str | Path,
@@ -606,11 +426,12 @@ def _predict_routed(
     force: bool,
     min_confidence: float | None,
 ) -> list[Path]:
-    """``region="auto"``: route every input (:func:`lorkd_pl.deploy.routing.route_inputs`), check all of
-    them against their experts, write ``routing.csv``, then predict region by region."""
-    from lorkd_pl.deploy.routing import RoutingError, route_inputs, router_probabilities
-
-    experts, router = load_routed_source(source, device)
+    """``region="auto"``: choose every input's region (:func:`~lorkd_pl.deploy.region_choice.choose_regions`),
+    check all of them against their experts, write ``routing.csv``, then predict region by region."""
+    try:
+        experts, router = load_experts_and_router(source, device)
+    except ExportError as error:
+        raise PredictError(str(error)) from None
     images = _without_own_outputs([row["image"] for row in rows], [e.card for e in experts.values()])
     kept = [row for row in rows if row["image"] in images]
     unknown = sorted({str(row["region"]) for row in kept if row.get("region")} - set(experts))
@@ -631,8 +452,8 @@ def _predict_routed(
             return router_probabilities(router.network, router.card, image, device)
 
     try:
-        decisions = route_inputs(kept, sorted(experts), routed_by, threshold)
-    except RoutingError as error:
+        decisions = choose_regions(kept, sorted(experts), routed_by, threshold)
+    except (RegionChoiceError, ImageReadError) as error:
         raise PredictError(str(error)) from None
     groups: dict[str, list[str]] = {}
     for decision in decisions:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,21 @@ def task_metrics(task: Mapping[str, Any]) -> MetricCollection:
     return MetricCollection({name: builders[name]() for name in available if name in wanted})
 
 
+@dataclass
+class StepLoss:
+    """A training batch's loss and its parts, computed without side effects (no logging, no state).
+
+    Attributes:
+        loss: the scalar to minimise.
+        terms: ``{(task index, term name): scalar}``: each task's terms, to name a non-finite culprit.
+        logged: ``{metric name: scalar}``: the parts a training step logs.
+    """
+
+    loss: Tensor
+    terms: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+    logged: dict[str, Tensor] = field(default_factory=dict)
+
+
 class TaskModule(L.LightningModule):
     """Base of :class:`GeneralistModule` and :class:`LoRKDModule`.
 
@@ -108,6 +124,10 @@ class TaskModule(L.LightningModule):
             region, task and loss term (``"raise"``), or the batch contributes zero gradient and
             ``train/nonfinite_skipped`` counts it (``"skip"``). All processes decide together.
     """
+
+    #: Hyper-parameters replaced when a trained module is rebuilt from its checkpoint
+    #: (:func:`~lorkd_pl.models.restore.restore_module`): none here.
+    restore_overrides: Mapping[str, Any] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,6 +180,15 @@ class TaskModule(L.LightningModule):
         """
         check_compatible("the checkpoint", checkpoint.get("hyper_parameters") or {}, self.tasks, self.regions)
 
+    def compute_loss(self, batch: Mapping[str, Any]) -> StepLoss:
+        """The training loss of ``batch`` and its parts, with no side effect: what ``training_step``
+        optimises and what a diagnostic (:mod:`lorkd_pl.models.conflicts`) differentiates.
+
+        Args:
+            batch: ``image`` ``(N, C, *S)``, ``label``, ``task`` ``(N,)``, ``region`` ``(N,)``.
+        """
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ non-finite losses
     def guard_loss(
         self,
@@ -179,8 +208,6 @@ class TaskModule(L.LightningModule):
             batch_idx: index of the batch in the epoch.
             terms: called only on failure: ``{(task index, term name): scalar}``, to name the culprit.
         """
-        if getattr(self, "probing", False):  # a diagnostic's extra loss (models.conflicts): no collective
-            return loss
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

@@ -23,9 +23,8 @@ The full history goes to ``<log_dir>/conflicts.json`` (``{"regions": [...], "rec
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,29 +115,14 @@ def region_rows(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _silent(module: L.LightningModule) -> Iterator[None]:
-    """Suppress ``module.log``/``log_dict`` (the probe's losses are not training metrics)."""
-    saved = module.__dict__.get("log"), module.__dict__.get("log_dict")
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name, value in zip(("log", "log_dict"), saved, strict=True):
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                setattr(module, name, value)
-
-
 def region_gradient_cosines(
     module: L.LightningModule, batch: Mapping[str, Any], regions: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Per-region gradients of the training loss on ``batch`` and their pairwise cosines.
 
     Args:
-        module: a LoRKD student or generalist (its ``training_step`` is the loss).
+        module: a LoRKD student or generalist (its ``compute_loss`` is the loss: no logging, no
+            collective, no state touched).
         batch: a training batch with ``region`` ``(N,)`` indices into ``regions``.
         regions: the run's region names.
 
@@ -159,21 +143,19 @@ def region_gradient_cosines(
         )
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # BatchNorm statistics
     devices = [batch["image"].device.index or 0] if batch["image"].is_cuda else []
-    module.probing = True  # guard_loss: no all-reduce, no skip counter (models.base)
     try:
         # the probe must not change training: modes, norm statistics and the random stream are restored
         with (
             module_mode(module, True),
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
-            _silent(module),
         ):
             for index, region in enumerate(present):
                 rows = (batch["region"] == region).nonzero().squeeze(1)
                 sub = region_rows(batch, rows)
 
                 def loss(sub: dict[str, Any] = sub) -> Tensor:
-                    return module.training_step(sub, 0)
+                    return module.compute_loss(sub).loss
 
                 holder: list[Tensor] = []
                 if index == 0:  # the first forward also finds the layer groups
@@ -189,7 +171,6 @@ def region_gradient_cosines(
                     }
                 )
     finally:
-        module.probing = False
         with torch.no_grad():
             for name, value in module.named_buffers():
                 value.copy_(buffers[name])

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from lorkd_pl.models.backbones import build_module, feature_channels, make_head
-from lorkd_pl.models.base import TaskModule
-from lorkd_pl.models.class_mapping import union_class_name
+from lorkd_pl.models.base import StepLoss, TaskModule
 from lorkd_pl.models.losses import TaskLoss, supervision_levels
+from lorkd_pl.models.teacher.class_mapping import union_class_name
 
 DEFAULT_SEG_BACKBONE: dict[str, Any] = {
     "class_path": "monai.networks.nets.UNet",
@@ -123,18 +123,21 @@ class GeneralistModule(TaskModule):
             losses[t] = self.loss(task_logits, label.index_select(0, rows))
         return losses
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def compute_loss(self, batch: Mapping[str, Any]) -> StepLoss:
         """Partial-label loss: each task's loss on its samples and channels, weighted by its share of
-        the batch (with deep supervision: summed over the levels, :func:`supervision_levels`); a scalar."""
+        the batch (with deep supervision: summed over the levels, :func:`supervision_levels`)."""
         task = batch["task"]
         losses: dict[int, Tensor] = {}
         for weight, features in supervision_levels(self.backbone(batch["image"]), batch["image"]):
             for t, value in self.partial_label_losses(self.head(features), batch["label"], task).items():
                 losses[t] = losses.get(t, 0.0) + weight * value
         total = sum(float((task == t).sum()) / task.numel() * value for t, value in losses.items())
-        loss = self.guard_loss(
-            total, batch, batch_idx, lambda: {(t, "task_loss"): v.detach() for t, v in losses.items()}
-        )
+        return StepLoss(total, {(t, "task_loss"): value for t, value in losses.items()})
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """:meth:`compute_loss`, checked for non-finite values (``guard_loss``) and logged; a scalar."""
+        step = self.compute_loss(batch)
+        loss = self.guard_loss(step.loss, batch, batch_idx, lambda: step.terms)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 

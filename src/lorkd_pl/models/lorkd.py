@@ -8,7 +8,7 @@ Training step on a mixed-region batch (sorted by region by the data module):
    supervision, summed over the levels with weights 2^-l normalised).
 3. Knowledge distillation from the frozen teacher: ``KL(softmax(z_t/τ) ‖ softmax(z_s/τ))·τ²`` on the
    task's classes (teacher channels from the task mapping; per-class binary KL for a multi-label
-   teacher, see :mod:`lorkd_pl.models.teacher_outputs`), and/or feature KD (MSE between a learned 1×1
+   teacher, see :mod:`lorkd_pl.models.teacher.outputs`), and/or feature KD (MSE between a learned 1×1
    projection of the student's features and the teacher's features). The teacher runs live on the
    batch, or (``teacher.cache``) its targets were made once per case in its own pipeline and ride
    along in the batch (``batch["teacher"]``): no teacher forward in the training step.
@@ -41,19 +41,19 @@ from lorkd_pl.models.backbones import (
     make_head,
     module_mode,
 )
-from lorkd_pl.models.base import TaskModule
+from lorkd_pl.models.base import StepLoss, TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
 from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
 from lorkd_pl.models.router import (
-    RegionRouter,
+    RegionClassifier,
     deepest_taps,
     tap_names,
     tap_width,
     tapped_features,
     volume_probabilities,
 )
-from lorkd_pl.models.teacher import Teacher, TeacherError, load_teacher
-from lorkd_pl.models.teacher_spec import TeacherSpec, parse_teacher
+from lorkd_pl.models.teacher.loading import Teacher, TeacherError, load_teacher
+from lorkd_pl.models.teacher.spec import TeacherSpec, parse_teacher
 from lorkd_pl.registry import check_ranges
 
 KDKind = Literal["logits", "features", "both", "none"]
@@ -126,7 +126,7 @@ class LoRKDModule(TaskModule):
         teacher: the teacher: a path (generalist checkpoint, TorchScript file, MONAI bundle folder or
             a plain checkpoint with ``teacher_model``), or a description ``{path, output, classes,
             spacing, intensity, roi_size, divisible, cache, ...}`` of a foundation model with its own
-            output convention and pipeline (:mod:`lorkd_pl.models.teacher_spec`, docs/teachers.md);
+            output convention and pipeline (:mod:`lorkd_pl.models.teacher.spec`, docs/teachers.md);
             ``None`` trains without KD.
         teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network (also
             ``teacher.model``).
@@ -146,6 +146,9 @@ class LoRKDModule(TaskModule):
         optimizer, lr, weight_decay, warmup_steps, sw_overlap, sw_batch_size, nonfinite_loss: see
             :class:`TaskModule`.
     """
+
+    #: Rebuilt from a checkpoint, a student loads no teacher and copies no weights.
+    restore_overrides: Mapping[str, Any] = {"teacher": None, "kd": "none", "init_from_teacher": False}
 
     def __init__(
         self,
@@ -218,7 +221,7 @@ class LoRKDModule(TaskModule):
             )
         )
         self.heads = nn.ModuleList([make_head(self.kind, width, len(t["classes"])) for t in self.tasks])
-        self.router: RegionRouter | None = None
+        self.router: RegionClassifier | None = None
         self.router_taps: list[str] = []
         self.router_grid_taps: list[str] = []
         if router_weight > 0 and len(self.regions) > 1:  # one region: nothing to route
@@ -231,7 +234,7 @@ class LoRKDModule(TaskModule):
             )
             features = tap_width(self.student, self.router_taps, width, self.kind, self.router_grid_taps)
             with torch.random.fork_rng(devices=[]):  # the student's initialisation stays the same
-                self.router = RegionRouter(features, len(self.regions))
+                self.router = RegionClassifier(features, len(self.regions))
         # routing accuracy per stage (torchmetrics: reduced across processes) and the test confusion
         self.router_metrics = nn.ModuleDict(
             {
@@ -242,6 +245,10 @@ class LoRKDModule(TaskModule):
         self.router_summary: dict[str, Any] | None = None
         self.loss = TaskLoss(self.kind)
         self.__dict__["_teacher"] = None  # never a submodule: not saved, not synced by DDP
+        self.__dict__["_teacher_device"] = None
+        #: the router's replay: (features, regions) of the last ``ROUTER_REPLAY`` batches, no gradient;
+        #: a plain list (not a buffer): never saved, a resumed fit starts it anew
+        self._router_bank: list[tuple[Tensor, Tensor]] = []
         self.projection: nn.Module | None = None
         if teacher is not None and kd in ("features", "both") and kd_weight > 0:  # else never used (DDP)
             teacher_width = self.teacher.feature_width
@@ -286,7 +293,7 @@ class LoRKDModule(TaskModule):
         """Load the teacher and check it before the first step: live, its class mapping and output
         convention on a training crop; cached, build the missing targets (each process its shard,
         then all wait). Optionally copy a generalist teacher into the student."""
-        self.__dict__["_router_bank"] = []  # the router's replay starts with this fit
+        self._router_bank.clear()  # the router's replay starts with this fit
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.use_teacher_targets(None)
@@ -312,7 +319,7 @@ class LoRKDModule(TaskModule):
             return torch.randn(1, self.hparams.in_channels, *patch, generator=generator).to(self.device)
 
     def _build_teacher_targets(self, datamodule: Any) -> None:
-        from lorkd_pl.models.teacher_pipeline import describe_build, prepare_targets
+        from lorkd_pl.models.teacher.pipeline import describe_build, prepare_targets
 
         if not hasattr(datamodule, "use_teacher_targets"):
             raise TeacherError(
@@ -421,10 +428,10 @@ class LoRKDModule(TaskModule):
         region = self.regions.index(self.tasks[task]["region"])
         return self.heads[task](self.features(images, region))
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """One mixed-region step: each sample through its region's expert, per-task heads, task loss
-        (weighted by the task's share of the batch) + ``kd_weight`` × KD; a scalar (see ``guard_loss``).
-        """
+    def compute_loss(self, batch: Mapping[str, Any]) -> StepLoss:
+        """The student's loss on one mixed-region batch: each sample through its region's expert,
+        per-task heads, task loss (weighted by the task's share of the batch) + ``kd_weight`` × KD.
+        The region router's loss is not part of it (:meth:`training_step` adds it)."""
         images, labels, tasks = batch["image"], batch["label"], batch["task"]
         total = images.shape[0]
         levels = supervision_levels(self.features(images, batch["region"]), images)
@@ -468,10 +475,17 @@ class LoRKDModule(TaskModule):
                 features_kd = F.mse_loss(self.projection(features.float()), teacher_features.float())
             distillation = distillation + features_kd
         loss = task_loss + self.hparams.kd_weight * distillation
-        size = images.shape[0]
-        if self.router is not None and not getattr(self, "probing", False):
-            features = self.router_features(images)
-            bank = self.__dict__.setdefault("_router_bank", [])  # not state: a resume starts it anew
+        return StepLoss(loss, terms, {"train/task_loss": task_loss, "train/kd_loss": distillation})
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """:meth:`compute_loss`, plus ``router_weight`` × the region router's loss on the replayed
+        features of the last ``ROUTER_REPLAY`` batches; checked for non-finite values (``guard_loss``)
+        and logged; a scalar."""
+        step = self.compute_loss(batch)
+        loss, size = step.loss, batch["image"].shape[0]
+        if self.router is not None:
+            features = self.router_features(batch["image"])
+            bank = self._router_bank  # not state: a resume starts it anew
             bank.append((features, batch["region"]))
             del bank[:-ROUTER_REPLAY]
             region_logits = self.router(torch.cat([f for f, _ in bank])).float()
@@ -482,8 +496,8 @@ class LoRKDModule(TaskModule):
             self.log_dict(
                 {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
             )
-        loss = self.guard_loss(loss, batch, batch_idx, lambda: terms)
-        self.log_dict({"train/task_loss": task_loss, "train/kd_loss": distillation}, batch_size=size)
+        loss = self.guard_loss(loss, batch, batch_idx, lambda: step.terms)
+        self.log_dict(step.logged, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 

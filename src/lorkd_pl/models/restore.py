@@ -1,10 +1,12 @@
 """Rebuilding a lorkd-pl module from a checkpoint's plain data (hyper-parameters + state dict).
 
 The one place that turns a loaded checkpoint back into a :class:`~lorkd_pl.models.base.TaskModule`:
-used for generalist teachers, ``lorkd-pl export`` and ``lorkd-pl predict``. The checkpoint's own
-marker (``lorkd_pl_model``) selects the class from a fixed table, and every class the hyper-parameters
-name (the backbone's ``class_path``) must lie in a trusted module (:mod:`lorkd_pl.io.trust`) before
-anything is imported.
+used for generalist teachers, ``lorkd-pl export`` and ``lorkd-pl predict``. The caller names the module
+classes it can use; the checkpoint's own marker (``lorkd_pl_model``, the class name a module writes in
+``on_save_checkpoint``) selects one of them, and every class the hyper-parameters name (the backbone's
+``class_path``) must lie in a trusted module (:mod:`lorkd_pl.io.trust`) before anything is imported.
+This module imports no concrete module class, so the teacher (which restores generalists) and the
+student (which loads a teacher) never meet here.
 """
 
 from __future__ import annotations
@@ -17,22 +19,17 @@ from typing import Any
 from lorkd_pl.io.checkpoints import CheckpointError
 from lorkd_pl.io.trust import UntrustedFileError, check_file_network
 from lorkd_pl.models.base import TaskModule
-from lorkd_pl.models.generalist import GeneralistModule
-from lorkd_pl.models.lorkd import LoRKDModule
 
-MODEL_CLASSES: dict[str, type[TaskModule]] = {
-    "GeneralistModule": GeneralistModule,
-    "LoRKDModule": LoRKDModule,
-}
-DESCRIPTIONS: dict[str, str] = {"GeneralistModule": "generalist", "LoRKDModule": "LoRKD student"}
-#: Arguments that would load a teacher or copy weights: never wanted when restoring trained weights.
-STUDENT_OVERRIDES: dict[str, Any] = {"teacher": None, "kd": "none", "init_from_teacher": False}
+#: The checkpoint entry that names the module class that wrote it.
+MODEL_MARKER = "lorkd_pl_model"
+#: What a checkpoint of an unaccepted kind is called in messages.
+KIND_DESCRIPTIONS: dict[str, str] = {"GeneralistModule": "generalist", "LoRKDModule": "LoRKD student"}
 
 
 def model_kind(checkpoint: Mapping[str, Any]) -> str | None:
-    """``"GeneralistModule"``, ``"LoRKDModule"`` or ``None`` (not a lorkd-pl model checkpoint)."""
-    kind = checkpoint.get("lorkd_pl_model") if isinstance(checkpoint, Mapping) else None
-    return kind if kind in MODEL_CLASSES else None
+    """The module class name a lorkd-pl checkpoint was written by (``None``: no marker)."""
+    kind = checkpoint.get(MODEL_MARKER) if isinstance(checkpoint, Mapping) else None
+    return kind if isinstance(kind, str) and kind in KIND_DESCRIPTIONS else None
 
 
 def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,26 +50,30 @@ def upgrade_hyperparameters(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def restore_module(
-    checkpoint: Mapping[str, Any], source: str | Path, accept: Sequence[str] = tuple(MODEL_CLASSES)
+    checkpoint: Mapping[str, Any], source: str | Path, classes: Sequence[type[TaskModule]]
 ) -> TaskModule:
     """The module saved in ``checkpoint`` (already loaded with ``weights_only=True``), in eval mode.
 
     Args:
         checkpoint: a Lightning checkpoint dict written by a lorkd-pl run.
         source: where it came from (for messages).
-        accept: the model kinds the caller can use.
+        classes: the module classes the caller can use; the checkpoint's marker picks one by name.
+            A class's ``restore_overrides`` (arguments that would load a teacher or copy weights)
+            replace the saved hyper-parameters.
 
     Raises:
         CheckpointError: if it is not a lorkd-pl checkpoint of an accepted kind.
     """
     kind = model_kind(checkpoint)
-    if kind not in accept:
-        found = f"it is a {DESCRIPTIONS[kind]} checkpoint" if kind else "no lorkd-pl model marker"
+    by_name = {cls.__name__: cls for cls in classes}
+    if kind not in by_name:
+        found = f"it is a {KIND_DESCRIPTIONS[kind]} checkpoint" if kind else "no lorkd-pl model marker"
+        wanted = " or ".join(KIND_DESCRIPTIONS.get(name, name) for name in by_name)
         raise CheckpointError(
-            f"{source} is not a {' or '.join(DESCRIPTIONS[k] for k in accept)} checkpoint ({found}); "
+            f"{source} is not a {wanted} checkpoint ({found}); "
             "train one with the packaged configs (`lorkd-pl config`)"
         )
-    cls = MODEL_CLASSES[kind]
+    cls = by_name[kind]
     try:  # before anything named in the file is imported
         saved = checkpoint.get("hyper_parameters") or {}
         check_file_network(saved, str(source), saved.get("backbone"))
@@ -81,8 +82,7 @@ def restore_module(
     accepted = inspect.signature(cls.__init__).parameters
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
     hparams = upgrade_hyperparameters(hparams)
-    if kind == "LoRKDModule":
-        hparams.update(STUDENT_OVERRIDES)
+    hparams.update(cls.restore_overrides)
     module = cls(**hparams)
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("projection.")}
     try:

@@ -148,7 +148,7 @@ def tapped_features(
     return torch.cat([*pooled, pool(output)], dim=1)
 
 
-class RegionRouter(nn.Module):
+class RegionClassifier(nn.Module):
     """Pooled features → region logits: LayerNorm, Linear, GELU, Linear.
 
     Args:

@@ -13,10 +13,10 @@ Sources, chosen by what ``path`` is:
 Every load uses ``torch.load(weights_only=True)``. The teacher is frozen (``requires_grad_(False)``,
 ``eval()``), run under ``no_grad``, and never part of the student's checkpoint: its path and sha256 are
 recorded instead. A student task's classes are mapped onto the teacher's channels BY NAME
-(:mod:`lorkd_pl.models.class_mapping`): declared in the task's ``teacher_classes``, through the
+(:mod:`lorkd_pl.models.teacher.class_mapping`): declared in the task's ``teacher_classes``, through the
 teacher's own class names (``teacher.classes``), or for a generalist teacher through its same-named
 task; tasks without a mapping get no logit KD. What the teacher outputs (``teacher.output``) decides
-how its output becomes a KD target (:mod:`lorkd_pl.models.teacher_outputs`).
+how its output becomes a KD target (:mod:`lorkd_pl.models.teacher.outputs`).
 """
 
 from __future__ import annotations
@@ -38,15 +38,17 @@ from lorkd_pl.io.trust import (
     resolve_network_class,
 )
 from lorkd_pl.models.backbones import build_module
-from lorkd_pl.models.class_mapping import (
+from lorkd_pl.models.generalist import GeneralistModule
+from lorkd_pl.models.restore import model_kind, restore_module
+from lorkd_pl.models.teacher.class_mapping import (
     ClassChannels,
     ClassMappingError,
     flat_channels,
     map_task_classes,
     select_classes,
 )
-from lorkd_pl.models.teacher_outputs import check_output, target_kind, task_targets
-from lorkd_pl.models.teacher_spec import SIGMOID_OUTPUTS, TeacherSpec, parse_teacher
+from lorkd_pl.models.teacher.outputs import check_output, target_kind, task_targets
+from lorkd_pl.models.teacher.spec import SIGMOID_OUTPUTS, TeacherSpec, parse_teacher
 
 #: Cube sizes tried to tell the user which inputs a teacher accepts, after it rejected one.
 PROBE_SIZES: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128)
@@ -172,7 +174,7 @@ class Teacher(nn.Module):
 
         Returns:
             ``(N, K_task, *S)`` / ``(N, K_task)`` fp32 log-probabilities or per-class log-odds
-            (:func:`lorkd_pl.models.teacher_outputs.task_targets`).
+            (:func:`lorkd_pl.models.teacher.outputs.task_targets`).
         """
         return task_targets(raw, self.class_channels[task], self.output, self.sigmoid_kd)
 
@@ -233,7 +235,7 @@ def load_teacher(
 
     Args:
         teacher: a path (see the module docstring) or a teacher description
-            (:mod:`lorkd_pl.models.teacher_spec`).
+            (:mod:`lorkd_pl.models.teacher.spec`).
         tasks: the student's task descriptions.
         model: ``{class_path, init_args}`` of a plain weights file's network (when the description
             has none).
@@ -267,16 +269,14 @@ def load_teacher(
         checkpoint = load_checkpoint_file(path)
     except CheckpointError as error:
         raise TeacherError(f"teacher: {error}") from None
-    from lorkd_pl.models.restore import model_kind, restore_module  # restore imports the student
-
-    if model_kind(checkpoint) == "GeneralistModule":
+    if model_kind(checkpoint) == GeneralistModule.__name__:
         if spec.output != "logits":
             raise TeacherError(
                 f"teacher {path} is a lorkd-pl generalist, whose output is logits; remove "
                 f"model.init_args.teacher.output ({spec.output!r})"
             )
         try:
-            generalist = restore_module(checkpoint, path, accept=("GeneralistModule",))
+            generalist = restore_module(checkpoint, path, (GeneralistModule,))
         except CheckpointError as error:
             raise TeacherError(f"teacher: {error}") from None
         channels = _class_channels(

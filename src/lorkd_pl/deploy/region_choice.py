@@ -1,4 +1,5 @@
-"""``lorkd-pl predict --region auto``: pick each input's expert from its DICOM tag or the region router.
+"""The input→region choice of ``lorkd-pl predict --region auto``: each input's expert from its manifest, its
+DICOM tag or the region router.
 
 For every input, in this order:
 
@@ -24,6 +25,7 @@ import torch
 from monai import transforms as mt
 from torch import Tensor
 
+from lorkd_pl.data.readers import inspect_input
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
 from lorkd_pl.deploy.card import Preprocessing, RouterCard
 from lorkd_pl.models.router import volume_probabilities
@@ -52,12 +54,12 @@ BODY_PART_REGIONS: dict[str, str] = {
 }
 
 
-class RoutingError(ValueError):
+class RegionChoiceError(ValueError):
     """Inputs that cannot be routed with confidence; names each input and its top regions."""
 
 
 @dataclass
-class Routed:
+class RegionChoice:
     """Where one input goes and why.
 
     Attributes:
@@ -92,14 +94,6 @@ def body_part_region(tag: str | None, regions: Sequence[str]) -> str | None:
     return by_key.get(_key(BODY_PART_REGIONS.get(key, "")))
 
 
-def read_body_part(image: str) -> str | None:
-    """The ``BodyPartExamined`` tag of a DICOM file or of a DICOM series folder's first file (header
-    only), or ``None``."""
-    from lorkd_pl.deploy.predict import inspect_input
-
-    return inspect_input(image).body_part
-
-
 def _pipeline_key(prep: Preprocessing, kind: str) -> tuple[Any, ...]:
     if kind == "cls2d":
         return (tuple(prep.patch_size), prep.channels)
@@ -115,7 +109,7 @@ def router_probabilities(
     The input is prepared once per distinct pipeline of the card; region ``r``'s score is the router's
     probability of ``r`` on the input prepared with ``r``'s own pipeline (what the router saw of ``r``
     in training). With one pipeline these are the router's softmax itself; with several they need not
-    sum to 1 (:func:`route_inputs` normalises them and gates on both).
+    sum to 1 (:func:`choose_regions` normalises them and gates on both).
 
     Args:
         network: ``(n, C, *S) → (n, R)`` region logits (an exported router or a student's).
@@ -124,7 +118,7 @@ def router_probabilities(
         device: where the network runs.
 
     Raises:
-        RoutingError: for an input with NaN or infinite values.
+        RegionChoiceError: for an input with NaN or infinite values.
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for region in card.regions:
@@ -140,7 +134,7 @@ def router_probabilities(
                 transform = cls2d_transforms(False, prep.patch_size, prep.channels)
                 x = transform({"image": image, "label": 0})["image"][None].float().to(device)
             if not torch.isfinite(x).all():
-                raise RoutingError(
+                raise RegionChoiceError(
                     f"{image} holds NaN or infinite values; fix or drop it (nothing was predicted)"
                 )
             if card.kind == "seg3d":
@@ -158,12 +152,12 @@ def describe_top(probabilities: Mapping[str, float], count: int = 3) -> str:
     return ", ".join(f"{region} {value:.2f}" for region, value in ranked)
 
 
-def route_inputs(
+def choose_regions(
     rows: Sequence[Mapping[str, Any]],
     regions: Sequence[str],
     router: Callable[[str], dict[str, float]] | None,
     min_confidence: float,
-) -> list[Routed]:
+) -> list[RegionChoice]:
     """Decide every input's region (see the module docstring) before anything is predicted.
 
     Args:
@@ -174,19 +168,19 @@ def route_inputs(
         min_confidence: the router's lowest acceptable probability of its top region.
 
     Raises:
-        RoutingError: listing every input routed below ``min_confidence`` with its top regions, or the
+        RegionChoiceError: listing every input routed below ``min_confidence`` with its top regions, or the
             inputs left without a region when there is no router.
     """
     decided, unsure, unrouted = [], [], []
     for row in rows:
         image = str(row["image"])
         if row.get("region"):
-            decided.append(Routed(image, str(row["region"]), "manifest"))
+            decided.append(RegionChoice(image, str(row["region"]), "manifest"))
             continue
-        tag = read_body_part(image)
+        tag = inspect_input(image).body_part
         region = body_part_region(tag, regions)
         if region is not None:
-            decided.append(Routed(image, region, f"DICOM BodyPartExamined={tag}"))
+            decided.append(RegionChoice(image, region, f"DICOM BodyPartExamined={tag}"))
             continue
         if router is None:
             unrouted.append(image)
@@ -201,15 +195,15 @@ def route_inputs(
         confidence = min(probabilities[best], scores[best])
         if not confidence >= min_confidence:
             unsure.append(f"{image}: {describe_top(probabilities)} (own-pipeline {best} {scores[best]:.2f})")
-        decided.append(Routed(image, best, "router", confidence, probabilities))
+        decided.append(RegionChoice(image, best, "router", confidence, probabilities))
     if unrouted:
-        raise RoutingError(
+        raise RegionChoiceError(
             f"no region router in this export and no known DICOM BodyPartExamined for {unrouted[:3]}"
             f"{' and others' if len(unrouted) > 3 else ''}: give --region REGION (one of {list(regions)}) "
             "or a manifest with a region column, or export a student trained with a router"
         )
     if unsure:
-        raise RoutingError(
+        raise RegionChoiceError(
             f"the region router is not confident enough (below --min-confidence {min_confidence:g}) for "
             f"{len(unsure)} input(s); nothing was predicted. Top regions: {'; '.join(unsure[:5])}"
             f"{'; …' if len(unsure) > 5 else ''}. Give their region (--region REGION, or a manifest's "

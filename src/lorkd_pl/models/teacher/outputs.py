@@ -8,7 +8,7 @@ A teacher returns one of (``teacher.output``):
   ``sigmoid_logits``: their logits.
 
 The target of a task is computed in fp32 from the channels its classes map to (``groups``: one tuple
-of teacher channels per task class; see :mod:`lorkd_pl.models.class_mapping`), as one of two kinds:
+of teacher channels per task class; see :mod:`lorkd_pl.models.teacher.class_mapping`), as one of two kinds:
 
 * ``"log_probs"`` ``(N, K_task, *S)``: normalised log-probabilities over the task's classes. Softmax
   outputs are renormalised over the task's classes (a merge adds probabilities); a sigmoid teacher
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorkd_pl.models.class_mapping import select_classes
+from lorkd_pl.models.teacher.class_mapping import select_classes
 
 #: Probabilities are clamped to this before a logarithm (fp32); log-probability targets to its log.
 TINY: float = 1e-12

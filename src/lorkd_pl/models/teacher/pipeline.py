@@ -7,7 +7,7 @@ For one case (:class:`TeacherPipeline`):
 2. the teacher runs on the whole volume: sliding windows of ``roi_size`` (Gaussian blending), or one
    forward with the volume zero-padded at its end to a multiple of ``divisible`` (cropped back after);
    cls2d: the image resized to ``roi_size`` (default: the student's size);
-3. its output becomes the task's KD target (:mod:`lorkd_pl.models.teacher_outputs`), and is resampled
+3. its output becomes the task's KD target (:mod:`lorkd_pl.models.teacher.outputs`), and is resampled
    (as probabilities, trilinear, by the two grids' affines) into the student's preprocessed grid.
 
 :func:`build_targets` does that for every training and validation case of this process's shard that
@@ -33,9 +33,9 @@ from torch import Tensor
 
 from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
 from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
-from lorkd_pl.models.teacher import Teacher, TeacherError
-from lorkd_pl.models.teacher_outputs import target_probabilities, targets_from_probabilities
-from lorkd_pl.models.teacher_spec import Intensity, TeacherSpec
+from lorkd_pl.models.teacher.loading import Teacher, TeacherError
+from lorkd_pl.models.teacher.outputs import target_probabilities, targets_from_probabilities
+from lorkd_pl.models.teacher.spec import Intensity, TeacherSpec
 
 
 class _AffineIntensity(mt.MapTransform):
