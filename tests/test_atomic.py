@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from lorkd_pl.evaluation.summaries import write_json_atomic
-from lorkd_pl.io.atomic import atomic_file, atomic_folder, write_text_atomic
+from lorkd_pl.io.atomic import atomic_file, atomic_folder, write_json_atomic, write_text_atomic
 
 
 def test_replace_and_failure(tmp_path) -> None:
@@ -77,15 +76,19 @@ def test_written_files_follow_the_umask(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "folder" / "inner.txt").stat().st_mode) == 0o664
 
 
-def test_strict_json_writes_null_for_nan_and_inf(tmp_path) -> None:
+def test_json_writes_null_for_nan_and_inf_unless_asked_to_keep_them(tmp_path) -> None:
     import json
     import math
 
-    from lorkd_pl.io.atomic import write_strict_json_atomic
-
-    path = write_strict_json_atomic(
+    path = write_json_atomic(
         tmp_path / "r.json", {"a": math.nan, "b": [1.5, math.inf, (-math.inf, 2)], "c": {"d": 0.25}}
     )
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": 0.25}}
+    kept = json.loads(
+        write_json_atomic(tmp_path / "k.json", {"a": math.nan, "b": math.inf}, nan="keep").read_text()
+    )
+    assert math.isnan(kept["a"]) and kept["b"] == math.inf
+    with pytest.raises(ValueError, match="nan must be"):
+        write_json_atomic(tmp_path / "x.json", {}, nan="drop")

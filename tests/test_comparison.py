@@ -14,7 +14,7 @@ from lorkd_pl.evaluation.comparison import (
     find_summaries,
     write_report,
 )
-from lorkd_pl.evaluation.summaries import write_json_atomic
+from lorkd_pl.io.atomic import write_json_atomic
 
 
 def seg_summary(task: str, region: str, dice: list[float], nsd: list[float], hd95: list[float]) -> dict:
@@ -54,7 +54,9 @@ def cls_summary(task: str, region: str, counts: list[list[int]]) -> dict:
 
 def write_run(folder, summaries: list[dict]) -> None:
     for summary in summaries:
-        write_json_atomic(folder / "logs" / "version_1" / "summary" / f"{summary['task']}.json", summary)
+        write_json_atomic(
+            folder / "logs" / "version_1" / "summary" / f"{summary['task']}.json", summary, nan="keep"
+        )
 
 
 def table_row(report: str, region: str, task: str) -> list[str]:
@@ -185,8 +187,8 @@ def test_errors_name_the_fix(tmp_path) -> None:
 def test_newest_summary_folder_is_used(tmp_path) -> None:
     old = cls_summary("a_cls", "thorax", [[1, 1], [1, 1]])
     new = cls_summary("a_cls", "thorax", [[2, 0], [0, 2]])
-    write_json_atomic(tmp_path / "logs" / "version_0" / "summary" / "a_cls.json", old)
-    write_json_atomic(tmp_path / "logs" / "version_1" / "summary" / "a_cls.json", new)
+    write_json_atomic(tmp_path / "logs" / "version_0" / "summary" / "a_cls.json", old, nan="keep")
+    write_json_atomic(tmp_path / "logs" / "version_1" / "summary" / "a_cls.json", new, nan="keep")
     os.utime(tmp_path / "logs" / "version_0" / "summary" / "a_cls.json", (1e9, 1e9))  # older
     rows = comparison_rows(find_summaries(tmp_path), find_summaries(tmp_path / "logs" / "version_0"))
     assert rows[0]["accuracy"] == (1.0, 0.5)

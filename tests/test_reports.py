@@ -18,8 +18,8 @@ from lorkd_pl.evaluation.summaries import (
     hd95_per_class,
     nsd_per_class,
     segmentation_summary,
-    write_json_atomic,
 )
+from lorkd_pl.io.atomic import write_json_atomic
 
 
 def one_hot(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def test_hd95_and_segmentation_summary(tmp_path) -> None:
     summary = segmentation_summary(task, cases)
     assert summary["per_class"]["a"]["dice"] == 0.75 and summary["mean"]["dice"] == 0.75
     assert summary["per_class"]["a"]["nsd"] == 1.0 and summary["nsd_tolerance_mm"] == 2.0
-    path = write_json_atomic(tmp_path / "summary" / "t.json", summary)
+    path = write_json_atomic(tmp_path / "summary" / "t.json", summary, nan="keep")
     assert json.loads(path.read_text())["cases"][0]["dice_a"] == 0.75
 
 

@@ -150,8 +150,8 @@ def test_a_left_right_flip_needs_mirror_pairs(clean_registry) -> None:
 def test_augmentations_move_image_label_and_teacher_together() -> None:
     from monai.data import MetaTensor
 
+    from lorkd_pl.checks import check_augment
     from lorkd_pl.data.transforms import seg3d_augmentations
-    from lorkd_pl.registry import check_augment
 
     augment = check_augment({**check_augment("mild", "t"), "prob": 1.0, "rotate": 25, "scale": 0.3}, "t")
     transform = __import__("monai").transforms.Compose(seg3d_augmentations(augment))
@@ -183,7 +183,7 @@ def test_augmentations_move_image_label_and_teacher_together() -> None:
     ],
 )
 def test_bad_augmentations_name_the_field(augment, message) -> None:
-    from lorkd_pl.registry import check_augment
+    from lorkd_pl.checks import check_augment
 
     with pytest.raises(ValueError, match=message):
         check_augment(augment, "task 'x': augment")

@@ -32,7 +32,7 @@ from lorkd_pl.evaluation.comparison import (
     write_comparison,
 )
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
-from lorkd_pl.io.atomic import write_strict_json_atomic, write_text_atomic
+from lorkd_pl.io.atomic import write_json_atomic, write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
 
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
@@ -366,5 +366,5 @@ def save_results(root: Path, report: str, results: dict[str, Any], seconds: floa
     results["total_seconds"] = round(seconds, 1)
     results["seed"] = seed
     write_text_atomic(root / "report.md", report)
-    write_strict_json_atomic(root / "results.json", results)
+    write_json_atomic(root / "results.json", results)
     return report

@@ -28,14 +28,12 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_colla
 from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
+from lorkd_pl.checks import check_augment, check_patch_and_spacing, check_ranges
 from lorkd_pl.data.teacher_targets import AttachTeacherTargets, TeacherTargetSlot, TeacherTargetStore
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
 from lorkd_pl.registry import (
     TaskSpec,
-    check_augment,
-    check_patch_and_spacing,
-    check_ranges,
     get_region_index,
     get_task,
     order_regions,

@@ -154,7 +154,7 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
 
 def seg3d_augmentations(augment: Mapping[str, Any]) -> list[mt.MapTransform]:
     """The random training augmentations of a task's checked ``augment`` mapping
-    (:func:`lorkd_pl.registry.check_augment`), as MONAI transforms, each with probability ``prob``.
+    (:func:`lorkd_pl.checks.check_augment`), as MONAI transforms, each with probability ``prob``.
 
     Spatial (``rotate``, ``scale``): one affine of ``image`` (bilinear), ``label`` (nearest) and a cached
     ``teacher`` target (bilinear), border-padded. Intensity (on ``image``): bias field, gamma (on the
@@ -205,7 +205,7 @@ def seg3d_transforms(
     Produces ``image`` float32 ``(1, X, Y, Z)`` and ``label`` int64 ``(1, X, Y, Z)`` (training:
     ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
     Training flips only the task's ``flip_axes`` (RAS: 0 left↔right, 1, 2), each with ``flip_prob``; a
-    left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.registry.check_flips`).
+    left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.checks.check_flips`).
     ``targets`` (e.g. :class:`~lorkd_pl.data.teacher_targets.AttachTeacherTargets`) may add a cached
     teacher target ``teacher`` ``(K, X, Y, Z)`` after the preprocessing: padded, cropped and flipped
     with the image. ``augment`` adds the task's random augmentations (:func:`seg3d_augmentations`) to

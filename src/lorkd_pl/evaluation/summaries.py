@@ -9,11 +9,9 @@ empty" with ``ignore_empty=False``; ``tests/test_reports.py`` checks the rule ag
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,6 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_confusion_matrix
 from torchmetrics.functional.segmentation import dice_score
 
-from lorkd_pl.io.atomic import write_text_atomic
 from lorkd_pl.registry import DEFAULT_NSD_TOLERANCE
 
 
@@ -226,8 +223,3 @@ def task_summary(task: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> 
         torch.tensor([int(r["label"]) for r in rows]),
         [r["case"] for r in rows],
     )
-
-
-def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write JSON to ``path`` atomically: readers never see half a file, a crash keeps the old one."""
-    return write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 def _tag() -> str:
@@ -148,6 +148,22 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def write_strict_json_atomic(path: str | Path, value: Any) -> Path:
-    """Write ``value`` as strict JSON (NaN/inf as ``null``, :func:`finite_json`) to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(finite_json(value), indent=2) + "\n")
+def write_json_atomic(path: str | Path, value: Any, nan: Literal["null", "keep"] = "null") -> Path:
+    """Write ``value`` as JSON to ``path`` atomically: readers never see half a file, a crash keeps the
+    old one.
+
+    Args:
+        path: the file.
+        value: plain data (dicts, lists, numbers, strings).
+        nan: ``"null"``: strict JSON, NaN/inf written as ``null`` (:func:`finite_json`; what other tools
+            read); ``"keep"``: Python's ``NaN``/``Infinity`` literals (nnU-Net-style ``summary.json``,
+            where NaN marks a metric that is undefined for a case, e.g. Dice of an empty ground truth).
+    """
+    if nan not in ("null", "keep"):
+        raise ValueError(f"nan must be 'null' or 'keep', got {nan!r}")
+    text = (
+        json.dumps(value, indent=2, allow_nan=True)
+        if nan == "keep"
+        else json.dumps(finite_json(value), indent=2)
+    )
+    return write_text_atomic(path, text + "\n")

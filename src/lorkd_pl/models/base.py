@@ -24,9 +24,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 from torchmetrics.segmentation import DiceScore
 
-from lorkd_pl.evaluation.summaries import segmentation_case, task_summary, write_json_atomic
+from lorkd_pl.checks import check_class_aliases, check_ranges
+from lorkd_pl.evaluation.summaries import segmentation_case, task_summary
+from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.io.compatibility import check_compatible
-from lorkd_pl.registry import DEFAULT_METRICS, check_class_aliases, check_ranges
+from lorkd_pl.registry import DEFAULT_METRICS
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -338,7 +340,9 @@ class TaskModule(L.LightningModule):
         if not self.trainer.is_global_zero or log_dir is None:
             return
         for task, rows in zip(self.tasks, cases, strict=True):
-            write_json_atomic(Path(log_dir) / "summary" / f"{task['name']}.json", task_summary(task, rows))
+            write_json_atomic(
+                Path(log_dir) / "summary" / f"{task['name']}.json", task_summary(task, rows), nan="keep"
+            )
 
     # ------------------------------------------------------------------ optimisation
     def steady_parameters(self) -> list[nn.Parameter]:

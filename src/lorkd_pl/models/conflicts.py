@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lorkd_pl.io.atomic import write_strict_json_atomic
+from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.models.backbones import module_mode, on_outputs
 
 EXPERT_PARAMETERS: tuple[str, ...] = ("expert_A", "expert_B")
@@ -271,7 +271,7 @@ class GradientConflict(L.Callback):
         log_dir = trainer.log_dir  # on every process: it broadcasts under DDP
         if trainer.is_global_zero and log_dir and self.records:
             history = {"regions": list(pl_module.regions), "records": self.records}
-            write_strict_json_atomic(Path(log_dir) / "conflicts.json", history)
+            write_json_atomic(Path(log_dir) / "conflicts.json", history)
 
 
 def _concatenate(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,9 +31,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lorkd_pl.evaluation.summaries import write_json_atomic
+from lorkd_pl.checks import check_ranges
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights, shared_weights
 from lorkd_pl.experts.layers import Layout
+from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.models.backbones import (
     build_module,
     count_parameters,
@@ -54,7 +55,6 @@ from lorkd_pl.models.router import (
 )
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError, load_teacher
 from lorkd_pl.models.teacher.spec import TeacherSpec, parse_teacher
-from lorkd_pl.registry import check_ranges
 
 KDKind = Literal["logits", "features", "both", "none"]
 #: The router learns from the features of the last this many training batches (the current one and
@@ -528,7 +528,7 @@ class LoRKDModule(TaskModule):
         }
         log_dir = self.trainer.log_dir if self._trainer is not None else None
         if self.trainer.is_global_zero and log_dir is not None:
-            write_json_atomic(Path(log_dir) / "router.json", self.router_summary)
+            write_json_atomic(Path(log_dir) / "router.json", self.router_summary, nan="keep")
 
     def on_validation_epoch_end(self) -> None:
         """Task metrics (:class:`TaskModule`) and ``val/router_accuracy``."""

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
 from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
+from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError
 from lorkd_pl.models.teacher.outputs import target_probabilities, targets_from_probabilities
 from lorkd_pl.models.teacher.spec import Intensity, TeacherSpec
@@ -276,7 +277,7 @@ def evaluate_teacher(
     Returns:
         The summary files written.
     """
-    from lorkd_pl.evaluation.summaries import segmentation_case, task_summary, write_json_atomic
+    from lorkd_pl.evaluation.summaries import segmentation_case, task_summary
 
     written = []
     for task in tasks:
@@ -305,7 +306,7 @@ def evaluate_teacher(
             "sha256": teacher.sha256,
             "pipeline": pipeline.description(),
         }
-        written.append(write_json_atomic(Path(out) / "summary" / f"{name}.json", summary))
+        written.append(write_json_atomic(Path(out) / "summary" / f"{name}.json", summary, nan="keep"))
     return written
 
 
