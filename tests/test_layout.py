@@ -11,10 +11,11 @@ PACKAGE = Path(lorkd_pl.__file__).resolve().parent
 # layer → the lorkd-pl layers it may import (besides itself); the order of the house, top to bottom
 ALLOWED: dict[str, set[str]] = {
     "app": {"deploy", "evaluation", "models", "data", "experts", "registry", "checks", "io", "__init__"},
-    "deploy": {"evaluation", "models", "data", "experts", "registry", "checks", "io"},
-    "models": {"evaluation", "data", "experts", "registry", "checks", "io"},
-    "evaluation": {"registry", "checks", "io"},
-    "data": {"registry", "checks", "io"},
+    # ``__init__``: the top package's stdlib-only helpers (the version, lazy_exports)
+    "deploy": {"evaluation", "models", "data", "experts", "registry", "checks", "io", "__init__"},
+    "models": {"evaluation", "data", "experts", "registry", "checks", "io", "__init__"},
+    "evaluation": {"registry", "checks", "io", "__init__"},
+    "data": {"registry", "checks", "io", "__init__"},
     "experts": set(),
     "io": set(),
     "registry": {"checks"},
@@ -161,3 +162,14 @@ def test_no_module_imports_its_own_package_namespace() -> None:
             if isinstance(node, ast.ImportFrom) and node.module == package and package != "lorkd_pl":
                 wrong.append(f"{name}: from {package} import ...")
     assert wrong == []
+
+
+def test_every_public_name_of_a_package_resolves() -> None:
+    import importlib
+
+    for package in ("data", "models", "deploy", "evaluation", "experts"):
+        module = importlib.import_module(f"lorkd_pl.{package}")
+        assert module.__all__, package
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"lorkd_pl.{package}.{name}"
+        assert set(module.__all__) <= set(dir(module))
