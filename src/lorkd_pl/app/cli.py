@@ -208,7 +208,15 @@ def _export(args: argparse.Namespace) -> int:
     if args.format != "torch" and router is not None:
         print(f"lorkd-pl: the region router is exported in the default format only (--format {args.format})")
         router = None
-    written = export_regions(args.ckpt, regions, outs, args.overwrite, student, router, args.format)
+    written = export_regions(
+        args.ckpt,
+        regions,
+        outs,
+        overwrite=args.overwrite,
+        student=student,
+        router_out=router,
+        format=args.format,
+    )
     for name, out in zip([*regions, *(["the region router"] if router else [])], written, strict=True):
         print(f"exported {name} to {out}")
     return 0

@@ -20,22 +20,4 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
-_EXPORTS: dict[str, str] = {
-    "MultiRegionDataModule": "lorkd_pl.data.datamodule",
-    "collate_by_region": "lorkd_pl.data.datamodule",
-    "ImageReadError": "lorkd_pl.data.readers",
-    "InputInfo": "lorkd_pl.data.readers",
-    "SimpleITKReader": "lorkd_pl.data.readers",
-    "dicom_series_files": "lorkd_pl.data.readers",
-    "inspect_input": "lorkd_pl.data.readers",
-    "read_image": "lorkd_pl.data.readers",
-    "read_geometry": "lorkd_pl.data.readers",
-    "seg3d_preprocessing": "lorkd_pl.data.transforms",
-    "seg3d_transforms": "lorkd_pl.data.transforms",
-    "cls2d_transforms": "lorkd_pl.data.transforms",
-    "PluginError": "lorkd_pl.data.plugins",
-    "load_plugins": "lorkd_pl.data.plugins",
-    "read_manifest": "lorkd_pl.data.formats",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__)

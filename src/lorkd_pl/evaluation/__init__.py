@@ -10,16 +10,4 @@ May import: ``io``, ``registry``, torch, torchmetrics, MONAI's metrics, matplotl
 
 from lorkd_pl import lazy_exports
 
-_EXPORTS: dict[str, str] = {
-    "classification_summary": "lorkd_pl.evaluation.summaries",
-    "segmentation_summary": "lorkd_pl.evaluation.summaries",
-    "task_summary": "lorkd_pl.evaluation.summaries",
-    "dice_per_class": "lorkd_pl.evaluation.summaries",
-    "nsd_per_class": "lorkd_pl.evaluation.summaries",
-    "hd95_per_class": "lorkd_pl.evaluation.summaries",
-    "ReportError": "lorkd_pl.evaluation.comparison",
-    "write_runs_report": "lorkd_pl.evaluation.comparison",
-    "find_summaries": "lorkd_pl.evaluation.comparison",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__)

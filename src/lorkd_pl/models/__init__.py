@@ -8,20 +8,4 @@ May import: ``experts``, ``evaluation`` (test summaries), ``data`` (nothing at i
 
 from lorkd_pl import lazy_exports
 
-_EXPORTS: dict[str, str] = {
-    "StepLoss": "lorkd_pl.models.base",
-    "TaskModule": "lorkd_pl.models.base",
-    "GeneralistModule": "lorkd_pl.models.generalist",
-    "LoRKDModule": "lorkd_pl.models.lorkd",
-    "restore_module": "lorkd_pl.models.restore",
-    "RegionClassifier": "lorkd_pl.models.router",
-    "RouterNetwork": "lorkd_pl.models.router",
-    "GradientConflict": "lorkd_pl.models.conflicts",
-    "Teacher": "lorkd_pl.models.teacher.loading",
-    "TeacherError": "lorkd_pl.models.teacher.loading",
-    "load_teacher": "lorkd_pl.models.teacher.loading",
-    "TeacherSpec": "lorkd_pl.models.teacher.spec",
-    "parse_teacher": "lorkd_pl.models.teacher.spec",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__)
