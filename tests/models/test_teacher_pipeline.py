@@ -130,7 +130,7 @@ def test_cached_targets_reproduce_the_teachers_own_pipeline(brain_teacher, brain
     for record in brain_data.shard_records("train"):
         grid = student(dict(record))["image"]  # the student's preprocessed grid (2 x 2 x 3 mm, z-score)
         oracle = nearest(own_prediction(brain_teacher["network"], record), grid)[0].long()
-        cached = store.load(record["case"])[:4].argmax(0)
+        cached = store.load(record["case"])["teacher"][:4].argmax(0)
         cached_agreement.append((cached == oracle).float().mean())
         foreground.append((oracle > 0).float().mean())
         # live KD: the teacher on a training crop (40 x 40 x 24) in the student's preprocessing
@@ -329,8 +329,13 @@ class Pointwise(nn.Module):
         return self.conv(x * 3)
 
 
-@pytest.mark.parametrize("output", ["logits", "sigmoid_logits"])
-def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, tmp_path) -> None:
+@pytest.mark.parametrize(("output", "top_k"), [("logits", None), ("sigmoid_logits", None), ("logits", 2)])
+def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, top_k, tmp_path) -> None:
+    """Each training crop reads its own box of the cached whole-volume target (a pointwise teacher's
+    crop of its whole output IS its output on the crop): cached and live KD agree, dense and top-k."""
+    from lorkd_pl.data.teacher_targets import EMPTY_SLOT
+    from lorkd_pl.models.losses import kd_kl_top_k
+
     torch.manual_seed(1)
     path = tmp_path / "pointwise.pt"
     torch.jit.save(torch.jit.script(Pointwise()), str(path))
@@ -342,24 +347,49 @@ def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, tmp_pa
             "classes": classes,
             "cache": str(tmp_path / "c"),
             "cache_dtype": "float32",
+            "cache_top_k": top_k,
         }
     )
-    data = MultiRegionDataModule([TASK], augment=False, validate=False, patch_size=[24, 24, 16], batch_size=4)
+    # the 16-voxel z patch is larger than some volumes: those crops are padded first
+    data = MultiRegionDataModule([TASK], augment=True, validate=False, patch_size=[24, 24, 40], batch_size=4)
     data.setup("fit")
     teacher = load_teacher(spec, data.task_info)
     store, _ = prepare_targets(teacher, spec, data)
     data.use_teacher_targets(store)
     batch = next(iter(data.train_dataloader()))
-    cached = batch["teacher"].as_tensor()[:, :4]
-    live = teacher.targets(teacher(batch["image"].as_tensor()), TASK)
-    torch.testing.assert_close(cached, live, atol=1e-5, rtol=0)
+    image = batch["image"].as_tensor()
+    live = teacher.targets(teacher(image), TASK)
+    inside = (image != 0).all(1, keepdim=True).expand_as(live)  # padding: the live teacher sees zeros
     student = torch.randn_like(live, requires_grad=True)
-    for temperature in (1.0, 3.0):
-        a = kd_loss(student, cached, teacher.target_kind, temperature)
-        b = kd_loss(student, live, teacher.target_kind, temperature)
-        assert abs(float(a) - float(b)) <= 1e-5
+    if top_k is None:
+        cached = batch["teacher"].as_tensor()[:, :4]
+        torch.testing.assert_close(cached[inside], live[inside], atol=1e-5, rtol=0)
+        for temperature in (1.0, 3.0):
+            a = kd_loss(student, cached, teacher.target_kind, temperature)
+            b = kd_loss(student, torch.where(inside, live, cached), teacher.target_kind, temperature)
+            assert abs(float(a) - float(b)) <= 1e-5
+    else:
+        index, stored = batch["teacher_index"], batch["teacher_log_probs"].as_tensor()
+        assert index.dtype == torch.uint8 and tuple(index.shape) == (4, 2, 24, 24, 40)
+        top, top_index = live.topk(2, dim=1)
+        inside = inside[:, :2]
+        torch.testing.assert_close(stored[inside], top[inside], atol=1e-5, rtol=0)
+        assert torch.equal(index.as_tensor().long()[inside], top_index[inside])
+        for temperature in (1.0, 3.0):
+            a = kd_kl_top_k(student, index.as_tensor(), stored, temperature)
+            b = kd_kl_top_k(
+                student,
+                torch.where(inside, top_index, index.long()),
+                torch.where(inside, top, stored),
+                temperature,
+            )
+            if temperature == 1.0:  # the padded voxels' target is uniform, as the dense target's zeros
+                uniform = kd_kl(student, torch.zeros_like(student), temperature)
+                padded = kd_kl_top_k(student, index.as_tensor(), torch.where(inside, EMPTY_SLOT, stored), 1.0)
+                assert abs(float(padded) - float(uniform)) <= 1e-5
+            assert abs(float(a) - float(b)) <= 1e-5
     data.use_teacher_targets(None)
-    assert "teacher" not in next(iter(data.train_dataloader()))
+    assert not {"teacher", "teacher_index"} & set(next(iter(data.train_dataloader())))
 
 
 def test_a_mirror_flip_swaps_the_cached_targets_channels(tmp_path) -> None:
@@ -400,7 +430,7 @@ def test_a_multi_label_sigmoid_teacher_gets_per_class_binary_targets(tmp_path) -
     grid = data.preprocessing(get_task(TASK))(dict(record))["image"]
     with torch.no_grad():
         p = torch.sigmoid(teacher.network.conv(grid.as_tensor()[None]))[0]
-    cached = torch.sigmoid(store.load(record["case"]))
+    cached = torch.sigmoid(store.load(record["case"])["teacher"])
     torch.testing.assert_close(cached[1:], p[[1, 2, 0]], atol=2e-3, rtol=0)  # fp16 storage
     torch.testing.assert_close(cached[0], torch.prod(1 - p, 0), atol=2e-3, rtol=0)
 
@@ -455,7 +485,7 @@ def test_fit_with_an_outside_teacher_cached_then_its_own_test_row(
     with caplog.at_level(logging.INFO):
         assert main(["fit", *config]) == 0
     assert "teacher targets in runs/teacher_targets: 8 built, 0 reused" in caplog.text
-    assert len(list((tmp_path / "runs/teacher_targets" / TASK).glob("*.npz"))) == 8
+    assert len(list((tmp_path / "runs/teacher_targets" / TASK).glob("*.lkc"))) == 8
     saved = torch.load(tmp_path / "runs/student/checkpoints/last.ckpt", weights_only=True)
     assert saved["teacher"]["path"] == str(brain_teacher["path"])
     metrics = (tmp_path / "runs/student/lightning_logs/version_0/metrics.csv").read_text()
@@ -554,7 +584,7 @@ def test_ddp_processes_build_their_own_shards_of_the_cache(brain_teacher, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     # 6 training + 2 validation cases, sharded over 2 processes: rank 0 builds 3 + 1 of them
     assert "8 cases" in result.stderr and "4 built, 0 reused (this process)" in result.stderr
-    assert len(list((tmp_path / "targets" / TASK).glob("*.npz"))) == 8
+    assert len(list((tmp_path / "targets" / TASK).glob("*.lkc"))) == 8
 
 
 def test_orientation_null_is_the_default_and_none_is_the_files_own() -> None:
@@ -643,3 +673,38 @@ def test_sliding_windows_of_log_probabilities_stay_normalised(tmp_path, brain_da
     pipeline = task_pipelines(spec, brain_data)[TASK]
     raw = pipeline.raw_output(teacher, torch.randn(1, 1, 30, 28, 20))
     torch.testing.assert_close(raw.exp().sum(1), torch.ones(1, 30, 28, 20), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_cache_is_rebuilt_and_a_target_lost_mid_fit_is_one_line(
+    brain_teacher, tmp_path, workers
+) -> None:
+    """Damage found at fit start: rebuilt. A target deleted or damaged during the fit: one line naming
+    the case and the fix, through MONAI's wrapping and through a DataLoader worker alike."""
+    from lorkd_pl.app.lightning import user_error_message
+
+    spec = parse_teacher(brain_spec(brain_teacher["path"], tmp_path / "c", cache_top_k=2))
+    data = MultiRegionDataModule([TASK], validate=False, batch_size=2, num_workers=workers)
+    data.setup("fit")
+    teacher = load_teacher(spec, data.task_info)
+    store, report = prepare_targets(teacher, spec, data)
+    assert (report.built, report.reused) == (8, 0)
+    files = sorted((tmp_path / "c" / TASK).glob("*.lkc"))
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    files[1].write_bytes(b"PK\x03\x04 an old .npz or anything else")
+    store, report = prepare_targets(teacher, spec, data)  # a half-built or damaged store resumes
+    assert (report.built, report.reused) == (2, 6)
+    data.use_teacher_targets(store)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["teacher_index"].shape[1] == 2
+    for damage in ("deleted", "truncated"):
+        for path in files:
+            if damage == "deleted":
+                path.unlink()
+            else:
+                path.write_bytes(b"")
+        with pytest.raises(RuntimeError) as caught:
+            next(iter(data.train_dataloader()))
+        message = user_error_message(caught.value)
+        assert message is not None and "\n" not in message, caught.value
+        assert TASK in message and ("restart" in message or "rebuilt" in message), message

@@ -65,7 +65,7 @@ def split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
 # ----------------------------------------------------------------------------- commands
 def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = False) -> int:
     from lorkd_pl.app.configs import resolve_config_args
-    from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli
+    from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli, user_error_message
     from lorkd_pl.data.plugins import load_plugins
 
     try:
@@ -74,7 +74,13 @@ def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = Fal
     except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
         if debug:
             raise
-        sys.stderr.write(f"lorkd-pl: error: {error}\n")
+        sys.stderr.write(f"lorkd-pl: error: {user_error_message(error) or error}\n")
+        raise SystemExit(2) from error
+    except RuntimeError as error:  # one of ours, wrapped by MONAI's pipeline or a DataLoader worker
+        message = user_error_message(error)
+        if message is None or debug:
+            raise
+        sys.stderr.write(f"lorkd-pl: error: {message}\n")
         raise SystemExit(2) from error
     return 0
 

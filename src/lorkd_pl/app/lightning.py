@@ -93,6 +93,34 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def user_error_message(error: BaseException) -> str | None:
+    """The one line of a lorkd-pl error behind ``error``, or ``None``.
+
+    A data pipeline wraps errors: MONAI in ``RuntimeError("applying transform ...")`` (the original
+    kept as its cause), and a DataLoader worker's error reaches the main process as a new exception of
+    the same type whose message holds the worker's traceback as text. Both are unwrapped here.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, USER_ERRORS):
+            text = str(cause)
+            return _worker_message(text) or text
+        cause = cause.__cause__ or cause.__context__
+    return _worker_message(str(error))
+
+
+def _worker_message(text: str) -> str | None:
+    """``<module>.<UserError>: message``, the last line of a DataLoader worker's traceback text."""
+    if "Original Traceback" not in text:
+        return None
+    names = {cls.__name__ for cls in USER_ERRORS}
+    for line in reversed(text.strip().splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.rpartition(".")[2] in names:
+            return message.strip()
+    return None
+
+
 class LorkdCLI(LightningCLI):
     """LightningCLI whose data module defines the model's tasks and regions (one source of truth)."""
 

@@ -29,7 +29,12 @@ from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lorkd_pl.checks import check_augment, check_patch_and_spacing, check_ranges
-from lorkd_pl.data.teacher_targets import AttachTeacherTargets, TeacherTargetSlot, TeacherTargetStore
+from lorkd_pl.data.teacher_targets import (
+    TARGET_KEYS,
+    AttachTeacherTargets,
+    TeacherTargetSlot,
+    TeacherTargetStore,
+)
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
 from lorkd_pl.data.validation import check_duplicates, validate_task
 from lorkd_pl.registry import (
@@ -39,7 +44,7 @@ from lorkd_pl.registry import (
     order_regions,
 )
 
-BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case", "teacher")
+BATCH_KEYS: tuple[str, ...] = ("image", "label", "region", "task", "case", *TARGET_KEYS)
 DEFAULT_CLS_SIZE: tuple[int, int] = (28, 28)
 
 
@@ -48,7 +53,8 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
 
     Returns:
         ``{"image": (N, C, *S), "label": (N, 1, *S) | (N,), "region": (N,), "task": (N,), "case": [N]}``
-        and, with cached teacher targets, ``"teacher": (N, K_max, *S) | (N, K_max)``.
+        and, with cached teacher targets, ``"teacher": (N, K_max, *S) | (N, K_max)`` (dense) or
+        ``"teacher_index"`` / ``"teacher_log_probs"``: ``(N, k, *S) | (N, k)`` (top-k).
     """
     flat: list[Mapping[str, Any]] = []
     for item in samples:
@@ -425,7 +431,8 @@ class MultiRegionDataModule(L.LightningDataModule):
 
     def _transform(self, spec: TaskSpec, train: bool, targets: bool = True):
         augment = self.hparams.get("augment", True)
-        attach = AttachTeacherTargets(self._teacher_targets) if targets else None
+        crop = train and spec.kind == "seg3d"  # a training crop reads its own box of the target only
+        attach = AttachTeacherTargets(self._teacher_targets, after_crop=crop) if targets else None
         if spec.kind == "seg3d":
             spacing = self.hparams.spacing or spec.spacing
             patch = self.train_patch_size(spec)

@@ -22,6 +22,7 @@ import torch
 from monai import transforms as mt
 
 from lorkd_pl.data.readers import SimpleITKReader
+from lorkd_pl.data.teacher_targets import INDEX_KEY, KEY, LOG_PROBS_KEY, TARGET_KEYS
 
 CT_WINDOW: tuple[float, float] = (-500.0, 1000.0)
 MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -129,8 +130,8 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
 
     def __init__(self, prob: float, pairs: Sequence[tuple[int, int]]) -> None:
         mt.RandomizableTransform.__init__(self, prob)
-        mt.MapTransform.__init__(self, ["image", "label", "teacher"], allow_missing_keys=True)
-        self.flip = mt.Flipd(["image", "label", "teacher"], spatial_axis=0, allow_missing_keys=True)
+        mt.MapTransform.__init__(self, ["image", "label", *TARGET_KEYS], allow_missing_keys=True)
+        self.flip = mt.Flipd(["image", "label", *TARGET_KEYS], spatial_axis=0, allow_missing_keys=True)
         self.pairs = [tuple(pair) for pair in pairs]
 
     def __call__(self, data):
@@ -144,11 +145,18 @@ class MirrorFlipd(mt.RandomizableTransform, mt.MapTransform):
             swapped[label == a] = b
             swapped[label == b] = a
         sample["label"] = swapped
-        if "teacher" in sample and self.pairs:
-            order = list(range(sample["teacher"].shape[0]))
+        if self.pairs and (KEY in sample or INDEX_KEY in sample):
+            order = list(range(max(max(pair) for pair in self.pairs) + 1))
             for a, b in self.pairs:
                 order[a], order[b] = order[b], order[a]
-            sample["teacher"] = sample["teacher"][order]
+            if KEY in sample:  # dense: the pair's channels trade places
+                order += range(len(order), sample[KEY].shape[0])
+                sample[KEY] = sample[KEY][order]
+            else:  # top-k: the stored class indices are renamed
+                index = sample[INDEX_KEY]
+                renamed = torch.arange(256, dtype=index.dtype)
+                renamed[: len(order)] = torch.tensor(order, dtype=index.dtype)
+                sample[INDEX_KEY] = renamed[index.long()]
         return sample
 
 
@@ -206,28 +214,24 @@ def seg3d_transforms(
     ``patch_size``; validation/test: the resampled whole volume) as MetaTensors with their affine.
     Training flips only the task's ``flip_axes`` (RAS: 0 left↔right, 1, 2), each with ``flip_prob``; a
     left↔right flip swaps the ``mirror_pairs`` label values (see :func:`lorkd_pl.checks.check_flips`).
-    ``targets`` (e.g. :class:`~lorkd_pl.data.teacher_targets.AttachTeacherTargets`) may add a cached
-    teacher target ``teacher`` ``(K, X, Y, Z)`` after the preprocessing: padded, cropped and flipped
-    with the image. ``augment`` adds the task's random augmentations (:func:`seg3d_augmentations`) to
+    ``targets`` (:class:`~lorkd_pl.data.teacher_targets.AttachTeacherTargets`) adds a cached teacher
+    target: in training right after the crop (it reads the crop's box only; then flipped with the
+    image), in evaluation after the preprocessing (the whole volume).
+    ``augment`` adds the task's random augmentations (:func:`seg3d_augmentations`) to
     the training crops, after the flips.
     """
     keys = ["image", "label"]
     steps: list = seg3d_preprocessing(keys, modality, spacing)
-    if targets is not None:
+    if targets is not None and not train:
         steps.append(targets)
-    every = ["image", "label", "teacher"]
+    every = ["image", "label", *TARGET_KEYS]
     if train:
         steps += [
-            mt.SpatialPadd(every, spatial_size=tuple(patch_size), allow_missing_keys=True),
+            mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
             mt.RandCropByPosNegLabeld(
-                every,
-                label_key="label",
-                spatial_size=tuple(patch_size),
-                pos=1,
-                neg=1,
-                num_samples=1,
-                allow_missing_keys=True,
+                keys, label_key="label", spatial_size=tuple(patch_size), pos=1, neg=1, num_samples=1
             ),
+            *([targets] if targets is not None else []),  # reads the crop's box only
             *[
                 MirrorFlipd(flip_prob, mirror_pairs)
                 if axis == 0
@@ -237,7 +241,7 @@ def seg3d_transforms(
             *seg3d_augmentations(augment or {}),
         ]
     steps += [
-        mt.EnsureTyped(["image", "teacher"], dtype=torch.float32, allow_missing_keys=True),
+        mt.EnsureTyped(["image", KEY, LOG_PROBS_KEY], dtype=torch.float32, allow_missing_keys=True),
         mt.EnsureTyped("label", dtype=torch.long),
     ]
     return mt.Compose(steps)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lorkd_pl.checks import check_ranges
+from lorkd_pl.data.teacher_targets import INDEX_KEY, KEY, LOG_PROBS_KEY, TARGET_KEYS
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights, shared_weights
 from lorkd_pl.experts.layers import Layout
 from lorkd_pl.io.atomic import write_json_atomic
@@ -44,7 +45,7 @@ from lorkd_pl.models.backbones import (
 )
 from lorkd_pl.models.base import StepLoss, TaskModule
 from lorkd_pl.models.generalist import DEFAULT_SEG_BACKBONE, GeneralistModule
-from lorkd_pl.models.losses import TaskLoss, kd_loss, supervision_levels
+from lorkd_pl.models.losses import TaskLoss, kd_kl_top_k, kd_loss, supervision_levels
 from lorkd_pl.models.router import (
     RegionClassifier,
     deepest_taps,
@@ -436,12 +437,12 @@ class LoRKDModule(TaskModule):
         total = images.shape[0]
         levels = supervision_levels(self.features(images, batch["region"]), images)
         features = levels[0][1]  # the main output: feature KD uses it
-        cached = batch.get("teacher") if self.uses_teacher else None
+        cached = self.uses_teacher and any(batch.get(k) is not None for k in TARGET_KEYS)
         teacher = None
         if self.uses_teacher:  # with cached targets it stays where it is (off the accelerator)
-            teacher = self._teacher if cached is not None and self._teacher is not None else self.teacher
+            teacher = self._teacher if cached and self._teacher is not None else self.teacher
         teacher_output = teacher_features = None
-        if cached is None and teacher is not None and self.hparams.kd in ("logits", "both"):
+        if not cached and teacher is not None and self.hparams.kd in ("logits", "both"):
             teacher_output = teacher(images)
         if teacher is not None and self.hparams.kd in ("features", "both"):
             teacher_features = teacher.features(images)
@@ -460,15 +461,15 @@ class LoRKDModule(TaskModule):
             terms[task, "task_loss"] = sum(w * self.loss(z, task_labels) for w, z in level_logits)
             task_loss = task_loss + share * terms[task, "task_loss"]
             name = self.tasks[task]["name"]
-            distilled = cached is not None or teacher_output is not None
+            distilled = cached or teacher_output is not None
             if distilled and name in teacher.class_channels:
-                if cached is not None:  # made once in the teacher's pipeline, padded to the run's K_max
-                    target = cached.index_select(0, rows)[:, : logits.shape[1]]
+                if cached:  # made once in the teacher's pipeline
+                    terms[task, "kd_loss"] = self._cached_kd(logits, batch, rows, teacher.target_kind)
                 else:
                     target = teacher.targets(teacher_output.index_select(0, rows), name)
-                terms[task, "kd_loss"] = kd_loss(
-                    logits, target, teacher.target_kind, self.hparams.temperature
-                )
+                    terms[task, "kd_loss"] = kd_loss(
+                        logits, target, teacher.target_kind, self.hparams.temperature
+                    )
                 distillation = distillation + share * terms[task, "kd_loss"]
         if teacher_features is not None and self.projection is not None:
             with torch.autocast(device_type=images.device.type, enabled=False):
@@ -552,12 +553,28 @@ class LoRKDModule(TaskModule):
         volumes)."""
         logits = self._evaluate(batch, dataloader_idx, self.val_metrics)
         self._route("val", batch, dataloader_idx)
-        cached, teacher, name = batch.get("teacher"), self._teacher, self.tasks[dataloader_idx]["name"]
-        if cached is None or teacher is None or name not in teacher.class_channels:
+        teacher, name = self._teacher, self.tasks[dataloader_idx]["name"]
+        cached = any(batch.get(k) is not None for k in TARGET_KEYS)
+        if not cached or teacher is None or name not in teacher.class_channels:
             return
-        target = torch.as_tensor(cached)[:, : logits.shape[1]].to(logits.device)
-        distance = kd_loss(torch.as_tensor(logits), target, teacher.target_kind, self.hparams.temperature)
+        logits = torch.as_tensor(logits)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        distance = self._cached_kd(logits, batch, rows, teacher.target_kind)
         self.log(f"val/{name}/kd_loss", distance, add_dataloader_idx=False, batch_size=logits.shape[0])
+
+    def _cached_kd(self, logits: Tensor, batch: Mapping[str, Any], rows: Tensor, kind: str) -> Tensor:
+        """KD of one task's ``logits`` ``(n, K_task, *S)`` against the cached targets of the batch's
+        ``rows`` ``(n,)``: dense (padded to the run's ``K_max``: the task's first ``K_task`` channels) or
+        top-k (:func:`~lorkd_pl.models.losses.kd_kl_top_k`)."""
+        temperature = self.hparams.temperature
+        if batch.get(INDEX_KEY) is not None:
+            index, stored = (
+                torch.as_tensor(batch[k]).to(logits.device).index_select(0, rows)
+                for k in (INDEX_KEY, LOG_PROBS_KEY)
+            )
+            return kd_kl_top_k(logits, index, stored, temperature)
+        target = torch.as_tensor(batch[KEY]).to(logits.device).index_select(0, rows)[:, : logits.shape[1]]
+        return kd_loss(logits, target, kind, temperature)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the model kind, the region order and the teacher's path and sha256 (not its weights)."""

@@ -78,6 +78,59 @@ class TaskLoss(nn.Module):
             return F.cross_entropy(logits.float(), label)
 
 
+#: A top-k slot whose log-probability is below this is empty (``teacher_targets.EMPTY_SLOT``).
+EMPTY_BELOW = -1e4
+#: The smallest remainder mass spread over the classes outside the top k (keeps every log finite).
+TINY_MASS = 1e-12
+
+
+def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
+    """:func:`kd_kl` against a top-k teacher target, computed exactly without the dense target.
+
+    The teacher's distribution is the stored top-k classes with their probabilities ``q_i``, and the
+    remaining mass ``r = 1 − Σ q_i`` spread evenly over the ``K − k`` other classes; it is tempered as
+    :func:`kd_kl` tempers a dense target (``q_τ ∝ q^{1/τ}``) and compared with ``softmax(z_s/τ)``. With
+    every class stored (``k >= K``) this is :func:`kd_kl` of the dense target. Slots whose
+    log-probability is below :data:`EMPTY_BELOW` are empty (a task with fewer classes than ``k``).
+
+    Args:
+        student_logits: ``(N, K, *S)`` (or ``(N, K)``).
+        index: ``(N, k, *S)`` (or ``(N, k)``) the stored classes (any integer dtype).
+        log_probs: same shape: their log-probabilities; no gradient flows into them.
+        temperature: τ > 0.
+
+    Returns:
+        A scalar: the mean over ``N·prod(S)`` positions of the class-wise KL sum, times τ².
+    """
+    if index.shape != log_probs.shape or index.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"KD needs top-k targets of one shape with the student's batch {tuple(student_logits.shape)}, "
+            f"got {tuple(index.shape)} and {tuple(log_probs.shape)}"
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        classes = student_logits.shape[1]
+        s = F.log_softmax(student_logits.float() / temperature, dim=1)
+        index = index.long().clamp(0, classes - 1)
+        stored = log_probs.detach().float()
+        valid = stored > EMPTY_BELOW
+        s_top = s.gather(1, index)
+        mass = (stored.exp() * valid).sum(1, keepdim=True)
+        others = classes - valid.sum(1, keepdim=True)  # classes outside the stored ones
+        spread = others > 0
+        count = others.clamp_min(1).float()
+        remainder = (1 - mass).clamp_min(TINY_MASS)
+        a_top = torch.where(valid, stored / temperature, EMPTY_BELOW)
+        a_other = torch.where(spread, (remainder.log() - count.log()) / temperature, EMPTY_BELOW)
+        log_z = torch.cat([a_top, a_other + count.log()], 1).logsumexp(1, keepdim=True)
+        t_top, t_other = a_top - log_z, a_other - log_z  # tempered teacher log-probabilities
+        p_top, p_other = t_top.exp() * valid, t_other.exp() * spread
+        kl_top = (p_top * (t_top - s_top)).sum(1, keepdim=True)
+        s_rest = s.sum(1, keepdim=True) - (s_top * valid).sum(1, keepdim=True)
+        kl_other = p_other * (count * t_other - s_rest)
+        kl = (kl_top + kl_other).squeeze(1)
+    return kl.mean() * temperature**2
+
+
 def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: float) -> Tensor:
     """Per-class binary KD from a multi-label (sigmoid) teacher: ``Σ_k KL(Bern(t_k) ‖ Bern(s_k)) · τ²``.
 

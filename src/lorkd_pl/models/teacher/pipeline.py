@@ -150,6 +150,19 @@ class TeacherPipeline:
             return out[(slice(None), slice(None), *[slice(0, n) for n in sizes])]
         return teacher(image)
 
+    def prepare(self, record: Mapping[str, Any], student: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Read and preprocess one case for the teacher (and, seg3d, for the student's grid): the
+        part of :meth:`targets` that needs no teacher, so DataLoader workers can do it ahead.
+
+        Returns:
+            ``{"image": the teacher's input (C, *S), "grid": the student's preprocessed image}``.
+        """
+        image = self.teacher_transform({"image": record["image"]})["image"]
+        grid = None
+        if self.task["kind"] == "seg3d":
+            grid = (student or self.student_transform(dict(record)))["image"]
+        return {"image": image, "grid": grid}
+
     @torch.no_grad()
     def targets(
         self,
@@ -157,6 +170,7 @@ class TeacherPipeline:
         record: Mapping[str, Any],
         device: torch.device | str = "cpu",
         student: Mapping[str, Any] | None = None,
+        prepared: Mapping[str, Any] | None = None,
     ) -> Tensor:
         """The KD target of one case in the student's grid.
 
@@ -166,13 +180,14 @@ class TeacherPipeline:
             device: where the teacher runs.
             student: seg3d: the record through :attr:`student_transform`, when the caller has it
                 already (else it is read here).
+            prepared: :meth:`prepare`'s result, when a worker made it already.
 
         Returns:
             seg3d: ``(K_task, X, Y, Z)`` in the student's preprocessed grid; cls2d: ``(K_task,)``; fp32.
         """
         name = self.task["name"]
-        sample = self.teacher_transform({"image": record["image"]})
-        image = sample["image"]
+        prepared = prepared or self.prepare(record, student)
+        image = prepared["image"]
         plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         raw = self.raw_output(teacher, plain[None].to(device))
         if not getattr(self, "_checked", False):  # the first real input is the probe
@@ -185,7 +200,7 @@ class TeacherPipeline:
         targets = teacher.targets(raw, name)[0].cpu()
         if self.task["kind"] != "seg3d":
             return targets
-        grid = (student or self.student_transform(dict(record)))["image"]
+        grid = prepared["grid"]
         teacher_grid = MetaTensor(targets, affine=image.affine)
         if _same_grid(teacher_grid, grid):
             return targets
@@ -206,6 +221,20 @@ class BuildReport:
     cases: list[str]
 
 
+class _Prepared(torch.utils.data.Dataset):
+    """The cases to build, read and preprocessed by DataLoader workers (:meth:`TeacherPipeline.prepare`)."""
+
+    def __init__(self, todo: Sequence[tuple[Mapping[str, Any], TeacherPipeline]]) -> None:
+        self.todo = todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        record, pipeline = self.todo[index]
+        return index, pipeline.prepare(record)
+
+
 def build_targets(
     teacher: Teacher,
     spec: TeacherSpec,
@@ -213,8 +242,13 @@ def build_targets(
     records: Sequence[Mapping[str, Any]],
     store: TeacherTargetStore,
     device: torch.device | str = "cpu",
+    workers: int = 0,
 ) -> BuildReport:
     """Make the cached target of every record that has no fresh one (this process's shard).
+
+    Cases already stored under their key are reused, so an interrupted build resumes where it
+    stopped. With ``workers`` > 0, DataLoader workers read and preprocess the next cases while the
+    teacher runs on the current one.
 
     Args:
         teacher: the loaded teacher.
@@ -224,10 +258,11 @@ def build_targets(
             class mapping are skipped.
         store: the cache.
         device: where the teacher runs.
+        workers: DataLoader workers for reading and preprocessing (0: in this process).
     """
     start = time.perf_counter()
-    built = reused = 0
-    cases = []
+    reused = 0
+    cases, todo = [], []
     for record in records:
         task = record["case"].partition("/")[0]
         if task not in teacher.class_channels:
@@ -236,7 +271,7 @@ def build_targets(
         parts = {
             "teacher": teacher.sha256,
             "classes": [list(g) for g in teacher.class_channels[task]],
-            "dtype": str(store.dtype),
+            "stored": store.form,
             **pipeline.description(),
         }
         entry = store.entry(record["case"])
@@ -245,12 +280,25 @@ def build_targets(
         cases.append(record["case"])
         store.expected[record["case"]] = key
         store.tasks.add(task)
-        if entry is not None and str(entry.get("key")) == key:
+        if entry is not None and entry.get("key") == key:
             reused += 1
-            continue
-        store.write(record["case"], key, pipeline.targets(teacher, record, device), digest, stat)
-        built += 1
-    return BuildReport(built, reused, time.perf_counter() - start, cases)
+        else:
+            todo.append((record, pipeline, key, digest, stat))
+    loader = torch.utils.data.DataLoader(
+        _Prepared([(record, pipeline) for record, pipeline, *_ in todo]),
+        batch_size=None,
+        num_workers=workers if len(todo) > 1 else 0,
+        collate_fn=_as_it_is,
+    )
+    for index, prepared in loader:
+        record, pipeline, key, digest, stat = todo[index]
+        targets = pipeline.targets(teacher, record, device, prepared=prepared)
+        store.write(record["case"], key, targets, digest, stat, teacher.target_kind)
+    return BuildReport(len(todo), reused, time.perf_counter() - start, cases)
+
+
+def _as_it_is(item: Any) -> Any:
+    return item
 
 
 def evaluate_teacher(
@@ -334,9 +382,10 @@ def prepare_targets(
     if spec.cache is None:
         raise TeacherError("model.init_args.teacher.cache is not set: there is no target cache to build")
     channels = max(len(t["classes"]) for t in datamodule.task_info)
-    store = TeacherTargetStore(spec.cache, spec.cache_dtype, channels)
+    store = TeacherTargetStore(spec.cache, spec.cache_dtype, channels, spec.cache_top_k)
     records = [r for split in splits for r in datamodule.shard_records(split)]
-    report = build_targets(teacher, spec, task_pipelines(spec, datamodule), records, store, device)
+    workers = int(datamodule.hparams.get("num_workers", 0) or 0)
+    report = build_targets(teacher, spec, task_pipelines(spec, datamodule), records, store, device, workers)
     return store, report
 
 

@@ -17,6 +17,7 @@ preprocessing and outputs logits, as before) or a mapping::
       overlap: 0.5               # sliding-window overlap
       cache: runs/teacher_targets  # precomputed targets; null = the live teacher on the training crops
       cache_dtype: float16
+      cache_top_k: null           # keep only each voxel's k most likely classes (e.g. 4; null: all)
 
 Every field is checked here, before anything is loaded; a bad one is a :class:`TeacherSpecError`
 naming ``model.init_args.teacher.<field>`` and the fix.
@@ -98,6 +99,7 @@ class TeacherSpec:
     overlap: float = 0.5
     cache: str | None = None
     cache_dtype: str = "float16"
+    cache_top_k: int | None = None
     sw_batch_size: int = 1
 
     @property
@@ -218,6 +220,7 @@ SPEC_FIELDS: tuple[str, ...] = (
     "sw_batch_size",
     "cache",
     "cache_dtype",
+    "cache_top_k",
 )
 
 
@@ -270,6 +273,9 @@ def parse_teacher(
     cache_dtype = value.get("cache_dtype", "float16")
     if cache_dtype not in CACHE_DTYPES:
         raise _fail("cache_dtype", f"must be one of {list(CACHE_DTYPES)}, got {cache_dtype!r}")
+    top_k = value.get("cache_top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= 255):
+        raise _fail("cache_top_k", f"must be an integer in [1, 255] or null (every class), got {top_k!r}")
     cache = value.get("cache")
     if cache is not None and (not isinstance(cache, str) or not cache):
         raise _fail("cache", f"must be a folder path or null, got {cache!r}")
@@ -291,7 +297,14 @@ def parse_teacher(
         sw_batch_size=sw_batch_size,
         cache=cache,
         cache_dtype=cache_dtype,
+        cache_top_k=top_k,
     )
+    if spec.cache_top_k is not None and spec.target_kind == "log_odds":
+        raise _fail(
+            "cache_top_k",
+            "keeps the k most likely of mutually exclusive classes; a sigmoid teacher distilled per class "
+            "(sigmoid_kd: binary) has no such ranking: remove cache_top_k, or set sigmoid_kd: exclusive",
+        )
     if spec.own_pipeline and spec.cache is None:
         defaults = {"orientation": "RAS", "divisible": 1}
         declared = [n for n in PIPELINE_FIELDS if getattr(spec, n) not in (None, defaults.get(n))]
