@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/teacher_targets.py
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks tasks

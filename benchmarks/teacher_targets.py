@@ -1,0 +1,243 @@
+"""Cached teacher targets of a CT-sized case: bytes on disk, bytes and time per training crop, build time.
+
+One synthetic case in the student's grid of a 512×512×300 CT at 0.8×0.8×1.5 mm resampled to 1.5 mm
+(274×274×300 voxels), with a synthetic teacher of K classes (14 and 117): K−1 ellipsoid organs in a
+body, soft boundaries (log-softmax of 4 × a Gaussian-smoothed one-hot), as a trained segmenter's
+output looks. Side by side, for random 128³ training crops:
+
+* ``dense .npz (before)``: the earlier store, one compressed ``.npz`` per case, fp16; a crop
+  decompresses the whole case and converts it to float32 (what the data pipeline did; not timed when
+  that float32 copy would exceed 4 GiB: ``nan``);
+* ``dense chunked``: the same fp16 values in the chunked store (32³ chunks, zlib);
+* ``top-k chunked``: the k most likely classes (uint8) and their fp16 log-probabilities;
+* ``image crop (floor)``: the case's preprocessed CT image (float32) in the same chunked store: what
+  reading the training crop of the image alone costs.
+
+Reported per row: bytes on disk, bytes read and milliseconds per crop (median), peak memory of one
+crop read (numpy allocations, tracemalloc), the store's write time for the case, and for top-k the
+KD difference: ``|KD(top-k) − KD(dense)| / KD(dense)`` on the crops, for a student whose logits are
+the teacher's log-probabilities plus N(0, 1) noise (a student on its way), at τ = 1.
+
+Usage::
+
+    python benchmarks/teacher_targets.py [--classes 14 117] [--top-k 4] [--crops 12] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expert_conv import emit, machine_name
+from lorkd_pl.data.chunked import read_box, read_header, write_chunked
+from lorkd_pl.data.teacher_targets import EMPTY_SLOT
+from lorkd_pl.models.losses import kd_kl, kd_kl_top_k
+
+GRID = (274, 274, 300)  # 512×512×300 at 0.8×0.8×1.5 mm, resampled to 1.5 mm
+CROP = (128, 128, 128)
+QUICK_GRID, QUICK_CROP = (72, 64, 60), (32, 32, 32)
+
+
+def phantom(grid: tuple[int, ...], classes: int, seed: int = 0) -> np.ndarray:
+    """Labels ``(X, Y, Z)`` uint8: a body ellipsoid, ``classes − 1`` organ ellipsoids inside it."""
+    rng = np.random.default_rng(seed)
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in grid]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    labels = np.zeros(grid, np.uint8)
+    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1.0
+    for organ in range(1, classes):
+        centre = rng.uniform(-0.5, 0.5, 3)
+        radius = rng.uniform(0.04, 0.25, 3) * (1.5 if organ < 8 else 1.0)
+        inside = sum(((c - m) / r) ** 2 for c, m, r in zip((x, y, z), centre, radius, strict=True)) < 1.0
+        labels[inside & body] = organ
+    return labels
+
+
+def image_of(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A CT-like float32 image ``(1, X, Y, Z)``: HU per structure, noise, normalised as the student's
+    CT preprocessing would (clip to [−500, 1000], z-score)."""
+    rng = np.random.default_rng(seed)
+    hu = rng.uniform(-100, 300, 256).astype(np.float32)
+    hu[0] = -1000.0
+    image = hu[labels] + rng.normal(0, 20, labels.shape).astype(np.float32)
+    image = np.clip(image, -500, 1000)
+    return ((image - image.mean()) / image.std())[None].astype(np.float32)
+
+
+def teacher_slab(labels: np.ndarray, classes: int) -> torch.Tensor:
+    """Log-probabilities ``(K, X, Y, z)`` of a slab: log-softmax of 4 × a smoothed one-hot."""
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), classes).permute(3, 0, 1, 2)
+    smooth = torch.nn.functional.avg_pool3d(one_hot[None].float(), 3, stride=1, padding=1)[0]
+    return (4.0 * smooth).log_softmax(0)
+
+
+def build_case(grid: tuple[int, ...], classes: int, top_k: int) -> dict[str, np.ndarray]:
+    """Labels, image, dense fp16 targets and top-k targets of the case, made slab by slab."""
+    labels = phantom(grid, classes)
+    dense = np.empty((classes, *grid), np.float16)
+    index = np.empty((top_k, *grid), np.uint8)
+    top = np.empty((top_k, *grid), np.float16)
+    step = 32
+    for begin in range(0, grid[2], step):
+        lo, hi = max(begin - 1, 0), min(begin + step + 1, grid[2])  # a 1-voxel halo for the smoothing
+        slab = teacher_slab(labels[..., lo:hi], classes)[
+            ..., begin - lo : begin - lo + min(step, grid[2] - begin)
+        ]
+        dense[..., begin : begin + step] = slab.numpy()
+        values, slots = slab.topk(top_k, dim=0)
+        index[..., begin : begin + step] = slots.numpy()
+        top[..., begin : begin + step] = values.numpy()
+    return {"labels": labels, "image": image_of(labels), "dense": dense, "index": index, "top": top}
+
+
+def bytes_read(path: Path, start: list[int], stop: list[int]) -> int:
+    """Header plus the compressed chunks a box overlaps (what :func:`read_box` reads)."""
+    header = read_header(path)
+    edges, spatial, offsets = header["chunk"], header["spatial"], header["offsets"]
+    grid = [math.ceil(s / e) for s, e in zip(spatial, edges, strict=True)]
+    ranges = [
+        range(max(a, 0) // e, min(math.ceil(min(b, s) / e), n))
+        for a, b, s, e, n in zip(start, stop, spatial, edges, grid, strict=True)
+    ]
+    total = 0
+    for position in np.ndindex(*[len(r) for r in ranges]):
+        flat = int(np.ravel_multi_index([r[p] for r, p in zip(ranges, position, strict=True)], grid))
+        total += offsets[flat + 1] - offsets[flat]
+    return total + len(str(header))
+
+
+def timed(read) -> tuple[float, int]:
+    """Milliseconds and peak numpy bytes of one call."""
+    tracemalloc.start()
+    begin = time.perf_counter()
+    read()
+    seconds = time.perf_counter() - begin
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds * 1e3, peak
+
+
+def measure(grid: tuple[int, ...], crop: tuple[int, ...], classes: int, top_k: int, crops: int) -> list[dict]:
+    """The rows of one class count."""
+    case = build_case(grid, classes, top_k)
+    rng = np.random.default_rng(1)
+    boxes = []
+    for _ in range(crops):
+        start = [int(rng.integers(0, n - c + 1)) for n, c in zip(grid, crop, strict=True)]
+        boxes.append((start, [s + c for s, c in zip(start, crop, strict=True)]))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        begin = time.perf_counter()
+        npz = folder / "dense.npz"
+        np.savez_compressed(npz, targets=case["dense"])
+        npz_write = time.perf_counter() - begin
+        stores = {}
+        for name, arrays in (
+            ("dense chunked (fp16)", {"targets": case["dense"]}),
+            (f"top-{top_k} chunked", {"index": case["index"], "log_probs": case["top"]}),
+            ("image crop (floor, float32 chunked)", {"image": case["image"]}),
+        ):
+            begin = time.perf_counter()
+            stores[name] = (
+                write_chunked(folder / f"{len(stores)}.lkc", arrays, {}),
+                time.perf_counter() - begin,
+            )
+
+        def npz_crop(start, stop):
+            with np.load(npz) as data:  # the earlier store: the whole case, as float32
+                whole = data["targets"].astype(np.float32)
+            return whole[(slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))].copy()
+
+        # each read holds the whole case as float32: above 4 GiB it is not tried (the row says so)
+        affordable = case["dense"].size * 4 <= 4 * 2**30
+        old = [timed(lambda b=b: npz_crop(*b)) for b in boxes[: max(2, crops // 4)]] if affordable else []
+        rows.append(
+            row(classes, "dense .npz (before)", npz.stat().st_size, npz.stat().st_size, old, npz_write)
+        )
+        for name, (path, write_seconds) in stores.items():
+            results = [timed(lambda b=b, p=path: read_box(p, *b)) for b in boxes]
+            read = statistics.median(bytes_read(path, *b) for b in boxes)
+            rows.append(row(classes, name, path.stat().st_size, read, results, write_seconds))
+        rows[2]["kd_difference"] = kd_difference(case, boxes, classes)
+    return rows
+
+
+def row(classes: int, name: str, disk: int, read: float, results, write_seconds: float) -> dict:
+    return {
+        "classes": classes,
+        "store": name,
+        "disk_mib": disk / 2**20,
+        "read_mib": read / 2**20,
+        "ms": statistics.median(ms for ms, _ in results) if results else math.nan,
+        "peak_mib": max(peak for _, peak in results) / 2**20 if results else math.nan,
+        "write_s": write_seconds,
+    }
+
+
+def kd_difference(case: dict, boxes, classes: int) -> float:
+    """``|KD(top-k) − KD(dense)| / KD(dense)`` over the crops, for a student = teacher + N(0, 1) noise."""
+    generator = torch.Generator().manual_seed(0)
+    dense_total = top_total = 0.0
+    for start, stop in boxes[:4]:
+        where = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
+        dense = torch.from_numpy(case["dense"][where].astype(np.float32))[None]
+        student = dense + torch.randn(dense.shape, generator=generator)
+        index = torch.from_numpy(case["index"][where])[None]
+        top = torch.from_numpy(case["top"][where].astype(np.float32))[None]
+        top = torch.where(top > EMPTY_SLOT, top, top)
+        dense_total += float(kd_kl(student, dense, 1.0))
+        top_total += float(kd_kl_top_k(student, index, top, 1.0))
+    return abs(top_total - dense_total) / dense_total
+
+
+def render(rows: list[dict], crop: tuple[int, ...]) -> str:
+    lines = [
+        f"crop {'×'.join(map(str, crop))}; ratios against the image crop (floor) of the same class count",
+        "",
+        "| K | store | on disk MiB | read per crop MiB (× floor) | ms per crop (× floor) | peak MiB | "
+        "write s | KD difference |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for classes in sorted({r["classes"] for r in rows}):
+        group = [r for r in rows if r["classes"] == classes]
+        floor = next(r for r in group if r["store"].startswith("image"))
+        before = group[0]
+        for r in group:
+            kd = f"{100 * r['kd_difference']:.2f} %" if "kd_difference" in r else ""
+            smaller = f" ({before['disk_mib'] / r['disk_mib']:.1f}× smaller)" if r is not before else ""
+            lines.append(
+                f"| {classes} | {r['store']} | {r['disk_mib']:.1f}{smaller} | "
+                f"{r['read_mib']:.2f} ({r['read_mib'] / floor['read_mib']:.2f}×) | "
+                f"{r['ms']:.1f} ({r['ms'] / floor['ms']:.2f}×) | {r['peak_mib']:.0f} | "
+                f"{r['write_s']:.1f} | {kd} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[14, 117])
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--crops", type=int, default=12)
+    parser.add_argument("--quick", action="store_true", help="a small grid (tests)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    grid, crop = (QUICK_GRID, QUICK_CROP) if args.quick else (GRID, CROP)
+    rows = [r for k in args.classes for r in measure(grid, crop, k, args.top_k, args.crops)]
+    emit(f"### {machine_name(torch.device('cpu'))}\n\n{render(rows, crop)}\n", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
