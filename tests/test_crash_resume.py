@@ -17,19 +17,30 @@ TEACHER_CLS = str(ROOT / "configs" / "demo" / "teacher_cls.yaml")
 STEPS_PER_EPOCH, EPOCHS, KILL_AT = 5, 2, 7  # killed before step 8: epoch 1, after its 2nd batch
 
 
-def fit(folder: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+def fit(
+    folder: Path,
+    *extra: str,
+    kill_at: int | None = None,
+    signal_at: tuple[int, str] | None = None,
+    every: int = 1,
+) -> subprocess.CompletedProcess:
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {
                 "dirpath": str(folder / "checkpoints"),
-                "every_n_train_steps": 1,
+                "every_n_train_steps": every,
                 "save_last": True,
             },
         }
     ]
     if kill_at is not None:
         callbacks.append({"class_path": "training_helpers.SigkillAtStep", "init_args": {"step": kill_at}})
+    if signal_at is not None:
+        step, name = signal_at
+        callbacks.append(
+            {"class_path": "training_helpers.SignalAtStep", "init_args": {"step": step, "signal": name}}
+        )
     config = yaml.safe_load(Path(TEACHER_CLS).read_text())  # one self-contained config: lists replaced
     config["trainer"].update(
         {
@@ -81,3 +92,34 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path) -> No
     for key, value in final_reference["state_dict"].items():
         torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert abs(last_val_score(crashed) - last_val_score(reference)) <= 1e-4
+
+
+def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(tmp_path) -> None:
+    """A scheduler's SIGTERM: exit 143 and one line naming the epoch and the resume command; the
+    checkpoint written at the stop (the periodic ones are far apart here) resumes to the uninterrupted
+    run's result. Ctrl-C (SIGINT) the same, exit 130."""
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    reference.mkdir()
+    stopped.mkdir()
+    assert fit(reference, every=100).returncode == 0
+    result = fit(stopped, signal_at=(KILL_AT, "SIGTERM"), every=100)
+    assert result.returncode == 143, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lorkd-pl: fit interrupted")]
+    assert len(lines) == 1 and "by SIGTERM in epoch 1 (step 8)" in lines[0], result.stderr[-2000:]
+    assert "--ckpt_path last" in lines[0] and str(stopped / "checkpoints" / "last.ckpt") in lines[0]
+    at_stop = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert at_stop["global_step"] == KILL_AT + 1  # the step running when the signal came finished
+    resumed = fit(stopped, "--ckpt_path", "last", every=100)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final_reference = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    final_resumed = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final_resumed["global_step"] == final_reference["global_step"] == STEPS_PER_EPOCH * EPOCHS
+    for key, value in final_reference["state_dict"].items():
+        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    result = fit(interrupted, signal_at=(2, "SIGINT"), every=100)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "lorkd-pl: fit interrupted by SIGINT in epoch 0" in result.stderr
+    assert (interrupted / "checkpoints" / "last.ckpt").is_file()

@@ -119,6 +119,21 @@ class SigkillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAtStep(L.Callback):
+    """Sends its own process ``signal`` (a name: ``"SIGTERM"``, ``"SIGINT"``) before global step ``step``,
+    as a scheduler or Ctrl-C would; the step itself still runs."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class StepRecorder(L.Callback):
     """Touches ``out`` when a training step starts (to prove that a bad input stopped the run before)."""
 

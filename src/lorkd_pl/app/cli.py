@@ -65,12 +65,17 @@ def split_tasks_dirs(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
 # ----------------------------------------------------------------------------- commands
 def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = False) -> int:
     from lorkd_pl.app.configs import resolve_config_args
+    from lorkd_pl.app.interrupts import FitInterrupted, describe
     from lorkd_pl.app.lightning import USER_ERRORS, lightning_cli, user_error_message
     from lorkd_pl.data.plugins import load_plugins
 
     try:
         load_plugins(folders)
         lightning_cli(resolve_config_args(args))
+    except FitInterrupted as interrupted:  # SIGTERM / Ctrl-C: a resumable checkpoint, never "success"
+        line, code = describe(interrupted.stop, [*args, *(f"--tasks-dir={f}" for f in folders or [])])
+        sys.stderr.write(f"{line}\n")
+        raise SystemExit(code) from None
     except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
         if debug:
             raise

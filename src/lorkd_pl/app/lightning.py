@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lorkd_pl.app.commands import LIGHTNING_COMMANDS
+from lorkd_pl.app.interrupts import FitInterrupted, InterruptCheckpoint, interruption
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
@@ -233,10 +234,12 @@ class LorkdCLI(LightningCLI):
             raise ConfigError(f"invalid configuration: {_reason(str(error))}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set."""
+        """The configured trainer, with :class:`AtomicCheckpointIO` unless a checkpoint plugin is set,
+        and :class:`~lorkd_pl.app.interrupts.InterruptCheckpoint` (a signal ends a fit resumable)."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(InterruptCheckpoint())
         return trainer
 
     def before_fit(self) -> None:
@@ -270,6 +273,11 @@ class LorkdCLI(LightningCLI):
         clear error instead of PyTorch's key-by-key report."""
         try:
             super()._run_subcommand(subcommand)
+        except SystemExit:  # Lightning's ending of a fit stopped by SIGTERM (code 0) or Ctrl-C (code 1)
+            stopped = interruption(getattr(self, "trainer", None))
+            if stopped is None:
+                raise
+            raise FitInterrupted(stopped) from None
         except RuntimeError as error:
             if "Error(s) in loading state_dict" not in str(error):
                 raise
