@@ -13,6 +13,7 @@ from lorkd_pl.evaluation.comparison import (
     comparison_rows,
     find_summaries,
     write_report,
+    write_runs_report,
 )
 from lorkd_pl.io.atomic import write_json_atomic
 
@@ -173,8 +174,8 @@ def test_errors_name_the_fix(tmp_path) -> None:
     with pytest.raises(ReportError, match="lorkd-pl test --config"):
         find_summaries(tmp_path / "empty")
     write_run(tmp_path / "t", [cls_summary("a_cls", "thorax", [[1, 0], [0, 1]])])
-    write_run(tmp_path / "s", [cls_summary("b_cls", "thorax", [[1, 0], [0, 1]])])
-    with pytest.raises(ReportError, match=r"no test summary for tasks \['b_cls'\]"):
+    write_run(tmp_path / "s", [seg_summary("a_cls", "thorax", [0.5], [0.5], [1.0])])
+    with pytest.raises(ReportError, match=r"task 'a_cls' is cls2d of region 'thorax' in one run and seg3d"):
         write_report(tmp_path / "t", tmp_path / "s", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad" / "summary"
@@ -271,3 +272,23 @@ def test_report_draws_the_gradient_conflicts_of_runs_that_logged_them(tmp_path) 
     # the trend plots the mean over the finite pairs: (0.5 + 0.5 - 0.5 - 0.5) / 4 = 0 at step 0
     assert _mean_off_diagonal(records[0]["cosine"]) == 0.0
     assert _mean_off_diagonal([[1.0, None], [None, 1.0]]) != _mean_off_diagonal([[1.0, None], [None, 1.0]])
+
+
+def test_every_task_of_any_run_is_listed_and_a_run_without_it_is_marked(tmp_path) -> None:
+    """A brain-only run beside runs of four regions: no row vanishes; its missing tasks show "—" and
+    the means compare the tasks every run has, said in the table."""
+    regions = ["abdomen", "brain", "pelvis", "thorax"]
+    for name in ("teacher", "lorkd"):
+        write_run(tmp_path / name, [seg_summary(f"{r}_seg", r, [0.6], [0.5], [3.0]) for r in regions])
+    write_run(tmp_path / "brain_only", [seg_summary("brain_seg", "brain", [0.9], [0.8], [1.0])])
+    runs = {n: tmp_path / n for n in ("teacher", "lorkd", "brain_only")}
+    text = write_runs_report(runs, tmp_path / "report").read_text()
+    for region in regions:
+        row = table_row(text, region, f"{region}_seg")
+        assert row[2] == "0.600", row  # the teacher's Dice
+        if region != "brain":
+            assert row[5] == "—" and row[6] == "—", row  # the brain-only run: not tested
+    brain = table_row(text, "brain", "brain_seg")
+    assert brain[5] == "0.900" and brain[6] == "+0.300 ✓"
+    assert "over the tasks every run has (1 of 4)" in text
+    assert "#### abdomen_seg (abdomen)" in text  # per-class tables of every task too

@@ -74,28 +74,40 @@ def comparison_rows(
 
 
 def run_rows(runs: Sequence[Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per task of the LAST run: ``{"task", "region", "kind", "<metric>": (value of run 0,
-    run 1, ...)}``; every other run must have tested those tasks.
+    """One row per task that ANY run tested: ``{"task", "region", "kind", "missing": [run indices
+    without it], "<metric>": (value of run 0, run 1, ...)}``; a run without the task has ``nan`` there
+    (shown as "—"; the means compare only the tasks every run has, :func:`common_means`).
 
     Raises:
-        ReportError: naming the run that lacks a task.
+        ReportError: when two runs give one task name different kinds or regions.
     """
-    last = runs[-1]
-    for run, name in zip(runs[:-1], names[:-1], strict=True):
-        missing = sorted(set(last) - set(run))
-        if missing:
-            raise ReportError(
-                f"the {name} run has no test summary for tasks {missing} (it has {sorted(run)}); test "
-                f"the {name} on the same data config as the {names[-1]}"
-            )
+    tasks: dict[str, Mapping[str, Any]] = {}
+    for run, name in zip(runs, names, strict=True):
+        for task, summary in run.items():
+            first = tasks.setdefault(task, summary)
+            if (first["kind"], first["region"]) != (summary["kind"], summary["region"]):
+                raise ReportError(
+                    f"task {task!r} is {first['kind']} of region {first['region']!r} in one run and "
+                    f"{summary['kind']} of region {summary['region']!r} in the {name} run: not the same task"
+                )
     rows = []
-    for task in sorted(last, key=lambda n: (last[n]["region"], n)):
-        summary = last[task]
-        row: dict[str, Any] = {"task": task, "region": summary["region"], "kind": summary["kind"]}
+    for task in sorted(tasks, key=lambda n: (tasks[n]["region"], n)):
+        summary = tasks[task]
+        missing = [index for index, run in enumerate(runs) if task not in run]
+        row: dict[str, Any] = {
+            "task": task,
+            "region": summary["region"],
+            "kind": summary["kind"],
+            "missing": missing,
+        }
         for metric, _, _ in METRICS[summary["kind"]]:
-            row[metric] = tuple(task_value(run[task], metric) for run in runs)
+            row[metric] = tuple(task_value(run[task], metric) if task in run else math.nan for run in runs)
         rows.append(row)
     return rows
+
+
+#: A run that did not test a task (the task is still listed for the runs that did).
+NOT_TESTED = "—"
 
 
 def _number(value: float) -> str:
@@ -145,19 +157,23 @@ def markdown_table(
         cells = ["**mean**", ""] if row is None else [row["region"], row["task"]]
         if row is None and partial:  # some task lacks a value in some run: means over the shared ones
             cells[1] = f"over the tasks every run has ({', '.join(map(str, partial))} of {len(rows)})"
+        absent = set() if row is None else set(row.get("missing", ()))
         for metric, _, higher in metrics:
             values = common_means(rows, metric)[0] if row is None else list(row[metric])
             shown = [f"**{_number(v)}**" if row is None else _number(v) for v in values]
+            shown = [NOT_TESTED if index in absent else cell for index, cell in enumerate(shown)]
             cells.append(shown[0])
             for index in range(1, len(names)):
-                cells += [shown[index], _delta((values[0], values[index]), higher)]
+                delta = NOT_TESTED if absent & {0, index} else _delta((values[0], values[index]), higher)
+                cells += [shown[index], delta]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _per_class_lines(summaries: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
-    """Per-class table of one task, one column per run and metric: Dice/NSD (segmentation) or recall."""
-    last = summaries[-1]
+def _per_class_lines(summaries: Sequence[Mapping[str, Any] | None], names: Sequence[str]) -> list[str]:
+    """Per-class table of one task, one column per run and metric: Dice/NSD (segmentation) or recall
+    (``None``: the run did not test the task, "—")."""
+    last = next(summary for summary in reversed(summaries) if summary is not None)
     metric_names = ["dice", "nsd"] if last["kind"] == "seg3d" else ["recall"]
     header = ["class"] + [f"{name} {m}" for m in metric_names for name in names]
     lines = [f"#### {last['task']} ({last['region']})", "", "| " + " | ".join(header) + " |"]
@@ -166,7 +182,8 @@ def _per_class_lines(summaries: Sequence[Mapping[str, Any]], names: Sequence[str
         cells = [name]
         for metric in metric_names:
             for summary in summaries:
-                cells.append(_number(float(summary["per_class"].get(name, {}).get(metric, float("nan")))))
+                value = None if summary is None else summary["per_class"].get(name, {}).get(metric, math.nan)
+                cells.append(NOT_TESTED if value is None else _number(float(value)))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -195,8 +212,8 @@ def render_report(
         title = "3D segmentation" if kind == "seg3d" else "2D classification"
         lines += [f"## {title}", "", *markdown_table(kind_rows, names), ""]
         if kind == "seg3d":
-            last = runs[-1]
-            tolerances = sorted({float(last[r["task"]].get("nsd_tolerance_mm", "nan")) for r in kind_rows})
+            tested = [next(run[r["task"]] for run in runs if r["task"] in run) for r in kind_rows]
+            tolerances = sorted({float(summary.get("nsd_tolerance_mm", "nan")) for summary in tested})
             lines += [
                 "Dice and NSD: mean over foreground classes (empty-ground-truth rule in docs/deploy.md); "
                 f"NSD tolerance {', '.join(f'{t:g}' for t in tolerances)} mm; HD95 in mm.",
@@ -204,7 +221,7 @@ def render_report(
             ]
         lines += ["### Per class", ""]
         for row in kind_rows:
-            lines += _per_class_lines([run[row["task"]] for run in runs], names)
+            lines += _per_class_lines([run.get(row["task"]) for run in runs], names)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)
@@ -220,7 +237,7 @@ def write_report(
 
 def write_runs_report(runs: Mapping[str, str | Path], out: str | Path, overwrite: bool = False) -> Path:
     """Write ``report.md`` and ``plots/*.png`` comparing test runs side by side, by name (the first run
-    is the reference of every Δ; the last run's tasks are compared).
+    is the reference of every Δ; every task any run tested is listed, "—" where a run lacks it).
 
     ``out`` may be new or an earlier report (replaced atomically: the older report stays until the new
     one is complete). A folder holding anything else (a run folder, say) is refused unless
@@ -381,7 +398,8 @@ def _render(
     for row in rows:
         if row["kind"] == "cls2d":
             name = f"plots/confusion_{row['task']}.png"
-            confusion_matrices([run[row["task"]] for run in runs], names, work / name)
+            tested = [(run[row["task"]], n) for run, n in zip(runs, names, strict=True) if row["task"] in run]
+            confusion_matrices([t for t, _ in tested], [n for _, n in tested], work / name)
             plots.append(name)
     text = render_report(rows, runs, names, sources, plots)
     (work / "report.md").write_text(text, encoding="utf-8")
