@@ -458,3 +458,35 @@ def test_bundle_references_are_followed_as_monai_resolves_them(tmp_path) -> None
     network = load_teacher(bundle, []).network
     assert type(network).__name__ == "UNet" and tuple(network.channels) == (4, 8)
     assert any(isinstance(module, torch.nn.PReLU) for module in network.modules())  # "@##act"
+
+
+def test_a_checkpoint_of_another_model_kind_is_refused(
+    student_checkpoint, tmp_path, monkeypatch, capsys
+) -> None:
+    """A plain-KD checkpoint tested under a LoRKD config (or the reverse) would be reported as the
+    configured kind: refused before anything is built, naming both and the fix."""
+    data = torch.load(student_checkpoint, weights_only=True)
+    data["hyper_parameters"] = {**data["hyper_parameters"], "experts": False}
+    torch.save(data, tmp_path / "plain_kd.ckpt")
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "validate",
+        "--config",
+        LORKD_CLS,
+        "--model.init_args.router_weight=0",
+        "--model.init_args.rank=2",
+        f"--model.init_args.backbone={json.dumps(CNN)}",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.tasks=[demo_brain_cls, demo_thorax_cls]",
+    ]
+    fails_with([*args, "--ckpt_path", str(tmp_path / "plain_kd.ckpt")], capsys, "experts=False")
+    fails_with(
+        [*args, "--model.init_args.experts=false", "--ckpt_path", str(student_checkpoint)],
+        capsys,
+        "experts=True",
+    )
+    other = {"class_path": "monai.networks.nets.BasicUNet", "init_args": {"spatial_dims": 2}}
+    data["hyper_parameters"] = {**data["hyper_parameters"], "experts": True, "backbone": other}
+    torch.save(data, tmp_path / "other_backbone.ckpt")
+    fails_with([*args, "--ckpt_path", str(tmp_path / "other_backbone.ckpt")], capsys, "backbone.class_path")
+    assert main([*args, "--ckpt_path", str(student_checkpoint)]) == 0  # the same kind still loads

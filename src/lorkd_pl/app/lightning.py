@@ -194,6 +194,7 @@ class LorkdCLI(LightningCLI):
                 f"{configured_class}; a checkpoint never changes the model class: use the config the "
                 "checkpoint was trained with (e.g. demo/teacher_* for a generalist)"
             )
+        _check_same_model_kind(path, hparams, model)
         # the classes the file names must be trusted, or named by the user's own config; and a file
         # never chooses the teacher: the config's teacher / teacher_model stay
         for key in ("teacher", "teacher_model"):
@@ -321,6 +322,41 @@ class LorkdCLI(LightningCLI):
         print(f"{'metric'.ljust(width)}  value")
         for name, value in rows:
             print(f"{name.ljust(width)}  {value:.4f}")
+
+
+#: Hyper-parameters that make a model another kind of model (not a setting of the same one): a
+#: checkpoint must agree with the config on them, else it would silently replace the configured model.
+MODEL_KIND_KEYS: dict[str, str] = {
+    "experts": "region experts (false: the plain-KD control)",
+    "backbone.class_path": "backbone class",
+}
+
+
+def _check_same_model_kind(path: str, hparams: dict[str, Any], model: Any) -> None:
+    """Refuse a checkpoint whose model kind (:data:`MODEL_KIND_KEYS`) differs from the config's.
+
+    Raises:
+        CheckpointError: naming both values and the fix.
+    """
+    configured = _plain(getattr(model, "init_args", None) or {})
+    for key, what in MODEL_KIND_KEYS.items():
+        saved, wanted = _lookup(hparams, key), _lookup(configured, key)
+        if saved is None or wanted is None or saved == wanted:
+            continue
+        raise CheckpointError(
+            f"checkpoint {path} has {key}={saved!r} ({what}), the config builds {key}={wanted!r}: it is "
+            "another kind of model, and testing it under this config would report it as this one; use "
+            f"the config it was trained with (its run's config.yaml), or set --model.init_args.{key}="
+            f"{saved!r} if you mean it"
+        )
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return None
+        values = values[part]
+    return values
 
 
 def _plain(value: Any) -> Any:
