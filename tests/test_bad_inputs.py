@@ -39,7 +39,7 @@ def write_volume(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=
 
 
 def good_pair(folder: Path, stem: str, suffix: str = ".nii.gz") -> dict[str, str]:
-    image = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    image = np.random.default_rng(sum(map(ord, stem))).normal(size=(8, 8, 8)).astype(np.float32)
     label = np.zeros((8, 8, 8), dtype=np.uint8)
     label[2:5, 2:5, 2:5] = 1
     write_volume(folder / f"{stem}_image{suffix}", image)
@@ -155,6 +155,27 @@ def nothing(case: Case) -> None:
     """No defect in the files: the bad value is on the command line."""
 
 
+def spec_field(**changes) -> Callable[[Case], None]:
+    """A task spec with ``changes`` (lateral classes available for mirror pairs)."""
+
+    def defect(case: Case) -> None:
+        case.spec["classes"] = ["background", "lesion", "kidney_left", "kidney_right"]
+        case.spec.update(changes)
+
+    return defect
+
+
+def byte_identical_copy(split: str) -> Callable[[Case], None]:
+    """A training image copied under another name into ``split`` (a leak the path check cannot see)."""
+
+    def defect(case: Case) -> None:
+        for part in ("image", "label"):
+            (case.tasks / f"copy_{part}.nii.gz").write_bytes((case.tasks / case.rows[0][part]).read_bytes())
+        case.rows.append({"image": "copy_image.nii.gz", "label": "copy_label.nii.gz", "split": split})
+
+    return defect
+
+
 # (defect, extra CLI arguments, the fragments the message must hold)
 MATRIX = {
     "three-component (RGB) image": (three_components, [], ["a_image.nii.gz", "3 components per voxel"]),
@@ -230,6 +251,58 @@ MATRIX = {
     "unknown region": (unknown_region, [], ["bad_task.yaml", "elbow"]),
     "misspelt task-spec field": (misspelt_spec_field, [], ["bad_task.yaml", "patchsize"]),
     "unknown task name": (lambda case: None, ["--data.init_args.tasks=[bad_tsak]"], ["bad_tsak", "bad_task"]),
+    # accepted nonsense, refused now: flips, mirror pairs, spacings, copies
+    "mirror pair with the background": (
+        spec_field(flip_axes=[0], mirror_pairs=[["background", "lesion"]]),
+        [],
+        ["bad_task", "pairs the background"],
+    ),
+    "mirror pair of a class with itself": (
+        spec_field(mirror_pairs=[["kidney_left", "kidney_left"]]),
+        [],
+        ["bad_task", "two different classes"],
+    ),
+    "a class in two mirror pairs": (
+        spec_field(mirror_pairs=[["kidney_left", "kidney_right"], ["kidney_left", "lesion"]]),
+        [],
+        ["bad_task", "each class in one pair at most"],
+    ),
+    "a mirror 'pair' of one class": (
+        spec_field(mirror_pairs=[["kidney_left"]]),
+        [],
+        ["bad_task", "mirror_pairs"],
+    ),
+    "fractional flip axis": (spec_field(flip_axes=[0.5]), [], ["bad_task.yaml", "flip_axes"]),
+    "boolean flip axis": (spec_field(flip_axes=[True]), [], ["bad_task.yaml", "flip_axes"]),
+    "flip axis as a string": (spec_field(flip_axes="0"), [], ["bad_task.yaml", "flip_axes"]),
+    "a flip axis twice": (spec_field(flip_axes=[1, 1]), [], ["bad_task", "distinct axes"]),
+    "flip axis 3": (spec_field(flip_axes=[3]), [], ["bad_task", "among 0 (left-right), 1, 2"]),
+    "a tiny spacing in the task spec": (
+        spec_field(spacing=[0.0001, 1, 1]),
+        [],
+        ["bad_task", "spacing must be between 0.01 and 100.0 mm"],
+    ),
+    "a huge spacing in the task spec": (
+        spec_field(spacing=[1000, 1, 1]),
+        [],
+        ["bad_task", "spacing must be between"],
+    ),
+    "a boolean spacing in the task spec": (spec_field(spacing=[True, 1, 1]), [], ["bad_task", "spacing"]),
+    "a tiny spacing on the command line": (
+        nothing,
+        ["--data.init_args.spacing=[0.001, 0.001, 0.001]"],
+        ["data.init_args.spacing must be between 0.01"],
+    ),
+    "a training image copied into val under another name": (
+        byte_identical_copy("val"),
+        [],
+        ["byte-identical copies", "(train) and", "(val)", "allow_duplicates"],
+    ),
+    "a training image copied into test under another name": (
+        byte_identical_copy("test"),
+        [],
+        ["byte-identical copies", "(test)", "allow_duplicates"],
+    ),
     "misspelt config key": (
         lambda case: (case.root / "typo.yaml").write_text("trainer:\n  max_epoch: 1\n"),
         ["--config", "typo.yaml"],
@@ -414,3 +487,61 @@ def test_a_checkpoint_of_another_network_for_the_same_tasks(
     message = run_fails(command("validate", case, "--ckpt_path", str(other)), case, capsys)
     assert "the checkpoint's weights do not fit the configured model" in message and "config.yaml" in message
     assert "Traceback" not in message
+
+
+TEACHER_MATRIX = {
+    "teacher.divisible a million": ({"divisible": 10**6}, "divisible: must be an integer in [1, 512]"),
+    "teacher.divisible boolean": ({"divisible": True}, "divisible: must be an integer"),
+    "teacher.spacing tiny": ({"spacing": [0.0001, 1.0, 1.0]}, "spacing: must be between 0.01 and 100.0"),
+    "teacher.spacing negative": ({"spacing": [-1.0, 1.0, 1.0]}, "spacing"),
+    "teacher.roi_size huge": ({"roi_size": [4096, 8, 8], "cache": "c"}, "roi_size: must be at most 1024"),
+    "teacher.cache_top_k 0": (
+        {"cache": "c", "cache_top_k": 0},
+        "cache_top_k: must be an integer in [1, 255]",
+    ),
+    "teacher.cache_top_k 300": (
+        {"cache": "c", "cache_top_k": 300},
+        "cache_top_k: must be an integer in [1, 255]",
+    ),
+    "teacher.cache_top_k boolean": ({"cache": "c", "cache_top_k": True}, "cache_top_k: must be an integer"),
+    "teacher.cache_top_k of a per-class sigmoid teacher": (
+        {"cache": "c", "cache_top_k": 2, "output": "sigmoid"},
+        "cache_top_k: keeps the k most likely",
+    ),
+    "teacher.overlap 1": ({"overlap": 1.0}, "overlap: must be in [0, 1)"),
+    "teacher.sw_batch_size 0": ({"sw_batch_size": 0}, "sw_batch_size: must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(TEACHER_MATRIX))
+def test_bad_teacher_values_fail_before_anything_is_allocated(
+    name, tmp_path, capsys, monkeypatch, clean_registry
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    changes, fragment = TEACHER_MATRIX[name]
+    teacher = {"path": str(tmp_path / "teacher.pt"), "classes": {"background": 0, "lesion": 1}, **changes}
+    model = {"class_path": "lorkd_pl.models.lorkd.LoRKDModule", "init_args": {"backbone": UNET, "rank": 2}}
+    message = run_fails(
+        command("fit", case, f"--model.init_args.teacher={json.dumps(teacher)}", model=model), case, capsys
+    )
+    last = message.strip().splitlines()[-1]
+    assert last.startswith("lorkd-pl: error: ") and fragment in last, (name, last)
+
+
+def test_the_documented_teacher_model_form_is_taken_as_written(
+    tmp_path, capsys, monkeypatch, clean_registry
+) -> None:
+    """``teacher: {path, model: {class_path, init_args}}`` (docs/teachers.md): the network is built from
+    the description, not instantiated by the config parser into an object the spec refuses."""
+    monkeypatch.chdir(tmp_path)
+    case = Case(tmp_path)
+    case.write()
+    from monai.networks.nets import UNet
+
+    torch.save(UNet(**UNET["init_args"]).state_dict(), tmp_path / "teacher.pt")
+    teacher = {"path": str(tmp_path / "teacher.pt"), "model": UNET, "classes": {"background": 0, "lesion": 1}}
+    model = {"class_path": "lorkd_pl.models.lorkd.LoRKDModule", "init_args": {"backbone": UNET, "rank": 2}}
+    assert main(command("fit", case, f"--model.init_args.teacher={json.dumps(teacher)}", model=model)) == 0
+    assert (case.root / "trained").exists()

@@ -10,6 +10,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+#: The target spacings lorkd-pl resamples to, in mm (micro-CT to coarse whole-body; outside: a typo).
+MIN_SPACING, MAX_SPACING = 0.01, 100.0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def check_patch_and_spacing(
     kind: str, patch_size: Sequence[int] | None, spacing: Sequence[float] | None, owner: str
@@ -31,8 +38,14 @@ def check_patch_and_spacing(
         len(patch_size) != dims or not all(int(v) == v and v >= 1 for v in patch_size)
     ):
         raise ValueError(f"{owner}patch_size must be {dims} integers >= 1 for {kind}, got {list(patch_size)}")
-    if spacing is not None and (len(spacing) != 3 or not all(0 < v < float("inf") for v in spacing)):
+    if spacing is not None and (len(spacing) != 3 or not all(_number(v) and v > 0 for v in spacing)):
         raise ValueError(f"{owner}spacing must be 3 numbers > 0 (mm, x y z), got {list(spacing)}")
+    if spacing is not None and not all(MIN_SPACING <= v <= MAX_SPACING for v in spacing):
+        raise ValueError(
+            f"{owner}spacing must be between {MIN_SPACING} and {MAX_SPACING} mm per axis, got "
+            f"{list(spacing)} (a target spacing far below the images' own makes a resampled volume too "
+            "large for memory)"
+        )
 
 
 def check_ranges(
@@ -176,13 +189,27 @@ def check_flips(task: Any, where: str = "") -> None:
     owner = f"task {task.name!r}{where}"
     if task.flip_axes and task.kind != "seg3d":
         raise ValueError(f"{owner}: flip_axes applies to seg3d tasks")
-    bad = [a for a in task.flip_axes if a not in (0, 1, 2)]
-    if bad:
-        raise ValueError(f"{owner}: flip_axes must be among 0 (left-right), 1, 2; got {list(task.flip_axes)}")
-    paired = {name for pair in task.mirror_pairs for name in pair}
-    unknown = sorted(paired - set(task.classes))
-    if unknown or any(len(pair) != 2 for pair in task.mirror_pairs):
+    bad = [a for a in task.flip_axes if isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2)]
+    if bad or len(set(task.flip_axes)) != len(task.flip_axes):
+        raise ValueError(
+            f"{owner}: flip_axes must be distinct axes among 0 (left-right), 1, 2 (integers); "
+            f"got {list(task.flip_axes)}"
+        )
+    pairs = list(task.mirror_pairs)
+    if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in pairs):
         raise ValueError(f"{owner}: mirror_pairs must be pairs of its classes, got {task.mirror_pairs}")
+    paired = [name for pair in pairs for name in pair]
+    unknown = sorted({str(n) for n in paired} - set(task.classes))
+    if unknown or any(pair[0] == pair[1] for pair in pairs) or len(set(paired)) != len(paired):
+        raise ValueError(
+            f"{owner}: mirror_pairs must be pairs of two different classes of its own, each class in one "
+            f"pair at most, got {task.mirror_pairs}"
+        )
+    if task.kind == "seg3d" and task.classes and task.classes[0] in paired:
+        raise ValueError(
+            f"{owner}: mirror_pairs pairs the background {task.classes[0]!r}, which has no side; pair only "
+            "lateral classes (e.g. [[kidney_left, kidney_right]])"
+        )
     lateral = [c for c in task.classes if any(w in c.lower() for w in LATERAL_WORDS) and c not in paired]
     if 0 in task.flip_axes and lateral:
         raise ValueError(

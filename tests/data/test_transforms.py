@@ -143,7 +143,7 @@ def test_a_left_right_flip_needs_mirror_pairs(clean_registry) -> None:
         TaskSpec(**base, flip_axes=(0,))
     TaskSpec(**base, flip_axes=(0,), mirror_pairs=(("lung_left", "lung_right"),))
     TaskSpec(**base, flip_axes=(2,))  # superior-inferior: no lateral meaning, allowed when declared
-    with pytest.raises(ValueError, match="mirror_pairs must be pairs of its classes"):
+    with pytest.raises(ValueError, match="mirror_pairs must be pairs of two different classes of its own"):
         TaskSpec(**base, flip_axes=(0,), mirror_pairs=(("lung_left", "heart"),))
 
 

@@ -114,15 +114,17 @@ def load_task_spec(path: str | Path) -> TaskSpec:
             classes=tuple(str(c) for c in classes),
             records=_split_getter(records),
             modality=str(modality or "other"),
-            spacing=_field(raw, path, "spacing", lambda v: tuple(map(float, v)), "a list of numbers"),
-            patch_size=_field(raw, path, "patch_size", lambda v: tuple(map(int, v)), "a list of integers"),
+            spacing=_field(raw, path, "spacing", _numbers, "a list of numbers (mm)"),
+            patch_size=_field(raw, path, "patch_size", _integers, "a list of integers"),
             metrics=tuple(raw.get("metrics") or ()),
-            nsd_tolerance=_field(raw, path, "nsd_tolerance", float, "a number", DEFAULT_NSD_TOLERANCE),
+            nsd_tolerance=_field(
+                raw, path, "nsd_tolerance", lambda v: _numbers([v])[0], "a number (mm)", DEFAULT_NSD_TOLERANCE
+            ),
             teacher_classes=raw.get("teacher_classes"),
             class_aliases=_field(
                 raw, path, "class_aliases", lambda v: {str(k): v[k] for k in v}, "a mapping"
             ),
-            flip_axes=_field(raw, path, "flip_axes", lambda v: tuple(map(int, v)), "a list of axes", ()),
+            flip_axes=_field(raw, path, "flip_axes", _axes, "a list of axes (integers 0, 1, 2)", ()),
             mirror_pairs=_field(
                 raw,
                 path,
@@ -208,3 +210,30 @@ def _field(
         raise DatasetFormatError(
             f"task spec {path}: field {key!r} must be {expected}, got {value!r}"
         ) from None
+
+
+def _numbers(value: Any) -> tuple[float, ...]:
+    """A list of numbers as given (``true`` or ``"1.5"`` are refused, not converted)."""
+    if not isinstance(value, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
+    ):
+        raise ValueError(f"must be a list of numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _integers(value: Any) -> tuple[int, ...]:
+    """A list of integers as given (``8.5``, ``true`` or ``"8"`` are refused, not rounded)."""
+    if not isinstance(value, (list, tuple)) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in value
+    ):
+        raise ValueError(f"must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
+def _axes(value: Any) -> tuple[int, ...]:
+    """``flip_axes`` as given: a list of integers (``0.5``, ``true`` or ``"0"`` are refused, not rounded)."""
+    if not isinstance(value, (list, tuple)) or any(
+        isinstance(a, bool) or not isinstance(a, int) for a in value
+    ):
+        raise ValueError(f"must be a list of integer axes, got {value!r}")
+    return tuple(value)

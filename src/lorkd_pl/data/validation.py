@@ -8,6 +8,7 @@ classification labels are integers in range; a split used for training is not em
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lorkd_pl.data.readers import ImageReadError, read_image
+from lorkd_pl.io.hashing import sha256sum
 from lorkd_pl.registry import TaskSpec
 
 GEOMETRY_TOLERANCE = 1e-3  # mm / direction cosines
@@ -116,16 +118,19 @@ def validate_cls2d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
 
 
 def check_duplicates(task: TaskSpec) -> None:
-    """Refuse a case id used twice, or the same image file in two records (e.g. in train and test).
+    """Refuse a case id used twice, the same image file in two records (e.g. in train and test), or
+    two records whose images are byte-identical copies under other names.
 
-    All splits are read (records only, no images), so a test case that leaks into training is found
-    whichever splits a run uses.
+    All splits are read (records, and the bytes of image files whose sizes coincide), so a test case
+    that leaks into training is found whichever splits a run uses.
 
     Raises:
         DataValidationError: naming both records and the option for deliberate reuse.
     """
     cases: dict[str, str] = {}
     images: dict[str, str] = {}
+    by_size: dict[int, list[tuple[Path, str]]] = {}
+    contents: dict[str, str] = {}
     for split in ("train", "val", "test"):
         for record in task.records(split):
             where = f"{record.get('source', record.get('case'))} ({split})"
@@ -134,13 +139,31 @@ def check_duplicates(task: TaskSpec) -> None:
             key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else None
             for table, value, what in ((cases, case, "case id"), (images, key, "image")):
                 if value and value in table:
-                    raise DataValidationError(
-                        f"task {task.name!r}: {what} {value!r} appears twice: {table[value]} and {where}; "
-                        "a case in two places (worst: in train and test) makes the metrics lie — fix the "
-                        "data, or set data.init_args.allow_duplicates=true if the reuse is deliberate"
-                    )
+                    _duplicate(task, what, repr(value), table[value], where)
                 if value:
                     table[value] = where
+            if isinstance(image, (str, Path)) and Path(image).is_file():
+                by_size.setdefault(Path(image).stat().st_size, []).append((Path(image), where))
+            elif isinstance(image, np.ndarray):
+                digest = hashlib.sha256(str((image.dtype.str, image.shape)).encode() + image.tobytes())
+                _same_content(task, contents, digest.hexdigest(), where)
+    for group in by_size.values():  # only files of one size can be copies: hash those alone
+        for path, where in group if len(group) > 1 else ():
+            _same_content(task, contents, sha256sum(path), where)
+
+
+def _same_content(task: TaskSpec, seen: dict[str, str], digest: str, where: str) -> None:
+    if digest in seen:
+        _duplicate(task, "image content", "(byte-identical copies)", seen[digest], where)
+    seen[digest] = where
+
+
+def _duplicate(task: TaskSpec, what: str, value: str, first: str, second: str) -> None:
+    raise DataValidationError(
+        f"task {task.name!r}: {what} {value} appears twice: {first} and {second}; a case in two places "
+        "(worst: in train and test) makes the metrics lie — fix the data, or set "
+        "data.init_args.allow_duplicates=true if the reuse is deliberate"
+    )
 
 
 def validate_task(task: TaskSpec, splits: Sequence[str]) -> dict[str, list[dict[str, Any]]]:

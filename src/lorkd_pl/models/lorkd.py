@@ -55,7 +55,7 @@ from lorkd_pl.models.router import (
     volume_probabilities,
 )
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError, load_teacher
-from lorkd_pl.models.teacher.spec import TeacherSpec, parse_teacher
+from lorkd_pl.models.teacher.spec import PlainValue, TeacherSpec, parse_teacher
 
 KDKind = Literal["logits", "features", "both", "none"]
 #: The router learns from the features of the last this many training batches (the current one and
@@ -167,8 +167,8 @@ class LoRKDModule(TaskModule):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         experts: bool = True,
-        teacher: str | dict[str, Any] | None = None,
-        teacher_model: dict[str, Any] | None = None,
+        teacher: str | dict[str, PlainValue] | None = None,
+        teacher_model: dict[str, PlainValue] | None = None,
         init_from_teacher: bool = False,
         kd: KDKind = "logits",
         kd_weight: float = 1.0,

@@ -29,7 +29,9 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
+
+from lorkd_pl.checks import MAX_SPACING, MIN_SPACING
 
 OUTPUTS: tuple[str, ...] = ("logits", "probabilities", "log_probabilities", "sigmoid", "sigmoid_logits")
 SIGMOID_OUTPUTS: tuple[str, ...] = ("sigmoid", "sigmoid_logits")
@@ -79,6 +81,15 @@ class Intensity:
             "scale": self.scale,
             "shift": self.shift,
         }
+
+
+#: Bounds of a teacher's own pipeline (beyond them: a typo that would allocate a huge volume).
+MAX_DIVISIBLE, MAX_ROI = 512, 1024
+
+#: A plain config value. Teacher descriptions are typed with it (not ``Any``): jsonargparse instantiates a
+#: ``{class_path, init_args}`` mapping found under ``Any``, which would turn ``teacher.model`` into a
+#: network object instead of the description lorkd-pl builds (and records) itself.
+PlainValue = Union[str, int, float, bool, None, list, dict]  # noqa: UP007 (jsonargparse reads it)
 
 
 @dataclass(frozen=True)
@@ -259,9 +270,19 @@ def parse_teacher(
     orientation = _orientation(value.get("orientation") or "RAS")
     roi = value.get("roi_size")
     roi = _numbers("roi_size", roi, None, True, integer=True) if roi is not None else None
+    if spacing and not all(MIN_SPACING <= v <= MAX_SPACING for v in spacing):
+        raise _fail(
+            "spacing", f"must be between {MIN_SPACING} and {MAX_SPACING} mm per axis, got {list(spacing)}"
+        )
+    if roi and max(roi) > MAX_ROI:
+        raise _fail("roi_size", f"must be at most {MAX_ROI} per axis (a sliding window), got {list(roi)}")
     divisible = value.get("divisible", 1)
-    if isinstance(divisible, bool) or not isinstance(divisible, int) or divisible < 1:
-        raise _fail("divisible", f"must be an integer >= 1, got {divisible!r}")
+    if isinstance(divisible, bool) or not isinstance(divisible, int) or not 1 <= divisible <= MAX_DIVISIBLE:
+        raise _fail(
+            "divisible",
+            f"must be an integer in [1, {MAX_DIVISIBLE}] (the network's total stride, e.g. 16 or 32), "
+            f"got {divisible!r}",
+        )
     if roi and any(size % divisible for size in roi):
         raise _fail("roi_size", f"{list(roi)} must be a multiple of divisible ({divisible}) on every axis")
     overlap = value.get("overlap", 0.5)
