@@ -151,3 +151,21 @@ def test_debug_shows_the_traceback_behind_an_error(capsys) -> None:
 
     with pytest.raises(RegistryError, match="unknown region 'brian'"):
         main(["tasks", "--region", "brian", "--debug"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["anatomy-check", "--seed", "-1"],
+        ["anatomy-check", "--data-seed", "-3"],
+        ["demo", "--seed", "-1"],
+        ["demo-data", "--seed", str(2**32)],
+    ],
+)
+def test_seeds_out_of_range_are_one_line_before_any_work(args, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *(["--out", str(tmp_path / "x")] if args[0] != "demo" else [])])
+    assert exit_info.value.code == 2
+    assert "must be an integer in [0, 4294967295]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "runs").exists()

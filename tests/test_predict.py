@@ -370,6 +370,10 @@ def test_unreadable_manifests_and_non_finite_inputs(seg_checkpoint, tmp_path) ->
     sitk.WriteImage(broken, str(tmp_path / "nan.mha"))
     with pytest.raises(PredictError, match="holds NaN or infinite voxels"):
         predict_files([tmp_path / "nan.mha"], seg_checkpoint, tmp_path / "o3", region="brain")
+    # a NaN scan second in the list: refused before the first output is written
+    with pytest.raises(PredictError, match=r"nan\.mha holds NaN or infinite voxels"):
+        predict_files([NIFTI, tmp_path / "nan.mha"], seg_checkpoint, tmp_path / "o5", region="brain")
+    assert not (tmp_path / "o5").exists()
     data = NIFTI.read_bytes()
     (tmp_path / "cut.nii").write_bytes(data[: len(data) - 100])  # ITK would read it zero-filled
     with pytest.raises(PredictError, match=r"cut\.nii.*truncated"):

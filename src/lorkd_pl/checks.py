@@ -216,3 +216,18 @@ def check_flips(task: Any, where: str = "") -> None:
             f"{owner}: flipping left-right (flip_axes 0) would put {lateral} on the wrong side; declare "
             "mirror_pairs (e.g. [[lung_left, lung_right]]) or leave axis 0 out of flip_axes"
         )
+
+
+#: Seeds every generator takes (numpy's, Lightning's seed_everything): 0 … 2³² − 1.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value: Any, name: str) -> int:
+    """``value`` as a seed, or one line naming the option.
+
+    Raises:
+        ValueError: ``<name> must be an integer in [0, 4294967295], got ...``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return value

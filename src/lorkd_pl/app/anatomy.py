@@ -17,6 +17,7 @@ import torch
 
 from lorkd_pl.app.configs import config_root
 from lorkd_pl.app.demo import derive_configs, run_demo, save_results
+from lorkd_pl.checks import check_seed
 from lorkd_pl.data.anatomy import (
     TASK_NAME,
     VERSION_MARKER,
@@ -80,6 +81,8 @@ def main(
         quick: tiny budgets: checks the pipeline, the numbers mean nothing.
         data_seed: seed of the simulated subjects.
     """
+    check_seed(seed, "--seed")  # before 90 s of simulation, not after
+    check_seed(data_seed, "--data-seed")
     torch.set_float32_matmul_precision("high")
     start = time.perf_counter()
     root = Path(out)

@@ -22,6 +22,7 @@ import torch
 
 from lorkd_pl.app.configs import config_root
 from lorkd_pl.app.lightning import lightning_cli
+from lorkd_pl.checks import check_seed
 from lorkd_pl.evaluation.comparison import (
     common_means,
     conflict_history,
@@ -344,6 +345,7 @@ def main(
     workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quick: bool = False, seed: int = 0
 ) -> str:
     """Run the demo in ``workdir`` (default: the current folder), print and save the report."""
+    check_seed(seed, "--seed")
     torch.set_float32_matmul_precision("high")
     start = time.perf_counter()
     previous = Path.cwd()

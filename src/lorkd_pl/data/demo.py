@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from lorkd_pl.checks import check_seed
 from lorkd_pl.data.demo_tasks import (
     ANATOMY_SCALE,
     CLS_SPLIT_SIZES,
@@ -236,6 +237,7 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
     Returns:
         The output folder.
     """
+    check_seed(seed, "--seed")
     out = Path(out)
     with atomic_folder(out, overwrite) as work:
         rows = []

@@ -278,6 +278,7 @@ class InputInfo:
     modality: str | None
     spacing: tuple[float, ...] = ()
     body_part: str | None = None
+    floating: bool = False  # float pixels: the only ones that can hold NaN or inf
 
     @property
     def describe(self) -> str:
@@ -320,6 +321,7 @@ def inspect_input(image: str) -> InputInfo:
     except RuntimeError as error:
         raise ImageReadError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
     body_part = header.GetMetaData(BODY_PART_TAG).strip() if header.HasMetaDataKey(BODY_PART_TAG) else None
+    floating = "float" in sitk.GetPixelIDValueAsString(header.GetPixelID()).lower()
     return InputInfo(
         what,
         size,
@@ -327,7 +329,20 @@ def inspect_input(image: str) -> InputInfo:
         modality or None,
         tuple(header.GetSpacing()),
         body_part or None,
+        floating,
     )
+
+
+def check_finite(image: str | Path) -> None:
+    """Refuse an image (file or DICOM series folder) holding NaN or infinite values (reads its pixels).
+
+    Raises:
+        ImageReadError: naming the image and the fix.
+    """
+    if not np.isfinite(sitk.GetArrayViewFromImage(read_image(image))).all():
+        raise ImageReadError(
+            f"{image} holds NaN or infinite voxels; fix or drop the scan (training refuses them too)"
+        )
 
 
 def _header(path: str) -> sitk.ImageFileReader:

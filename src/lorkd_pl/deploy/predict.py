@@ -35,6 +35,7 @@ from lorkd_pl.data.readers import (
     ImageReadError,
     InputInfo,
     check_complete,
+    check_finite,
     dicom_series_files,
     inspect_input,
     read_geometry,
@@ -128,7 +129,8 @@ def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = Fal
 
 def check_inputs(images: Sequence[str], card: ExpertCard, force: bool = False) -> None:
     """Check every input before the first inference and print the plan, one line per input: complete
-    (ITK would zero-fill a truncated NIfTI silently), and meant for this model (:func:`check_input`).
+    (ITK would zero-fill a truncated NIfTI silently), finite (float pixels are read once here), and
+    meant for this model (:func:`check_input`).
 
     Raises:
         PredictError: for the first input that fails, naming it.
@@ -138,6 +140,8 @@ def check_inputs(images: Sequence[str], card: ExpertCard, force: bool = False) -
         try:
             check_complete(image)
             info = inspect_input(image)
+            if info.floating:  # before the first output: a NaN scan late in the list stops nothing half-done
+                check_finite(image)
         except ImageReadError as error:
             raise PredictError(str(error)) from None
         warning = check_input(image, info, card, force)
