@@ -379,3 +379,34 @@ def test_unreadable_manifests_and_non_finite_inputs(seg_checkpoint, tmp_path) ->
     with pytest.raises(PredictError, match=r"cut\.nii.*truncated"):
         predict_files([tmp_path / "cut.nii"], seg_checkpoint, tmp_path / "o4", region="brain")
     assert not (tmp_path / "o4").exists()  # stopped before the first inference
+
+
+def test_folders_are_searched_recursively_and_non_image_dicom_is_refused(seg_checkpoint, tmp_path) -> None:
+    """A study folder with a series in a subfolder and a NIfTI in another: both found. A DICOM SEG (or
+    RTSTRUCT, SR, PR) is never predicted as if it were a CT: one line naming its SOP class."""
+    from lorkd_pl.deploy.predict import collect_inputs
+
+    study = tmp_path / "study"
+    dicom_series(study / "patient1" / "ct")
+    (study / "patient2").mkdir()
+    shutil.copy(NIFTI, study / "patient2" / "scan.nii.gz")
+    (study / ".cache").mkdir()
+    shutil.copy(NIFTI, study / ".cache" / "hidden.nii.gz")
+    found = sorted(Path(row["image"]).relative_to(study).as_posix() for row in collect_inputs([study]))
+    assert found == ["patient1/ct", "patient2/scan.nii.gz"]
+    (tmp_path / "nothing" / "deeper").mkdir(parents=True)
+    with pytest.raises(PredictError, match=r"no image files .* no DICOM series, in it or its subfolders"):
+        collect_inputs([tmp_path / "nothing"])
+    for uid, kind in (
+        ("1.2.840.10008.5.1.4.1.1.66.4", "Segmentation Storage"),
+        ("1.2.840.10008.5.1.4.1.1.481.3", "RT Structure Set"),
+        ("1.2.840.10008.5.1.4.1.1.88.33", "Structured Report"),
+    ):
+        seg = dicom_series(tmp_path / f"seg_{uid}", slices=1)
+        for path in seg.iterdir():
+            ds = pydicom.dcmread(path)
+            ds.SOPClassUID = uid
+            ds.file_meta.MediaStorageSOPClassUID = uid
+            ds.save_as(path)
+        with pytest.raises(PredictError, match=rf"is a DICOM {kind}.* not an image"):
+            predict_files([next(seg.iterdir())], seg_checkpoint, tmp_path / f"out_{kind[:4]}", region="brain")

@@ -245,3 +245,29 @@ def test_experts_and_router_of_different_checkpoints_are_refused(exported, tmp_p
     with pytest.raises(PredictError, match="two experts of region 'brain'"):
         predict_files([NIFTI], mixed, tmp_path / "out", region="auto")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_body_part_whose_expert_has_another_modality_falls_through_to_the_router(tmp_path) -> None:
+    """A CT tagged HEAD, an MR brain expert and a CT thorax expert: the tag decides nothing (said in
+    decided_by); the router does. An MR tagged HEAD still goes to the brain expert by its tag."""
+    series = dicom_series(tmp_path / "ct_head", modality="CT")
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "HEAD"
+        ds.save_as(path)
+    modalities = {"brain": "MR", "thorax": "CT"}
+    rows = [{"image": str(series)}]
+    (choice,) = choose_regions(
+        rows, ["brain", "thorax"], lambda image: {"brain": 0.1, "thorax": 0.9}, 0.6, modalities
+    )
+    assert choice.region == "thorax" and choice.decided_by.startswith("router")
+    assert "names brain, an MR expert; this is CT" in choice.decided_by
+    with pytest.raises(RegionChoiceError, match="names brain, an MR expert; this is CT"):
+        choose_regions(rows, ["brain", "thorax"], None, 0.6, modalities)  # no router: said, not guessed
+    mr = dicom_series(tmp_path / "mr_head", modality="MR")
+    for path in mr.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "HEAD"
+        ds.save_as(path)
+    (choice,) = choose_regions([{"image": str(mr)}], ["brain", "thorax"], None, 0.6, modalities)
+    assert (choice.region, choice.decided_by) == ("brain", "DICOM BodyPartExamined=HEAD")

@@ -48,6 +48,47 @@ class ImageReadError(OSError):
 #: DICOM ``Modality`` (0008,0060) and ``BodyPartExamined`` (0018,0015).
 MODALITY_TAG = "0008|0060"
 BODY_PART_TAG = "0018|0015"
+SOP_CLASS_TAG = "0008|0016"
+#: DICOM objects that are not images of a patient (PS3.4 SOP classes): they must never be predicted.
+NON_IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage (DICOM SEG)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage (RTSTRUCT)",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan Storage (RTPLAN)",
+    "1.2.840.10008.5.1.4.1.1.88.": "Structured Report (SR)",
+    "1.2.840.10008.5.1.4.1.1.11.": "Presentation State (PR)",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+}
+
+
+def file_meta_sop_class(path: str | Path) -> str | None:
+    """``MediaStorageSOPClassUID`` (0002,0002) from a DICOM Part 10 file's meta header (read as bytes:
+    no DICOM library needed), or ``None``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return None
+    if head[128:132] != b"DICM":
+        return None
+    at = head.find(b"\x02\x00\x02\x00UI", 132)
+    if at < 0:
+        return None
+    (length,) = struct.unpack("<H", head[at + 6 : at + 8])
+    return head[at + 8 : at + 8 + length].decode("ascii", "replace").strip("\x00 ")
+
+
+def non_image_sop_class(uid: str | None) -> str | None:
+    """The name of a non-image DICOM SOP class (``uid`` exact or in a named family), else ``None``."""
+    if not uid:
+        return None
+    return next(
+        (
+            name
+            for key, name in NON_IMAGE_SOP_CLASSES.items()
+            if uid == key or (key.endswith(".") and uid.startswith(key))
+        ),
+        None,
+    )
 
 
 def dicom_series_files(folder: str | Path) -> list[list[str]]:
@@ -279,6 +320,7 @@ class InputInfo:
     spacing: tuple[float, ...] = ()
     body_part: str | None = None
     floating: bool = False  # float pixels: the only ones that can hold NaN or inf
+    sop_class: str | None = None  # DICOM SOPClassUID
 
     @property
     def describe(self) -> str:
@@ -298,6 +340,7 @@ def inspect_input(image: str) -> InputInfo:
         ImageReadError: naming the input if its header cannot be read.
     """
     path = Path(image)
+    files: list[str] = []
     try:
         if path.is_dir():
             series = dicom_series_files(path)
@@ -319,9 +362,21 @@ def inspect_input(image: str) -> InputInfo:
             header.GetMetaData(MODALITY_TAG).strip().upper() if header.HasMetaDataKey(MODALITY_TAG) else None
         )
     except RuntimeError as error:
-        raise ImageReadError(f"cannot read the header of {path}: {str(error).strip()[-200:]}") from None
+        first = files[0] if path.is_dir() and files else path
+        kind = non_image_sop_class(file_meta_sop_class(first))
+        if kind is not None:  # ITK has no reader for an object without pixels (RTSTRUCT, SR, ...)
+            raise ImageReadError(
+                f"{path} is a DICOM {kind} object, not an image; give the image series"
+            ) from None
+        reason = " ".join(str(error).split())[-200:]
+        raise ImageReadError(f"cannot read the header of {path}: {reason}") from None
     body_part = header.GetMetaData(BODY_PART_TAG).strip() if header.HasMetaDataKey(BODY_PART_TAG) else None
     floating = "float" in sitk.GetPixelIDValueAsString(header.GetPixelID()).lower()
+    sop_class = (
+        header.GetMetaData(SOP_CLASS_TAG).strip().strip("\x00")
+        if header.HasMetaDataKey(SOP_CLASS_TAG)
+        else None
+    )
     return InputInfo(
         what,
         size,
@@ -330,6 +385,7 @@ def inspect_input(image: str) -> InputInfo:
         tuple(header.GetSpacing()),
         body_part or None,
         floating,
+        sop_class or None,
     )
 
 

@@ -38,6 +38,7 @@ from lorkd_pl.data.readers import (
     check_finite,
     dicom_series_files,
     inspect_input,
+    non_image_sop_class,
     read_geometry,
 )
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_preprocessing
@@ -63,23 +64,44 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 {k: r[k] for k in ("image", "region") if k in r}
                 for r in read_manifest(item, require_label=False)
             ]
-        elif item.is_dir() and (series := dicom_series_files(item)):
-            dicom = {Path(f).name for files in series for f in files}
-            others = [p.name for p in sorted(item.iterdir()) if p.is_file() and p.name not in dicom]
-            if len(series) > 1 or others:
-                raise PredictError(
-                    f"folder {item} holds {len(series)} DICOM series"
-                    + (f" and other files ({', '.join(others[:3])})" if others else "")
-                    + "; give one series per folder (each as its own --input)"
-                )
-            rows.append({"image": str(item)})
         elif item.is_dir():
-            files = [p for p in sorted(item.iterdir()) if p.is_file() and p.name.lower().endswith(SUFFIXES)]
-            if not files:
-                raise PredictError(f"folder {item} holds no image files ({', '.join(SUFFIXES)})")
-            rows += [{"image": str(p)} for p in files]
+            found = _folder_inputs(item)
+            if not found:
+                raise PredictError(
+                    f"folder {item} holds no image files ({', '.join(SUFFIXES)}) and no DICOM series, in "
+                    "it or its subfolders"
+                )
+            rows += found
         else:
             rows.append({"image": str(item)})
+    return rows
+
+
+def _folder_inputs(folder: Path) -> list[dict[str, Any]]:
+    """The inputs in ``folder`` and its subfolders (hidden ones skipped): a folder holding one DICOM
+    series is one input; image files are one input each.
+
+    Raises:
+        PredictError: for a folder mixing several series, or a series and other files.
+    """
+    rows: list[dict[str, Any]] = []
+    series = dicom_series_files(folder)
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if series:
+        dicom = {Path(f).name for files in series for f in files}
+        others = [p.name for p in entries if p.is_file() and p.name not in dicom]
+        if len(series) > 1 or others:
+            raise PredictError(
+                f"folder {folder} holds {len(series)} DICOM series"
+                + (f" and other files ({', '.join(others[:3])})" if others else "")
+                + "; give one series per folder (each as its own --input)"
+            )
+        rows.append({"image": str(folder)})
+    else:
+        rows += [{"image": str(p)} for p in entries if p.is_file() and p.name.lower().endswith(SUFFIXES)]
+    for sub in entries:
+        if sub.is_dir() and not sub.is_symlink():
+            rows += _folder_inputs(sub)
     return rows
 
 
@@ -101,6 +123,12 @@ def check_input(image: str, info: InputInfo, card: ExpertCard, force: bool = Fal
     """
     spatial = [s for s in info.size if s > 1]
     name = f"{image} ({info.describe})"
+    kind = non_image_sop_class(info.sop_class)
+    if kind is not None:
+        raise PredictError(
+            f"{name} is a DICOM {kind} object (SOP class {info.sop_class}), not an image; give the image "
+            "series it belongs to"
+        )
     if card.kind == "seg3d" and (len(info.size) < 3 or len(spatial) < 3):
         raise PredictError(f"{name} is not a 3D volume; the {card.name} model segments 3D volumes")
     if card.kind == "seg3d" and (len(info.size) > 3 and info.size[3] > 1):
@@ -456,7 +484,8 @@ def _predict_routed(
             return router_probabilities(router.network, router.card, image, device)
 
     try:
-        decisions = choose_regions(kept, sorted(experts), routed_by, threshold)
+        modalities = {region: expert.card.preprocessing.modality for region, expert in experts.items()}
+        decisions = choose_regions(kept, sorted(experts), routed_by, threshold, modalities)
     except (RegionChoiceError, ImageReadError) as error:
         raise PredictError(str(error)) from None
     groups: dict[str, list[str]] = {}

@@ -157,6 +157,7 @@ def choose_regions(
     regions: Sequence[str],
     router: Callable[[str], dict[str, float]] | None,
     min_confidence: float,
+    modalities: Mapping[str, str | None] | None = None,
 ) -> list[RegionChoice]:
     """Decide every input's region (see the module docstring) before anything is predicted.
 
@@ -166,6 +167,9 @@ def choose_regions(
         router: ``image → {region: probability}`` (``None``: no router was exported; then every input
             needs a region from its manifest or DICOM tag).
         min_confidence: the router's lowest acceptable probability of its top region.
+        modalities: each region's expert modality (its card's): a DICOM tag that names a region whose
+            expert has another modality than the input's DICOM ``Modality`` (a CT ``HEAD`` and an MR
+            brain expert) decides nothing; the next rule does, and ``decided_by`` says why.
 
     Raises:
         RegionChoiceError: listing every input routed below ``min_confidence`` with its top regions, or the
@@ -177,13 +181,23 @@ def choose_regions(
         if row.get("region"):
             decided.append(RegionChoice(image, str(row["region"]), "manifest"))
             continue
-        tag = inspect_input(image).body_part
+        info = inspect_input(image)
+        tag = info.body_part
         region = body_part_region(tag, regions)
+        passed_over = ""
+        if region is not None:
+            expert = ((modalities or {}).get(region) or "").upper()
+            if expert in ("CT", "MR") and info.modality in ("CT", "MR") and info.modality != expert:
+                passed_over = (
+                    f" (DICOM BodyPartExamined={tag} names {region}, an {expert} expert; "
+                    f"this is {info.modality})"
+                )
+                region = None
         if region is not None:
             decided.append(RegionChoice(image, region, f"DICOM BodyPartExamined={tag}"))
             continue
         if router is None:
-            unrouted.append(image)
+            unrouted.append(image + passed_over)
             continue
         scores = router(image)  # each region on its own pipeline
         total = sum(scores.values())
@@ -195,7 +209,7 @@ def choose_regions(
         confidence = min(probabilities[best], scores[best])
         if not confidence >= min_confidence:
             unsure.append(f"{image}: {describe_top(probabilities)} (own-pipeline {best} {scores[best]:.2f})")
-        decided.append(RegionChoice(image, best, "router", confidence, probabilities))
+        decided.append(RegionChoice(image, best, "router" + passed_over, confidence, probabilities))
     if unrouted:
         raise RegionChoiceError(
             f"no region router in this export and no known DICOM BodyPartExamined for {unrouted[:3]}"
