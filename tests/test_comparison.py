@@ -292,3 +292,18 @@ def test_every_task_of_any_run_is_listed_and_a_run_without_it_is_marked(tmp_path
     assert brain[5] == "0.900" and brain[6] == "+0.300 ✓"
     assert "over the tasks every run has (1 of 4)" in text
     assert "#### abdomen_seg (abdomen)" in text  # per-class tables of every task too
+
+
+def test_a_report_never_deletes_a_file_a_user_added_to_its_plots(tmp_path) -> None:
+    regions = ["brain", "thorax"]
+    for name in ("teacher", "lorkd"):
+        write_run(tmp_path / name, [seg_summary(f"{r}_seg", r, [0.6], [0.5], [3.0]) for r in regions])
+    runs = {n: tmp_path / n for n in ("teacher", "lorkd")}
+    report = write_runs_report(runs, tmp_path / "report")
+    (report.parent / "plots" / "my_figure.png").write_bytes(b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(ReportError, match="plots"):
+            write_runs_report(runs, tmp_path / "report", overwrite=overwrite)
+        assert (report.parent / "plots" / "my_figure.png").read_bytes() == b"mine"
+    (report.parent / "plots" / "my_figure.png").unlink()
+    assert write_runs_report(runs, tmp_path / "report") == report  # its own plots only: replaced

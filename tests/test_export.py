@@ -278,3 +278,29 @@ def test_spatial_multiple_is_a_divisor_of_the_accepted_sizes() -> None:
     x = torch.randn(1, 1, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x)[0], network(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_overwrite_replaces_only_an_earlier_export(checkpoint, tmp_path, capsys) -> None:
+    """--overwrite onto a run folder, a user's folder or file: refused with nothing touched; onto an
+    earlier export: replaced. An export a user added a file to is no longer only an export."""
+    path, _ = checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"precious")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "patient.nii.gz").write_bytes(b"precious")
+    note = tmp_path / "notes.txt"
+    note.write_text("precious")
+    for target in (run, scans, note):
+        with pytest.raises(ExportError, match="never replaces other files"):
+            export_region(path, "thorax", target, overwrite=True)
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"precious"
+    assert (scans / "patient.nii.gz").read_bytes() == b"precious" and note.read_text() == "precious"
+    out = export_region(path, "thorax", tmp_path / "thorax")
+    assert export_region(path, "thorax", out, overwrite=True) == out  # an earlier export: replaced
+    (out / "my_notes.md").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(path), "--region", "thorax", "--out", str(out), "--overwrite"])
+    assert exit_info.value.code == 2 and "never replaces other files" in capsys.readouterr().err
+    assert (out / "my_notes.md").read_text() == "mine"

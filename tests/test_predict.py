@@ -410,3 +410,15 @@ def test_folders_are_searched_recursively_and_non_image_dicom_is_refused(seg_che
             ds.save_as(path)
         with pytest.raises(PredictError, match=rf"is a DICOM {kind}.* not an image"):
             predict_files([next(seg.iterdir())], seg_checkpoint, tmp_path / f"out_{kind[:4]}", region="brain")
+
+
+def test_predict_replaces_only_its_own_earlier_outputs(seg_checkpoint, tmp_path) -> None:
+    out = tmp_path / "out"
+    (written,) = predict_files([NIFTI], seg_checkpoint, out, region="brain")
+    again = predict_files([NIFTI], seg_checkpoint, out, region="brain")  # its own earlier output
+    assert again == [written]
+    shutil.copy(NIFTI, written)  # a user's scan under that name
+    before = written.read_bytes()
+    with pytest.raises(PredictError, match=r"already holds .* which lorkd-pl predict did not write"):
+        predict_files([NIFTI], seg_checkpoint, out, region="brain")
+    assert written.read_bytes() == before

@@ -83,3 +83,12 @@ def test_deterministic_for_a_seed(demo, tmp_path) -> None:
     np.testing.assert_array_equal(a["train_images"], b["train_images"])
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_demo_data(again)
+
+
+def test_demo_data_overwrite_replaces_only_earlier_demo_data(tmp_path) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "patient.nii.gz").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="is not earlier demo data"):
+        write_demo_data(scans, overwrite=True)
+    assert (scans / "patient.nii.gz").read_bytes() == b"precious"

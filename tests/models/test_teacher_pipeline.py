@@ -497,7 +497,14 @@ def test_fit_with_an_outside_teacher_cached_then_its_own_test_row(
     assert main(["teacher-test", *config, "--out", "runs/brain_fm"]) == 0
     summary = tmp_path / "runs/brain_fm/summary" / f"{TASK}.json"
     assert summary.is_file()
+    assert main(["teacher-test", *config, "--out", "runs/brain_fm"]) == 0  # its own summaries: replaced
     assert main(["test", *config, "--ckpt_path", "runs/student/checkpoints/last.ckpt"]) == 0
+    student_summaries = {p: p.read_bytes() for p in (tmp_path / "runs/student").rglob("summary/*.json")}
+    assert student_summaries
+    with pytest.raises(SystemExit) as exit_info:  # onto a test run: its summaries are never replaced
+        main(["teacher-test", *config, "--out", str(next(iter(student_summaries)).parents[1])])
+    assert exit_info.value.code == 2 and "was not written by lorkd-pl teacher-test" in capfd.readouterr().err
+    assert all(p.read_bytes() == data for p, data in student_summaries.items())
     report = write_report("runs/brain_fm", "runs/student", "report")
     text = report.read_text()
     assert TASK in text and "teacher" in text.lower()

@@ -36,7 +36,7 @@ from lorkd_pl.data.demo_tasks import (
     DemoRegion,
     demo_task_fields,
 )
-from lorkd_pl.io.atomic import atomic_folder
+from lorkd_pl.io.atomic import atomic_folder, holds_only
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -226,6 +226,15 @@ def make_cls_image(region: DemoRegion, label: int, rng: np.random.Generator, siz
 
 
 # ----------------------------------------------------------------------------- writing
+#: Everything a demo data folder holds: what ``demo-data --overwrite`` may replace.
+DEMO_DATA_NAMES: tuple[str, ...] = ("seg3d", "cls2d", "tasks", "VERSION")
+
+
+def is_demo_data(folder: Path) -> bool:
+    """Whether ``folder`` is earlier demo data (its names only, with its VERSION file)."""
+    return holds_only(folder, DEMO_DATA_NAMES) and (folder / "VERSION").is_file()
+
+
 def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Generate the demo data set into ``out`` (atomically: a temporary folder renamed at the end).
 
@@ -239,7 +248,9 @@ def write_demo_data(out: str | Path, seed: int = 0, overwrite: bool = False) -> 
     """
     check_seed(seed, "--seed")
     out = Path(out)
-    with atomic_folder(out, overwrite) as work:
+    with atomic_folder(
+        out, overwrite, owned=is_demo_data, what="earlier demo data (seg3d/, cls2d/, tasks/, VERSION)"
+    ) as work:
         rows = []
         for r_index, region in enumerate(DEMO_REGIONS):
             folder = work / "seg3d" / region.region

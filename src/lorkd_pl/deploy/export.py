@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorkd_pl.deploy.card import ExpertCard
-from lorkd_pl.deploy.folders import write_folder
+from lorkd_pl.deploy.folders import is_export_folder, write_folder
 from lorkd_pl.deploy.networks import (
     ExportError,
     deployable,
@@ -89,6 +89,12 @@ def export_regions(
             f"{', '.join(existing)} exist(s); nothing was written: pass --overwrite to replace, or "
             "choose another --out"
         )
+    foreign = [str(path) for path in targets if path.exists() and not is_export_folder(path)]
+    if foreign:  # --overwrite replaces earlier exports only: checked for all before any is written
+        raise ExportError(
+            f"{', '.join(foreign)} exist(s) and are not {EXPORT_WHAT}; nothing was written: --overwrite "
+            "never replaces other files, choose another --out"
+        )
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
     if student is None:
@@ -120,7 +126,7 @@ def export_regions(
     _check_free_space([item[1] for item in prepared], targets)
     written = []
     for out, network, card, program in prepared:
-        with atomic_folder(out, overwrite, ExportError) as work:
+        with atomic_folder(out, overwrite, ExportError, is_export_folder, EXPORT_WHAT) as work:
             write_folder(work, network, card, program)
         written.append(out)
     return written
@@ -132,6 +138,11 @@ def _with_multiple(card: ExpertCard, multiple: int) -> ExpertCard:
         card, preprocessing=dataclasses.replace(card.preprocessing, spatial_multiple=multiple)
     )
 
+
+#: What ``--overwrite`` may replace, in messages.
+EXPORT_WHAT = (
+    "an earlier export (lorkd-pl export writes only model.pt2, state_dict.pt, metadata.json, README.md)"
+)
 
 #: Export formats: lorkd-pl's own folder, a MONAI bundle, ONNX.
 FORMATS: tuple[str, ...] = ("torch", "bundle", "onnx")
@@ -166,7 +177,7 @@ def _export_other_format(
     _check_free_space([network for _, network, _, _ in prepared], [Path(outs[r]) for r in regions])
     written = []
     for region, network, card, graph in prepared:
-        with atomic_folder(Path(outs[region]), overwrite, ExportError) as work:
+        with atomic_folder(Path(outs[region]), overwrite, ExportError, is_export_folder, EXPORT_WHAT) as work:
             if format == "bundle":
                 head = network.heads[0]
                 write_bundle(work, network.backbone, head, card, int(head.in_channels))

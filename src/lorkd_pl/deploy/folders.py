@@ -38,6 +38,7 @@ from lorkd_pl.deploy.networks import (
     router_card,
     router_network,
 )
+from lorkd_pl.io.atomic import holds_only
 from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 from lorkd_pl.io.hashing import sha256sum
 from lorkd_pl.io.trust import check_file_network
@@ -53,6 +54,25 @@ ONNX_FILE = "model.onnx"
 README_FILE = "README.md"
 #: The subfolder of ``export --all-regions`` holding the region router.
 ROUTER_FOLDER = "router"
+#: Every name an export folder holds (the torch folder, ONNX, a MONAI bundle's configs/models/docs).
+EXPORT_NAMES: tuple[str, ...] = (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    PROGRAM_FILE,
+    ONNX_FILE,
+    README_FILE,
+    "configs",
+    "models",
+    "docs",
+)
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an earlier export (only an export's names, with its card or bundle
+    config): what ``export --overwrite`` may replace."""
+    return holds_only(folder, EXPORT_NAMES) and (
+        (folder / CARD_FILE).is_file() or (folder / "configs" / "metadata.json").is_file()
+    )
 
 
 def write_folder(

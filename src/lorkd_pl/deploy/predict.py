@@ -239,10 +239,65 @@ def _in_input_geometry(array: np.ndarray, original: Geometry, vector: bool = Fal
     return original.apply(image)
 
 
+#: Written into every output image's header (NIfTI ``descrip``): predict replaces only files it wrote.
+PREDICT_MARK = "lorkd-pl predict"
+#: The first columns of the CSV files predict writes.
+CSV_HEADERS: tuple[str, ...] = ("image,task,prediction", "image,region,decided_by")
+
+
 def _write_image(image: sitk.Image, out: Path) -> Path:
+    image.SetMetaData("ITK_FileNotes", PREDICT_MARK)
     with atomic_file(out) as temporary:  # the suffix is kept: SimpleITK picks NIfTI from it
         sitk.WriteImage(image, str(temporary), useCompression=True)
     return out
+
+
+def planned_outputs(
+    card: ExpertCard, images: Sequence[str], stems: dict[str, str], probabilities: bool
+) -> list[str]:
+    """The names predict will write into ``--out`` for ``images`` with one expert."""
+    if card.kind == "cls2d":
+        return [f"{card.name}_predictions.csv"]
+    suffixes = [".nii.gz", *(["_probabilities.nii.gz"] if probabilities else [])]
+    return [
+        f"{stems[image]}_{task['name']}{suffix}"
+        for image in images
+        for task in card.tasks
+        for suffix in suffixes
+    ]
+
+
+def check_own_outputs(out_dir: Path, names: Sequence[str]) -> None:
+    """Refuse, before the first inference, to write over a file in ``out_dir`` that predict did not write
+    (a user's scan or table of the same name): predict replaces only its own earlier outputs.
+
+    Raises:
+        PredictError: naming the files and the fix.
+    """
+    foreign = [
+        name for name in names if (out_dir / name).exists() and not _is_own_output_file(out_dir / name)
+    ]
+    if foreign:
+        raise PredictError(
+            f"--out {out_dir} already holds {', '.join(foreign[:3])}"
+            f"{' and others' if len(foreign) > 3 else ''}, which lorkd-pl predict did not write; nothing was "
+            "written: choose another --out"
+        )
+
+
+def _is_own_output_file(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    if path.name.endswith(".csv"):
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return handle.readline().strip().startswith(CSV_HEADERS)
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return reader.HasMetaDataKey("descrip") and reader.GetMetaData("descrip").strip() == PREDICT_MARK
 
 
 def predict_segmentation(
@@ -411,7 +466,9 @@ def predict_files(
         )
     images = _without_own_outputs([row["image"] for row in rows], [expert.card])
     check_inputs(images, expert.card, force)
-    return _predict_with(expert, images, Path(out_dir), output_stems(images), device, probabilities, overlap)
+    stems = output_stems(images)
+    check_own_outputs(Path(out_dir), planned_outputs(expert.card, images, stems, probabilities))
+    return _predict_with(expert, images, Path(out_dir), stems, device, probabilities, overlap)
 
 
 def _without_own_outputs(images: Sequence[str], cards: Sequence[ExpertCard]) -> list[str]:
@@ -495,9 +552,13 @@ def _predict_routed(
         print(f"{decision.image} → {decision.region} ({how})")
     for region, group in groups.items():
         check_inputs(group, experts[region].card, force)
+    stems = output_stems(images)
+    planned = ["routing.csv"]
+    for region, group in groups.items():
+        planned += planned_outputs(experts[region].card, group, stems, probabilities)
+    check_own_outputs(out_dir, planned)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_routing(out_dir / "routing.csv", decisions, router.card.regions if router else sorted(experts))
-    stems = output_stems(images)
     written: list[Path] = [out_dir / "routing.csv"]
     for region, group in groups.items():
         written += _predict_with(experts[region], group, out_dir, stems, device, probabilities, overlap)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -294,10 +295,18 @@ def validation_curve(log_dir: str | Path) -> list[tuple[int, float]]:
 
 
 def _is_report_part(path: Path) -> bool:
+    """Whether ``path`` is a part an earlier ``lorkd-pl report`` wrote: its marked ``report.md``, or a
+    ``plots/`` folder holding only the plots that report links (a file a user added there is not)."""
     if path.name == "report.md" and path.is_file() and not path.is_symlink():
         with path.open(encoding="utf-8", errors="replace") as handle:
             return handle.readline().strip() == REPORT_MARK
-    return path.name == "plots" and path.is_dir() and all(p.suffix == ".png" for p in path.iterdir())
+    if path.name != "plots" or not path.is_dir() or path.is_symlink():
+        return False
+    report = path.parent / "report.md"
+    if not _is_report_part(report):
+        return False
+    linked = set(re.findall(r"\]\(plots/([^)/]+)\)", report.read_text(encoding="utf-8", errors="replace")))
+    return all(p.name in linked and p.is_file() for p in path.iterdir())
 
 
 def report_target(out: str | Path, overwrite: bool = False) -> str:
@@ -323,9 +332,10 @@ def report_target(out: str | Path, overwrite: bool = False) -> str:
             "report.md and plots/ beside those files (nothing else is touched)"
         )
     for name in ("report.md", "plots"):
-        if (out / name).exists() and not earlier:
+        if (out / name).exists() and not _is_report_part(out / name):
             raise ReportError(
-                f"{out / name} exists and was not written by lorkd-pl report; choose another --out"
+                f"{out / name} exists and was not written by lorkd-pl report (or holds files it did not "
+                "write); choose another --out, nothing was touched"
             )
     return "beside"
 
@@ -354,7 +364,7 @@ def write_comparison(
     try:  # report.md and plots/ are swapped in; the folder's other files stay as they are
         _render(rows, runs, names, sources, work, curves, conflicts)
         if (out / "plots").exists():
-            shutil.rmtree(out / "plots")  # only PNGs (checked by report_target)
+            shutil.rmtree(out / "plots")  # only the earlier report's own plots (checked by report_target)
         os.replace(work / "plots", out / "plots")
         os.replace(work / "report.md", out / "report.md")
     finally:

@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -72,9 +72,20 @@ def _follow_umask(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def holds_only(folder: Path, names: Iterable[str]) -> bool:
+    """Whether ``folder`` is a folder whose entries all carry one of ``names`` (an earlier output of a
+    command that writes exactly those names: replacing it loses nothing of anyone else's)."""
+    allowed = set(names)
+    return folder.is_dir() and not folder.is_symlink() and all(p.name in allowed for p in folder.iterdir())
+
+
 @contextmanager
 def atomic_folder(
-    out: str | Path, overwrite: bool = False, error: type[Exception] = FileExistsError
+    out: str | Path,
+    overwrite: bool = False,
+    error: type[Exception] = FileExistsError,
+    owned: Callable[[Path], bool] | None = None,
+    what: str = "",
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out``; on success it replaces ``out``, on failure it is removed.
 
@@ -82,10 +93,20 @@ def atomic_folder(
         out: the final folder.
         overwrite: replace an existing ``out`` (otherwise ``error`` is raised before anything is written).
         error: exception type raised for an existing ``out``.
+        owned: with ``overwrite``, an existing ``out`` is replaced only if ``owned(out)`` says it is an
+            earlier output of the same command (e.g. :func:`holds_only` its file names); anything else
+            (a user's file or folder, a run folder, scans) is refused: ``--overwrite`` never deletes
+            what the command did not write.
+        what: the command's output, for that message (e.g. ``"an export of lorkd-pl export"``).
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise error(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and owned is not None and not owned(out):
+        raise error(
+            f"{out} exists and is not {what or 'an earlier output of this command'}; --overwrite replaces "
+            "only that, never other files: choose another --out (or remove it yourself)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}", dir=out.parent))

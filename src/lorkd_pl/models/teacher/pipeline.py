@@ -327,6 +327,13 @@ def evaluate_teacher(
     """
     from lorkd_pl.evaluation.summaries import segmentation_case, task_summary
 
+    for task in tasks:  # before any work: a test run's own summaries are never replaced
+        earlier = Path(out) / "summary" / f"{task['name']}.json"
+        if earlier.exists() and not _is_teacher_test_summary(earlier):
+            raise TeacherError(
+                f"{earlier} exists and was not written by lorkd-pl teacher-test (a test run's summary?); "
+                "nothing was written: give teacher-test its own --out folder"
+            )
     written = []
     for task in tasks:
         name = task["name"]
@@ -356,6 +363,17 @@ def evaluate_teacher(
         }
         written.append(write_json_atomic(Path(out) / "summary" / f"{name}.json", summary, nan="keep"))
     return written
+
+
+def _is_teacher_test_summary(path: Path) -> bool:
+    """Whether ``path`` is a summary an earlier teacher-test wrote (its ``model`` names a teacher)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "teacher" in data["model"]
 
 
 def task_pipelines(spec: TeacherSpec, datamodule: Any) -> dict[str, TeacherPipeline]:
