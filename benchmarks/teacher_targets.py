@@ -18,9 +18,16 @@ crop read (numpy allocations, tracemalloc), the store's write time for the case,
 KD difference: ``|KD(top-k) − KD(dense)| / KD(dense)`` on the crops, for a student whose logits are
 the teacher's log-probabilities plus N(0, 1) noise (a student on its way), at τ = 1.
 
+``--pipeline``: the same through the data pipeline a fit runs. One CT (512×512×300 int16 at
+0.8×0.8×1.5 mm, NIfTI) as a task with spacing 1.5 mm and 128³ crops, a pointwise TorchScript teacher of
+14 classes, targets built by :func:`lorkd_pl.models.teacher.pipeline.prepare_targets`; then the training
+sample (read, resample, crop, and with cached targets the crop's target) timed with and without the
+targets attached, and the sample's own bytes (what a worker holds per sample).
+
 Usage::
 
     python benchmarks/teacher_targets.py [--classes 14 117] [--top-k 4] [--crops 12] [--quick]
+    python benchmarks/teacher_targets.py --pipeline [--top-k 4] [--crops 6]
 """
 
 from __future__ import annotations
@@ -224,15 +231,131 @@ def render(rows: list[dict], crop: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) -> list[dict]:
+    """Seconds and bytes of training samples through MultiRegionDataModule, without and with targets."""
+    import json as jsonlib
+
+    import SimpleITK as sitk
+    import yaml
+
+    from lorkd_pl.data.datamodule import MultiRegionDataModule
+    from lorkd_pl.data.plugins import load_plugins
+    from lorkd_pl.models.teacher.loading import load_teacher
+    from lorkd_pl.models.teacher.pipeline import prepare_targets
+    from lorkd_pl.models.teacher.spec import parse_teacher
+
+    size, crop = ((96, 96, 60), 32) if quick else ((512, 512, 300), 128)
+    classes = [f"c{i}" for i in range(14)]
+    case = folder / "ct"
+    if not (case / "ct_image.nii").is_file():
+        case.mkdir(parents=True, exist_ok=True)
+        labels = phantom(size[::-1], len(classes))  # SimpleITK arrays are (z, y, x)
+        hu = np.random.default_rng(0).uniform(-100, 300, 256).astype(np.int16)
+        hu[0] = -1000
+        for name, array in (("image", hu[labels]), ("label", labels)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((0.8, 0.8, 1.5) if not quick else (2.0, 2.0, 2.0))
+            sitk.WriteImage(image, str(case / f"ct_{name}.nii"))
+        rows = [
+            {"image": "ct_image.nii", "label": "ct_label.nii", "split": split} for split in ("train", "val")
+        ]
+        (case / "manifest.jsonl").write_text("\n".join(jsonlib.dumps(r) for r in rows) + "\n")
+        spec = {
+            "name": "bench_ct",
+            "region": "abdomen",
+            "kind": "seg3d",
+            "classes": classes,
+            "manifest": "manifest.jsonl",
+            "modality": "CT",
+            "spacing": [1.5, 1.5, 1.5] if not quick else [2.0, 2.0, 2.0],
+            "patch_size": [crop] * 3,
+        }
+        (case / "bench_ct.yaml").write_text(yaml.safe_dump(spec))
+    load_plugins([case], use_entry_points=False)
+    teacher_file = folder / "pointwise.pt"
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, len(classes), 1)), str(teacher_file))
+    data = MultiRegionDataModule(
+        ["bench_ct"], validate=False, allow_duplicates=True, batch_size=1, cache="none"
+    )
+    data.setup("fit")
+    description = {
+        "path": str(teacher_file),
+        "classes": {c: i for i, c in enumerate(classes)},
+        "cache": str(folder / f"targets_{top_k}"),
+        "cache_top_k": top_k,
+    }
+    spec = parse_teacher(description)
+    teacher = load_teacher(spec, data.task_info)
+    begin = time.perf_counter()
+    store, _ = prepare_targets(teacher, spec, data)
+    build = time.perf_counter() - begin
+    dataset = data.dataset("train", 0)
+
+    def draw() -> tuple[float, int]:
+        begin = time.perf_counter()
+        sample = dataset[0]
+        sample = sample[0] if isinstance(sample, list) else sample
+        seconds = time.perf_counter() - begin
+        tensors = [v for v in sample.values() if isinstance(v, torch.Tensor)]
+        return seconds, sum(t.numel() * t.element_size() for t in tensors)
+
+    rows = []
+    for name, attached in (
+        ("without KD", None),
+        (f"cached targets ({'dense' if top_k is None else f'top-{top_k}'})", store),
+    ):
+        data.use_teacher_targets(attached)
+        draw()  # warm-up (page cache)
+        results = [draw() for _ in range(samples)]
+        rows.append(
+            {
+                "pipeline": name,
+                "s": statistics.median(r[0] for r in results),
+                "sample_mib": results[0][1] / 2**20,
+                "disk_mib": store.size_on_disk([c for c in data.all_cases("train")]) / 2**20
+                if attached
+                else 0.0,
+                "build_s": build if attached else 0.0,
+            }
+        )
+    return rows
+
+
+def render_pipeline(rows: list[dict]) -> str:
+    base = rows[0]
+    lines = [
+        "| data pipeline (one training sample) | s per sample (× without KD) | sample MiB (× without KD) | "
+        "targets on disk MiB | build s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pipeline']} | {r['s']:.2f} ({r['s'] / base['s']:.2f}×) | "
+            f"{r['sample_mib']:.1f} ({r['sample_mib'] / base['sample_mib']:.2f}×) | {r['disk_mib']:.1f} | "
+            f"{r['build_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[14, 117])
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--crops", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="a small grid (tests)")
+    parser.add_argument("--pipeline", action="store_true", help="through the data pipeline of a fit")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.pipeline:
+        with tempfile.TemporaryDirectory() as folder:
+            rows = []
+            for top_k in (None, args.top_k):
+                found = pipeline_rows(Path(folder), top_k, args.crops, args.quick)
+                rows += found if not rows else found[1:]
+        emit(f"### {machine_name(torch.device('cpu'))}\n\n{render_pipeline(rows)}\n", args.output)
+        return 0
     grid, crop = (QUICK_GRID, QUICK_CROP) if args.quick else (GRID, CROP)
     rows = [r for k in args.classes for r in measure(grid, crop, k, args.top_k, args.crops)]
     emit(f"### {machine_name(torch.device('cpu'))}\n\n{render(rows, crop)}\n", args.output)

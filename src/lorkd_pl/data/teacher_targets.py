@@ -180,7 +180,8 @@ class TeacherTargetStore:
     ) -> dict[str, torch.Tensor]:
         """The target of ``case`` (a box ``start..stop`` of its grid, or all of it), as sample entries:
         ``{"teacher": (channels, *box)}`` float32 (dense), or ``{"teacher_index": (top_k, *box)}``
-        uint8 and ``{"teacher_log_probs": (top_k, *box)}`` float32 (top-k; a task with fewer classes
+        uint8 and ``{"teacher_log_probs": (top_k, *box)}`` in the stored precision (top-k; KD computes in
+        float32; a task with fewer classes
         than k fills its spare slots with :data:`EMPTY_SLOT`). Voxels outside the grid are 0.
 
         Args:
@@ -227,7 +228,7 @@ class TeacherTargetStore:
         if "targets" in arrays:
             return {KEY: _pad_channels(torch.from_numpy(arrays["targets"].astype(np.float32)), self.channels)}
         index = torch.from_numpy(arrays["index"])
-        log_probs = torch.from_numpy(arrays["log_probs"].astype(np.float32))
+        log_probs = torch.from_numpy(arrays["log_probs"])  # stored precision: half a sample's bytes in fp16
         spare = (self.top_k or len(index)) - len(index)
         if spare > 0:  # a task with fewer classes than k: empty slots that hold no probability
             index = torch.cat([index, index.new_zeros(spare, *index.shape[1:])])
@@ -241,12 +242,16 @@ class TeacherTargetStore:
             return {KEY: torch.zeros(self.channels, *spatial)}
         return {
             INDEX_KEY: torch.zeros(self.top_k, *spatial, dtype=torch.uint8),
-            LOG_PROBS_KEY: torch.full((self.top_k, *spatial), EMPTY_SLOT),
+            LOG_PROBS_KEY: torch.full((self.top_k, *spatial), EMPTY_SLOT, dtype=_torch_dtype(self.dtype)),
         }
 
     def size_on_disk(self, cases: list[str]) -> int:
         """Bytes of the entries of ``cases`` that exist."""
         return sum(self.path(c).stat().st_size for c in cases if self.path(c).is_file())
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.float16 if dtype == np.float16 else torch.float32
 
 
 def _pad_channels(target: torch.Tensor, channels: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from monai import transforms as mt
 
 from lorkd_pl.data.readers import SimpleITKReader
-from lorkd_pl.data.teacher_targets import INDEX_KEY, KEY, LOG_PROBS_KEY, TARGET_KEYS
+from lorkd_pl.data.teacher_targets import INDEX_KEY, KEY, TARGET_KEYS
 
 CT_WINDOW: tuple[float, float] = (-500.0, 1000.0)
 MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -241,7 +241,7 @@ def seg3d_transforms(
             *seg3d_augmentations(augment or {}),
         ]
     steps += [
-        mt.EnsureTyped(["image", KEY, LOG_PROBS_KEY], dtype=torch.float32, allow_missing_keys=True),
+        mt.EnsureTyped(["image", KEY], dtype=torch.float32, allow_missing_keys=True),
         mt.EnsureTyped("label", dtype=torch.long),
     ]
     return mt.Compose(steps)

@@ -199,8 +199,13 @@ def output_stems(images: Sequence[str]) -> dict[str, str]:
             for image in group:
                 depth[image] += 1
     stems = {image: stem(image) for image in images}
-    if len(set(stems.values())) != len(stems):
-        raise PredictError(f"inputs would share output names: {sorted(images)[:4]}; rename or move them")
+    groups: dict[str, list[str]] = {}
+    for image, name in stems.items():
+        groups.setdefault(name, []).append(image)
+    clashes = [group for group in groups.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(group[:3]) for group in clashes[:3])
+        raise PredictError(f"inputs would share output names: {shown}; rename or move them")
     return stems
 
 
@@ -522,6 +527,7 @@ def _predict_routed(
     except ExportError as error:
         raise PredictError(str(error)) from None
     images = _without_own_outputs([row["image"] for row in rows], [e.card for e in experts.values()])
+    stems = output_stems(images)  # before the (slow) routing: a name clash costs nothing
     kept = [row for row in rows if row["image"] in images]
     unknown = sorted({str(row["region"]) for row in kept if row.get("region")} - set(experts))
     if unknown:
@@ -552,7 +558,6 @@ def _predict_routed(
         print(f"{decision.image} → {decision.region} ({how})")
     for region, group in groups.items():
         check_inputs(group, experts[region].card, force)
-    stems = output_stems(images)
     planned = ["routing.csv"]
     for region, group in groups.items():
         planned += planned_outputs(experts[region].card, group, stems, probabilities)
