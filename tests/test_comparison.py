@@ -101,7 +101,7 @@ def test_segmentation_report_by_hand(tmp_path) -> None:
     assert mean[2:4] == ["**0.700**", "**0.725**"]  # means over tasks: (0.6+0.8)/2, (0.75+0.7)/2
     assert "| c2 | 0.700 | 0.900 | 0.600 | 0.500 |" in report  # per-class Dice and NSD
     assert "NSD tolerance 2 mm" in report
-    plots = sorted(p.name for p in (tmp_path / "out" / "plots").iterdir())
+    plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("*.png"))
     assert plots == ["dice_by_region.png", "hd95_by_region.png", "nsd_by_region.png"]
     assert all(f"](plots/{name})" in report for name in plots)
 

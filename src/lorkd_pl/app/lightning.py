@@ -194,13 +194,13 @@ class LorkdCLI(LightningCLI):
                 f"{configured_class}; a checkpoint never changes the model class: use the config the "
                 "checkpoint was trained with (e.g. demo/teacher_* for a generalist)"
             )
-        _check_same_model_kind(path, hparams, model)
         # the classes the file names must be trusted, or named by the user's own config; and a file
         # never chooses the teacher: the config's teacher / teacher_model stay
         for key in ("teacher", "teacher_model"):
             hparams.pop(key, None)
         user_classes = named_classes(_plain(model))
         check_file_network(hparams, f"checkpoint {path}", hparams.get("backbone"), extra=user_classes)
+        _check_same_model_kind(path, hparams, model)
         data = self.config[subcommand].get("data")
         task_names = list(getattr(getattr(data, "init_args", None), "tasks", None) or [])
         if task_names:

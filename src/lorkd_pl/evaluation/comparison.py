@@ -263,6 +263,8 @@ def write_runs_report(runs: Mapping[str, str | Path], out: str | Path, overwrite
 
 
 REPORT_MARK = "<!-- written by lorkd-pl report -->"
+#: In ``plots/``: the names of the plots the report wrote (a file a user adds there is not among them).
+PLOTS_MANIFEST = ".written-by-lorkd-pl-report"
 
 
 def conflict_history(log_dir: str | Path) -> dict[str, Any] | None:
@@ -305,8 +307,14 @@ def _is_report_part(path: Path) -> bool:
     report = path.parent / "report.md"
     if not _is_report_part(report):
         return False
-    linked = set(re.findall(r"\]\(plots/([^)/]+)\)", report.read_text(encoding="utf-8", errors="replace")))
-    return all(p.name in linked and p.is_file() for p in path.iterdir())
+    manifest = path / PLOTS_MANIFEST
+    if manifest.is_file():  # the names this report wrote
+        written = set(manifest.read_text(encoding="utf-8", errors="replace").split())
+    else:  # a report of an earlier version: the plots its report.md links
+        written = set(
+            re.findall(r"\]\(plots/([^)/]+)\)", report.read_text(encoding="utf-8", errors="replace"))
+        )
+    return all((p.name in written or p.name == PLOTS_MANIFEST) and p.is_file() for p in path.iterdir())
 
 
 def report_target(out: str | Path, overwrite: bool = False) -> str:
@@ -413,3 +421,6 @@ def _render(
             plots.append(name)
     text = render_report(rows, runs, names, sources, plots)
     (work / "report.md").write_text(text, encoding="utf-8")
+    (work / "plots" / PLOTS_MANIFEST).write_text(
+        "\n".join(Path(p).name for p in plots) + "\n", encoding="utf-8"
+    )
