@@ -2,8 +2,9 @@
 
 One synthetic case in the student's grid of a 512×512×300 CT at 0.8×0.8×1.5 mm resampled to 1.5 mm
 (274×274×300 voxels), with a synthetic teacher of K classes (14 and 117): K−1 ellipsoid organs in a
-body, soft boundaries (log-softmax of 4 × a Gaussian-smoothed one-hot), as a trained segmenter's
-output looks. Side by side, for random 128³ training crops:
+body, soft boundaries (log-softmax of 6 × a smoothed one-hot, plus a fixed random confusion of every
+structure with the others, so the probability outside the top classes is uneven, as a trained
+segmenter's is). Side by side, for random 128³ training crops:
 
 * ``dense .npz (before)``: the earlier store, one compressed ``.npz`` per case, fp16; a crop
   decompresses the whole case and converts it to float32 (what the data pipeline did; not timed when
@@ -15,8 +16,9 @@ output looks. Side by side, for random 128³ training crops:
 
 Reported per row: bytes on disk, bytes read and milliseconds per crop (median), peak memory of one
 crop read (numpy allocations, tracemalloc), the store's write time for the case, and for top-k the
-KD difference: ``|KD(top-k) − KD(dense)| / KD(dense)`` on the crops, for a student whose logits are
-the teacher's log-probabilities plus N(0, 1) noise (a student on its way), at τ = 1.
+KD difference (:func:`kd_difference`) at k, 2k and 4k: of the loss value, and of its gradient w.r.t. the
+student's logits (what training uses), for a student whose logits are the teacher's log-probabilities
+plus N(0, 1) noise (a student on its way), at τ = 1.
 
 ``--pipeline``: the same through the data pipeline a fit runs. One CT (512×512×300 int16 at
 0.8×0.8×1.5 mm, NIfTI) as a task with spacing 1.5 mm and 128³ crops, a pointwise TorchScript teacher of
@@ -46,9 +48,10 @@ import torch
 
 from expert_conv import emit, machine_name
 from lorkd_pl.data.chunked import read_box, read_header, write_chunked
-from lorkd_pl.data.teacher_targets import EMPTY_SLOT
 from lorkd_pl.models.losses import kd_kl, kd_kl_top_k
 
+#: The synthetic teacher's confusion logits: −4 a peaked (trained) segmenter, 0 a soft one.
+CONFUSION_MEAN = -4.0
 GRID = (274, 274, 300)  # 512×512×300 at 0.8×0.8×1.5 mm, resampled to 1.5 mm
 CROP = (128, 128, 128)
 QUICK_GRID, QUICK_CROP = (72, 64, 60), (32, 32, 32)
@@ -80,14 +83,25 @@ def image_of(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return ((image - image.mean()) / image.std())[None].astype(np.float32)
 
 
-def teacher_slab(labels: np.ndarray, classes: int) -> torch.Tensor:
-    """Log-probabilities ``(K, X, Y, z)`` of a slab: log-softmax of 4 × a smoothed one-hot."""
+def teacher_slab(labels: np.ndarray, classes: int, confusion_mean: float = CONFUSION_MEAN) -> torch.Tensor:
+    """Log-probabilities ``(K, X, Y, z)`` of a slab: log-softmax of 6 × a smoothed one-hot plus a fixed
+    random confusion per structure (``N(confusion_mean, 1)`` logits of every other class, one row per
+    true class; the default −4 leaves about 1 % of the mass to the other 116 classes of 117, 0 about 30 %),
+    so the mass outside the top classes is uneven and structured, as a trained segmenter's is (an even
+    tail would flatter top-k targets, whose reconstruction spreads the remainder evenly)."""
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), classes).permute(3, 0, 1, 2)
     smooth = torch.nn.functional.avg_pool3d(one_hot[None].float(), 3, stride=1, padding=1)[0]
-    return (4.0 * smooth).log_softmax(0)
+    confusion = (
+        torch.randn(classes, classes, generator=torch.Generator().manual_seed(classes)) + confusion_mean
+    )
+    confusion.fill_diagonal_(0.0)  # the true class: 6 × its smoothed one-hot alone
+    tails = confusion[torch.from_numpy(labels).long()].permute(3, 0, 1, 2)
+    return (6.0 * smooth + tails).log_softmax(0)
 
 
-def build_case(grid: tuple[int, ...], classes: int, top_k: int) -> dict[str, np.ndarray]:
+def build_case(
+    grid: tuple[int, ...], classes: int, top_k: int, confusion_mean: float = CONFUSION_MEAN
+) -> dict[str, np.ndarray]:
     """Labels, image, dense fp16 targets and top-k targets of the case, made slab by slab."""
     labels = phantom(grid, classes)
     dense = np.empty((classes, *grid), np.float16)
@@ -96,7 +110,7 @@ def build_case(grid: tuple[int, ...], classes: int, top_k: int) -> dict[str, np.
     step = 32
     for begin in range(0, grid[2], step):
         lo, hi = max(begin - 1, 0), min(begin + step + 1, grid[2])  # a 1-voxel halo for the smoothing
-        slab = teacher_slab(labels[..., lo:hi], classes)[
+        slab = teacher_slab(labels[..., lo:hi], classes, confusion_mean)[
             ..., begin - lo : begin - lo + min(step, grid[2] - begin)
         ]
         dense[..., begin : begin + step] = slab.numpy()
@@ -133,9 +147,16 @@ def timed(read) -> tuple[float, int]:
     return seconds * 1e3, peak
 
 
-def measure(grid: tuple[int, ...], crop: tuple[int, ...], classes: int, top_k: int, crops: int) -> list[dict]:
+def measure(
+    grid: tuple[int, ...],
+    crop: tuple[int, ...],
+    classes: int,
+    top_k: int,
+    crops: int,
+    confusion_mean: float = CONFUSION_MEAN,
+) -> list[dict]:
     """The rows of one class count."""
-    case = build_case(grid, classes, top_k)
+    case = build_case(grid, classes, top_k, confusion_mean)
     rng = np.random.default_rng(1)
     boxes = []
     for _ in range(crops):
@@ -175,7 +196,7 @@ def measure(grid: tuple[int, ...], crop: tuple[int, ...], classes: int, top_k: i
             results = [timed(lambda b=b, p=path: read_box(p, *b)) for b in boxes]
             read = statistics.median(bytes_read(path, *b) for b in boxes)
             rows.append(row(classes, name, path.stat().st_size, read, results, write_seconds))
-        rows[2]["kd_difference"] = kd_difference(case, boxes, classes)
+        rows[2]["kd_difference"] = kd_difference(case, boxes, classes, (top_k, 2 * top_k, 4 * top_k))
     return rows
 
 
@@ -191,20 +212,35 @@ def row(classes: int, name: str, disk: int, read: float, results, write_seconds:
     }
 
 
-def kd_difference(case: dict, boxes, classes: int) -> float:
-    """``|KD(top-k) − KD(dense)| / KD(dense)`` over the crops, for a student = teacher + N(0, 1) noise."""
+def kd_difference(
+    case: dict, boxes, classes: int, ks: tuple[int, ...]
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """For two students and each k: ``(|KD(top-k) − KD(dense)| / KD(dense),
+    ‖∇KD(top-k) − ∇KD(dense)‖₁ / ‖∇KD(dense)‖₁)`` over the crops, at τ = 1: the loss values (they also
+    differ by the teacher's entropy, a constant of training) and the gradients w.r.t. the student's
+    logits (what training uses). Students: ``"start"``, logits N(0, 1) (a student at initialisation),
+    and ``"near"``, the teacher's log-probabilities + N(0, 1) (a student close to the teacher: the
+    hardest case, since its own distance to the teacher is small)."""
     generator = torch.Generator().manual_seed(0)
-    dense_total = top_total = 0.0
+    totals = {who: {k: [0.0, 0.0, 0.0, 0.0] for k in ks} for who in ("start", "near")}
     for start, stop in boxes[:4]:
         where = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
         dense = torch.from_numpy(case["dense"][where].astype(np.float32))[None]
-        student = dense + torch.randn(dense.shape, generator=generator)
-        index = torch.from_numpy(case["index"][where])[None]
-        top = torch.from_numpy(case["top"][where].astype(np.float32))[None]
-        top = torch.where(top > EMPTY_SLOT, top, top)
-        dense_total += float(kd_kl(student, dense, 1.0))
-        top_total += float(kd_kl_top_k(student, index, top, 1.0))
-    return abs(top_total - dense_total) / dense_total
+        noise = torch.randn(dense.shape, generator=generator)
+        for who, logits in (("start", noise), ("near", dense + noise)):
+            student = logits.clone().requires_grad_(True)
+            loss = kd_kl(student, dense, 1.0)
+            (grad,) = torch.autograd.grad(loss, student)
+            for k in ks:
+                top, index = dense.topk(min(k, classes), dim=1)
+                sparse = kd_kl_top_k(student, index, top.half().float(), 1.0)  # stored in fp16
+                (sparse_grad,) = torch.autograd.grad(sparse, student)
+                sums = totals[who][k]
+                sums[0] += abs(float(sparse) - float(loss))
+                sums[1] += float(loss)
+                sums[2] += float((sparse_grad - grad).abs().sum())
+                sums[3] += float(grad.abs().sum())
+    return {who: {k: (t[0] / t[1], t[2] / t[3]) for k, t in by_k.items()} for who, by_k in totals.items()}
 
 
 def render(rows: list[dict], crop: tuple[int, ...]) -> str:
@@ -212,7 +248,7 @@ def render(rows: list[dict], crop: tuple[int, ...]) -> str:
         f"crop {'×'.join(map(str, crop))}; ratios against the image crop (floor) of the same class count",
         "",
         "| K | store | on disk MiB | read per crop MiB (× floor) | ms per crop (× floor) | peak MiB | "
-        "write s | KD difference |",
+        "write s | KD difference, loss / gradient (student at start; near the teacher) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for classes in sorted({r["classes"] for r in rows}):
@@ -220,7 +256,15 @@ def render(rows: list[dict], crop: tuple[int, ...]) -> str:
         floor = next(r for r in group if r["store"].startswith("image"))
         before = group[0]
         for r in group:
-            kd = f"{100 * r['kd_difference']:.2f} %" if "kd_difference" in r else ""
+            kd = (
+                "<br>".join(
+                    f"{who}: "
+                    + "; ".join(f"k={k} {100 * a:.2f} / {100 * g:.2f} %" for k, (a, g) in by_k.items())
+                    for who, by_k in r["kd_difference"].items()
+                )
+                if "kd_difference" in r
+                else ""
+            )
             smaller = f" ({before['disk_mib'] / r['disk_mib']:.1f}× smaller)" if r is not before else ""
             lines.append(
                 f"| {classes} | {r['store']} | {r['disk_mib']:.1f}{smaller} | "
@@ -345,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="a small grid (tests)")
     parser.add_argument("--pipeline", action="store_true", help="through the data pipeline of a fit")
+    parser.add_argument(
+        "--confusion", type=float, default=CONFUSION_MEAN, help="teacher confusion logits (-4 peaked, 0 soft)"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -357,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"### {machine_name(torch.device('cpu'))}\n\n{render_pipeline(rows)}\n", args.output)
         return 0
     grid, crop = (QUICK_GRID, QUICK_CROP) if args.quick else (GRID, CROP)
-    rows = [r for k in args.classes for r in measure(grid, crop, k, args.top_k, args.crops)]
-    emit(f"### {machine_name(torch.device('cpu'))}\n\n{render(rows, crop)}\n", args.output)
+    rows = [r for k in args.classes for r in measure(grid, crop, k, args.top_k, args.crops, args.confusion)]
+    title = f"### {machine_name(torch.device('cpu'))}, teacher confusion {args.confusion:g}"
+    emit(f"{title}\n\n{render(rows, crop)}\n", args.output)
     return 0
 
 

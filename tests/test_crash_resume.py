@@ -7,6 +7,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -70,12 +71,18 @@ def last_val_score(folder: Path) -> float:
     return float(rows[-1]["val/score"])
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path) -> None:
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    reference.mkdir()
-    crashed.mkdir()
-    result = fit(reference)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run both interruption tests are compared with."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = fit(folder)
     assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_path) -> None:
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
 
     killed = fit(crashed, kill_at=KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -94,14 +101,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path) -> No
     assert abs(last_val_score(crashed) - last_val_score(reference)) <= 1e-4
 
 
-def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(tmp_path) -> None:
+def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(reference, tmp_path) -> None:
     """A scheduler's SIGTERM: exit 143 and one line naming the epoch and the resume command; the
     checkpoint written at the stop (the periodic ones are far apart here) resumes to the uninterrupted
     run's result. Ctrl-C (SIGINT) the same, exit 130."""
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    reference.mkdir()
+    stopped = tmp_path / "stopped"
     stopped.mkdir()
-    assert fit(reference, every=100).returncode == 0
     result = fit(stopped, signal_at=(KILL_AT, "SIGTERM"), every=100)
     assert result.returncode == 143, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("lorkd-pl: fit interrupted")]
