@@ -162,3 +162,26 @@ def test_paper_presets_layer_on_the_demo_and_train(preset, tmp_path, monkeypatch
         f"--data.init_args.tasks=[demo_brain_{kind}, demo_thorax_{kind}]",
         "--model.init_args.teacher=null", "--model.init_args.init_from_teacher=false",
     )  # fmt: skip
+
+
+#: The learning rates an optimiser is sampled at in a sweep (AdamW's are ~100x below SGD's).
+LR_RANGES = {"adamw": (1e-5, 0.01), "sgd": (1e-4, 0.5)}
+
+
+def test_sweeps_sample_values_that_fit_their_recipe() -> None:
+    """Every packaged sweep's learning rates lie in the range of the optimiser its recipe trains with
+    (a 2D sweep once sampled AdamW rates up to 0.1)."""
+    import yaml
+
+    from lorkd_pl.app.configs import packaged_config
+
+    sweeps = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        sweep = yaml.safe_load(path.read_text())
+        recipe = sweep["command"][sweep["command"].index("--config") + 1]
+        model = yaml.safe_load(Path(packaged_config(recipe)).read_text())["model"]["init_args"]
+        low, high = LR_RANGES[model.get("optimizer", "adamw")]
+        lr = sweep["parameters"]["model.init_args.lr"]
+        values = lr.get("values") or [lr["min"], lr["max"]]
+        assert all(low <= v <= high for v in values), (path.name, values)
