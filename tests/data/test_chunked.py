@@ -54,8 +54,8 @@ def test_a_box_reads_only_its_chunks(tmp_path, monkeypatch) -> None:
     values = np.random.default_rng(1).standard_normal((2, 64, 64, 64)).astype(np.float32)
     path = write_chunked(tmp_path / "a.lkc", {"v": values}, {}, chunk=16)
     decompressed = []
-    original = chunked.zlib.decompress
-    monkeypatch.setattr(chunked.zlib, "decompress", lambda blob: decompressed.append(1) or original(blob))
+    original = chunked.zlib.decompressobj
+    monkeypatch.setattr(chunked.zlib, "decompressobj", lambda: decompressed.append(1) or original())
     read_box(path, (16, 16, 16), (32, 40, 33))  # 1 x 2 x 2 chunks of 16³
     assert len(decompressed) == 1 * 2 * 2
 
@@ -78,3 +78,22 @@ def test_damage_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "header.lkc").write_bytes(header)
     with pytest.raises(ChunkedFileError, match="header is damaged"):
         read_header(tmp_path / "header.lkc")
+
+
+def test_a_chunk_never_inflates_beyond_its_declared_size(tmp_path) -> None:
+    """A crafted chunk (a zlib bomb, or one of another size than the header says) is refused before it
+    is decompressed further than the chunk's own bytes."""
+    import json
+    import struct
+    import zlib
+
+    from lorkd_pl.data.chunked import MAGIC
+
+    path = write_chunked(tmp_path / "a.lkc", {"v": np.zeros((1, 4, 4, 4), np.float32)}, {}, chunk=4)
+    header = read_header(path)
+    bomb = zlib.compress(b"\x00" * (64 * 2**20))  # 64 MiB of zeros where 256 bytes belong
+    header["offsets"] = [0, len(bomb)]
+    text = json.dumps(header).encode()
+    (tmp_path / "bomb.lkc").write_bytes(MAGIC + struct.pack("<Q", len(text)) + text + bomb)
+    with pytest.raises(ChunkedFileError, match="another size than its header says"):
+        read_box(tmp_path / "bomb.lkc")

@@ -35,6 +35,8 @@ MAGIC = b"LKDCHUNK1\n"
 #: Chunk edge (voxels per spatial axis) unless the caller chooses: a 128³ crop touches ≤ 5³ chunks
 #: (≤ 1.95× its own voxels decompressed), and a 274×274×300 grid has 810 chunks.
 DEFAULT_CHUNK = 32
+#: Bounds a header must keep (a crafted header cannot ask for an absurd allocation).
+MAX_EXTENT, MAX_CHANNELS = 65536, 65536
 ZLIB_LEVEL = 1  # fast: the targets are mostly near-constant; level 6 saves little and costs 3×
 
 
@@ -167,12 +169,21 @@ def _place(
     start: Sequence[int],
     stop: Sequence[int],
 ) -> None:
-    """Decompress one chunk and copy its part inside ``start..stop`` into ``out``."""
+    """Decompress one chunk (never beyond its declared size: a crafted chunk cannot inflate to gigabytes)
+    and copy its part inside ``start..stop`` into ``out``."""
+    size = [b - a for a, b in box]
+    expected = sum(
+        spec["channels"] * math.prod(size) * np.dtype(spec["dtype"]).itemsize for spec in specs.values()
+    )
     try:
-        raw = zlib.decompress(blob)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(blob, expected + 1)
     except zlib.error:
         raise ChunkedFileError(f"{path}: a chunk is damaged (zlib: invalid data)") from None
-    size = [b - a for a, b in box]
+    if len(raw) != expected or inflater.unconsumed_tail:
+        raise ChunkedFileError(
+            f"{path}: a chunk holds another size than its header says (altered or damaged)"
+        )
     cut = tuple(
         slice(max(a, s0) - a, min(b, s1) - a) for (a, b), s0, s1 in zip(box, start, stop, strict=True)
     )
@@ -196,20 +207,25 @@ def _header(handle: Any, path: str | Path) -> tuple[dict[str, Any], int]:
     if len(prefix) < len(MAGIC) + 8 or not prefix.startswith(MAGIC):
         raise ChunkedFileError(f"{path} is not a lorkd-pl chunked file (or it is truncated)")
     (length,) = struct.unpack("<Q", prefix[len(MAGIC) :])
+    handle.seek(0, 2)
+    if length > handle.tell() - len(prefix):  # a crafted length: never read (or allocate) past the file
+        raise ChunkedFileError(f"{path}: its header is damaged (longer than the file)")
+    handle.seek(len(prefix))
     try:
         header = json.loads(handle.read(length).decode())
         spatial, edges, offsets = header["spatial"], header["chunk"], header["offsets"]
         chunks = math.prod(math.ceil(s / e) for s, e in zip(spatial, edges, strict=True))
         valid = (
             len(spatial) == len(edges)
-            and all(isinstance(v, int) and v > 0 for v in [*spatial, *edges])
+            and all(isinstance(v, int) and 0 < v <= MAX_EXTENT for v in [*spatial, *edges])
             and len(offsets) == chunks + 1
             and all(isinstance(v, int) for v in offsets)
             and all(b >= a for a, b in itertools.pairwise(offsets))
             and isinstance(header["arrays"], dict)
             and all(
                 isinstance(s.get("channels"), int)
-                and s["channels"] > 0
+                and 0 < s["channels"] <= MAX_CHANNELS
+                and isinstance(s["dtype"], str)
                 and np.dtype(s["dtype"]).kind in "fiub"
                 for s in header["arrays"].values()
             )
