@@ -490,3 +490,58 @@ def test_a_checkpoint_of_another_model_kind_is_refused(
     torch.save(data, tmp_path / "other_backbone.ckpt")
     fails_with([*args, "--ckpt_path", str(tmp_path / "other_backbone.ckpt")], capsys, "backbone.class_path")
     assert main([*args, "--ckpt_path", str(student_checkpoint)]) == 0  # the same kind still loads
+
+
+def test_bundle_entries_that_monai_reads_anywhere_are_checked(tmp_path) -> None:
+    """What MONAI parses and runs anywhere in the config (not only under network_def): an ``$import``
+    of an unused entry, keys that alias another entry's id (``a::b``, ``#``, non-string YAML keys), a
+    YAML alias rewritten in place, a class that downloads by default, a macro elsewhere — each refused,
+    no marker, no download."""
+    marker = tmp_path / "code-ran"
+    net = {"_target_": "monai.networks.nets.UNet", **UNET_NET}
+    evil = {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]}
+    bundle = bundle_folder(tmp_path / "bundle")
+    json_cases = {
+        "an unused $import": ({"unused": "$import this", "network_def": net}, "expression"),
+        "a key holding '::'": (
+            {"x": {"a::b": evil, "a": {"b": 2}}, "network_def": {**net, "out_channels": "@x::a::b"}},
+            "not a plain name",
+        ),
+        "a key holding '#'": (
+            {"x": {"y::k": {"z": evil}, "y": {"k#z": 1}}, "network_def": {**net, "act": "@x::y"}},
+            "not a plain name",
+        ),
+        "a macro elsewhere": ({"other": "%missing.json::a", "network_def": net}, "loads another file"),
+        "a network that downloads by default": (
+            {
+                "network_def": {
+                    "_target_": "EfficientNetBN",
+                    "model_name": "efficientnet-b0",
+                    "spatial_dims": 2,
+                }
+            },
+            "fetches weights by default",
+        ),
+    }
+    for name, (config, match) in json_cases.items():
+        (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+        with pytest.raises(TeacherError, match=match):
+            load_teacher(bundle, [])
+        assert not marker.exists(), name
+    (bundle / "configs" / "inference.json").unlink()
+    yaml_cases = {
+        "non-string keys": f"x:\n  1: {{_target_: subprocess.Popen, args: [touch, {marker}]}}\n  '1': 2\n"
+        "network_def: {_target_: monai.networks.nets.UNet, spatial_dims: 3, in_channels: 1,"
+        " out_channels: '@x::1', channels: [4, 8], strides: [2]}\n",
+        "an alias": f"evil: {{_target_: subprocess.Popen, args: [touch, {marker}]}}\n"
+        "x:\n  inner: &net {_target_: monai.networks.nets.UNet, spatial_dims: 3, in_channels: 1,"
+        " out_channels: 2, channels: [4, 8], strides: [2], act: '@##evil'}\n  evil: 2\nnetwork_def: *net\n",
+    }
+    for name, text in yaml_cases.items():
+        (bundle / "configs" / "inference.yaml").write_text(text)
+        with pytest.raises(TeacherError, match=r"not a plain name|two places"):
+            load_teacher(bundle, [])
+        assert not marker.exists(), name
+    (bundle / "configs" / "inference.yaml").write_text("network_def: {unclosed")
+    with pytest.raises(TeacherError, match="cannot be read"):
+        load_teacher(bundle, [])

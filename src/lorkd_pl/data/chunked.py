@@ -36,7 +36,9 @@ MAGIC = b"LKDCHUNK1\n"
 #: (≤ 1.95× its own voxels decompressed), and a 274×274×300 grid has 810 chunks.
 DEFAULT_CHUNK = 32
 #: Bounds a header must keep (a crafted header cannot ask for an absurd allocation).
-MAX_EXTENT, MAX_CHANNELS = 65536, 65536
+MAX_EXTENT, MAX_CHANNELS, MAX_DIMS = 65536, 65536, 4
+#: The most bytes one chunk may inflate to (a 32³ chunk of 255 fp32 channels is 32 MiB).
+MAX_CHUNK_BYTES = 64 * 2**20
 ZLIB_LEVEL = 1  # fast: the targets are mostly near-constant; level 6 saves little and costs 3×
 
 
@@ -180,7 +182,7 @@ def _place(
         raw = inflater.decompress(blob, expected + 1)
     except zlib.error:
         raise ChunkedFileError(f"{path}: a chunk is damaged (zlib: invalid data)") from None
-    if len(raw) != expected or inflater.unconsumed_tail:
+    if len(raw) != expected or inflater.unconsumed_tail or inflater.unused_data:
         raise ChunkedFileError(
             f"{path}: a chunk holds another size than its header says (altered or damaged)"
         )
@@ -213,24 +215,16 @@ def _header(handle: Any, path: str | Path) -> tuple[dict[str, Any], int]:
     handle.seek(len(prefix))
     try:
         header = json.loads(handle.read(length).decode())
-        spatial, edges, offsets = header["spatial"], header["chunk"], header["offsets"]
-        chunks = math.prod(math.ceil(s / e) for s, e in zip(spatial, edges, strict=True))
-        valid = (
-            len(spatial) == len(edges)
-            and all(isinstance(v, int) and 0 < v <= MAX_EXTENT for v in [*spatial, *edges])
-            and len(offsets) == chunks + 1
-            and all(isinstance(v, int) for v in offsets)
-            and all(b >= a for a, b in itertools.pairwise(offsets))
-            and isinstance(header["arrays"], dict)
-            and all(
-                isinstance(s.get("channels"), int)
-                and 0 < s["channels"] <= MAX_CHANNELS
-                and isinstance(s["dtype"], str)
-                and np.dtype(s["dtype"]).kind in "fiub"
-                for s in header["arrays"].values()
-            )
-        )
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        valid = _valid_header(header)
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        UnicodeDecodeError,
+        OverflowError,
+        RecursionError,
+    ):
         valid = False
     if not valid:
         raise ChunkedFileError(f"{path}: its header is damaged")
@@ -239,6 +233,44 @@ def _header(handle: Any, path: str | Path) -> tuple[dict[str, Any], int]:
     if handle.tell() < base + header["offsets"][-1]:
         raise ChunkedFileError(f"{path} is truncated ({handle.tell()} bytes, its header says more)")
     return header, base
+
+
+def _valid_header(header: Any) -> bool:
+    """Whether a parsed header describes a file lorkd-pl could have written: types, ranges and a chunk size
+    that bounds what one chunk may inflate to (checked before any size is computed from it)."""
+    if not isinstance(header, dict):
+        return False
+    spatial, edges, offsets, arrays = header["spatial"], header["chunk"], header["offsets"], header["arrays"]
+    if not (isinstance(spatial, list) and isinstance(edges, list) and isinstance(offsets, list)):
+        return False
+    if len(spatial) != len(edges) or len(spatial) > MAX_DIMS:
+        return False
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_EXTENT for v in [*spatial, *edges]
+    ):
+        return False
+    if not isinstance(arrays, dict) or not arrays or not isinstance(header.get("meta", {}), dict):
+        return False
+    for spec in arrays.values():
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("channels"), int)
+            and 0 < spec["channels"] <= MAX_CHANNELS
+            and isinstance(spec.get("dtype"), str)
+            and np.dtype(spec["dtype"]).kind in "fiub"
+        ):
+            return False
+    chunk_bytes = sum(s["channels"] * np.dtype(s["dtype"]).itemsize for s in arrays.values()) * math.prod(
+        edges
+    )
+    chunks = math.prod(math.ceil(s / e) for s, e in zip(spatial, edges, strict=True))
+    return (
+        chunk_bytes <= MAX_CHUNK_BYTES
+        and len(offsets) == chunks + 1
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in offsets)
+        and offsets[0] == 0
+        and all(b >= a for a, b in itertools.pairwise(offsets))
+    )
 
 
 def _edges(chunk: int | Sequence[int], dims: int) -> list[int]:

@@ -131,8 +131,10 @@ class TeacherTargetStore:
         if not path.is_file():
             return None
         try:
-            meta = read_header(path)["meta"]
-        except (OSError, ChunkedFileError, KeyError, TypeError):
+            header = read_header(path)
+            self._check_form(header, path, case, None)
+            meta = header.get("meta")
+        except (OSError, ChunkedFileError, KeyError, TypeError, ValueError, OverflowError, RecursionError):
             return None
         return meta if isinstance(meta, dict) and "key" in meta else None
 
@@ -204,6 +206,7 @@ class TeacherTargetStore:
                     "or image during this run (another run shares the folder?); give each teacher "
                     "description its own teacher.cache folder and restart the fit"
                 )
+            self._check_form(header, path, case, start)
             stored_grid = list(header["spatial"])  # [] for a vector (a 2D image's class target)
             if grid is not None and stored_grid and stored_grid != [int(v) for v in grid]:
                 raise TeacherTargetError(
@@ -220,7 +223,17 @@ class TeacherTargetStore:
                 "fit: missing targets are rebuilt at fit start (or with `lorkd-pl teacher-targets --config "
                 "CONFIG`); keep the cache folder unchanged while a fit runs"
             ) from None
-        except (ChunkedFileError, OSError) as error:
+        except (
+            ChunkedFileError,
+            OSError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+        ) as error:
+            if isinstance(error, TeacherTargetError):
+                raise
             raise TeacherTargetError(
                 f"teacher target of case {case} is damaged ({error}); delete {path} and restart: it is "
                 "rebuilt at fit start"
@@ -234,6 +247,37 @@ class TeacherTargetStore:
             index = torch.cat([index, index.new_zeros(spare, *index.shape[1:])])
             log_probs = torch.cat([log_probs, log_probs.new_full((spare, *log_probs.shape[1:]), EMPTY_SLOT)])
         return {INDEX_KEY: index, LOG_PROBS_KEY: log_probs}
+
+    def _check_form(
+        self, header: Mapping[str, Any], path: Path, case: str, start: Sequence[int] | None
+    ) -> None:
+        """Refuse an entry that is not what this store writes (arrays, dtypes, channels, dimensions)
+        before anything is read or allocated from it.
+
+        Raises:
+            ChunkedFileError: naming what does not fit.
+        """
+        arrays, meta = header["arrays"], header.get("meta")
+        dense = {"targets": ("float16", "float32")}
+        sparse = {"index": ("uint8",), "log_probs": ("float16", "float32")}
+        form = dense if self.top_k is None else sparse
+        fits = (
+            isinstance(meta, dict)
+            and set(arrays) in (set(dense), set(sparse))
+            and all(np.dtype(spec["dtype"]).name in form.get(name, ()) for name, spec in arrays.items())
+            and all(np.dtype(spec["dtype"]).isnative for spec in arrays.values())
+            and (start is None or len(start) == len(header["spatial"]))
+        )
+        if fits and self.top_k is None:
+            fits = arrays["targets"]["channels"] <= self.channels
+        elif fits:
+            fits = arrays["index"]["channels"] == arrays["log_probs"]["channels"] <= self.top_k
+        if not fits:
+            kind = f"top-{self.top_k}" if self.top_k else "dense"
+            raise ChunkedFileError(
+                f"{path} is not a target this store writes ({kind}, at most {self.channels} classes, the "
+                "case's dimensions)"
+            )
 
     def placeholder(self, spatial: Sequence[int]) -> dict[str, torch.Tensor]:
         """The target of a case the teacher does not distil: zeros that stack with the others (KD never

@@ -100,6 +100,32 @@ def check_downloads(data: Any, source: str) -> None:
             )
 
 
+def check_default_downloads(cls: type, arguments: Mapping[str, Any], source: str) -> None:
+    """Refuse a network class whose constructor downloads weights BY DEFAULT (a truthy default of
+    ``pretrained``/``*url*``/``download``, as MONAI's EfficientNetBN has) unless ``arguments`` turn it off.
+
+    Raises:
+        UntrustedFileError: naming the file, the class, the argument and the fix.
+    """
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    for name, parameter in parameters.items():
+        default = parameter.default
+        if not any(word in name.lower() for word in DOWNLOAD_ARGUMENTS) or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, str) and "url" in name.lower():  # a URL to fetch from, not a switch
+            default = False
+        if default and not (name in arguments and not arguments[name]):
+            raise UntrustedFileError(
+                f"{source} builds {cls.__name__}, which fetches weights by default ({name}={default!r}); "
+                f"lorkd-pl downloads nothing named by a file: set {name}: false in the file"
+            )
+
+
 def _arguments(data: Any) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` of every constructor argument in ``data``: ``init_args`` entries and the
     siblings of a bundle's ``_target_``."""

@@ -34,6 +34,7 @@ from lorkd_pl.io.trust import (
     ENV_TRUST_BUNDLE_CODE,
     UntrustedFileError,
     bundle_code_trusted,
+    check_default_downloads,
     check_downloads,
     resolve_network_class,
 )
@@ -385,6 +386,7 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
                     cls = resolve_network_class(
                         target if "." in target else f"monai.networks.nets.{target}", source
                     )
+                    check_default_downloads(cls, node, source)
                     node["_target_"] = f"{cls.__module__}.{cls.__qualname__}"
                 except UntrustedFileError as error:
                     raise TeacherError(str(error)) from None
@@ -419,10 +421,67 @@ def _load_bundle(folder: Path) -> nn.Module:
             "and models/model.pt"
         )
     parser = ConfigParser()
-    parser.read_config(str(config))
-    if "network_def" not in parser.config:
+    try:
+        parser.read_config(str(config))  # JSON or YAML's safe loader: data only
+    except Exception as error:  # malformed JSON/YAML: the parser's own message names the place
+        reason = " ".join(str(error).split())[:300]
+        raise TeacherError(f"MONAI bundle config {config} cannot be read: {reason}") from None
+    if not isinstance(parser.config, dict) or "network_def" not in parser.config:
         raise TeacherError(f"MONAI bundle config {config} has no 'network_def'")
+    _check_bundle_config(parser.config, config)  # the WHOLE config: MONAI parses (and imports) all of it
     _check_bundle_network(parser, config)  # before MONAI imports or evaluates anything of it
-    network = parser.get_parsed_content("network_def")
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as error:  # a checked, trusted class refusing its arguments
+        reason = " ".join(str(error.__cause__ or error).split())[:300]
+        raise TeacherError(f"MONAI bundle config {config}: network_def cannot be built: {reason}") from None
+    if not isinstance(network, nn.Module):
+        raise TeacherError(
+            f"MONAI bundle config {config}: network_def is not a network ({type(network).__name__})"
+        )
     network.load_state_dict(_state_dict(weights))
     return network
+
+
+def _check_bundle_config(data: Any, config: Path) -> None:
+    """Refuse what MONAI would run or misread ANYWHERE in a bundle config, referenced or not: ``$``
+    expressions (MONAI imports every ``$import``/``$from`` of the config before resolving anything;
+    allowed only with ``$LORKD_PL_TRUST_BUNDLE_CODE=1``), ``%`` macros (they read other files), keys
+    that are not plain names (non-strings, or holding MONAI's id separators ``::``/``#``, which make two
+    entries share one id) and one container reached from two places (a YAML alias: MONAI rewrites its
+    relative references in place, once).
+
+    Raises:
+        TeacherError: naming the config file, the entry and the fix.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, (dict, list)):
+            if id(node) in seen:
+                raise TeacherError(
+                    f"MONAI bundle config {config}: {where or 'the config'} is reached from two places "
+                    "(a YAML alias); write each entry out once"
+                )
+            seen.add(id(node))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if isinstance(node, dict) and (not isinstance(key, str) or "::" in key or "#" in key):
+                    raise TeacherError(
+                        f"MONAI bundle config {config}: the key {key!r} under {where or 'the top level'} is "
+                        "not a plain name (MONAI joins keys with '::' and '#' into ids, so this one could "
+                        "stand for another entry); rename it"
+                    )
+                stack.append((value, f"{where}::{key}" if where else str(key)))
+        elif isinstance(node, str) and node.startswith("$") and not bundle_code_trusted():
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} is the expression {node[:80]!r}; MONAI runs (and "
+                "imports for) every expression of a config it parses, referenced or not: lorkd-pl runs no "
+                f"code from a bundle unless you trust it: set {ENV_TRUST_BUNDLE_CODE}=1, or remove the entry"
+            )
+        elif isinstance(node, str) and node.startswith("%"):
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} loads another file ({node[:80]!r}); write the entry "
+                "into the bundle's own inference config"
+            )
