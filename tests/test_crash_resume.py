@@ -80,6 +80,19 @@ def reference(tmp_path_factory) -> Path:
     return folder
 
 
+def resume_matches(reference: Path, stopped: Path, every: int = 1) -> None:
+    """``--ckpt_path last`` in ``stopped`` ends where the uninterrupted ``reference`` run ended: same
+    batches in the same order, optimiser and scheduler state restored, so the weights agree to float32
+    round-off (stated tolerance 1e-5 relative)."""
+    resumed = fit(stopped, "--ckpt_path", "last", every=every)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final_reference = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    final_resumed = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final_resumed["global_step"] == final_reference["global_step"] == STEPS_PER_EPOCH * EPOCHS
+    for key, value in final_reference["state_dict"].items():
+        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_path) -> None:
     crashed = tmp_path / "crashed"
     crashed.mkdir()
@@ -88,16 +101,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     at_crash = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_crash["global_step"] == KILL_AT and at_crash["epoch"] == 1  # mid-epoch: 2 of 5 batches done
-    resumed = fit(crashed, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    final_reference = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    final_resumed = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert final_resumed["global_step"] == final_reference["global_step"] == STEPS_PER_EPOCH * EPOCHS
-    # Same batches in the same order, optimiser and scheduler state restored: the weights agree to
-    # float32 round-off (stated tolerance 1e-5 relative) and so does the final validation score.
-    for key, value in final_reference["state_dict"].items():
-        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    resume_matches(reference, crashed)
     assert abs(last_val_score(crashed) - last_val_score(reference)) <= 1e-4
 
 
@@ -114,13 +118,7 @@ def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(reference,
     assert "--ckpt_path last" in lines[0] and str(stopped / "checkpoints" / "last.ckpt") in lines[0]
     at_stop = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_stop["global_step"] == KILL_AT + 1  # the step running when the signal came finished
-    resumed = fit(stopped, "--ckpt_path", "last", every=100)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final_reference = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    final_resumed = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
-    assert final_resumed["global_step"] == final_reference["global_step"] == STEPS_PER_EPOCH * EPOCHS
-    for key, value in final_reference["state_dict"].items():
-        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    resume_matches(reference, stopped, every=100)
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
