@@ -76,16 +76,11 @@ def _lightning(args: Sequence[str], folders: list[str] | None, debug: bool = Fal
         line, code = describe(interrupted.stop, [*args, *(f"--tasks-dir={f}" for f in folders or [])])
         sys.stderr.write(f"{line}\n")
         raise SystemExit(code) from None
-    except (*USER_ERRORS, LookupError) as error:  # clear messages that name the file/field and the fix
-        if debug:
+    except (*USER_ERRORS, LookupError, RuntimeError) as error:  # one line naming the file/field and the fix
+        message = user_error_message(error)  # ours, also when MONAI or a DataLoader worker wrapped it
+        if debug or (message is None and not isinstance(error, (*USER_ERRORS, LookupError))):
             raise
-        sys.stderr.write(f"lorkd-pl: error: {user_error_message(error) or error}\n")
-        raise SystemExit(2) from error
-    except RuntimeError as error:  # one of ours, wrapped by MONAI's pipeline or a DataLoader worker
-        message = user_error_message(error)
-        if message is None or debug:
-            raise
-        sys.stderr.write(f"lorkd-pl: error: {message}\n")
+        sys.stderr.write(f"lorkd-pl: error: {message or error}\n")
         raise SystemExit(2) from error
     return 0
 

@@ -5,9 +5,9 @@ on Ctrl-C it exits 1: a script or scheduler cannot tell the first from success, 
 checkpoint of where it stopped. :class:`InterruptCheckpoint` (installed on every ``lorkd-pl`` trainer)
 writes ``last.ckpt`` where the run's ModelCheckpoint keeps it when a fit is interrupted, at the end of
 the batch Lightning stopped after (so ``--ckpt_path last`` continues from there, mid-epoch), and
-:func:`interruption` turns the ending into one line naming the epoch and the resume command, and the
-shell's exit code for the signal (143 for SIGTERM, 130 for SIGINT). SLURM's requeue (SIGUSR1, Lightning's
-own handler) is not touched.
+:func:`describe` turns the ending (:func:`interruption`) into one line naming the epoch and the resume
+command, and the shell's exit code for the signal (143 for SIGTERM, 130 for SIGINT). SLURM's requeue
+(SIGUSR1, Lightning's own handler) is not touched.
 """
 
 from __future__ import annotations

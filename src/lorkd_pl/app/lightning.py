@@ -101,13 +101,18 @@ def user_error_message(error: BaseException) -> str | None:
     kept as its cause), and a DataLoader worker's error reaches the main process as a new exception of
     the same type whose message holds the worker's traceback as text. Both are unwrapped here.
     """
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, USER_ERRORS):
-            text = str(cause)
-            return _worker_message(text) or text
-        cause = cause.__cause__ or cause.__context__
+    cause = user_error(error)
+    if cause is not None:
+        return _worker_message(str(cause)) or str(cause)
     return _worker_message(str(error))
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The lorkd-pl error (:data:`USER_ERRORS`) ``error`` is or wraps (its cause chain), or ``None``."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, USER_ERRORS):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def _worker_message(text: str) -> str | None:
@@ -227,9 +232,7 @@ class LorkdCLI(LightningCLI):
                 "trainer.devices against this machine; --config trainer/cpu runs on the CPU)"
             ) from None
         except (TypeError, ValueError, KeyError) as error:
-            cause: BaseException | None = error
-            while cause is not None and not isinstance(cause, USER_ERRORS):  # jsonargparse wraps ours
-                cause = cause.__cause__ or cause.__context__
+            cause = user_error(error)  # jsonargparse wraps ours
             if cause is not None:
                 raise cause from None
             raise ConfigError(f"invalid configuration: {_reason(str(error))}") from error

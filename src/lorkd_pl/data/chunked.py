@@ -23,7 +23,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,8 @@ def read_box(
     path: str | Path,
     start: Sequence[int] | None = None,
     stop: Sequence[int] | None = None,
-    header: Mapping[str, Any] | None = None,
     fill: Mapping[str, float] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """The arrays of a box of the grid, reading and decompressing only the chunks it overlaps.
 
@@ -120,8 +120,9 @@ def read_box(
         path: the file.
         start: first voxel per spatial axis (default: 0).
         stop: one past the last voxel per spatial axis (default: the grid's size).
-        header: the file's header if already read (it is checked against the file's own).
         fill: name → the value of voxels outside the grid (default 0).
+        check: called with the file's header before anything is allocated or decompressed (the
+            caller's own checks of its contents; it raises to refuse the file).
 
     Returns:
         name → ``(channels, *box size)`` array, in the dtype it was written with.
@@ -131,8 +132,8 @@ def read_box(
     """
     with open(path, "rb") as handle:
         own, base = _header(handle, path)
-        if header is not None and dict(header) != own:
-            raise ChunkedFileError(f"{path} changed while it was read; read it again")
+        if check is not None:
+            check(own)
         spatial, edges = own["spatial"], own["chunk"]
         start = [0] * len(spatial) if start is None else [int(v) for v in start]
         stop = list(spatial) if stop is None else [int(v) for v in stop]
@@ -192,12 +193,10 @@ def _place(
     into = tuple(
         slice(max(a, s0) - s0, min(b, s1) - s0) for (a, b), s0, s1 in zip(box, start, stop, strict=True)
     )
-    position = 0
+    position = 0  # the arrays' bytes, one after the other (their total was checked above)
     for name, spec in specs.items():
         dtype = np.dtype(spec["dtype"])
         count = spec["channels"] * math.prod(size)
-        if position + count * dtype.itemsize > len(raw):
-            raise ChunkedFileError(f"{path}: a chunk is shorter than its header says (truncated or altered)")
         part = np.frombuffer(raw, dtype, count, position).reshape(spec["channels"], *size)
         out[name][(slice(None), *into)] = part[(slice(None), *cut)]
         position += count * dtype.itemsize
@@ -209,8 +208,8 @@ def _header(handle: Any, path: str | Path) -> tuple[dict[str, Any], int]:
     if len(prefix) < len(MAGIC) + 8 or not prefix.startswith(MAGIC):
         raise ChunkedFileError(f"{path} is not a lorkd-pl chunked file (or it is truncated)")
     (length,) = struct.unpack("<Q", prefix[len(MAGIC) :])
-    handle.seek(0, 2)
-    if length > handle.tell() - len(prefix):  # a crafted length: never read (or allocate) past the file
+    size = handle.seek(0, 2)
+    if length > size - len(prefix):  # a crafted length: never read (or allocate) past the file
         raise ChunkedFileError(f"{path}: its header is damaged (longer than the file)")
     handle.seek(len(prefix))
     try:
@@ -229,9 +228,8 @@ def _header(handle: Any, path: str | Path) -> tuple[dict[str, Any], int]:
     if not valid:
         raise ChunkedFileError(f"{path}: its header is damaged")
     base = len(MAGIC) + 8 + length
-    handle.seek(0, 2)
-    if handle.tell() < base + header["offsets"][-1]:
-        raise ChunkedFileError(f"{path} is truncated ({handle.tell()} bytes, its header says more)")
+    if size < base + header["offsets"][-1]:
+        raise ChunkedFileError(f"{path} is truncated ({size} bytes, its header says more)")
     return header, base
 
 

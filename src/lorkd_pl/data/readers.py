@@ -219,10 +219,8 @@ def read_geometry(path: str | Path) -> Geometry:
     else:
         if not path.exists():
             raise ImageReadError(f"image file not found: {path} (check the path in the manifest)")
-        source = sitk.ImageFileReader()
-        source.SetFileName(str(path))
         try:
-            source.ReadImageInformation()
+            source = image_header(path)
         except RuntimeError as error:
             raise ImageReadError(
                 f"cannot read the header of image {path}: {str(error).strip()[-200:]}"
@@ -347,11 +345,11 @@ def inspect_input(image: str) -> InputInfo:
             files = series[0] if series else []
             if not files:
                 raise ImageReadError(f"{path}: no DICOM series in this folder")
-            header = _header(files[0])
+            header = image_header(files[0])
             size = (*header.GetSize()[:2], len(files)) if len(files) > 1 else tuple(header.GetSize())
             what = "DICOM series" if len(files) > 1 else "DICOM series of one file"
         else:
-            header = _header(str(path))
+            header = image_header(path)
             size = tuple(header.GetSize())
             what = (
                 "DICOM file"
@@ -401,8 +399,13 @@ def check_finite(image: str | Path) -> None:
         )
 
 
-def _header(path: str) -> sitk.ImageFileReader:
+def image_header(path: str | Path) -> sitk.ImageFileReader:
+    """A reader holding ``path``'s header (size, spacing, metadata): no pixels are read.
+
+    Raises:
+        RuntimeError: ITK's, for a file it cannot read.
+    """
     reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
+    reader.SetFileName(str(path))
     reader.ReadImageInformation()
     return reader

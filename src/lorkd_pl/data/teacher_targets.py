@@ -132,7 +132,7 @@ class TeacherTargetStore:
             return None
         try:
             header = read_header(path)
-            self._check_form(header, path, case, None)
+            self._check_form(header, path, None)
             meta = header.get("meta")
         except (OSError, ChunkedFileError, KeyError, TypeError, ValueError, OverflowError, RecursionError):
             return None
@@ -198,25 +198,27 @@ class TeacherTargetStore:
                 naming the case and the fix.
         """
         path = self.path(case)
-        try:
-            header = read_header(path)
+
+        def check(header: dict[str, Any]) -> None:  # on the header read_box reads: one read per crop
             if key is not None and header["meta"].get("key") != key:
                 raise TeacherTargetError(
                     f"teacher target {path} of case {case} was rewritten for another teacher, pipeline "
                     "or image during this run (another run shares the folder?); give each teacher "
                     "description its own teacher.cache folder and restart the fit"
                 )
-            self._check_form(header, path, case, start)
+            self._check_form(header, path, start)
             stored_grid = list(header["spatial"])  # [] for a vector (a 2D image's class target)
             if grid is not None and stored_grid and stored_grid != [int(v) for v in grid]:
                 raise TeacherTargetError(
-                    f"teacher target of case {case} ({path}) has grid {tuple(header['spatial'])}, the case's "
+                    f"teacher target of case {case} ({path}) has grid {tuple(stored_grid)}, the case's "
                     f"image {tuple(grid)}; the student's preprocessing changed without the key noticing: "
                     "delete that file and restart the fit"
                 )
+
+        try:
             # outside the grid (a padded crop): no stored class, the whole mass spread evenly, as the
             # dense target's zeros (uniform log-probabilities) there
-            arrays = read_box(path, start, stop, header, fill={"log_probs": EMPTY_SLOT})
+            arrays = read_box(path, start, stop, fill={"log_probs": EMPTY_SLOT}, check=check)
         except FileNotFoundError:
             raise TeacherTargetError(
                 f"no teacher target for case {case} in {self.folder} (deleted during the run?); restart the "
@@ -248,9 +250,7 @@ class TeacherTargetStore:
             log_probs = torch.cat([log_probs, log_probs.new_full((spare, *log_probs.shape[1:]), EMPTY_SLOT)])
         return {INDEX_KEY: index, LOG_PROBS_KEY: log_probs}
 
-    def _check_form(
-        self, header: Mapping[str, Any], path: Path, case: str, start: Sequence[int] | None
-    ) -> None:
+    def _check_form(self, header: Mapping[str, Any], path: Path, start: Sequence[int] | None) -> None:
         """Refuse an entry that is not what this store writes (arrays, dtypes, channels, dimensions)
         before anything is read or allocated from it.
 

@@ -37,6 +37,7 @@ from lorkd_pl.data.readers import (
     check_complete,
     check_finite,
     dicom_series_files,
+    image_header,
     inspect_input,
     non_image_sop_class,
     read_geometry,
@@ -297,9 +298,7 @@ def _is_own_output_file(path: Path) -> bool:
         with path.open(encoding="utf-8", errors="replace") as handle:
             return handle.readline().strip().startswith(CSV_HEADERS)
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
+        reader = image_header(path)
     except RuntimeError:
         return False
     return reader.HasMetaDataKey("descrip") and reader.GetMetaData("descrip").strip() == PREDICT_MARK
