@@ -28,8 +28,7 @@ def fit(
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {
-                "dirpath": str(folder / "checkpoints"),
+            "init_args": {  # no dirpath: lorkd-pl puts it in the run folder, folder/latest/checkpoints
                 "every_n_train_steps": every,
                 "save_last": True,
             },
@@ -53,7 +52,7 @@ def fit(
             "enable_progress_bar": False,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(folder), "name": "logs"},
+                "init_args": {"save_dir": str(folder)},
             },
             "callbacks": callbacks,
         }
@@ -65,7 +64,7 @@ def fit(
 
 def last_val_score(folder: Path) -> float:
     rows = []
-    for path in sorted((folder / "logs").glob("version_*/metrics.csv")):
+    for path in sorted((folder / "latest").glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime):
         with path.open() as handle:
             rows += [r for r in csv.DictReader(handle) if r.get("val/score")]
     return float(rows[-1]["val/score"])
@@ -86,8 +85,8 @@ def resume_matches(reference: Path, stopped: Path, every: int = 1) -> None:
     round-off (stated tolerance 1e-5 relative)."""
     resumed = fit(stopped, "--ckpt_path", "last", every=every)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final_reference = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    final_resumed = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    final_reference = torch.load(reference / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
+    final_resumed = torch.load(stopped / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final_resumed["global_step"] == final_reference["global_step"] == STEPS_PER_EPOCH * EPOCHS
     for key, value in final_reference["state_dict"].items():
         torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -99,7 +98,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(reference, tmp_
 
     killed = fit(crashed, kill_at=KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    at_crash = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
+    at_crash = torch.load(crashed / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_crash["global_step"] == KILL_AT and at_crash["epoch"] == 1  # mid-epoch: 2 of 5 batches done
     resume_matches(reference, crashed)
     assert abs(last_val_score(crashed) - last_val_score(reference)) <= 1e-4
@@ -115,8 +114,8 @@ def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(reference,
     assert result.returncode == 143, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("lorkd-pl: fit interrupted")]
     assert len(lines) == 1 and "by SIGTERM in epoch 1 (step 8)" in lines[0], result.stderr[-2000:]
-    assert "--ckpt_path last" in lines[0] and str(stopped / "checkpoints" / "last.ckpt") in lines[0]
-    at_stop = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert f"--ckpt_path {(stopped / 'latest' / 'checkpoints' / 'last.ckpt').resolve()}" in lines[0]
+    at_stop = torch.load(stopped / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
     assert at_stop["global_step"] == KILL_AT + 1  # the step running when the signal came finished
     resume_matches(reference, stopped, every=100)
 
@@ -125,4 +124,4 @@ def test_sigterm_mid_epoch_exits_non_zero_with_a_resumable_checkpoint(reference,
     result = fit(interrupted, signal_at=(2, "SIGINT"), every=100)
     assert result.returncode == 130, result.stderr[-3000:]
     assert "lorkd-pl: fit interrupted by SIGINT in epoch 0" in result.stderr
-    assert (interrupted / "checkpoints" / "last.ckpt").is_file()
+    assert (interrupted / "latest" / "checkpoints" / "last.ckpt").is_file()

@@ -6,7 +6,8 @@
   outside teacher in its own pipeline, for ``report --teacher``): they read the same configs.
 * ``predict`` (files/folders/DICOM series/manifests → label maps or class probabilities, with an
   exported expert, a LoRKD checkpoint or a generalist checkpoint), ``export``, ``report``, ``tasks``,
-  ``config``, ``demo-data``, ``demo`` and ``anatomy-check`` (the 3D demo on real brain anatomy).
+  ``config``, ``demo-data``, ``demo``, ``anatomy-check`` (the 3D demo on real brain anatomy) and ``runs``
+  (the runs of a recipe, best first: a sweep's best trial to export).
 
 Every command accepts ``--tasks-dir DIR`` (repeatable, any position): folders of task plugins and
 task specs, loaded before the command runs, together with ``$LORKD_PL_TASKS_DIR`` and the
@@ -228,6 +229,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from lorkd_pl.app.runs import LATEST, latest_run, list_runs
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise ValueError(
+            f"{root} is not a folder of runs (a recipe's trainer.default_root_dir, e.g. runs/demo/lorkd_seg)"
+        )
+    summaries = list_runs(root)
+    if not summaries:
+        print(f"no runs with a checkpoints/last.ckpt under {root}")
+        return 0
+    latest = latest_run(root)
+    header = ("run", "step", "epoch", summaries[0].monitor or "score", "best checkpoint")
+    rows = [
+        (
+            s.name + (f" ({LATEST})" if s.name == latest else ""),
+            str(s.step),
+            str(s.epoch),
+            "—" if s.best_score is None else f"{s.best_score:.4f}",
+            str(s.best_checkpoint),
+        )
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    best = summaries[0]
+    if best.best_score is not None:
+        print(
+            f"best: {best.name}; export it with: lorkd-pl export --ckpt {best.best_checkpoint} "
+            "--all-regions --out experts/"
+        )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from lorkd_pl.evaluation.comparison import write_runs_report
 
@@ -399,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--dry-run", action="store_true", help="print parameter counts and sizes only")
     export.add_argument("--teacher", help="with --dry-run: the teacher to count (e.g. its last.ckpt)")
+
+    runs = command(
+        "runs",
+        "list the runs of a recipe (its trainer.default_root_dir), best first, with their checkpoints",
+        _runs,
+    )
+    runs.add_argument("root", help="a recipe's runs folder, e.g. runs/demo/lorkd_seg (a sweep's trials too)")
 
     report = command("report", "compare test runs per region (a teacher, a student, controls)", _report)
     report.add_argument("--teacher", help="the teacher's test run folder (holds summary/)")

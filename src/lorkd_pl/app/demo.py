@@ -68,8 +68,14 @@ def merged_expert_parameters(student, task: int) -> int:
     return count_parameters(network)
 
 
+def run_folder(root: Path, recipe: str, seed: int) -> Path:
+    """The demo's run folder of ``recipe`` (e.g. ``lorkd_seg``) for ``seed``: ``root/<recipe>/seed<seed>``
+    (every fit of the demo is named by its seed, so seeds sit side by side)."""
+    return root / recipe / f"seed{seed}"
+
+
 def export_and_predict(
-    kind: str, student, root: Path = DEMO_ROOT, predict_task: str = "demo_brain_seg"
+    kind: str, student, root: Path = DEMO_ROOT, predict_task: str = "demo_brain_seg", seed: int = 0
 ) -> tuple[str, dict[str, Any] | None]:
     """Export every region's expert and the region router; for 3D, predict every test volume with
     ``--region auto`` (the router picks each volume's expert) and score the routing; return the report's
@@ -81,7 +87,7 @@ def export_and_predict(
     from lorkd_pl.deploy.export import export_regions
     from lorkd_pl.deploy.folders import ROUTER_FOLDER
 
-    checkpoint = root / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
+    checkpoint = run_folder(root, f"lorkd_{kind}", seed) / "checkpoints" / "last.ckpt"
     experts = root / "experts" / kind
     router = experts / ROUTER_FOLDER if student.router is not None else None
     outs = {region: experts / region for region in student.regions}
@@ -251,18 +257,18 @@ def run_demo(
             f"--data.init_args.seed={seed}",
         ]
         metric = KINDS[kind]
-        timings, models, logs = {}, {}, {}
+        timings, models, logs, runs = {}, {}, {}, {}
         for name in RUNS:
             config = configs / f"{name}_{kind}.yaml"
             start = time.perf_counter()
-            lightning_cli(["fit", "--config", str(config), "--overwrite", *quiet])  # the demo owns root
+            # the demo owns root: a rerun of a seed moves the earlier run aside (<run>.replaced-<time>)
+            lightning_cli(["fit", "--config", str(config), f"--run_name=seed{seed}", "--overwrite", *quiet])
             timings[name] = time.perf_counter() - start
-            models[name], logs[name] = _test(
-                config, root / f"{name}_{kind}" / "checkpoints" / "last.ckpt", quiet
-            )
+            runs[name] = run_folder(root, f"{name}_{kind}", seed)
+            models[name], logs[name] = _test(config, runs[name] / "checkpoints" / "last.ckpt", quiet)
         summaries = [find_summaries(logs[name]) for name in RUNS]  # read once
-        curves = {name: validation_curve(root / f"{name}_{kind}") for name in RUNS}
-        conflicts = {name: conflict_history(root / f"{name}_{kind}") for name in RUNS}
+        curves = {name: validation_curve(runs[name]) for name in RUNS}
+        conflicts = {name: conflict_history(runs[name]) for name in RUNS}
         report = write_comparison(
             summaries,
             root / f"report_{kind}",
@@ -298,7 +304,7 @@ def run_demo(
             + ("beat" if means["lorkd"] > means["plain_kd"] else "do NOT beat")
             + " the plain-KD student's.",
         ]
-        text, routing = export_and_predict(kind, student, root, predict_task)
+        text, routing = export_and_predict(kind, student, root, predict_task, seed)
         lines.append(text)
         if routing is not None:
             result["lorkd"]["router"] = routing

@@ -98,9 +98,9 @@ def describe(stop: Interrupted, args: list[str]) -> tuple[str, int]:
         if item.startswith("--ckpt_path="):
             del resume[index]
             break
-    where = (
+    where = (  # the file, not ``last``: another fit started meanwhile would move ``latest``
         f"a resumable checkpoint is {stop.checkpoint}; resume with: "
-        f"lorkd-pl {shlex.join([*resume, '--ckpt_path', 'last'])}"
+        f"lorkd-pl {shlex.join([*resume, '--ckpt_path', str(stop.checkpoint)])}"
         if stop.checkpoint is not None
         else "no checkpoint was written (the run has no ModelCheckpoint)"
     )

@@ -7,9 +7,10 @@ LightningCLI:
 * ``--ckpt_path FILE`` is read once with ``weights_only=True`` and checked against the configured tasks
   (:func:`lorkd_pl.io.compatibility.check_compatible`) before anything is built;
 * checkpoints are written atomically (:class:`~lorkd_pl.io.checkpoints.AtomicCheckpointIO`);
-* a fit refuses a checkpoint folder that already holds an earlier run's checkpoints, unless it resumes
-  (``--ckpt_path``) or is told to move them aside (``--overwrite``): the documented ``last.ckpt`` is
-  always the run just made, and nothing is deleted;
+* every fit gets its own run folder under ``trainer.default_root_dir`` with a ``latest`` pointer
+  (:mod:`lorkd_pl.app.runs`): checkpoints and logs of two fits never mix; a run folder that already
+  holds checkpoints (``--run_name`` of an earlier run, a user-set ``dirpath``) is refused unless the fit
+  resumes (``--ckpt_path``) or is told to move them aside (``--overwrite``); nothing is deleted;
 * ``validate``/``test`` print one results table; lorkd-pl's own errors (:data:`USER_ERRORS`) end the
   command with one ``lorkd-pl: error:`` line and exit code 2.
 """
@@ -17,6 +18,7 @@ LightningCLI:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -29,11 +31,20 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lorkd_pl.app.commands import LIGHTNING_COMMANDS
 from lorkd_pl.app.interrupts import FitInterrupted, InterruptCheckpoint, interruption
+from lorkd_pl.app.runs import (
+    RUN_NAME_ENV,
+    RunExistsError,
+    RunFolderError,
+    RunPlacement,
+    place_run,
+    point_latest,
+    started_the_fit,
+)
 from lorkd_pl.data.datamodule import MultiRegionDataModule
 from lorkd_pl.data.formats import DatasetFormatError
 from lorkd_pl.data.plugins import PluginError
@@ -71,10 +82,6 @@ class ConfigError(ValueError):
     """A configuration value the model, data module or trainer refused (jsonargparse's message)."""
 
 
-class RunExistsError(FileExistsError):
-    """A fit would write into a checkpoint folder holding an earlier run's checkpoints."""
-
-
 # lorkd-pl's own errors: their messages name the file/field and the fix, so no traceback is shown
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,
@@ -87,6 +94,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RegistryError,
     RoutingError,
     RunExistsError,
+    RunFolderError,
     TeacherError,
     TeacherSpecError,
     TeacherTargetError,
@@ -127,6 +135,22 @@ def _worker_message(text: str) -> str | None:
     return None
 
 
+#: ``fit`` options of lorkd-pl's own that say how a run starts, not what it is: not saved in its config.yaml
+#: (so that ``lorkd-pl test --config RUN/config.yaml`` takes it).
+RUN_OPTIONS: tuple[str, ...] = ("overwrite", "run_name")
+
+
+class RecipeConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of a run, less :data:`RUN_OPTIONS`."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Save the config (read now: :class:`LorkdCLI` has put back the values it placed)."""
+        self.config = self.config.clone()
+        for key in RUN_OPTIONS:
+            self.config.pop(key, None)
+        super().setup(trainer, pl_module, stage)
+
+
 class LorkdCLI(LightningCLI):
     """LightningCLI whose data module defines the model's tasks and regions (one source of truth)."""
 
@@ -148,8 +172,16 @@ class LorkdCLI(LightningCLI):
                 "--overwrite",
                 action=ActionYesNo,
                 default=False,
-                help="lorkd-pl: the checkpoint folder holds an earlier run's checkpoints: move them aside "
-                "to <folder>.replaced-<time>/ and start a new run there (default: stop with an error)",
+                help="lorkd-pl: the run's checkpoint folder holds an earlier run's checkpoints: move them "
+                "aside to <folder>.replaced-<time>/ and start a new run there (default: stop with an error)",
+            )
+            parser.add_argument(
+                "--run_name",
+                type=str | None,
+                default=None,
+                help="lorkd-pl: the run folder's name under trainer.default_root_dir (default: the W&B run "
+                "id with a WandbLogger, slurm-<job id> in a SLURM job, else version_<N>); with --ckpt_path "
+                "last: the run to continue (default: the latest)",
             )
         return parser
 
@@ -222,8 +254,55 @@ class LorkdCLI(LightningCLI):
         hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        """Place the command's run folder (:mod:`lorkd_pl.app.runs`): the trainer's root, the CSV,
+        TensorBoard and W&B loggers and (in :meth:`instantiate_trainer`) checkpoint folders without a
+        ``dirpath`` go into it. The config saved with the run (``config.yaml``) stays the one given."""
+        self.placement: RunPlacement | None = None
+        self._placed: list[tuple[Any, str, Any]] = []  # (namespace, key, the value given)
+        if self.subcommand not in LIGHTNING_COMMANDS:
+            return
+        config = self.config[self.subcommand]
+        trainer = config["trainer"]
+        loggers = trainer.get("logger")
+        specs = [s for s in (loggers if isinstance(loggers, list) else [loggers]) if hasattr(s, "class_path")]
+        kinds = {id(spec): str(spec.class_path).rpartition(".")[2] for spec in specs}
+        placement = place_run(
+            self.subcommand,
+            trainer.get("default_root_dir") or DEFAULT_ROOT,
+            config.get("ckpt_path"),
+            config.get("run_name"),
+            wandb="WandbLogger" in kinds.values(),
+        )
+        self._place(trainer, "default_root_dir", str(placement.log_dir))
+        for spec in specs:
+            kind, args = kinds[id(spec)], spec.init_args
+            if kind in ("CSVLogger", "TensorBoardLogger"):  # log_dir = save_dir/name/version
+                self._place(args, "save_dir", str(placement.log_dir.parent))
+                self._place(args, "name", "")
+                self._place(args, "version", placement.log_dir.name)
+            elif kind == "WandbLogger":
+                self._place(args, "save_dir", str(placement.log_dir))
+                self._place(args, "dir", None)
+                if placement.wandb_id and self.subcommand == "fit":
+                    self._place(args, "id", placement.wandb_id)
+        if self.subcommand == "fit":  # the processes Lightning starts for DDP land in the same folder
+            os.environ[RUN_NAME_ENV] = placement.name
+        self.placement = placement
+
+    def _place(self, namespace: Any, key: str, value: Any) -> None:
+        self._placed.append((namespace, key, namespace.get(key)))
+        namespace[key] = value
+
     def instantiate_classes(self) -> None:
         """Build data module, model and trainer; a bad value becomes a :class:`ConfigError`."""
+        try:
+            self._instantiate_classes()
+        finally:
+            for namespace, key, value in reversed(self._placed):  # config.yaml: the config as given
+                namespace[key] = value
+
+    def _instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except MisconfigurationException as error:  # e.g. more devices than the machine has
@@ -244,33 +323,62 @@ class LorkdCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(InterruptCheckpoint())
+        if self.placement is not None:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(self.placement.checkpoints)  # as Lightning does
         return trainer
 
     def before_fit(self) -> None:
-        """Refuse a checkpoint folder holding an earlier run's checkpoints, or (``--overwrite``) move
-        them aside to ``<folder>.replaced-<time>/``: nothing is deleted, and the documented
-        ``last.ckpt`` is the run about to be made."""
+        """Refuse a run folder or checkpoint folder holding an earlier run, or (``--overwrite``) move it
+        aside to ``<folder>.replaced-<time>``: nothing is deleted, and ``last.ckpt`` is the run about
+        to be made. ``--ckpt_path last`` without a ``last.ckpt`` to continue is refused too. Then
+        ``latest`` points at this run. Only the process that started the fit checks and moves."""
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path"):
-            return  # resuming: the folder is this run's
-        for callback in self.trainer.checkpoint_callbacks:
-            folder = getattr(callback, "dirpath", None) if isinstance(callback, ModelCheckpoint) else None
-            earlier = sorted(Path(folder).glob("*.ckpt")) if folder and Path(folder).is_dir() else []
-            if not earlier:
-                continue
-            if not config.get("overwrite"):
-                names = ", ".join(p.name for p in earlier[:4]) + (", …" if len(earlier) > 4 else "")
+        callbacks = self.trainer.checkpoint_callbacks
+        folders = [Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last" and not any(any(f.glob("last*.ckpt")) for f in folders):
+            raise RunFolderError(
+                f"--ckpt_path last: there is no last.ckpt in {', '.join(map(str, folders)) or 'any folder'} "
+                "to continue (the run was stopped before its first checkpoint, or it keeps none: "
+                "ModelCheckpoint save_last); start it again without --ckpt_path"
+            )
+        placement = self.placement
+        resuming = bool(ckpt_path) or (placement is not None and placement.log_dir != placement.run)
+        if not resuming and started_the_fit():
+            earlier: dict[Path, list[Path]] = {}
+            if placement is not None and placement.run.is_dir():
+                earlier[placement.run] = sorted(placement.run.iterdir())
+            for folder in folders:  # a checkpoint folder of the user's (a dirpath outside the run)
+                if folder.is_dir() and (
+                    placement is None or not folder.is_relative_to(placement.run.resolve())
+                ):
+                    earlier[folder] = sorted(folder.glob("*.ckpt"))
+            earlier = {folder: paths for folder, paths in earlier.items() if paths}
+            if earlier and not config.get("overwrite"):
+                folder, paths = next(iter(earlier.items()))
+                names = ", ".join(p.name for p in paths[:4]) + (", …" if len(paths) > 4 else "")
+                name = placement.name if placement is not None else "NAME"
                 raise RunExistsError(
-                    f"checkpoint folder {folder} holds an earlier run's checkpoints ({names}); resume it "
-                    "with --ckpt_path last, move them aside with --overwrite, or set another checkpoint "
-                    "dirpath (trainer.callbacks ModelCheckpoint init_args.dirpath)"
+                    f"{folder} holds an earlier run ({names}); resume it with --ckpt_path last "
+                    f"--run_name {name}, move it aside with --overwrite, or start another run (another "
+                    "--run_name, or none: a new version_<N>)"
                 )
-            if self.trainer.is_global_zero:
+            for folder, paths in earlier.items():
                 aside = Path(f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                aside.mkdir(parents=True, exist_ok=True)
-                for path in earlier:
-                    path.rename(aside / path.name)
-                rank_zero_info(f"lorkd-pl: moved the earlier run's checkpoints from {folder} to {aside}")
+                if placement is not None and folder == placement.run:
+                    folder.rename(aside)  # the whole earlier run: checkpoints, logs, config, W&B files
+                    folder.mkdir()
+                else:  # a checkpoint folder of the user's: its checkpoints only
+                    aside.mkdir(parents=True, exist_ok=True)
+                    for path in paths:
+                        path.rename(aside / path.name)
+                rank_zero_info(f"lorkd-pl: moved the earlier run from {folder} to {aside}")
+        if placement is not None and started_the_fit():
+            if not point_latest(placement.root, placement.name):
+                rank_zero_info(f"lorkd-pl: {placement.root / 'latest'} could not point at this run")
+            rank_zero_info(f"lorkd-pl: run folder {placement.run}")
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Lightning's subcommand; a checkpoint whose weights do not fit the configured model is one
@@ -382,18 +490,30 @@ def _reason(message: str) -> str:
     return reasons[0] if reasons else message
 
 
+#: The runs' root of a config without ``trainer.default_root_dir`` (Lightning's folder name).
+DEFAULT_ROOT = "lightning_logs"
+
+
 def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
     """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
-    return LorkdCLI(
-        TaskModule,
-        MultiRegionDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=list(args),
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    given = os.environ.get(RUN_NAME_ENV)
+    try:
+        return LorkdCLI(
+            TaskModule,
+            MultiRegionDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=list(args),
+            run=run,
+            save_config_callback=RecipeConfig,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    finally:  # a fit's run name reaches only the processes it starts, not the next command
+        if given is None:
+            os.environ.pop(RUN_NAME_ENV, None)
+        else:
+            os.environ[RUN_NAME_ENV] = given
 
 
 def _configured(args: Sequence[str]) -> tuple[Any, Any]:

@@ -29,8 +29,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot (or must not) be loaded; names the file and the fix."""
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with a clear error for missing, corrupt or unsafe files.
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with a clear error for missing, corrupt or unsafe files
+    (``mmap``: tensors are mapped from the file, not read, for a caller that reads only plain values).
 
     Raises:
         CheckpointError: the file is missing, truncated/corrupt, or holds pickled objects other than
@@ -40,7 +41,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise CheckpointError(
