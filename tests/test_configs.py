@@ -64,11 +64,11 @@ def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
         str(CONFIGS / "demo" / f"lorkd_{kind}.yaml"),
     )
     run("fit", "--config", teacher, *FAST)
-    teacher_ckpt = tmp_path / "runs" / "demo" / f"teacher_{kind}" / "checkpoints" / "last.ckpt"
+    teacher_ckpt = tmp_path / "runs" / "demo" / f"teacher_{kind}" / "latest" / "checkpoints" / "last.ckpt"
     assert teacher_ckpt.is_file()
     run("fit", "--config", student, "--trainer.fast_dev_run=2")
-    run("fit", "--config", student, *FAST, "--overwrite")  # the documented re-run replaces the first
-    student_ckpt = tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "checkpoints" / "last.ckpt"
+    run("fit", "--config", student, *FAST)  # a second run beside the first; latest names it
+    student_ckpt = tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "latest" / "checkpoints" / "last.ckpt"
     image = tmp_path / "case.nii.gz"
     record = get_task(f"demo_brain_{kind}").records("test")[0]
     if kind == "seg":
@@ -82,10 +82,11 @@ def test_demo_configs_fit_test_predict(kind, tmp_path, monkeypatch) -> None:
         run("predict", "--source", str(ckpt), "--region", "brain", "--input", str(image), "--out", str(out))
         expected = "case_demo_brain_seg.nii.gz" if kind == "seg" else "brain_predictions.csv"
         assert [p.name for p in out.iterdir()] == [expected]
-    logs = list((tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/config.yaml"))
-    assert len(logs) >= 2  # one folder and config per run
+    root = tmp_path / "runs" / "demo" / f"lorkd_{kind}"
+    assert sorted(p.name for p in root.glob("version_*")) == ["version_0", "version_1"]  # one per run
+    assert (root / "version_1" / "config.yaml").is_file()  # (fast_dev_run logs nothing: version_0)
     summaries = sorted(
-        (tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "logs").glob("version_*/summary/*.json")
+        (tmp_path / "runs" / "demo" / f"lorkd_{kind}" / "latest").glob("test_last/summary/*.json")
     )
     assert [p.stem for p in summaries] == [
         f"demo_{r}_{kind}" for r in ("abdomen", "brain", "pelvis", "thorax")

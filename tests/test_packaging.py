@@ -66,7 +66,7 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path) -> N
     report = run([lorkd, "demo", "--quick"], empty, env, timeout=600)
     assert "2D classification (test split)" in report and "3D segmentation (test split)" in report
     for kind in ("cls", "seg"):
-        assert (empty / "runs" / "demo" / f"lorkd_{kind}" / "checkpoints" / "last.ckpt").is_file()
+        assert (empty / "runs" / "demo" / f"lorkd_{kind}" / "latest" / "checkpoints" / "last.ckpt").is_file()
         assert (empty / "runs" / "demo" / f"report_{kind}" / "report.md").is_file()
     assert (empty / "runs" / "demo" / "experts" / "seg" / "brain" / "metadata.json").is_file()
     results = json.loads((empty / "runs" / "demo" / "results.json").read_text())
@@ -92,7 +92,7 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path) -> N
             lorkd,
             "export",
             "--ckpt",
-            str(runs / "lorkd_seg" / "checkpoints" / "last.ckpt"),
+            str(runs / "lorkd_seg" / "latest" / "checkpoints" / "last.ckpt"),
             "--region",
             "brain",
             "--out",

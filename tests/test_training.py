@@ -56,7 +56,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path, teacher, monkeypatch) -> None:
         )
         == 0
     )
-    metrics = (tmp_path / "runs" / "demo" / "lorkd_cls" / "logs" / "version_0" / "metrics.csv").read_text()
+    metrics = (tmp_path / "runs" / "demo" / "lorkd_cls" / "latest" / "metrics.csv").read_text()
     assert "train/kd_loss" in metrics and "nan" not in metrics.lower()
 
 
@@ -71,7 +71,7 @@ def test_resume_continues_steps_and_optimizer(tmp_path, monkeypatch) -> None:
         "--trainer.limit_val_batches=1",
     ]
     assert main(["fit", *common, "--trainer.max_epochs=1"]) == 0
-    folder = tmp_path / "runs" / "demo" / "teacher_cls" / "checkpoints"
+    folder = tmp_path / "runs" / "demo" / "teacher_cls" / "latest" / "checkpoints"
     first = torch.load(folder / "last.ckpt", weights_only=True)
     assert first["global_step"] == 3 and first["epoch"] == 0
     assert main(["fit", *common, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0

@@ -228,8 +228,8 @@ def test_derived_configs_take_any_folder_name(tmp_path):
     root = tmp_path / "my runs #2: check"
     derive_configs(config_root() / "demo", tmp_path / "configs", root, ["seg"])
     config = yaml.safe_load((tmp_path / "configs" / "lorkd_seg.yaml").read_text())
-    assert config["model"]["init_args"]["teacher"] == f"{root.as_posix()}/teacher_seg/checkpoints/last.ckpt"
     assert (
-        config["trainer"]["callbacks"][0]["init_args"]["dirpath"]
-        == f"{root.as_posix()}/lorkd_seg/checkpoints"
+        config["model"]["init_args"]["teacher"]
+        == f"{root.as_posix()}/teacher_seg/latest/checkpoints/last.ckpt"
     )
+    assert config["trainer"]["default_root_dir"] == f"{root.as_posix()}/lorkd_seg"  # the runs' root

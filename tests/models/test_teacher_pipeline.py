@@ -488,7 +488,7 @@ def test_fit_with_an_outside_teacher_cached_then_its_own_test_row(
     assert len(list((tmp_path / "runs/teacher_targets" / TASK).glob("*.lkc"))) == 8
     saved = torch.load(tmp_path / "runs/student/checkpoints/last.ckpt", weights_only=True)
     assert saved["teacher"]["path"] == str(brain_teacher["path"])
-    metrics = (tmp_path / "runs/student/lightning_logs/version_0/metrics.csv").read_text()
+    metrics = (tmp_path / "runs/student/version_0/metrics.csv").read_text()
     assert f"val/{TASK}/kd_loss" in metrics  # held-out distance to the teacher, from cached targets
 
     assert main(["teacher-targets", *config]) == 0  # paid once: nothing to rebuild
