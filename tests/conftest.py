@@ -14,6 +14,9 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: one process per core, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (also for the processes tests start)
+    torch.set_num_threads(1)
 os.environ.pop("LORKD_PL_TASKS_DIR", None)
 _DEMO_ROOT = Path(tempfile.mkdtemp(prefix="lorkd-pl-tests-")) / "demo"
 os.environ["LORKD_PL_DEMO_DATA"] = str(_DEMO_ROOT)

@@ -76,7 +76,24 @@ def test_bundle_runs_without_lorkd_pl_and_equals_predict(seg_student, tmp_path, 
     assert from_lorkd.GetSize() == source.GetSize()
     np.testing.assert_allclose(from_lorkd.GetOrigin(), source.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(from_lorkd.GetDirection(), source.GetDirection(), atol=1e-6)
+    # every other format predict reads, through the bundle's ITK reader: the same labels as predict
+    other = tmp_path / ("case.mha" if region == "brain" else "case.nrrd")
+    sitk.WriteImage(source, str(other))
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_LORKD, "run", "--config_file", "configs/inference.json",
+         "--image", str(other), "--output_dir", str(tmp_path / "bundle_other")],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    predict_files([str(other)], checkpoint, tmp_path / "lorkd_other", region=region)
+    name = f"case_demo_{region}_seg.nii.gz"
+    from_bundle = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "bundle_other" / name)))
+    np.testing.assert_array_equal(
+        from_bundle, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lorkd_other" / name)))
+    )
+    np.testing.assert_array_equal(from_bundle, labels)
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["optional_packages_version"]["itk"] != "not installed"
     classes = get_task(f"demo_{region}_seg").classes
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == dict(
         zip(map(str, range(len(classes))), classes, strict=True)

@@ -9,16 +9,19 @@ The bundle folder (MONAI's bundle layout)::
     models/model.pt          the merged weights (a state dict: ``0.*`` backbone, ``1.*`` head)
     docs/README.md
 
-Run it where only MONAI, its NIfTI reader and torch are installed (no lorkd-pl)::
+Run it where only MONAI, its readers and torch are installed (no lorkd-pl)::
 
-    pip install torch "monai[nibabel,fire]"
+    pip install torch "monai[nibabel,itk,fire]"
     cd BUNDLE && python -m monai.bundle run --config_file configs/inference.json \
         --image /data/scan.nii.gz --output_dir /data/out
 
+It reads what ``lorkd-pl predict`` reads: NIfTI with MONAI's nibabel reader; MHA/MHD, NRRD and DICOM
+series folders with MONAI's ITK reader (``itk``: an optional package of the bundle).
+
 It writes ``<output_dir>/<scan>_<task>.nii.gz``, the label map ``lorkd-pl predict`` writes for the same
 file. The preprocessing is written from the very step list lorkd-pl builds its own pipeline from
-(:func:`lorkd_pl.data.transforms.seg3d_steps`); only the file reader differs (MONAI's nibabel reader
-instead of lorkd-pl's SimpleITK one, which gives the same RAS arrays and affines).
+(:func:`lorkd_pl.data.transforms.seg3d_steps`); only the file readers differ (MONAI's nibabel and ITK
+readers instead of lorkd-pl's SimpleITK one, which give the same RAS arrays and affines).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from torch import nn
 from lorkd_pl.data.transforms import seg3d_steps
 from lorkd_pl.deploy.card import ExpertCard, package_version, package_versions
 
-#: The reader a bundle loads NIfTI files with (MONAI's, backed by nibabel).
-BUNDLE_READER = "NibabelReader"
+#: The readers a bundle loads images with, MONAI's; MONAI tries them last first, by file suffix: NIfTI
+#: with nibabel, every other format ``lorkd-pl predict`` reads (MHA/MHD, NRRD, DICOM series) with ITK.
+BUNDLE_READERS = ["ITKReader", "NibabelReader"]
 
 
 class BundleError(ValueError):
@@ -82,7 +86,7 @@ def inference_config(card: ExpertCard, head_in: int) -> dict[str, Any]:
     task = card.tasks[0]
     steps = seg3d_steps(["image"], prep.modality or "other", prep.spacing)
     preprocessing = [
-        _component(name, {**arguments, **({"reader": BUNDLE_READER} if name == "LoadImaged" else {})})
+        _component(name, {**arguments, **({"reader": BUNDLE_READERS} if name == "LoadImaged" else {})})
         for name, arguments in steps
     ]
     return {
@@ -161,6 +165,7 @@ def bundle_metadata(card: ExpertCard) -> dict[str, Any]:
         "pytorch_version": versions.get("torch"),
         "numpy_version": package_version("numpy"),
         "required_packages_version": {"nibabel": package_version("nibabel")},
+        "optional_packages_version": {"itk": package_version("itk-io")},  # MHA/NRRD/DICOM inputs
         "name": f"lorkd-pl {card.name} expert: {task['name']}",
         "task": f"{card.name} segmentation ({', '.join(task['classes'][1:])})",
         "description": (
@@ -170,7 +175,7 @@ def bundle_metadata(card: ExpertCard) -> dict[str, Any]:
         "authors": "lorkd-pl export",
         "copyright": "the owners of the training data and checkpoint",
         "data_source": "see the source checkpoint",
-        "data_type": "nifti",
+        "data_type": "nifti (itk: mha, nrrd, dicom)",
         "image_classes": f"single channel {prep.modality or ''} volume".replace("  ", " "),
         "label_classes": {str(i): name for i, name in enumerate(task["classes"])},
         "network_data_format": {
@@ -224,7 +229,7 @@ def write_bundle(work: Path, backbone: nn.Module, head: nn.Module, card: ExpertC
 Runs with MONAI and torch only (no lorkd-pl):
 
 ```bash
-pip install torch "monai[nibabel,fire]"
+pip install torch "monai[nibabel,itk,fire]"   # itk: for .mha/.mhd, .nrrd and DICOM series folders
 python -m monai.bundle run --config_file configs/inference.json --image /data/scan.nii.gz --output_dir out
 ```
 
