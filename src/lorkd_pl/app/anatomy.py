@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lorkd_pl.app.configs import config_root
-from lorkd_pl.app.demo import derive_configs, run_demo, save_results
+from lorkd_pl.app.demo import derive_configs, run_demo, run_seeds, save_results
 from lorkd_pl.checks import check_seed
 from lorkd_pl.data.anatomy import (
     TASK_NAME,
@@ -71,17 +71,21 @@ def main(
     mni_dir: str | None = None,
     quick: bool = False,
     data_seed: int = 0,
+    seeds: list[int] | None = None,
 ) -> str:
     """Run the check into ``out``; print and return the report.
 
     Args:
         out: output folder (data, configs, runs, report).
         seed: seed of every fit.
+        seeds: several seeds (each a full check, runs side by side as ``seed<N>``), replacing ``seed``.
         mni_dir: folder with the template files (default: the installed nilearn's data).
         quick: tiny budgets: checks the pipeline, the numbers mean nothing.
         data_seed: seed of the simulated subjects.
     """
-    check_seed(seed, "--seed")  # before 90 s of simulation, not after
+    seeds = list(seeds or [seed])
+    for value in seeds:  # before 90 s of simulation, not after
+        check_seed(value, "--seeds" if len(seeds) > 1 else "--seed")
     check_seed(data_seed, "--data-seed")
     torch.set_float32_matmul_precision("high")
     start = time.perf_counter()
@@ -90,10 +94,13 @@ def main(
     data = ensure_anatomy_data(root / "data", mni_dir, data_seed)
     load_plugins([data / "tasks"], use_entry_points=False)
     configs = derive_configs(config_root() / "demo", root / "configs", root, ["seg"], tasks=TASKS)
-    report, results = run_demo(
-        configs, kinds=("seg",), quick=quick, seed=seed, root=root, predict_task=TASK_NAME
+    report, results = run_seeds(
+        seeds,
+        lambda value: run_demo(
+            configs, kinds=("seg",), quick=quick, seed=value, root=root, predict_task=TASK_NAME
+        ),
     )
     results["data_seed"] = data_seed
-    report = save_results(root, report, results, time.perf_counter() - start, seed)
+    report = save_results(root, report, results, time.perf_counter() - start, seeds)
     print(report)
     return report

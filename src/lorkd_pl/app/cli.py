@@ -175,14 +175,23 @@ def _demo_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lorkd_pl.app.demo import main as run_demo
 
-    run_demo(args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick, seed=args.seed)
+    run_demo(
+        args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick, seed=args.seed, seeds=args.seeds
+    )
     return 0
 
 
 def _anatomy_check(args: argparse.Namespace) -> int:
     from lorkd_pl.app.anatomy import main as run_check
 
-    run_check(args.out, seed=args.seed, mni_dir=args.mni_dir, quick=args.quick, data_seed=args.data_seed)
+    run_check(
+        args.out,
+        seed=args.seed,
+        mni_dir=args.mni_dir,
+        quick=args.quick,
+        data_seed=args.data_seed,
+        seeds=args.seeds,
+    )
     return 0
 
 
@@ -321,6 +330,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct integers (argparse turns the ValueError into a usage error)."""
+    seeds = [int(item) for item in text.split(",") if item.strip()]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(text)
+    return seeds
+
+
+_seed_list.__name__ = "list of two or more distinct seeds like 0,1,2:"  # argparse's "invalid ... value"
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all commands (Lightning's take their own options after the name)."""
@@ -409,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of every fit (default 0; the data stay the same)"
     )
+    demo.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="several seeds, e.g. 0,1,2: the whole demo per seed, then mean ± sd and the paired "
+        "differences over seeds x test cases with 95%% bootstrap intervals (replaces --seed)",
+    )
 
     anatomy = command(
         "anatomy-check",
@@ -417,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     anatomy.add_argument("--out", default="runs/anatomy", help="output folder (default runs/anatomy)")
     anatomy.add_argument("--seed", type=int, default=0, help="seed of every fit (default 0)")
+    anatomy.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 0,1,2 (as demo --seeds)")
     anatomy.add_argument("--data-seed", type=int, default=0, help="seed of the simulated subjects")
     anatomy.add_argument("--mni-dir", help="template folder (default: the installed nilearn's)")
     anatomy.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from lorkd_pl.evaluation.comparison import (
     validation_curve,
     write_comparison,
 )
+from lorkd_pl.evaluation.paired import bootstrap_interval, paired_differences
 from lorkd_pl.evaluation.summaries import dice_per_class, nanmean
 from lorkd_pl.io.atomic import write_json_atomic, write_text_atomic
 from lorkd_pl.models.backbones import count_parameters
@@ -281,6 +282,9 @@ def run_demo(
         teacher, plain, student = (models[name] for name in RUNS)
         merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
         result = kind_results(rows, metric, teacher, plain, student, merged, timings)
+        for name in RUNS:  # where its test summaries are (paired comparisons re-read them)
+            result[name]["test_run"] = str(logs[name])
+        result["paired"] = paired_comparisons([[s] for s in summaries])
         results["seg3d" if kind == "seg" else "cls2d"] = result
         means = {name: result[name]["mean"] for name in RUNS}
         lines = [
@@ -303,6 +307,8 @@ def run_demo(
             + " the teacher's mean and "
             + ("beat" if means["lorkd"] > means["plain_kd"] else "do NOT beat")
             + " the plain-KD student's.",
+            "",
+            paired_line(result["paired"], "test cases"),
         ]
         text, routing = export_and_predict(kind, student, root, predict_task, seed)
         lines.append(text)
@@ -310,6 +316,77 @@ def run_demo(
             result["lorkd"]["router"] = routing
         sections.append("\n".join(lines))
     return "\n\n".join(sections), results
+
+
+#: The paired comparisons reported: (run, reference).
+PAIRS: tuple[tuple[str, str], ...] = (("lorkd", "plain_kd"), ("lorkd", "teacher"), ("plain_kd", "teacher"))
+
+
+def paired_comparisons(summaries: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each pair of :data:`PAIRS`: the paired difference over seeds × test cases and its 95 % bootstrap
+    interval (:mod:`lorkd_pl.evaluation.paired`).
+
+    Args:
+        summaries: per run of :data:`RUNS`, per seed, its test summaries by task.
+    """
+    by_run = dict(zip(RUNS, summaries, strict=True))
+    out = {}
+    for run, reference in PAIRS:
+        difference, low, high = bootstrap_interval(paired_differences(by_run[run], by_run[reference]))
+        out[f"{run}-{reference}"] = {
+            "difference": difference,
+            "low": low,
+            "high": high,
+            "resolved": low > 0 or high < 0,  # the interval excludes 0
+        }
+    return out
+
+
+def paired_line(paired: Mapping[str, Mapping[str, Any]], over: str) -> str:
+    """The headline of :func:`paired_comparisons`: each difference, its interval, resolved or not."""
+    parts = []
+    for key, value in paired.items():
+        run, reference = key.split("-")
+        verdict = "resolved" if value["resolved"] else "not resolved: the interval holds 0"
+        interval = f"[{value['low']:+.3f}, {value['high']:+.3f}]"
+        parts.append(f"{run} − {reference} {value['difference']:+.3f} {interval} ({verdict})")
+    return f"Paired differences over {over}, 95 % bootstrap interval: " + "; ".join(parts) + "."
+
+
+def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Several seeds' results: per run the mean ± sd over seeds, the paired differences over seeds ×
+    test cases with their intervals (re-read from each seed's test runs), and the headline."""
+    import statistics
+
+    from lorkd_pl.evaluation.comparison import find_summaries
+
+    seeds = list(per_seed)
+    lines, out = [f"### Over seeds {', '.join(map(str, seeds))}"], {}
+    for kind in next(iter(per_seed.values())):
+        if kind not in ("seg3d", "cls2d"):
+            continue
+        results = [per_seed[seed][kind] for seed in seeds]
+        metric = results[0]["metric"]
+        summary: dict[str, Any] = {"metric": metric}
+        for name in RUNS:
+            means = [r[name]["mean"] for r in results]
+            summary[name] = {
+                "mean": statistics.fmean(means),
+                "sd": statistics.stdev(means) if len(means) > 1 else 0.0,
+                "per_seed": dict(zip(map(str, seeds), means, strict=True)),
+            }
+        summaries = [[find_summaries(r[name]["test_run"]) for r in results] for name in RUNS]
+        summary["paired"] = paired_comparisons(summaries)
+        out[kind] = summary
+        title = "3D segmentation" if kind == "seg3d" else "2D classification"
+        lines += [
+            "",
+            f"{title}, mean {metric} ± sd over seeds: "
+            + ", ".join(f"{name} {summary[name]['mean']:.3f} ± {summary[name]['sd']:.3f}" for name in RUNS)
+            + ".",
+            paired_line(summary["paired"], f"{len(seeds)} seeds × test cases"),
+        ]
+    return "\n".join(lines), out
 
 
 def kind_results(
@@ -348,10 +425,17 @@ def kind_results(
 
 
 def main(
-    workdir: str | None = None, kinds: Sequence[str] = ("cls", "seg"), quick: bool = False, seed: int = 0
+    workdir: str | None = None,
+    kinds: Sequence[str] = ("cls", "seg"),
+    quick: bool = False,
+    seed: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> str:
-    """Run the demo in ``workdir`` (default: the current folder), print and save the report."""
-    check_seed(seed, "--seed")
+    """Run the demo in ``workdir`` (default: the current folder) for ``seeds`` (default: ``[seed]``),
+    print and save the report."""
+    seeds = list(seeds or [seed])
+    for value in seeds:
+        check_seed(value, "--seeds" if len(seeds) > 1 else "--seed")
     torch.set_float32_matmul_precision("high")
     start = time.perf_counter()
     previous = Path.cwd()
@@ -359,20 +443,37 @@ def main(
         if workdir:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             os.chdir(workdir)
-        report, results = run_demo(kinds=kinds, quick=quick, seed=seed)
-        report = save_results(DEMO_ROOT, report, results, time.perf_counter() - start, seed)
+        report, results = run_seeds(seeds, lambda value: run_demo(kinds=kinds, quick=quick, seed=value))
+        report = save_results(DEMO_ROOT, report, results, time.perf_counter() - start, seeds)
     finally:
         os.chdir(previous)
     print(report)
     return report
 
 
-def save_results(root: Path, report: str, results: dict[str, Any], seconds: float, seed: int) -> str:
+def run_seeds(seeds: Sequence[int], run_one) -> tuple[str, dict[str, Any]]:
+    """``run_one(seed) -> (report, results)`` for each seed; one seed's report and results as they are,
+    several seeds' with :func:`seeds_results` first and each seed's under ``per_seed``."""
+    reports, per_seed = [], {}
+    for value in seeds:
+        report, per_seed[value] = run_one(value)
+        reports.append(f"## Seed {value}\n\n{report}" if len(seeds) > 1 else report)
+    if len(seeds) == 1:
+        return reports[0], per_seed[seeds[0]]
+    headline, results = seeds_results(per_seed)
+    results["per_seed"] = {str(value): result for value, result in per_seed.items()}
+    return "\n\n".join([headline, *reports]), results
+
+
+def save_results(
+    root: Path, report: str, results: dict[str, Any], seconds: float, seeds: int | Sequence[int]
+) -> str:
     """Write ``root/report.md`` (the report with the total time appended, which is returned) and
     ``root/results.json`` (strict JSON: NaN as null)."""
     report += f"\n\nTotal: {seconds:.0f} s on {os.cpu_count()} CPU cores.\n"
     results["total_seconds"] = round(seconds, 1)
-    results["seed"] = seed
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    results["seed" if len(seeds) == 1 else "seeds"] = seeds[0] if len(seeds) == 1 else seeds
     write_text_atomic(root / "report.md", report)
     write_json_atomic(root / "results.json", results)
     return report

@@ -1,0 +1,106 @@
+"""Paired comparison of two runs over seeds × test cases, with a 95 % bootstrap interval.
+
+Two runs (e.g. LoRKD and plain KD) tested on the same cases under several seeds give, per task, a
+matrix of per-case score differences ``D[seed, case]``. Per case the score is the case's accuracy
+(cls2d: 1 if the predicted class is the label, else 0) or its mean Dice over the foreground classes it
+has a value for (seg3d; NaN classes, absent from label and prediction, left out as everywhere).
+
+The difference reported is ``mean over tasks of mean over (seed, case) of D`` — the difference of the
+runs' mean over tasks, each task weighted equally as in the demo's headline (for seg3d the headline
+averages per-class means, this the per-case means: they agree up to the order of the NaN-aware means).
+Its interval is a two-level percentile bootstrap: each resample draws the seeds with replacement and,
+per task, the cases with replacement (the same cases for both runs: paired), so both the spread over
+seeds and the spread over cases widen it. With one seed only the cases are drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: Resamples of the bootstrap; the interval's end points move by < 0.002 between generator seeds at
+#: the demo's sizes.
+RESAMPLES = 10_000
+
+
+def case_scores(summary: Mapping[str, Any]) -> dict[str, float]:
+    """``{case: score}`` of one task's test summary (``summary/<task>.json``): accuracy of a cls2d case
+    (0 or 1), mean foreground Dice of a seg3d case (NaN if no class has a value)."""
+    scores = {}
+    for row in summary["cases"]:
+        if summary["kind"] == "cls2d":
+            scores[row["case"]] = float(row["prediction"] == row["label"])
+        else:
+            values = [float(v) for k, v in row.items() if k.startswith("dice_") and not math.isnan(float(v))]
+            scores[row["case"]] = sum(values) / len(values) if values else float("nan")
+    return scores
+
+
+def paired_differences(
+    a: Sequence[Mapping[str, Mapping[str, Any]]], b: Sequence[Mapping[str, Mapping[str, Any]]]
+) -> dict[str, np.ndarray]:
+    """Per task, the per-case score differences ``a − b`` as a ``(seeds, cases)`` array.
+
+    Args:
+        a: per seed, run A's summaries by task (:func:`~lorkd_pl.evaluation.comparison.find_summaries`).
+        b: per seed, run B's summaries by task, the same seeds in the same order.
+
+    Returns:
+        ``{task: D}`` over the tasks both runs have in every seed; cases where either score is NaN are
+        dropped (in every seed, to keep the pairs).
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired runs need the same seeds: {len(a)} and {len(b)} summaries")
+    tasks = sorted(set.intersection(*(set(s) for s in [*a, *b])))
+    differences = {}
+    for task in tasks:
+        scores_a = [case_scores(seed[task]) for seed in a]
+        scores_b = [case_scores(seed[task]) for seed in b]
+        cases = sorted(set.intersection(*(set(s) for s in [*scores_a, *scores_b])))
+        matrix = np.array([[sa[c] - sb[c] for c in cases] for sa, sb in zip(scores_a, scores_b, strict=True)])
+        keep = ~np.isnan(matrix).any(axis=0)
+        if keep.any():
+            differences[task] = matrix[:, keep]
+    return differences
+
+
+def bootstrap_interval(
+    differences: Mapping[str, np.ndarray], level: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean paired difference and its two-level percentile bootstrap interval (module docstring).
+
+    Args:
+        differences: ``{task: D}``, ``D`` of shape ``(seeds, cases)``, the same number of seeds in every
+            task.
+        level: the interval's coverage.
+        resamples: bootstrap resamples.
+        seed: the generator's seed (the interval is reproducible).
+
+    Returns:
+        ``(difference, low, high)``.
+    """
+    if not differences:
+        raise ValueError("no task with paired cases to compare")
+    seeds = {d.shape[0] for d in differences.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"every task needs the same seeds, got {sorted(seeds)}")
+    n_seeds = seeds.pop()
+    rng = np.random.default_rng(seed)
+    picked_seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds)) if n_seeds > 1 else None
+    per_task = []
+    for task in sorted(differences):
+        matrix = differences[task]
+        picked = rng.integers(0, matrix.shape[1], size=(resamples, matrix.shape[1]))
+        by_seed = matrix[:, picked].mean(axis=2)  # (seeds, resamples): each seed's mean over drawn cases
+        if picked_seeds is None:
+            per_task.append(by_seed[0])
+        else:
+            per_task.append(np.take_along_axis(by_seed.T, picked_seeds, axis=1).mean(axis=1))
+    statistic = np.mean(per_task, axis=0)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(statistic, [tail, 100 - tail])
+    difference = float(np.mean([d.mean() for d in differences.values()]))
+    return difference, float(low), float(high)
