@@ -123,6 +123,18 @@ def test_resuming_continues_the_run_in_its_folder_and_keeps_its_first_logs(tmp_p
         (["--run_name=../elsewhere"], "--run_name '../elsewhere' is not a run name"),
         (["--run_name=latest"], "--run_name 'latest' is not a run name"),
         (["--run_name=a b"], "--run_name 'a b' is not a run name"),
+        (["--run_name=a/b"], "--run_name 'a/b' is not a run name"),
+        (["--run_name=.hidden"], "--run_name '.hidden' is not a run name"),
+        (["--run_name=" + "x" * 129], "--run_name 'xxxx"),
+        (["--run_name=-x"], "--run_name '-x' is not a run name"),
+        (
+            ["--ckpt_path", "best"],
+            "--ckpt_path best: there is no run under runs/demo/teacher_cls to continue",
+        ),
+        (
+            ["--ckpt_path", "last", "--run_name=nope"],
+            "--ckpt_path last --run_name nope: there is no run folder",
+        ),
     ],
 )
 def test_bad_run_names_and_nothing_to_resume_are_one_line(tmp_path, monkeypatch, capsys, args, message):
@@ -132,6 +144,22 @@ def test_bad_run_names_and_nothing_to_resume_are_one_line(tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     assert error_line(capsys).startswith(f"lorkd-pl: error: {message}")
     assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_runs_lists_nothing_or_refuses_what_is_not_a_folder(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    for root in ("file.txt", "missing"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["runs", root])
+        assert exit_info.value.code == 2
+        assert error_line(capsys) == (
+            f"lorkd-pl: error: {root} is not a folder of runs (a recipe's trainer.default_root_dir, "
+            "e.g. runs/demo/lorkd_seg)"
+        )
+    (tmp_path / "empty" / "version_0").mkdir(parents=True)  # a run that never wrote a checkpoint
+    assert main(["runs", "empty"]) == 0
+    assert capsys.readouterr().out.strip() == "no runs with a checkpoints/last.ckpt under empty"
 
 
 def test_resume_of_a_run_without_a_last_checkpoint_is_refused(tmp_path, monkeypatch, capsys) -> None:
