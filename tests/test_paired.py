@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
 from lorkd_pl.evaluation.paired import bootstrap_interval, case_scores, paired_differences
@@ -127,3 +128,35 @@ def test_seeds_option_needs_two_distinct_seeds(capsys) -> None:
             main(["demo", "--seeds", value])
         assert exit_info.value.code == 2
         assert "--seeds: invalid list of two or more distinct seeds" in capsys.readouterr().err
+
+
+def test_the_per_region_control_trains_one_student_per_region_at_the_same_total_budget(
+    tmp_path, monkeypatch
+) -> None:
+    """demo --per-region-control: each region's student saw only its region's tasks and 1/R of the
+    samples per epoch; its test summaries are the control's; the reported size is their sum."""
+    import torch
+
+    from lorkd_pl.app.demo import QUICK, run_demo
+
+    monkeypatch.chdir(tmp_path)
+    _, results = run_demo(kinds=("cls",), quick=True, per_region_control=True)
+    root = tmp_path / "runs" / "demo" / "per_region_cls"
+    samples = int(next(a for a in QUICK["cls"] if "samples_per_epoch" in a).split("=")[1])
+    students = sorted(p for p in root.glob("seed0-*") if p.is_dir())
+    assert [p.name for p in students] == [f"seed0-{r}" for r in ("abdomen", "brain", "pelvis", "thorax")]
+    total = 0
+    for run in students:
+        saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        tasks = [t["name"] for t in saved["hyper_parameters"]["task_info"]]
+        assert tasks == [f"demo_{run.name.split('-')[1]}_cls"]  # its region's data only
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["data"]["init_args"]["samples_per_epoch"] == samples // 4
+        buffers = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm state, not parameters
+        total += sum(v.numel() for k, v in saved["state_dict"].items() if not k.endswith(buffers))
+    result = results["cls2d"]
+    assert result["per_region"]["params"] == total
+    assert sorted(p.name for p in (root / "seed0" / "summary").glob("*.json")) == [
+        f"demo_{r}_cls.json" for r in ("abdomen", "brain", "pelvis", "thorax")
+    ]
+    assert {"lorkd-per_region", "lorkd-plain_kd"} <= set(result["paired"])

@@ -72,6 +72,7 @@ def main(
     quick: bool = False,
     data_seed: int = 0,
     seeds: list[int] | None = None,
+    per_region_control: bool = False,
 ) -> str:
     """Run the check into ``out``; print and return the report.
 
@@ -79,6 +80,7 @@ def main(
         out: output folder (data, configs, runs, report).
         seed: seed of every fit.
         seeds: several seeds (each a full check, runs side by side as ``seed<N>``), replacing ``seed``.
+        per_region_control: also the per-region control (one plain-KD student per region).
         mni_dir: folder with the template files (default: the installed nilearn's data).
         quick: tiny budgets: checks the pipeline, the numbers mean nothing.
         data_seed: seed of the simulated subjects.
@@ -97,7 +99,13 @@ def main(
     report, results = run_seeds(
         seeds,
         lambda value: run_demo(
-            configs, kinds=("seg",), quick=quick, seed=value, root=root, predict_task=TASK_NAME
+            configs,
+            kinds=("seg",),
+            quick=quick,
+            seed=value,
+            root=root,
+            predict_task=TASK_NAME,
+            per_region_control=per_region_control,
         ),
     )
     results["data_seed"] = data_seed

@@ -176,7 +176,12 @@ def _demo(args: argparse.Namespace) -> int:
     from lorkd_pl.app.demo import main as run_demo
 
     run_demo(
-        args.workdir, kinds=args.kind or ("cls", "seg"), quick=args.quick, seed=args.seed, seeds=args.seeds
+        args.workdir,
+        kinds=args.kind or ("cls", "seg"),
+        quick=args.quick,
+        seed=args.seed,
+        seeds=args.seeds,
+        per_region_control=args.per_region_control,
     )
     return 0
 
@@ -191,6 +196,7 @@ def _anatomy_check(args: argparse.Namespace) -> int:
         quick=args.quick,
         data_seed=args.data_seed,
         seeds=args.seeds,
+        per_region_control=args.per_region_control,
     )
     return 0
 
@@ -435,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="several seeds, e.g. 0,1,2: the whole demo per seed, then mean ± sd and the paired "
         "differences over seeds x test cases with 95%% bootstrap intervals (replaces --seed)",
     )
+    demo.add_argument(
+        "--per-region-control",
+        action="store_true",
+        help="also the per-region control: one plain-KD student per region, trained on its region only, "
+        "the same total samples and steps as the other runs (4 more fits per kind)",
+    )
 
     anatomy = command(
         "anatomy-check",
@@ -444,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     anatomy.add_argument("--out", default="runs/anatomy", help="output folder (default runs/anatomy)")
     anatomy.add_argument("--seed", type=int, default=0, help="seed of every fit (default 0)")
     anatomy.add_argument("--seeds", type=_seed_list, help="several seeds, e.g. 0,1,2 (as demo --seeds)")
+    anatomy.add_argument("--per-region-control", action="store_true", help="as demo --per-region-control")
     anatomy.add_argument("--data-seed", type=int, default=0, help="seed of the simulated subjects")
     anatomy.add_argument("--mni-dir", help="template folder (default: the installed nilearn's)")
     anatomy.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline")

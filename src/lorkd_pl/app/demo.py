@@ -182,6 +182,8 @@ def route_test_volumes(student, experts: Path, out: Path, predict_task: str) -> 
 
 #: The runs of each demo, in report order: the foundation model, the control, LoRKD.
 RUNS: tuple[str, ...] = ("teacher", "plain_kd", "lorkd")
+#: With ``--per-region-control``: also one plain-KD student per region (trained on its region only).
+RUNS_WITH_CONTROL: tuple[str, ...] = ("teacher", "plain_kd", "per_region", "lorkd")
 
 
 def derive_configs(
@@ -223,6 +225,7 @@ def run_demo(
     seed: int = 0,
     root: Path = DEMO_ROOT,
     predict_task: str = "demo_brain_seg",
+    per_region_control: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Run the demo in the current folder (writes ``root``, default ``runs/demo/``); return the report and
     the results.
@@ -240,6 +243,7 @@ def run_demo(
         seed: the seed of every fit (weights, sampling and augmentation); the data stay the same.
         root: the runs' folder, the one the configs write to.
         predict_task: the 3D task whose first test volume the exported brain expert predicts.
+        per_region_control: also fit and test the per-region control (:func:`fit_per_region`).
 
     Returns:
         The markdown report and the results (what :func:`save_results` writes to ``root/results.json``).
@@ -258,39 +262,52 @@ def run_demo(
             f"--data.init_args.seed={seed}",
         ]
         metric = KINDS[kind]
+        names = RUNS_WITH_CONTROL if per_region_control else RUNS
         timings, models, logs, runs = {}, {}, {}, {}
-        for name in RUNS:
-            config = configs / f"{name}_{kind}.yaml"
+        for name in names:
             start = time.perf_counter()
+            if name == "per_region":
+                config = configs / f"plain_kd_{kind}.yaml"
+                models[name], logs[name], runs[name] = fit_per_region(config, root, kind, seed, quick, quiet)
+                timings[name] = time.perf_counter() - start
+                continue
+            config = configs / f"{name}_{kind}.yaml"
             # the demo owns root: a rerun of a seed moves the earlier run aside (<run>.replaced-<time>)
             lightning_cli(["fit", "--config", str(config), f"--run_name=seed{seed}", "--overwrite", *quiet])
             timings[name] = time.perf_counter() - start
             runs[name] = run_folder(root, f"{name}_{kind}", seed)
             models[name], logs[name] = _test(config, runs[name] / "checkpoints" / "last.ckpt", quiet)
-        summaries = [find_summaries(logs[name]) for name in RUNS]  # read once
-        curves = {name: validation_curve(runs[name]) for name in RUNS}
-        conflicts = {name: conflict_history(runs[name]) for name in RUNS}
+        summaries = [find_summaries(logs[name]) for name in names]  # read once
+        curves = {name: validation_curve(runs[name]) for name in names}
+        conflicts = {name: conflict_history(runs[name]) for name in names}
         report = write_comparison(
             summaries,
             root / f"report_{kind}",
-            RUNS,
-            [str(logs[n]) for n in RUNS],
+            names,
+            [str(logs[n]) for n in names],
             curves=curves,
             conflicts=conflicts,
         )
-        rows = run_rows(summaries, RUNS)
-        teacher, plain, student = (models[name] for name in RUNS)
+        rows = run_rows(summaries, names)
+        student = models["lorkd"]
         merged = [merged_expert_parameters(student, index) for index in range(len(student.tasks))]
-        result = kind_results(rows, metric, teacher, plain, student, merged, timings)
-        for name in RUNS:  # where its test summaries are (paired comparisons re-read them)
+        result = kind_results(rows, metric, models, merged, timings, names)
+        for name in names:  # where its test summaries are (paired comparisons re-read them)
             result[name]["test_run"] = str(logs[name])
-        result["paired"] = paired_comparisons([[s] for s in summaries])
+        result["paired"] = paired_comparisons([[s] for s in summaries], names)
         results["seg3d" if kind == "seg" else "cls2d"] = result
-        means = {name: result[name]["mean"] for name in RUNS}
+        means = {name: result[name]["mean"] for name in names}
+        control = ""
+        if per_region_control:
+            control = (
+                f" Per-region control: {len(models['per_region'])} plain-KD students of one region each, "
+                f"{result['per_region']['params']:,} parameters together, mean {metric} "
+                f"{means['per_region']:.3f}."
+            )
         lines = [
             f"### {'2D classification' if kind == 'cls' else '3D segmentation'} (test split)",
             "",
-            *markdown_table(rows, RUNS),
+            *markdown_table(rows, names),
             "",
             f"Parameters: teacher {result['teacher']['params']:,}; plain-KD student "
             f"{result['plain_kd']['params']:,}; LoRKD student with all {len(student.regions)} experts and "
@@ -298,8 +315,9 @@ def run_demo(
             f"classifier {result['lorkd']['params_router_head']:,}); one merged expert + its "
             f"head {min(merged):,}–{max(merged):,} (teacher / merged expert: "
             f"{result['size_ratio_teacher_to_merged_expert']:.1f}×). Fit time: "
-            + ", ".join(f"{name} {timings[name]:.0f} s" for name in RUNS)
-            + f". Full report with per-class tables, plots and learning curves: {report}.",
+            + ", ".join(f"{name} {timings[name]:.0f} s" for name in names)
+            + f". Full report with per-class tables, plots and learning curves: {report}."
+            + control,
             "",
             f"Mean {metric}: teacher {means['teacher']:.3f}, plain KD {means['plain_kd']:.3f}, LoRKD "
             f"{means['lorkd']:.3f}. LoRKD experts "
@@ -319,19 +337,29 @@ def run_demo(
 
 
 #: The paired comparisons reported: (run, reference).
-PAIRS: tuple[tuple[str, str], ...] = (("lorkd", "plain_kd"), ("lorkd", "teacher"), ("plain_kd", "teacher"))
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("lorkd", "plain_kd"),
+    ("lorkd", "per_region"),
+    ("lorkd", "teacher"),
+    ("plain_kd", "teacher"),
+)
 
 
-def paired_comparisons(summaries: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Each pair of :data:`PAIRS`: the paired difference over seeds × test cases and its 95 % bootstrap
-    interval (:mod:`lorkd_pl.evaluation.paired`).
+def paired_comparisons(
+    summaries: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str] = RUNS
+) -> dict[str, dict[str, Any]]:
+    """Each pair of :data:`PAIRS` among ``names``: the paired difference over seeds × test cases and
+    its 95 % bootstrap interval (:mod:`lorkd_pl.evaluation.paired`).
 
     Args:
-        summaries: per run of :data:`RUNS`, per seed, its test summaries by task.
+        summaries: per run of ``names``, per seed, its test summaries by task.
+        names: the runs.
     """
-    by_run = dict(zip(RUNS, summaries, strict=True))
+    by_run = dict(zip(names, summaries, strict=True))
     out = {}
     for run, reference in PAIRS:
+        if run not in by_run or reference not in by_run:
+            continue
         difference, low, high = bootstrap_interval(paired_differences(by_run[run], by_run[reference]))
         out[f"{run}-{reference}"] = {
             "difference": difference,
@@ -367,22 +395,23 @@ def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[
             continue
         results = [per_seed[seed][kind] for seed in seeds]
         metric = results[0]["metric"]
+        names = [name for name in RUNS_WITH_CONTROL if name in results[0]]
         summary: dict[str, Any] = {"metric": metric}
-        for name in RUNS:
+        for name in names:
             means = [r[name]["mean"] for r in results]
             summary[name] = {
                 "mean": statistics.fmean(means),
                 "sd": statistics.stdev(means) if len(means) > 1 else 0.0,
                 "per_seed": dict(zip(map(str, seeds), means, strict=True)),
             }
-        summaries = [[find_summaries(r[name]["test_run"]) for r in results] for name in RUNS]
-        summary["paired"] = paired_comparisons(summaries)
+        summaries = [[find_summaries(r[name]["test_run"]) for r in results] for name in names]
+        summary["paired"] = paired_comparisons(summaries, names)
         out[kind] = summary
         title = "3D segmentation" if kind == "seg3d" else "2D classification"
         lines += [
             "",
             f"{title}, mean {metric} ± sd over seeds: "
-            + ", ".join(f"{name} {summary[name]['mean']:.3f} ± {summary[name]['sd']:.3f}" for name in RUNS)
+            + ", ".join(f"{name} {summary[name]['mean']:.3f} ± {summary[name]['sd']:.3f}" for name in names)
             + ".",
             paired_line(summary["paired"], f"{len(seeds)} seeds × test cases"),
         ]
@@ -392,13 +421,20 @@ def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[
 def kind_results(
     rows: Sequence[dict[str, Any]],
     metric: str,
-    teacher: Any,
-    plain: Any,
-    student: Any,
+    models: Mapping[str, Any],
     merged: Sequence[int],
     timings: dict[str, float],
+    names: Sequence[str] = RUNS,
 ) -> dict[str, Any]:
-    """One demo kind's entry of ``results.json``: each run's parameters, mean and per-region score."""
+    """One demo kind's entry of ``results.json``: each run's parameters, mean and per-region score.
+
+    Args:
+        rows: :func:`~lorkd_pl.evaluation.comparison.run_rows` of ``names``.
+        models: the tested model of each run (``per_region``: the list of its students).
+        merged: parameters of each task's merged LoRKD expert.
+        timings: fit seconds of each run.
+        names: the runs, in ``rows``' order.
+    """
 
     means, _ = common_means(rows, metric)  # over the tasks every run has a value for, as the table
 
@@ -409,11 +445,14 @@ def kind_results(
         return means[index], {r: nanmean(v) for r, v in per_region.items()}
 
     out: dict[str, Any] = {"metric": metric, "seconds": round(sum(timings.values()), 1)}
-    for index, name in enumerate(RUNS):
+    for index, name in enumerate(names):
         mean, per_region = scores(index)
         out[name] = {"mean": mean, "per_region": per_region, "fit_seconds": round(timings[name], 1)}
+    teacher, student = models["teacher"], models["lorkd"]
     out["teacher"]["params"] = count_parameters(teacher)
-    out["plain_kd"]["params"] = count_parameters(plain)
+    out["plain_kd"]["params"] = count_parameters(models["plain_kd"])
+    if "per_region" in names:  # the summed size of the per-region students
+        out["per_region"]["params"] = sum(count_parameters(m) for m in models["per_region"])
     from lorkd_pl.deploy.networks import student_parameters
 
     out["lorkd"]["params_all_experts"] = student_parameters(student)  # W0, experts, heads
@@ -424,15 +463,71 @@ def kind_results(
     return out
 
 
+def fit_per_region(
+    config: Path, root: Path, kind: str, seed: int, quick: bool, quiet: Sequence[str]
+) -> tuple[list[Any], Path, Path]:
+    """The per-region control: the plain-KD student (``config``) fitted once per region on that region's
+    tasks only, at the same total budget as one demo run, each tested; their test summaries gathered.
+
+    Budget: a demo run draws ``samples_per_epoch`` samples per epoch over all regions (equally over
+    regions); each region's student draws ``samples_per_epoch / R`` per epoch for the same epochs, so the
+    R students together see the same samples in the same number of optimiser steps (up to a partial
+    batch per region). Without ``samples_per_epoch`` an epoch is every training record: each student's
+    epoch is its region's records, the same total.
+
+    Returns:
+        The R tested students, the folder holding the gathered ``summary/<task>.json`` and the run
+        folder (``root/per_region_<kind>/seed<N>/``; each region's run is ``seed<N>-<region>``).
+    """
+    import shutil
+
+    import yaml
+
+    from lorkd_pl.registry import get_task
+
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))["data"]["init_args"]
+    regions: dict[str, list[str]] = {}
+    for task in data["tasks"]:
+        regions.setdefault(get_task(task).region, []).append(task)
+    samples = data.get("samples_per_epoch")
+    for item in quiet:  # --quick's budget
+        if item.startswith("--data.init_args.samples_per_epoch="):
+            samples = int(item.split("=", 1)[1])
+    batch = int(data.get("batch_size", 1))
+    folder = root / f"per_region_{kind}"
+    gathered = run_folder(root, f"per_region_{kind}", seed)
+    (gathered / "summary").mkdir(parents=True, exist_ok=True)
+    for earlier in (gathered / "summary").glob("*.json"):  # the demo's own, of an earlier run
+        earlier.unlink()
+    models = []
+    for region, tasks in regions.items():
+        budget = [f"--data.init_args.tasks=[{', '.join(tasks)}]", f"--trainer.default_root_dir={folder}"]
+        if samples:
+            share = max(samples // len(regions), 1)
+            budget += [
+                f"--data.init_args.samples_per_epoch={share}",
+                f"--data.init_args.batch_size={min(batch, share)}",
+            ]
+        name = f"--run_name=seed{seed}-{region}"
+        lightning_cli(["fit", "--config", str(config), name, "--overwrite", *quiet, *budget])
+        checkpoint = folder / f"seed{seed}-{region}" / "checkpoints" / "last.ckpt"
+        model, log_dir = _test(config, checkpoint, [*quiet, *budget[:1]])
+        models.append(model)
+        for summary in Path(log_dir, "summary").glob("*.json"):
+            shutil.copyfile(summary, gathered / "summary" / summary.name)
+    return models, gathered, gathered
+
+
 def main(
     workdir: str | None = None,
     kinds: Sequence[str] = ("cls", "seg"),
     quick: bool = False,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
+    per_region_control: bool = False,
 ) -> str:
     """Run the demo in ``workdir`` (default: the current folder) for ``seeds`` (default: ``[seed]``),
-    print and save the report."""
+    with the per-region control if asked, print and save the report."""
     seeds = list(seeds or [seed])
     for value in seeds:
         check_seed(value, "--seeds" if len(seeds) > 1 else "--seed")
@@ -443,7 +538,12 @@ def main(
         if workdir:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             os.chdir(workdir)
-        report, results = run_seeds(seeds, lambda value: run_demo(kinds=kinds, quick=quick, seed=value))
+        report, results = run_seeds(
+            seeds,
+            lambda value: run_demo(
+                kinds=kinds, quick=quick, seed=value, per_region_control=per_region_control
+            ),
+        )
         report = save_results(DEMO_ROOT, report, results, time.perf_counter() - start, seeds)
     finally:
         os.chdir(previous)
