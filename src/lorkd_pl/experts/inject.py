@@ -337,6 +337,25 @@ def _unwrapped_copy(model: nn.Module, replace: Callable[[ExpertLayer], nn.Module
 
 
 @torch.no_grad()
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the plain network inside a model with experts: ``W0`` under the plain layer
+    names (``<layer>.weight``, not ``<layer>.base_layer.weight``), no expert tensors; what
+    :func:`load_base_weights` loads back."""
+    wrapped = {n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ExpertLayer)}
+    plain = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in wrapped and leaf in EXPERT_TENSORS:  # owner "": a bare wrapped layer
+            continue
+        layer, _, parameter = owner.rpartition(".")
+        if parameter == "base_layer" and layer in wrapped:
+            key = f"{layer}.{leaf}"
+        elif owner == "base_layer" and "" in wrapped:
+            key = leaf
+        plain[key] = value
+    return plain
+
+
 def load_base_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> int:
     """Load a plain network's ``state_dict`` into a model with experts (into ``W0``; experts untouched).
 

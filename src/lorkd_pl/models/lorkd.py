@@ -34,6 +34,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from lorkd_pl.checks import check_ranges
 from lorkd_pl.data.teacher_targets import INDEX_KEY, KEY, LOG_PROBS_KEY, TARGET_KEYS
 from lorkd_pl.experts import expert_routing, inject_experts, load_base_weights, shared_weights
+from lorkd_pl.experts.inject import base_state_dict
 from lorkd_pl.experts.layers import Layout
 from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.models.backbones import (
@@ -56,6 +57,7 @@ from lorkd_pl.models.router import (
 )
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError, load_teacher
 from lorkd_pl.models.teacher.spec import PlainValue, TeacherSpec, parse_teacher
+from lorkd_pl.models.weight_selection import select_tensor, select_weights
 
 KDKind = Literal["logits", "features", "both", "none"]
 #: The router learns from the features of the last this many training batches (the current one and
@@ -131,9 +133,10 @@ class LoRKDModule(TaskModule):
             ``None`` trains without KD.
         teacher_model: ``{"class_path", "init_args"}`` of a plain-checkpoint teacher's network (also
             ``teacher.model``).
-        init_from_teacher: start the shared weights ``W0`` and the heads from a generalist teacher with
-            the same backbone (the experts then decompose the foundation model's own weights); done
-            once, when a fit starts without ``ckpt_path``.
+        init_from_teacher: start the shared weights ``W0`` and the heads from a generalist teacher
+            whose backbone is the student's class, the same size (copied) or larger (weight selection:
+            :mod:`lorkd_pl.models.weight_selection`), so the experts decompose the foundation model's
+            own weights; done once, when a fit starts without ``ckpt_path``.
         kd: ``"logits"``, ``"features"``, ``"both"`` or ``"none"``.
         kd_weight: λ, the weight of the KD term(s).
         temperature: τ of the logit KD.
@@ -337,17 +340,20 @@ class LoRKDModule(TaskModule):
 
     @torch.no_grad()
     def initialise_from_teacher(self) -> None:
-        """Copy a generalist teacher's backbone into ``W0`` and its head rows into the task heads, each
-        task class from the teacher class it maps to BY NAME (any order).
+        """Copy a generalist teacher's backbone into ``W0`` (whole, or by weight selection for a smaller
+        student of its class: :mod:`lorkd_pl.models.weight_selection`) and its head rows into the task
+        heads, each task class from the teacher class it maps to BY NAME (any order), the head's input
+        columns selected like the backbone's output channels.
 
         Raises:
-            TeacherError: if the teacher is not a lorkd-pl generalist with the same backbone, or a
-                task has no class mapping or a merged class (no single head row to copy).
+            TeacherError: if the teacher is not a lorkd-pl generalist of the student's backbone class,
+                a student tensor is larger than the teacher's, or a task has no class mapping or a
+                merged class (no single head row to copy).
         """
         network = self.teacher.network
         if not isinstance(network, GeneralistModule):
             raise TeacherError("init_from_teacher needs a lorkd-pl generalist teacher checkpoint")
-        rows = {}
+        rows_of = {}
         for task in self.tasks:
             groups = self.teacher.class_channels.get(task["name"])
             if groups is None or any(len(g) != 1 for g in groups):
@@ -357,21 +363,38 @@ class LoRKDModule(TaskModule):
                     + f" teacher {self.hparams.teacher}; its head needs one teacher class per class "
                     "(map the classes one-to-one in teacher_classes, or set init_from_teacher: false)"
                 )
-            rows[task["name"]] = [g[0] for g in groups]
+            rows_of[task["name"]] = [g[0] for g in groups]
+        if type(network.backbone) is not type(self.student):
+            names = (f"{type(m).__module__}.{type(m).__qualname__}" for m in (network.backbone, self.student))
+            raise TeacherError(
+                "init_from_teacher: the teacher's backbone is {}, the student's {}: weights are selected "
+                "only within one backbone class (set init_from_teacher: false)".format(*names)
+            )
+        experts = self.hparams.get("experts", True)
         try:
-            if self.hparams.get("experts", True):
-                copied = load_base_weights(self.student, network.backbone.state_dict())
+            own = base_state_dict(self.student) if experts else self.student.state_dict()
+            selected, report = select_weights(own, network.backbone.state_dict())
+            if experts:
+                load_base_weights(self.student, selected)
             else:  # a plain-KD student: the same backbone, no experts
-                state = network.backbone.state_dict()
-                self.student.load_state_dict(state)
-                copied = len(state)
+                self.student.load_state_dict(selected)
+            for task, head in zip(self.tasks, self.heads, strict=True):
+                rows = network.head.weight[rows_of[task["name"]]]  # (K_task, C_teacher, ...)
+                head.weight.copy_(select_tensor(rows, head.weight.shape, f"head of {task['name']}"))
+                head.bias.copy_(network.head.bias[rows_of[task["name"]]])
         except (ValueError, RuntimeError) as error:
             raise TeacherError(f"init_from_teacher: teacher {self.hparams.teacher}: {error}") from None
-        for task, head in zip(self.tasks, self.heads, strict=True):
-            head.weight.copy_(network.head.weight[rows[task["name"]]])
-            head.bias.copy_(network.head.bias[rows[task["name"]]])
+        how = (
+            f"{len(report.copied)} copied, {len(report.selected)} by weight selection (the teacher's "
+            "uniformly spaced channels, centred kernels)"
+            + (
+                f", {len(report.kept)} without a teacher counterpart kept as initialised"
+                if report.kept
+                else ""
+            )
+        )
         rank_zero_info(
-            f"lorkd-pl: initialised {copied} backbone tensors and {len(self.heads)} heads from the teacher"
+            f"lorkd-pl: initialised the backbone from the teacher ({how}) and {len(self.heads)} heads"
         )
 
     # ------------------------------------------------------------------ forward
