@@ -127,10 +127,11 @@ def test_resuming_continues_the_run_in_its_folder_and_keeps_its_first_logs(tmp_p
         (["--run_name=.hidden"], "--run_name '.hidden' is not a run name"),
         (["--run_name=" + "x" * 129], "--run_name 'xxxx"),
         (["--run_name=-x"], "--run_name '-x' is not a run name"),
-        (
-            ["--ckpt_path", "best"],
-            "--ckpt_path best: there is no run under runs/demo/teacher_cls to continue",
-        ),
+        (["--ckpt_path", "best"], "--ckpt_path best names the best checkpoint of a fit in the same"),
+        (["--ckpt_path", ""], "--ckpt_path '' is not a checkpoint file"),
+        (["--ckpt_path", "hpc"], "--ckpt_path 'hpc' is not a checkpoint file"),
+        (["--trainer.default_root_dir=afile"], "trainer.default_root_dir afile is a file"),
+        (["--run_name=blocked"], "cannot make the run folder runs/demo/teacher_cls/blocked: a file"),
         (
             ["--ckpt_path", "last", "--run_name=nope"],
             "--ckpt_path last --run_name nope: there is no run folder",
@@ -139,11 +140,15 @@ def test_resuming_continues_the_run_in_its_folder_and_keeps_its_first_logs(tmp_p
 )
 def test_bad_run_names_and_nothing_to_resume_are_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file of the user's")
+    ROOT.mkdir(parents=True)
+    (ROOT / "blocked").write_text("a file of the user's")
     with pytest.raises(SystemExit) as exit_info:
         fit(1, *args)
     assert exit_info.value.code == 2
     assert error_line(capsys).startswith(f"lorkd-pl: error: {message}")
-    assert not list(tmp_path.glob("runs/**/*.ckpt"))
+    assert sorted(p.name for p in ROOT.iterdir()) == ["blocked"]  # no run folder left behind
+    assert (tmp_path / "afile").read_text() == (ROOT / "blocked").read_text() == "a file of the user's"
 
 
 def test_runs_lists_nothing_or_refuses_what_is_not_a_folder(tmp_path, monkeypatch, capsys) -> None:
@@ -160,6 +165,32 @@ def test_runs_lists_nothing_or_refuses_what_is_not_a_folder(tmp_path, monkeypatc
     (tmp_path / "empty" / "version_0").mkdir(parents=True)  # a run that never wrote a checkpoint
     assert main(["runs", "empty"]) == 0
     assert capsys.readouterr().out.strip() == "no runs with a checkpoints/last.ckpt under empty"
+
+
+def test_two_fits_under_one_name_started_together_never_share_the_folder(tmp_path) -> None:
+    """The second fit's claim of the run folder fails (the first created it exclusively)."""
+    run = tmp_path / "same"
+    run.mkdir()
+    runs.claim_run(run)
+    with pytest.raises(runs.RunExistsError, match="claimed by another fit started at the same time"):
+        runs.claim_run(run)
+
+
+def test_a_resumed_runs_config_starts_a_new_run_and_a_listing_survives_a_damaged_run(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert fit(1) == 0
+    assert fit(2, "--trainer.max_epochs=2", "--ckpt_path", "last") == 0
+    saved = yaml.safe_load((ROOT / "version_0" / "resume_0" / "config.yaml").read_text())
+    assert "ckpt_path" not in saved and "run_name" not in saved  # how a run started is not the recipe
+    assert main(["fit", "--config", str(ROOT / "version_0" / "resume_0" / "config.yaml")]) == 0
+    assert os.readlink(ROOT / "latest") == "version_1"  # a new run, not a resumption of another
+    (ROOT / "version_1" / "checkpoints" / "last.ckpt").write_bytes(b"damaged")
+    capsys.readouterr()
+    assert main(["runs", str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert "version_0" in out and "version_1" in out and "unreadable: cannot read checkpoint" in out
 
 
 def test_resume_of_a_run_without_a_last_checkpoint_is_refused(tmp_path, monkeypatch, capsys) -> None:

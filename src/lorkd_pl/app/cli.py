@@ -264,7 +264,7 @@ def _runs(args: argparse.Namespace) -> int:
             str(s.step),
             str(s.epoch),
             "—" if s.best_score is None else f"{s.best_score:.4f}",
-            str(s.best_checkpoint),
+            str(s.best_checkpoint) if s.error is None else f"unreadable: {s.error}",
         )
         for s in summaries
     ]

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lorkd_pl.app import runs
 from lorkd_pl.app.commands import LIGHTNING_COMMANDS
 from lorkd_pl.app.interrupts import FitInterrupted, InterruptCheckpoint, interruption
 from lorkd_pl.app.runs import (
@@ -41,6 +42,8 @@ from lorkd_pl.app.runs import (
     RunExistsError,
     RunFolderError,
     RunPlacement,
+    claim_run,
+    discard_unused,
     place_run,
     point_latest,
     started_the_fit,
@@ -137,7 +140,7 @@ def _worker_message(text: str) -> str | None:
 
 #: ``fit`` options of lorkd-pl's own that say how a run starts, not what it is: not saved in its config.yaml
 #: (so that ``lorkd-pl test --config RUN/config.yaml`` takes it).
-RUN_OPTIONS: tuple[str, ...] = ("overwrite", "run_name")
+RUN_OPTIONS: tuple[str, ...] = ("overwrite", "run_name", "ckpt_path")
 
 
 class RecipeConfig(SaveConfigCallback):
@@ -274,7 +277,9 @@ class LorkdCLI(LightningCLI):
             config.get("run_name"),
             wandb="WandbLogger" in kinds.values(),
         )
-        self._place(trainer, "default_root_dir", str(placement.log_dir))
+        # a fit's root is its run (SLURM's requeue checkpoints go there, and are found there again)
+        root = placement.run if self.subcommand == "fit" else placement.log_dir
+        self._place(trainer, "default_root_dir", str(root))
         for spec in specs:
             kind, args = kinds[id(spec)], spec.init_args
             if kind in ("CSVLogger", "TensorBoardLogger"):  # log_dir = save_dir/name/version
@@ -359,11 +364,13 @@ class LorkdCLI(LightningCLI):
             if earlier and not config.get("overwrite"):
                 folder, paths = next(iter(earlier.items()))
                 names = ", ".join(p.name for p in paths[:4]) + (", …" if len(paths) > 4 else "")
-                name = placement.name if placement is not None else "NAME"
+                if placement is not None and folder == placement.run:
+                    resume = f"--ckpt_path last --run_name {placement.name}"
+                else:  # a checkpoint folder of the user's (dirpath)
+                    resume = f"--ckpt_path {folder / 'last.ckpt'}"
                 raise RunExistsError(
-                    f"{folder} holds an earlier run ({names}); resume it with --ckpt_path last "
-                    f"--run_name {name}, move it aside with --overwrite, or start another run (another "
-                    "--run_name, or none: a new version_<N>)"
+                    f"{folder} holds an earlier run ({names}); resume it with {resume}, move it aside with "
+                    "--overwrite, or start another run (another --run_name, or none: a new version_<N>)"
                 )
             for folder, paths in earlier.items():
                 aside = Path(f"{folder}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -375,6 +382,8 @@ class LorkdCLI(LightningCLI):
                     for path in paths:
                         path.rename(aside / path.name)
                 rank_zero_info(f"lorkd-pl: moved the earlier run from {folder} to {aside}")
+        if placement is not None and not resuming and started_the_fit():
+            claim_run(placement.run)  # of two fits started together under one name, one goes on
         if placement is not None and started_the_fit():
             if not point_latest(placement.root, placement.name):
                 rank_zero_info(f"lorkd-pl: {placement.root / 'latest'} could not point at this run")
@@ -496,7 +505,7 @@ DEFAULT_ROOT = "lightning_logs"
 
 def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
     """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
-    given = os.environ.get(RUN_NAME_ENV)
+    given, created = os.environ.get(RUN_NAME_ENV), len(runs.CREATED)
     try:
         return LorkdCLI(
             TaskModule,
@@ -509,7 +518,12 @@ def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
+    except BaseException:  # a command that stopped before writing leaves no empty run folder behind
+        for folder in runs.CREATED[created:]:
+            discard_unused(folder)
+        raise
     finally:  # a fit's run name reaches only the processes it starts, not the next command
+        del runs.CREATED[created:]
         if given is None:
             os.environ.pop(RUN_NAME_ENV, None)
         else:

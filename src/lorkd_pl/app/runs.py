@@ -35,6 +35,10 @@ from pathlib import Path
 RUN_NAME_ENV = "LORKD_PL_RUN_NAME"
 #: The pointer to the newest run of a root.
 LATEST = "latest"
+#: The run folders this process created (a command that fails removes those it left unused).
+CREATED: list[Path] = []
+#: The file a new fit claims its run folder with (created exclusively: one fit per folder).
+CLAIM = ".lorkd-pl-run"
 #: A run name is one plain folder name.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Launcher variables whose non-zero value marks a process that did not start the fit.
@@ -152,6 +156,7 @@ def claim_numbered(folder: Path, prefix: str, claim: bool = True) -> str:
     while True:
         try:
             (folder / f"{prefix}{number}").mkdir()
+            CREATED.append(folder / f"{prefix}{number}")
             return f"{prefix}{number}"
         except FileExistsError:
             number += 1
@@ -170,6 +175,8 @@ def point_latest(root: Path, name: str) -> bool:
     """Point ``root/latest`` at ``root/name`` (replaced atomically); ``False`` where it cannot be (a
     folder of the user's named ``latest``, or a file system without symbolic links)."""
     pointer = root / LATEST
+    if pointer.is_symlink() and not _NAME.fullmatch(os.readlink(pointer)):
+        return False  # a link of the user's (to elsewhere): not lorkd-pl's pointer
     if pointer.exists() and not pointer.is_symlink():
         return False
     temporary = root / f".{LATEST}.{os.getpid()}.tmp"
@@ -208,22 +215,51 @@ def place_run(
     Raises:
         RunFolderError: a bad name, or nothing to resume.
     """
-    root = Path(root)
-    resumes = ckpt_path is not None
-    if ckpt_path in ("last", "best"):
+    root = Path(root).expanduser()  # as Lightning reads default_root_dir
+    if root.exists() and not root.is_dir():
+        raise RunFolderError(f"trainer.default_root_dir {root} is a file: give a folder for the runs")
+    try:
+        return _place(subcommand, root, ckpt_path, run_name, wandb)
+    except (FileExistsError, NotADirectoryError) as error:  # a file where a run folder goes
+        raise RunFolderError(
+            f"cannot make the run folder {error.filename}: a file of that name is in the way; choose "
+            "another --run_name or trainer.default_root_dir"
+        ) from None
+
+
+def _place(
+    subcommand: str, root: Path, ckpt_path: str | None, run_name: str | None, wandb: bool
+) -> RunPlacement:
+    if ckpt_path == "best":
+        raise RunFolderError(
+            "--ckpt_path best names the best checkpoint of a fit in the same process; give the file "
+            "(`lorkd-pl runs ROOT` lists each run's best checkpoint)"
+        )
+    if ckpt_path == "last":
         name = check_run_name(run_name) if run_name is not None else latest_run(root)
         if name is None:
+            hint = ", or --run_name NAME" if subcommand == "fit" else ""
             raise RunFolderError(
-                f"--ckpt_path {ckpt_path}: there is no run under {root} to continue ({root / LATEST} is "
-                "missing); give the checkpoint file (RUN/checkpoints/last.ckpt), or --run_name NAME"
+                f"--ckpt_path last: there is no run under {root} to continue ({root / LATEST} is not a "
+                f"lorkd-pl pointer to a run); give the checkpoint file (RUN/checkpoints/last.ckpt){hint}"
             )
         run = root / name
         if not run.is_dir():
-            raise RunFolderError(f"--ckpt_path {ckpt_path} --run_name {name}: there is no run folder {run}")
+            raise RunFolderError(f"--ckpt_path last --run_name {name}: there is no run folder {run}")
         return _placement(subcommand, root, run, ckpt_path)
-    if resumes:
+    if ckpt_path is not None:
+        if not Path(ckpt_path).expanduser().is_file():
+            raise RunFolderError(
+                f"--ckpt_path {ckpt_path!r} is not a checkpoint file (nor 'last'); give RUN/checkpoints/"
+                "last.ckpt, or `lorkd-pl runs ROOT` to list the runs"
+            )
         run = checkpoint_run(ckpt_path)
         if run is not None and (subcommand != "fit" or run.parent == root.resolve()):
+            if run_name is not None and run_name != run.name:
+                raise RunFolderError(
+                    f"--ckpt_path {ckpt_path} continues the run {run.name}, not --run_name {run_name}: "
+                    "give one of them"
+                )
             return _placement(subcommand, root, run, ckpt_path)
     if subcommand == "fit":
         name, wandb_id = new_run_name(run_name, wandb)
@@ -232,10 +268,42 @@ def place_run(
         run = root / name
         if any(run.glob("hpc_ckpt_*.ckpt")):  # a requeued SLURM job: Lightning resumes from it
             return _placement(subcommand, root, run, "hpc")
-        run.mkdir(parents=True, exist_ok=True)
+        if not run.is_dir():
+            run.mkdir(parents=True)
+            CREATED.append(run)
         return RunPlacement(root, run, run, name, wandb_id)
     name = claim_numbered(root, "version_")
     return RunPlacement(root, root / name, root / name, name)
+
+
+def claim_run(run: Path) -> None:
+    """Claim a new fit's run folder for this process: ``run/.lorkd-pl-run`` created exclusively, so of
+    two fits started together under one name exactly one goes on.
+
+    Raises:
+        RunExistsError: another fit claimed it first.
+    """
+    try:
+        descriptor = os.open(run / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunExistsError(
+            f"{run} was claimed by another fit started at the same time; give this one another --run_name"
+        ) from None
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    os.close(descriptor)
+
+
+def discard_unused(run: Path) -> None:
+    """Remove a run folder this process created for a fit that stopped before writing anything (it
+    holds at most the claim and empty folders); anything else in it stays."""
+    if not run.is_dir() or run.is_symlink():
+        return
+    entries = list(run.rglob("*"))
+    if any(p.is_file() and p.name != CLAIM for p in entries) or any(p.is_symlink() for p in entries):
+        return
+    for path in sorted(entries, key=lambda p: len(p.parts), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    run.rmdir()
 
 
 def _placement(subcommand: str, root: Path, run: Path, ckpt_path: str) -> RunPlacement:
@@ -259,6 +327,7 @@ class RunSummary:
         best_score: that metric's best value (``None``: none recorded yet).
         best_checkpoint: the checkpoint holding it, else ``last.ckpt``.
         higher_is_better: the ModelCheckpoint's mode.
+        error: why its ``last.ckpt`` could not be read (``None``: it was read).
     """
 
     name: str
@@ -268,20 +337,25 @@ class RunSummary:
     best_score: float | None
     best_checkpoint: Path
     higher_is_better: bool = True
+    error: str | None = None
 
 
 def list_runs(root: str | Path) -> list[RunSummary]:
     """The runs under ``root`` that hold a ``checkpoints/last.ckpt``, best first (by the metric their
     ModelCheckpoint monitors; runs without a score last). The checkpoints are read ``weights_only`` and
     memory-mapped: only their small training state is touched."""
-    from lorkd_pl.io.checkpoints import load_checkpoint_file
+    from lorkd_pl.io.checkpoints import CheckpointError, load_checkpoint_file
 
     summaries = []
     for run in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
         last = run / "checkpoints" / "last.ckpt"
         if run.is_symlink() or not last.is_file():
             continue
-        state = load_checkpoint_file(last, mmap=True)
+        try:
+            state = load_checkpoint_file(last, mmap=True)
+        except CheckpointError as error:  # listed, not fatal: the other runs are still shown
+            summaries.append(RunSummary(run.name, 0, 0, None, None, last, error=str(error)))
+            continue
         monitor, score, best, higher = None, None, last, True
         for key, value in (state.get("callbacks") or {}).items():
             if (
