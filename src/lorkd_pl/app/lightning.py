@@ -34,10 +34,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lorkd_pl.app import runs
 from lorkd_pl.app.commands import LIGHTNING_COMMANDS
 from lorkd_pl.app.interrupts import FitInterrupted, InterruptCheckpoint, interruption
 from lorkd_pl.app.runs import (
+    CREATED,
     RUN_NAME_ENV,
     RunExistsError,
     RunFolderError,
@@ -505,7 +505,7 @@ DEFAULT_ROOT = "lightning_logs"
 
 def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
     """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
-    given, created = os.environ.get(RUN_NAME_ENV), len(runs.CREATED)
+    given, created = os.environ.get(RUN_NAME_ENV), len(CREATED)
     try:
         return LorkdCLI(
             TaskModule,
@@ -519,11 +519,11 @@ def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
             auto_configure_optimizers=False,
         )
     except BaseException:  # a command that stopped before writing leaves no empty run folder behind
-        for folder in runs.CREATED[created:]:
+        for folder in CREATED[created:]:
             discard_unused(folder)
         raise
     finally:  # a fit's run name reaches only the processes it starts, not the next command
-        del runs.CREATED[created:]
+        del CREATED[created:]
         if given is None:
             os.environ.pop(RUN_NAME_ENV, None)
         else:

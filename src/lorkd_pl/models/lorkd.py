@@ -309,7 +309,12 @@ class LoRKDModule(TaskModule):
                 if warning:
                     rank_zero_warn(f"lorkd-pl: {warning}")
         if self.hparams.init_from_teacher and self.trainer.ckpt_path is None:
-            self.initialise_from_teacher()
+            if self.hparams.teacher is None:  # teacher: null on a recipe that starts from its teacher
+                rank_zero_info(
+                    "lorkd-pl: init_from_teacher without a teacher: the student starts from its own init"
+                )
+            else:
+                self.initialise_from_teacher()
 
     def _probe_input(self, datamodule: Any) -> Tensor:
         """A real training crop ``(1, C, *patch)`` when the data module has one, else seeded noise."""
