@@ -79,6 +79,9 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_NothingToActOn())
 # Lightning's own pytree helper uses an API the installed torch deprecates: not the user's to fix
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# every fit logs into its own claimed run folder (app.runs: it holds the claim, never earlier logs), a
+# resumption into a new resume_<k>: Lightning's warning about deleting earlier logs cannot apply
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class ConfigError(ValueError):
