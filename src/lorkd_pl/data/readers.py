@@ -393,7 +393,8 @@ def check_finite(image: str | Path) -> None:
     Raises:
         ImageReadError: naming the image and the fix.
     """
-    if not np.isfinite(sitk.GetArrayViewFromImage(read_image(image))).all():
+    pixels = read_image(image)  # held: a view of a temporary image reads freed memory (spurious NaN)
+    if not np.isfinite(sitk.GetArrayViewFromImage(pixels)).all():
         raise ImageReadError(
             f"{image} holds NaN or infinite voxels; fix or drop the scan (training refuses them too)"
         )
