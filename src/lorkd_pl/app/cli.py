@@ -127,6 +127,13 @@ def _teacher(args: Sequence[str], folders: list[str] | None, debug: bool = False
     return 0
 
 
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print ``header`` and ``rows`` as left-aligned columns two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from lorkd_pl.registry import list_tasks
 
@@ -135,9 +142,7 @@ def _tasks(args: argparse.Namespace) -> int:
         for t in list_tasks(region=args.region, kind=args.kind)
     ]
     header = ("task", "region", "kind", "#classes", "modality", "source")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     if not rows:
         print("(no tasks registered: add a plugin or task spec with --tasks-dir)")
     return 0
@@ -268,9 +273,7 @@ def _runs(args: argparse.Namespace) -> int:
         )
         for s in summaries
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     best = summaries[0]
     if best.best_score is not None:
         print(

@@ -311,8 +311,7 @@ def _placement(subcommand: str, root: Path, run: Path, ckpt_path: str) -> RunPla
     into ``run/resume_<k>``; validate/test log into ``run/<command>_<checkpoint name>``."""
     if subcommand == "fit":
         return RunPlacement(root, run, run / claim_numbered(run, "resume_", started_the_fit()), run.name)
-    stem = Path(ckpt_path).stem if ckpt_path not in ("last", "best") else ckpt_path
-    return RunPlacement(root, run, run / f"{subcommand}_{stem}", run.name)
+    return RunPlacement(root, run, run / f"{subcommand}_{Path(ckpt_path).stem}", run.name)  # "last": itself
 
 
 @dataclass(frozen=True)
