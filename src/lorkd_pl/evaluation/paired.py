@@ -15,11 +15,12 @@ seeds and the spread over cases widen it. With one seed only the cases are drawn
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from lorkd_pl.evaluation.summaries import nanmean
 
 #: Resamples of the bootstrap; the interval's end points move by < 0.002 between generator seeds at
 #: the demo's sizes.
@@ -34,8 +35,7 @@ def case_scores(summary: Mapping[str, Any]) -> dict[str, float]:
         if summary["kind"] == "cls2d":
             scores[row["case"]] = float(row["prediction"] == row["label"])
         else:
-            values = [float(v) for k, v in row.items() if k.startswith("dice_") and not math.isnan(float(v))]
-            scores[row["case"]] = sum(values) / len(values) if values else float("nan")
+            scores[row["case"]] = nanmean([float(v) for k, v in row.items() if k.startswith("dice_")])
     return scores
 
 
