@@ -14,11 +14,13 @@ install: $(STAMP)
 
 # Re-runs only when the project's requirements change; torch goes first so that pip
 # never pulls a CUDA build to satisfy `torch` in pyproject.toml.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tests/nnunet-oracle.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# nnU-Net's own tools, the oracle of the nnU-Net teacher's tests (why without dependencies: the file)
+	$(PY) -m pip install -q --no-deps -r tests/nnunet-oracle.txt
 	touch $(STAMP)
 
 test: install

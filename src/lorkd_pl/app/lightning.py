@@ -61,6 +61,7 @@ from lorkd_pl.io.trust import UntrustedFileError, check_file_network, named_clas
 from lorkd_pl.models.base import NonFiniteLossError, TaskModule
 from lorkd_pl.models.restore import upgrade_hyperparameters
 from lorkd_pl.models.teacher.loading import TeacherError
+from lorkd_pl.models.teacher.nnunet import NnUNetError
 from lorkd_pl.models.teacher.spec import TeacherSpecError
 from lorkd_pl.registry import RegistryError, get_task, order_regions
 
@@ -102,6 +103,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RunExistsError,
     RunFolderError,
     TeacherError,
+    NnUNetError,
     TeacherSpecError,
     TeacherTargetError,
     UntrustedFileError,

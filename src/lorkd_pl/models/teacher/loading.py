@@ -7,6 +7,8 @@ Sources, chosen by what ``path`` is:
 * a TorchScript file (``torch.jit.save``), loaded only from the path the user names (``torch.export``
   archives, ``.pt2``, are refused: ``torch.export.load`` unpickles parts of them);
 * a MONAI bundle folder (``configs/inference.json|yaml`` with ``network_def``, ``models/model.pt``);
+* an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json``, ``fold_<k>/checkpoint_*.pth``):
+  its network, classes and pipeline from its own files (:mod:`lorkd_pl.models.teacher.nnunet`);
 * any other checkpoint (a state dict, or a Lightning checkpoint's ``state_dict``) together with
   ``model: {class_path, init_args}`` describing the network.
 
@@ -22,6 +24,7 @@ how its output becomes a KD target (:mod:`lorkd_pl.models.teacher.outputs`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ from lorkd_pl.models.teacher.class_mapping import (
     map_task_classes,
     select_classes,
 )
+from lorkd_pl.models.teacher.nnunet import folder_digest, folder_of, is_nnunet_folder, load_network
 from lorkd_pl.models.teacher.outputs import check_output, target_kind, task_targets
 from lorkd_pl.models.teacher.spec import SIGMOID_OUTPUTS, TeacherSpec, parse_teacher
 
@@ -252,6 +256,13 @@ def load_teacher(
     path = Path(spec.path)
     if not path.exists():
         raise TeacherError(f"teacher not found: {path} (set model.init_args.teacher to a checkpoint)")
+    if is_nnunet_folder(path):
+        return _load_nnunet(spec, tasks)
+    if spec.nnunet_fields:
+        raise TeacherError(
+            f"model.init_args.teacher: {', '.join(spec.nnunet_fields)} apply to nnU-Net v2 folders "
+            f"(plans.json, dataset.json, fold_<k>/), and {path} is none: remove them"
+        )
     digest = sha256sum(path)
     kinds = {"output": spec.output, "sigmoid_kd": spec.sigmoid_kd}
     if path.is_dir():
@@ -302,6 +313,26 @@ def load_teacher(
     network = build_module(spec.model)
     network.load_state_dict(_state_dict(path))
     return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
+
+
+def _load_nnunet(spec: TeacherSpec, tasks: Sequence[Mapping[str, Any]]) -> Teacher:
+    """An nnU-Net v2 folder's teacher: its folds' networks with mirroring (logits), whose pipeline
+    (:class:`~lorkd_pl.models.teacher.pipeline.NnUNetPipeline`) hands its targets probabilities in the
+    image's own grid; classes by name from ``dataset.json``."""
+    folder = folder_of(spec)
+    classes = {name: (value,) for name, value in folder.labels.items()}
+    named = replace(spec, classes=classes, output="probabilities")
+    seg = [t for t in tasks if t.get("kind") == "seg3d"]  # it segments 3D volumes: the others get no KD
+    channels = _class_channels(seg, folder.folder, named)
+    if seg and not channels:
+        shown = ", ".join(list(classes)[:8]) + (", ..." if len(classes) > 8 else "")
+        raise TeacherError(
+            f"{folder.folder / 'dataset.json'}: its labels ({shown}) name none of the classes of the tasks "
+            f"{[t['name'] for t in seg]}: name them alike, or map them in each task's teacher_classes "
+            "(student class -> teacher class name)"
+        )
+    network = load_network(folder)
+    return Teacher(network, channels, str(folder.folder), folder_digest(folder), output="probabilities")
 
 
 def _is_exported_program(path: Path) -> bool:
@@ -415,6 +446,12 @@ def _load_bundle(folder: Path) -> nn.Module:
     configs = [folder / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")]
     config = next((c for c in configs if c.is_file()), None)
     weights = folder / "models" / "model.pt"
+    if config is None and not weights.is_file():
+        raise TeacherError(
+            f"teacher folder {folder} is neither a MONAI bundle (configs/inference.json or .yaml, "
+            "models/model.pt) nor an nnU-Net v2 trained-model folder (plans.json, dataset.json, "
+            "fold_<k>/checkpoint_final.pth): point model.init_args.teacher to one of them"
+        )
     if config is None or not weights.is_file():
         raise TeacherError(
             f"MONAI bundle {folder} needs configs/inference.json (or .yaml) with 'network_def' "

@@ -34,6 +34,7 @@ from torch import Tensor
 from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
 from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
 from lorkd_pl.io.atomic import write_json_atomic
+from lorkd_pl.models.teacher import nnunet
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError
 from lorkd_pl.models.teacher.outputs import target_probabilities, targets_from_probabilities
 from lorkd_pl.models.teacher.spec import Intensity, TeacherSpec
@@ -163,6 +164,15 @@ class TeacherPipeline:
             grid = (student or self.student_transform(dict(record)))["image"]
         return {"image": image, "grid": grid}
 
+    def teacher_output(
+        self, teacher: Teacher, prepared: Mapping[str, Any], device: torch.device | str
+    ) -> tuple[Tensor, Tensor | None]:
+        """The teacher's raw output on a prepared case ``(1, K_teacher, *S)`` and the affine of its grid
+        (seg3d; ``None`` for cls2d)."""
+        image = prepared["image"]
+        plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        return self.raw_output(teacher, plain[None].to(device)), getattr(image, "affine", None)
+
     @torch.no_grad()
     def targets(
         self,
@@ -187,9 +197,7 @@ class TeacherPipeline:
         """
         name = self.task["name"]
         prepared = prepared or self.prepare(record, student)
-        image = prepared["image"]
-        plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        raw = self.raw_output(teacher, plain[None].to(device))
+        raw, affine = self.teacher_output(teacher, prepared, device)
         if not getattr(self, "_checked", False):  # the first real input is the probe
             warning = teacher.check_output(raw)
             if warning:
@@ -201,14 +209,65 @@ class TeacherPipeline:
         if self.task["kind"] != "seg3d":
             return targets
         grid = prepared["grid"]
-        teacher_grid = MetaTensor(targets, affine=image.affine)
+        teacher_grid = MetaTensor(targets, affine=affine)
         if _same_grid(teacher_grid, grid):
             return targets
         resample = mt.ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)
         probabilities = resample(
-            MetaTensor(target_probabilities(targets, teacher.target_kind), affine=image.affine), grid
+            MetaTensor(target_probabilities(targets, teacher.target_kind), affine=affine), grid
         )
         return targets_from_probabilities(probabilities.as_tensor()[None], teacher.target_kind)[0]
+
+
+class NnUNetPipeline(TeacherPipeline):
+    """An nnU-Net v2 folder's own pipeline for one seg3d task (:mod:`lorkd_pl.models.teacher.nnunet`):
+    the image read in its file's voxel order, nnU-Net's preprocessing (in :meth:`prepare`, so
+    DataLoader workers do it ahead), its sliding window with mirroring and folds, and its export to
+    probabilities in the image's own grid, then resampled into the student's grid like any teacher's.
+    """
+
+    def __post_init__(self) -> None:
+        if self.task["kind"] != "seg3d":
+            raise TeacherError(
+                f"task {self.task['name']!r} is {self.task['kind']}: an nnU-Net teacher segments 3D volumes "
+                "(map only seg3d tasks to it)"
+            )
+        self.folder = nnunet.folder_of(self.spec)
+        steps = seg3d_preprocessing(["image"], "other", None, [], None)  # the file's grid, raw values
+        self.teacher_transform = mt.Compose([*steps, mt.EnsureTyped("image", dtype=torch.float32)])
+
+    def description(self) -> dict[str, Any]:
+        """The resolved nnU-Net pipeline and the student's preprocessing (part of the cache key)."""
+        described = super().description()
+        return {**described, "teacher_pipeline": self.folder.describe()}
+
+    def prepare(self, record: Mapping[str, Any], student: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Read the case and run nnU-Net's preprocessing on it.
+
+        Returns:
+            ``{"image": the network's input (C, *S'), "case": nnunet.Preprocessed, "affine": the image
+            file's affine, "grid": the student's preprocessed image}``.
+        """
+        image = self.teacher_transform({"image": record["image"]})["image"]
+        if image.shape[0] != self.folder.input_channels:
+            raise TeacherError(
+                f"{record['image']}: {image.shape[0]} image channel(s), but the nnU-Net teacher "
+                f"{self.folder.folder} reads {self.folder.input_channels} "
+                f"({', '.join(map(str, self.folder.dataset.get('channel_names', {}).values()))})"
+            )
+        spacing = [float(v) for v in image.pixdim[:3]]
+        data, case = nnunet.preprocess(image.as_tensor().numpy(), spacing, self.folder)
+        grid = (student or self.student_transform(dict(record)))["image"]
+        return {"image": torch.from_numpy(data), "case": case, "affine": image.affine, "grid": grid}
+
+    def teacher_output(
+        self, teacher: Teacher, prepared: Mapping[str, Any], device: torch.device | str
+    ) -> tuple[Tensor, Tensor | None]:
+        """nnU-Net's sliding window and export: probabilities ``(1, K, X, Y, Z)`` in the image's grid."""
+        logits = nnunet.sliding_window_logits(
+            teacher, prepared["image"], self.folder.patch_size, self.folder.step, device
+        )
+        return nnunet.restore(logits, prepared["case"], self.folder)[None], prepared["affine"]
 
 
 @dataclass
@@ -219,6 +278,8 @@ class BuildReport:
     reused: int
     seconds: float
     cases: list[str]
+    #: the teacher's resolved own pipeline (an nnU-Net folder's, or declared fields), printed at fit start
+    pipeline: dict[str, Any] | None = None
 
 
 class _Prepared(torch.utils.data.Dataset):
@@ -294,7 +355,13 @@ def build_targets(
         record, pipeline, key, digest, stat = todo[index]
         targets = pipeline.targets(teacher, record, device, prepared=prepared)
         store.write(record["case"], key, targets, digest, stat, teacher.target_kind)
-    return BuildReport(len(todo), reused, time.perf_counter() - start, cases)
+    described = next(iter(pipelines.values())).description()["teacher_pipeline"] if pipelines else None
+    own = (
+        described
+        if isinstance(next(iter(pipelines.values()), None), NnUNetPipeline) or spec.own_pipeline
+        else None
+    )
+    return BuildReport(len(todo), reused, time.perf_counter() - start, cases, own)
 
 
 def _as_it_is(item: Any) -> Any:
@@ -379,6 +446,12 @@ def _is_teacher_test_summary(path: Path) -> bool:
 def task_pipelines(spec: TeacherSpec, datamodule: Any) -> dict[str, TeacherPipeline]:
     """One :class:`TeacherPipeline` per task of a :class:`~lorkd_pl.data.datamodule.MultiRegionDataModule`."""
     channels = int(datamodule.hparams.get("channels", 1))
+    if nnunet.is_nnunet_folder(spec.path):  # it segments 3D volumes: the other tasks get no target
+        return {
+            info["name"]: NnUNetPipeline(spec, info, datamodule.preprocessing(task), channels)
+            for info, task in zip(datamodule.task_info, datamodule.task_specs, strict=True)
+            if info["kind"] == "seg3d"
+        }
     return {
         info["name"]: TeacherPipeline(spec, info, datamodule.preprocessing(task), channels)
         for info, task in zip(datamodule.task_info, datamodule.task_specs, strict=True)
@@ -419,7 +492,12 @@ def describe_build(
     cases = [c for split in splits for c in datamodule.all_cases(split)]
     cases = [c for c in cases if c.partition("/")[0] in teacher.class_channels]
     size = store.size_on_disk(cases)
-    return (
+    line = (
         f"lorkd-pl: teacher targets in {store.folder}: {report.built} built, {report.reused} reused "
         f"(this process) in {report.seconds:.1f} s; {len(cases)} cases, {size / 2**20:.1f} MiB on disk"
     )
+    if report.pipeline is None:
+        return line
+    import json
+
+    return f"{line}\nlorkd-pl: teacher pipeline ({teacher.source}): {json.dumps(report.pipeline)}"

@@ -19,6 +19,14 @@ preprocessing and outputs logits, as before) or a mapping::
       cache_dtype: float16
       cache_top_k: null           # keep only each voxel's k most likely classes (e.g. 4; null: all)
 
+An nnU-Net v2 trained-model folder as ``path`` brings its own pipeline, classes and inference
+(:mod:`lorkd_pl.models.teacher.nnunet`); it takes four more fields::
+
+      fold: 0                    # 0 | all (fold_all) | [0, 1, 2, 3, 4]; default: every fold present
+      checkpoint: final          # final | best (checkpoint_final.pth | checkpoint_best.pth)
+      configuration: 3d_fullres  # default: the folder name's <Trainer>__<Plans>__<configuration>
+      mirroring: true            # test-time mirroring over the axes the checkpoint allows
+
 Every field is checked here, before anything is loaded; a bad one is a :class:`TeacherSpecError`
 naming ``model.init_args.teacher.<field>`` and the fix.
 """
@@ -112,6 +120,15 @@ class TeacherSpec:
     cache_dtype: str = "float16"
     cache_top_k: int | None = None
     sw_batch_size: int = 1
+    fold: int | str | tuple[int | str, ...] | None = None
+    checkpoint: str | None = None
+    configuration: str | None = None
+    mirroring: bool | None = None
+
+    @property
+    def nnunet_fields(self) -> list[str]:
+        """The nnU-Net-folder fields this description sets."""
+        return [name for name in NNUNET_FIELDS if getattr(self, name) is not None]
 
     @property
     def own_pipeline(self) -> bool:
@@ -203,6 +220,46 @@ def _classes(value: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _fold(value: Any) -> int | str:
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise _fail(
+        "fold", f"must be a fold number >= 0, 'all' (nnU-Net's fold_all) or a list of them, got {value!r}"
+    )
+
+
+def _nnunet_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The nnU-Net folder fields of a teacher mapping, checked (absent ones ``None``)."""
+    out: dict[str, Any] = {name: None for name in NNUNET_FIELDS}
+    fold = value.get("fold")
+    if fold is not None:
+        folds = [_fold(f) for f in fold] if isinstance(fold, (list, tuple)) else None
+        if folds is not None and (not folds or len(set(map(str, folds))) != len(folds)):
+            raise _fail("fold", f"must list distinct folds, got {fold!r}")
+        out["fold"] = tuple(folds) if folds is not None else _fold(fold)
+    checkpoint = value.get("checkpoint")
+    if checkpoint is not None and checkpoint not in ("final", "best"):
+        raise _fail(
+            "checkpoint",
+            f"must be final or best (checkpoint_final.pth / checkpoint_best.pth), got {checkpoint!r}",
+        )
+    out["checkpoint"] = checkpoint
+    configuration = value.get("configuration")
+    if configuration is not None and (not isinstance(configuration, str) or not configuration):
+        raise _fail(
+            "configuration",
+            f"must be the name of a plans configuration, e.g. 3d_fullres, got {configuration!r}",
+        )
+    out["configuration"] = configuration
+    mirroring = value.get("mirroring")
+    if mirroring is not None and not isinstance(mirroring, bool):
+        raise _fail("mirroring", f"must be true or false, got {mirroring!r}")
+    out["mirroring"] = mirroring
+    return out
+
+
 def _orientation(value: Any) -> str | None:
     """``"RAS"``-style axis codes (one letter of L/R, P/A, I/S each), or ``"none"``: the file's order."""
     if value == "none":
@@ -232,7 +289,13 @@ SPEC_FIELDS: tuple[str, ...] = (
     "cache",
     "cache_dtype",
     "cache_top_k",
+    "fold",
+    "checkpoint",
+    "configuration",
+    "mirroring",
 )
+#: Fields of an nnU-Net v2 folder teacher only.
+NNUNET_FIELDS: tuple[str, ...] = ("fold", "checkpoint", "configuration", "mirroring")
 
 
 def parse_teacher(
@@ -300,6 +363,7 @@ def parse_teacher(
     cache = value.get("cache")
     if cache is not None and (not isinstance(cache, str) or not cache):
         raise _fail("cache", f"must be a folder path or null, got {cache!r}")
+    nnunet = _nnunet_fields(value)
     network = value.get("model") or model
     if network is not None and (not isinstance(network, Mapping) or "class_path" not in network):
         raise _fail("model", f"must be {{class_path, init_args}} of the teacher's network, got {network!r}")
@@ -319,6 +383,7 @@ def parse_teacher(
         cache=cache,
         cache_dtype=cache_dtype,
         cache_top_k=top_k,
+        **nnunet,
     )
     if spec.cache_top_k is not None and spec.target_kind == "log_odds":
         raise _fail(
