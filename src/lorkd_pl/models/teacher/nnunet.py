@@ -679,9 +679,7 @@ def preprocess(
     crop = tuple(slice(a, b) for a, b in box)
     data, mask = data[(slice(None), *crop)], nonzero[crop]
     shape_after = tuple(int(n) for n in data.shape[1:])
-    new_shape = [
-        round(s / t * n) for s, t, n in zip(spacing_nn, folder.spacing, shape_after, strict=True)
-    ]
+    new_shape = [round(s / t * n) for s, t, n in zip(spacing_nn, folder.spacing, shape_after, strict=True)]
     data = _normalize(data, mask, folder)
     kwargs = dict(folder.configuration.get("resampling_fn_data_kwargs", {"order": 3, "order_z": 0}))
     data = resample_to_shape(data, new_shape, spacing_nn, folder.spacing, **kwargs)
