@@ -103,9 +103,9 @@ def test_preprocessing_pieces_equal_nnunets(nnunet_root) -> None:
         ((7, 30, 11), (1.0, 1.2, 1.0), (1.3, 0.9, 1.5)),  # isotropic enough: jointly
         ((9, 12, 40), (0.7, 0.7, 4.0), (0.7, 1.4, 2.0)),  # the low-resolution axis last
     ):
-        for order in (1, 3):
-            theirs = resample_data_or_seg_to_shape(data, shape, current, new, False, order, 0, None)
-            ours = nnunet.resample_to_shape(data, shape, current, new, order=order, order_z=0)
+        for order, order_z in ((1, 0), (3, 0), (3, 1), (1, 3)):
+            theirs = resample_data_or_seg_to_shape(data, shape, current, new, False, order, order_z, None)
+            ours = nnunet.resample_to_shape(data, shape, current, new, order=order, order_z=order_z)
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
     for patch in ((14, 40, 48), (9, 16, 21)):
         theirs = compute_gaussian(

@@ -575,24 +575,39 @@ def resample_to_shape(
     if list(data.shape[1:]) == shape:
         return data
     axis = _separate_axis(current, new, force_separate_z)
-    source = data.astype(np.float64, copy=False)
     out = np.zeros((data.shape[0], *shape), dtype=data.dtype)
-    for c in range(data.shape[0]):
+    for c in range(data.shape[0]):  # one channel at a time in float64 (K channels: K× less memory)
+        source = data[c].astype(np.float64)
         if axis is None:
-            out[c] = _resize(source[c], shape, order)
+            out[c] = _resize(source, shape, order)
             continue
         inplane = [n for i, n in enumerate(shape) if i != axis]
-        moved = np.moveaxis(source[c], axis, 0)
-        slices = np.stack([_resize(s, inplane, order) for s in moved])
-        slices = np.moveaxis(slices, 0, axis)
-        if slices.shape[axis] == shape[axis]:
-            out[c] = slices
-            continue
-        grid = np.mgrid[tuple(slice(0, n) for n in shape)].astype(np.float64)
-        for i, n in enumerate(shape):
-            grid[i] = slices.shape[i] / n * (grid[i] + 0.5) - 0.5
-        out[c] = ndimage.map_coordinates(slices, grid, order=order_z, mode="nearest")
+        slices = np.stack([_resize(s, inplane, order) for s in np.moveaxis(source, axis, 0)])
+        out[c] = _along_axis(np.moveaxis(slices, 0, axis), shape[axis], axis, order_z)
     return out
+
+
+def _along_axis(array: np.ndarray, size: int, axis: int, order: int) -> np.ndarray:
+    """``array`` resampled to ``size`` along ``axis`` alone, pixel centres mapped, nearest at the border:
+    nnU-Net's ``map_coordinates(order=order_z, mode="nearest")`` on a grid that is the identity on every
+    other axis (orders 0 and 1 as an index or a two-tap blend along the axis)."""
+    length = array.shape[axis]
+    if length == size:
+        return array
+    coords = length / size * (np.arange(size) + 0.5) - 0.5
+    if order == 0:
+        return np.take(array, np.clip(np.floor(coords + 0.5).astype(np.int64), 0, length - 1), axis=axis)
+    if order == 1:
+        low = np.floor(coords)
+        weight = (coords - low).reshape([size if i == axis else 1 for i in range(array.ndim)])
+        low = low.astype(np.int64)
+        below = np.take(array, np.clip(low, 0, length - 1), axis=axis)
+        above = np.take(array, np.clip(low + 1, 0, length - 1), axis=axis)
+        return below * (1 - weight) + above * weight
+    grid = np.mgrid[tuple(slice(0, n) for n in (*array.shape[:axis], size, *array.shape[axis + 1 :]))]
+    grid = grid.astype(np.float64)
+    grid[axis] = length / size * (grid[axis] + 0.5) - 0.5
+    return ndimage.map_coordinates(array, grid, order=order, mode="nearest")
 
 
 def _normalize(data: np.ndarray, mask: np.ndarray, folder: NnUNetFolder) -> np.ndarray:
@@ -768,12 +783,17 @@ def restore(logits: Tensor, case: Preprocessed, folder: NnUNetFolder) -> Tensor:
     resampled = resample_to_shape(
         logits.numpy(), case.shape_after_cropping, folder.spacing, case.spacing, **kwargs
     )
-    probabilities = torch.from_numpy(resampled).float().softmax(0)
-    full = torch.zeros((probabilities.shape[0], *case.shape_before_cropping))
-    full[0] = 1
-    full[(slice(None), *(slice(a, b) for a, b in case.box))] = probabilities
-    full = full.permute(0, *[a + 1 for a in folder.transpose_backward])
-    return full.permute(0, 3, 2, 1).contiguous()
+    probabilities = torch.from_numpy(resampled).float()  # softmax in place: K volumes held once
+    probabilities -= probabilities.amax(0, keepdim=True)
+    probabilities.exp_()
+    probabilities /= probabilities.sum(0, keepdim=True)
+    if case.shape_after_cropping != case.shape_before_cropping:
+        full = torch.zeros((probabilities.shape[0], *case.shape_before_cropping))
+        full[0] = 1
+        full[(slice(None), *(slice(a, b) for a, b in case.box))] = probabilities
+        probabilities = full
+    probabilities = probabilities.permute(0, *[a + 1 for a in folder.transpose_backward])
+    return probabilities.permute(0, 3, 2, 1)  # a view: the callers select the channels they need
 
 
 def folder_digest(folder: NnUNetFolder) -> str:
