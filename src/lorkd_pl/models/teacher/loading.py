@@ -23,6 +23,7 @@ how its output becomes a KD target (:mod:`lorkd_pl.models.teacher.outputs`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -267,7 +268,9 @@ def load_teacher(
     kinds = {"output": spec.output, "sigmoid_kd": spec.sigmoid_kd}
     if path.is_dir():
         network = _load_bundle(path)
-        return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
+        named = _bundle_conventions(path, spec)
+        kinds = {"output": named.output, "sigmoid_kd": named.sigmoid_kd}
+        return Teacher(network, _class_channels(tasks, path, named), str(path), digest, **kinds)
     if _is_torchscript(path):
         network = torch.jit.load(str(path), map_location="cpu")
         return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
@@ -313,6 +316,41 @@ def load_teacher(
     network = build_module(spec.model)
     network.load_state_dict(_state_dict(path))
     return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
+
+
+def _bundle_conventions(folder: Path, spec: TeacherSpec) -> TeacherSpec:
+    """``spec`` with what the bundle's own files say where the user said nothing: class names from
+    ``configs/metadata.json``, a sigmoid output from its postprocessing; a bundle that declares its own
+    preprocessing and inferer needs ``cache`` (it runs on whole volumes, once per case)."""
+    from lorkd_pl.models.teacher.bundle import _activation, bundle_channel_names, bundle_config_file
+
+    classes = spec.classes if spec.classes is not None else bundle_channel_names(folder)
+    output = spec.output
+    config_file = bundle_config_file(folder)
+    config: Any = {}
+    if config_file is not None and config_file.suffix == ".json":
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}  # _load_bundle has said what is wrong with it
+    elif config_file is not None:
+        import yaml
+
+        try:
+            config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            config = {}
+    config = config if isinstance(config, dict) else {}
+    if output == "logits" and _activation(config) == "sigmoid":
+        output = "sigmoid_logits"
+    own = all(k in config for k in ("preprocessing", "inferer"))
+    if own and not spec.own_pipeline and spec.cache is None:
+        raise TeacherError(
+            f"MONAI bundle {folder} declares its own preprocessing and inferer ({config_file.name}), which "
+            "run on whole volumes, once per case: set model.init_args.teacher.cache to a folder for its "
+            "targets (or set the pipeline fields yourself: spacing, intensity, ...)"
+        )
+    return replace(spec, classes=classes, output=output)
 
 
 def _load_nnunet(spec: TeacherSpec, tasks: Sequence[Mapping[str, Any]]) -> Teacher:

@@ -35,6 +35,7 @@ from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
 from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
 from lorkd_pl.io.atomic import write_json_atomic
 from lorkd_pl.models.teacher import nnunet
+from lorkd_pl.models.teacher.bundle import read_bundle_pipeline
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError
 from lorkd_pl.models.teacher.outputs import target_probabilities, targets_from_probabilities
 from lorkd_pl.models.teacher.spec import Intensity, TeacherSpec
@@ -270,6 +271,49 @@ class NnUNetPipeline(TeacherPipeline):
         return nnunet.restore(logits, prepared["case"], self.folder)[None], prepared["affine"]
 
 
+class BundleTeacherPipeline(TeacherPipeline):
+    """A MONAI bundle's own preprocessing and inferer for one seg3d task
+    (:mod:`lorkd_pl.models.teacher.bundle`): the case through the bundle's ``preprocessing`` (in
+    :meth:`prepare`, so DataLoader workers do it ahead), the teacher through its ``inferer``, the output
+    resampled into the student's grid by the two grids' affines like any teacher's."""
+
+    def __post_init__(self) -> None:
+        from lorkd_pl.models.teacher.bundle import read_bundle_pipeline
+
+        bundle = read_bundle_pipeline(Path(self.spec.path))
+        if bundle is None:
+            raise TeacherError(f"MONAI bundle {self.spec.path} declares no preprocessing and inferer")
+        self.bundle = bundle
+
+    def description(self) -> dict[str, Any]:
+        """The bundle's pipeline and the student's preprocessing (part of the cache key)."""
+        return {**super().description(), "teacher_pipeline": self.bundle.description}
+
+    def prepare(self, record: Mapping[str, Any], student: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The case through the bundle's preprocessing, and the student's grid."""
+        key = self.bundle.image_key
+        try:
+            image = self.bundle.preprocessing({key: record["image"]})[key]
+        except Exception as error:  # MONAI wraps a transform's error; its cause names the step
+            reason = " ".join(str(error.__cause__ or error).split())[:300]
+            raise TeacherError(f"{record['image']}: the bundle's preprocessing failed: {reason}") from None
+        if not isinstance(image, MetaTensor):
+            raise TeacherError(
+                f"MONAI bundle {self.spec.path}: its preprocessing returns no image with an affine"
+            )
+        grid = (student or self.student_transform(dict(record)))["image"]
+        return {"image": image, "grid": grid}
+
+    def teacher_output(
+        self, teacher: Teacher, prepared: Mapping[str, Any], device: torch.device | str
+    ) -> tuple[Tensor, Tensor | None]:
+        """The bundle's inferer on the whole preprocessed case: ``(1, K, *S)`` and the case's affine."""
+        image = prepared["image"]
+        raw = self.bundle.inferer(image.as_tensor()[None].float().to(device), teacher)
+        raw = raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)
+        return raw, image.affine
+
+
 @dataclass
 class BuildReport:
     """What :func:`build_targets` did on this process."""
@@ -355,11 +399,13 @@ def build_targets(
         record, pipeline, key, digest, stat = todo[index]
         targets = pipeline.targets(teacher, record, device, prepared=prepared)
         store.write(record["case"], key, targets, digest, stat, teacher.target_kind)
-    described = next(iter(pipelines.values())).description()["teacher_pipeline"] if pipelines else None
-    own = (
-        described
-        if isinstance(next(iter(pipelines.values()), None), NnUNetPipeline) or spec.own_pipeline
-        else None
+    own = next(
+        (
+            p.description()["teacher_pipeline"]
+            for p in pipelines.values()
+            if isinstance(p, (NnUNetPipeline, BundleTeacherPipeline)) or spec.own_pipeline
+        ),
+        None,
     )
     return BuildReport(len(todo), reused, time.perf_counter() - start, cases, own)
 
@@ -452,8 +498,15 @@ def task_pipelines(spec: TeacherSpec, datamodule: Any) -> dict[str, TeacherPipel
             for info, task in zip(datamodule.task_info, datamodule.task_specs, strict=True)
             if info["kind"] == "seg3d"
         }
+    bundle = (
+        Path(spec.path).is_dir()
+        and not spec.own_pipeline  # pipeline fields of the user's replace the bundle's pipeline
+        and read_bundle_pipeline(Path(spec.path)) is not None
+    )
     return {
-        info["name"]: TeacherPipeline(spec, info, datamodule.preprocessing(task), channels)
+        info["name"]: (BundleTeacherPipeline if bundle and info["kind"] == "seg3d" else TeacherPipeline)(
+            spec, info, datamodule.preprocessing(task), channels
+        )
         for info, task in zip(datamodule.task_info, datamodule.task_specs, strict=True)
     }
 
