@@ -222,6 +222,14 @@ def test_an_untrusted_bundle_runs_only_allow_listed_steps(tmp_path) -> None:
             {"_target_": "LoadImaged", "keys": "image", "reader": "evil.Reader"},
             "reader is 'evil.Reader'",
         ),
+        "a path that walks attributes": (
+            {"_target_": "monai.transforms.io.dictionary.np.Compose", "transforms": []},
+            "which lorkd-pl does not run",
+        ),
+        "a reader argument": (
+            {"_target_": "LoadImaged", "keys": "image", "reader": "NumpyReader", "allow_pickle": True},
+            r"passes \['allow_pickle'\] to its reader",
+        ),
         "a reference to a structure": (
             {"_target_": "LoadImaged", "keys": "@network_def"},
             "refers to '@network_def'",

@@ -84,9 +84,9 @@ def test_targets_equal_nnunets_own_predictor_in_the_images_grid(nnunet_root, fol
         assert agreement >= 0.99, agreement  # observed 1.0
         print(f"argmax agreement {agreement:.4f}")
         # nnU-Net sums its Gaussian-weighted windows in float16 (sums of ~100: steps of 0.06 in the
-        # logits): the probabilities differ by that rounding only
+        # logits, a probability moves by at most a quarter of that): they differ by that rounding only
         difference = (probabilities - theirs).abs()
-        assert difference.max().item() < 1e-2 and difference.mean().item() < 5e-4, difference.mean()
+        assert difference.max().item() < 0.03 and difference.mean().item() < 2e-4, difference.mean()
 
 
 def test_preprocessing_pieces_equal_nnunets(nnunet_root) -> None:
@@ -106,7 +106,9 @@ def test_preprocessing_pieces_equal_nnunets(nnunet_root) -> None:
     ):
         for order, order_z in ((1, 0), (3, 0), (3, 1), (1, 3)):
             theirs = resample_data_or_seg_to_shape(data, shape, current, new, False, order, order_z, None)
-            ours = nnunet.resample_to_shape(data, shape, current, new, order=order, order_z=order_z)
+            ours = nnunet.resample_to_shape(
+                data, shape, current, new, order=order, order_z=order_z, force_separate_z=None
+            )
             np.testing.assert_allclose(ours, theirs, atol=1e-5)
     for patch in ((14, 40, 48), (9, 16, 21)):
         theirs = compute_gaussian(
@@ -251,6 +253,12 @@ def set_arch(data: dict, key: str, value) -> None:
         ("no-cache", "teacher.cache: an nnU-Net teacher runs in its own pipeline"),
         ("pickled-code", "holds pickled objects other than tensors"),
         ("cascade", "is a cascade stage"),
+        ("label-type", "label values must be integers >= 0"),
+        ("patch-size-type", "must be 3 positive numbers each"),
+        ("transpose", "transpose_forward must be a permutation of [0, 1, 2]"),
+        ("mask-length", "use_mask_for_norm must hold one true/false per image channel"),
+        ("reorienting-reader", "reorients or reads images in a way lorkd-pl does not reproduce"),
+        ("operation-type", "conv_op ['x'] is not an operation lorkd-pl builds"),
     ],
 )
 def test_bad_nnunet_folders_are_one_line(nnunet_root, tmp_path, case, message) -> None:
@@ -312,6 +320,26 @@ def test_bad_nnunet_folders_are_one_line(nnunet_root, tmp_path, case, message) -
         path = variant(
             nnunet_root, tmp_path, name="nnUNetTrainer__nnUNetPlans__3d_cascade_fullres", plans=cascade
         )
+    elif case == "label-type":
+        path = variant(nnunet_root, tmp_path, dataset=lambda d: d["labels"].update(spleen="x"))
+    elif case == "patch-size-type":
+        path = variant(
+            nnunet_root, tmp_path, plans=lambda p: p["configurations"]["3d_fullres"].update(patch_size="abc")
+        )
+    elif case == "transpose":
+        path = variant(nnunet_root, tmp_path, plans=lambda p: p.update(transpose_forward=[0, 1, 1]))
+    elif case == "mask-length":
+        path = variant(
+            nnunet_root,
+            tmp_path,
+            plans=lambda p: p["configurations"]["3d_fullres"].update(use_mask_for_norm=[]),
+        )
+    elif case == "reorienting-reader":
+        path = variant(
+            nnunet_root, tmp_path, plans=lambda p: p.update(image_reader_writer="NibabelIOWithReorient")
+        )
+    elif case == "operation-type":
+        path = variant(nnunet_root, tmp_path, plans=lambda p: set_arch(p, "conv_op", ["x"]))
     with pytest.raises((TeacherError, NnUNetError, ValueError)) as error:
         load_teacher(parse_teacher({"path": str(path), **spec}), [TASK])
     text = str(error.value)
@@ -350,3 +378,37 @@ def test_older_plans_without_architecture_build_the_same_network(nnunet_root, tm
     images = torch.randn(1, 1, *new.patch_size)
     torch.testing.assert_close(network(images), reference(images))
     shutil.rmtree(tmp_path / "variant")
+
+
+def test_checkpoints_of_numpy_1_and_nnunets_default_folds(nnunet_root, tmp_path) -> None:
+    """A checkpoint pickled under NumPy 1 (``numpy.core.multiarray.scalar``, most published models) loads;
+    left out, ``fold`` means the numbered folds, as nnU-Net's predictor (not ``fold_all``, not others)."""
+    import io
+    import zipfile
+
+    source = nnunet_root / MODEL / "fold_0" / "checkpoint_final.pth"
+    buffer = io.BytesIO()
+    torch.save(torch.load(source, map_location="cpu", weights_only=False), buffer)
+    folder = variant(nnunet_root, tmp_path)
+    (folder / "fold_0").unlink()
+    (folder / "fold_0").mkdir()
+    patched = 0
+    with (
+        zipfile.ZipFile(buffer) as original,
+        zipfile.ZipFile(folder / "fold_0" / "checkpoint_final.pth", "w") as out,
+    ):
+        for name in original.namelist():
+            data = original.read(name)
+            if name.endswith("data.pkl"):
+                patched = data.count(b"numpy._core.multiarray\nscalar")
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            out.writestr(name, data)
+    assert patched > 0  # nnU-Net's log holds NumPy floats
+    read = nnunet.read_folder(folder)
+    weights, axes = nnunet.load_fold(read, "0")
+    reference, _ = nnunet.load_fold(nnunet.read_folder(nnunet_root / MODEL), "0")
+    assert axes == (0, 1, 2) and all(torch.equal(weights[k], reference[k]) for k in reference)
+    for odd in ("fold_all", "fold_0_old"):
+        (folder / odd).symlink_to(nnunet_root / MODEL / "fold_0", target_is_directory=True)
+    assert nnunet.read_folder(folder).folds == ("0", "1")
+    assert nnunet.read_folder(folder, fold="all").folds == ("all",)

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE, bundle_code_trusted
+from lorkd_pl.models.teacher.errors import TeacherError
+
 CONFIG_NAMES: tuple[str, ...] = ("inference.json", "inference.yaml", "inference.yml")
 #: MONAI transforms a bundle's preprocessing may name without the trust switch (short or full names).
 TRANSFORMS: frozenset[str] = frozenset(
@@ -58,6 +61,21 @@ READERS: frozenset[str] = frozenset(
 )
 
 
+#: The ``LoadImaged`` arguments an untrusted bundle may set (others reach the reader, e.g. ``allow_pickle``).
+LOAD_IMAGE_ARGUMENTS: frozenset[str] = frozenset(
+    {
+        "_target_",
+        "keys",
+        "reader",
+        "image_only",
+        "dtype",
+        "ensure_channel_first",
+        "simple_keys",
+        "allow_missing_keys",
+    }
+)
+
+
 def bundle_config_file(folder: Path) -> Path | None:
     """``configs/inference.json|yaml|yml`` of a bundle folder, or ``None``."""
     return next((folder / "configs" / n for n in CONFIG_NAMES if (folder / "configs" / n).is_file()), None)
@@ -70,7 +88,6 @@ def bundle_channel_names(folder: Path) -> dict[str, tuple[int, ...]] | None:
     Raises:
         TeacherError: a metadata file that is not JSON, or a ``channel_def`` that is not ``{index: name}``.
     """
-    from lorkd_pl.models.teacher.loading import TeacherError
 
     path = folder / "configs" / "metadata.json"
     if not path.is_file():
@@ -79,9 +96,8 @@ def bundle_channel_names(folder: Path) -> dict[str, tuple[int, ...]] | None:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise TeacherError(f"MONAI bundle metadata {path} cannot be read: {error}") from None
-    outputs = (
-        (metadata.get("network_data_format") or {}).get("outputs") if isinstance(metadata, dict) else None
-    )
+    formats = metadata.get("network_data_format") if isinstance(metadata, dict) else None
+    outputs = formats.get("outputs") if isinstance(formats, Mapping) else None
     if not isinstance(outputs, Mapping) or not outputs:
         return None
     output = outputs.get("pred", next(iter(outputs.values())) if len(outputs) == 1 else None)
@@ -95,6 +111,8 @@ def bundle_channel_names(folder: Path) -> dict[str, tuple[int, ...]] | None:
             f"MONAI bundle metadata {path}: network_data_format.outputs channel_def must map output "
             f'channels to class names ({{"0": "background", ...}}), got {channels!r}'
         )
+    if len({int(k) for k in channels}) != len(channels):
+        raise TeacherError(f"MONAI bundle metadata {path}: channel_def names a channel twice: {channels!r}")
     names: dict[str, tuple[int, ...]] = {}
     for index, name in sorted(channels.items(), key=lambda item: int(item[0])):
         names[name] = (*names.get(name, ()), int(index))  # a name on several channels: a merge
@@ -127,21 +145,28 @@ def _short(target: Any) -> str:
 
 def _check_untrusted(node: Any, where: str, config: Mapping[str, Any], path: Path, plain: set[str]) -> None:
     """Refuse, in an untrusted bundle's pipeline entries, what the allow-lists do not name."""
-    from lorkd_pl.io.trust import ENV_TRUST_BUNDLE_CODE
-    from lorkd_pl.models.teacher.loading import TeacherError
 
     trust = f"set {ENV_TRUST_BUNDLE_CODE}=1 if you trust the bundle, or set the teacher fields yourself"
     if isinstance(node, Mapping):
         target = node.get("_target_")
         if target is not None:
             allowed = TRANSFORMS | INFERERS
-            full = isinstance(target, str) and target.startswith(("monai.transforms.", "monai.inferers."))
-            if _short(target) not in allowed or ("." in str(target) and not full):
+            short = target.rpartition(".")[2] if isinstance(target, str) else None
+            module = "monai.inferers" if short in INFERERS else "monai.transforms"
+            if short not in allowed or target not in (short, f"{module}.{short}"):
                 raise TeacherError(
                     f"MONAI bundle config {path}: {where} is {target!r}, which lorkd-pl does not run from an "
-                    f"untrusted bundle (it runs {sorted(allowed)}); {trust}"
+                    f"untrusted bundle (it runs {sorted(allowed)}, by their short or monai.transforms/"
+                    f"monai.inferers names); {trust}"
                 )
-            if _short(target) == "LoadImaged" and node.get("reader") is not None:
+            node["_target_"] = f"{module}.{short}"  # MONAI's lookup cannot walk elsewhere from it
+            if short == "LoadImaged" and set(node) - LOAD_IMAGE_ARGUMENTS:
+                extra = sorted(set(node) - LOAD_IMAGE_ARGUMENTS)
+                raise TeacherError(
+                    f"MONAI bundle config {path}: {where} passes {extra} to its reader; an untrusted bundle "
+                    f"may set {sorted(LOAD_IMAGE_ARGUMENTS - {'_target_'})}; {trust}"
+                )
+            if short == "LoadImaged" and node.get("reader") is not None:
                 readers = node["reader"] if isinstance(node["reader"], list) else [node["reader"]]
                 if not all(isinstance(r, str) and r in READERS for r in readers):
                     raise TeacherError(
@@ -176,7 +201,7 @@ def _is_plain(value: Any) -> bool:
     )
 
 
-def _activation(config: Mapping[str, Any]) -> str | None:
+def activation_of(config: Mapping[str, Any]) -> str | None:
     """``softmax``/``sigmoid`` of the postprocessing's ``Activationsd`` (read, not run)."""
     stack = [config.get("postprocessing")]
     while stack:
@@ -202,9 +227,6 @@ def read_bundle_pipeline(folder: Path) -> BundlePipeline | None:
     """
     from monai.bundle import ConfigParser
 
-    from lorkd_pl.io.trust import bundle_code_trusted
-    from lorkd_pl.models.teacher.loading import TeacherError, _check_bundle_config
-
     path = bundle_config_file(folder)
     if path is None:
         return None
@@ -218,7 +240,7 @@ def read_bundle_pipeline(folder: Path) -> BundlePipeline | None:
     config = parser.config
     if not isinstance(config, dict) or not all(k in config for k in ("preprocessing", "inferer")):
         return None
-    _check_bundle_config(config, path)  # `$` anywhere only with the trust switch (MONAI runs all of it)
+    check_bundle_config(config, path)  # `$` anywhere only with the trust switch (MONAI runs all of it)
     image_key = config.get("image_key", "image")
     if not isinstance(image_key, str):
         image_key = "image"
@@ -235,12 +257,61 @@ def read_bundle_pipeline(folder: Path) -> BundlePipeline | None:
         raise TeacherError(
             f"MONAI bundle config {path}: its preprocessing or inferer cannot be built: {reason}"
         ) from None
+    if not callable(preprocessing) or not callable(inferer):
+        raise TeacherError(
+            f"MONAI bundle config {path}: preprocessing and inferer must build a transform and an inferer, "
+            f"got {type(preprocessing).__name__} and {type(inferer).__name__}"
+        )
     description = {
         "format": "MONAI bundle",
         "config": str(path),
         "image_key": image_key,
         "preprocessing": json.loads(json.dumps(config["preprocessing"], default=str)),
         "inferer": json.loads(json.dumps(config["inferer"], default=str)),
-        "activation": _activation(config),
+        "activation": activation_of(config),
     }
     return BundlePipeline(preprocessing, inferer, image_key, description["activation"], description)
+
+
+def check_bundle_config(data: Any, config: Path) -> None:
+    """Refuse what MONAI would run or misread ANYWHERE in a bundle config, referenced or not: ``$``
+    expressions (MONAI imports every ``$import``/``$from`` of the config before resolving anything;
+    allowed only with ``$LORKD_PL_TRUST_BUNDLE_CODE=1``), ``%`` macros (they read other files), keys
+    that are not plain names (non-strings, or holding MONAI's id separators ``::``/``#``, which make two
+    entries share one id) and one container reached from two places (a YAML alias: MONAI rewrites its
+    relative references in place, once).
+
+    Raises:
+        TeacherError: naming the config file, the entry and the fix.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, (dict, list)):
+            if id(node) in seen:
+                raise TeacherError(
+                    f"MONAI bundle config {config}: {where or 'the config'} is reached from two places "
+                    "(a YAML alias); write each entry out once"
+                )
+            seen.add(id(node))
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if isinstance(node, dict) and (not isinstance(key, str) or "::" in key or "#" in key):
+                    raise TeacherError(
+                        f"MONAI bundle config {config}: the key {key!r} under {where or 'the top level'} is "
+                        "not a plain name (MONAI joins keys with '::' and '#' into ids, so this one could "
+                        "stand for another entry); rename it"
+                    )
+                stack.append((value, f"{where}::{key}" if where else str(key)))
+        elif isinstance(node, str) and node.startswith("$") and not bundle_code_trusted():
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} is the expression {node[:80]!r}; MONAI runs (and "
+                "imports for) every expression of a config it parses, referenced or not: lorkd-pl runs no "
+                f"code from a bundle unless you trust it: set {ENV_TRUST_BUNDLE_CODE}=1, or remove the entry"
+            )
+        elif isinstance(node, str) and node.startswith("%"):
+            raise TeacherError(
+                f"MONAI bundle config {config}: {where} loads another file ({node[:80]!r}); write the entry "
+                "into the bundle's own inference config"
+            )

@@ -45,6 +45,12 @@ from lorkd_pl.io.trust import (
 from lorkd_pl.models.backbones import build_module
 from lorkd_pl.models.generalist import GeneralistModule
 from lorkd_pl.models.restore import model_kind, restore_module
+from lorkd_pl.models.teacher.bundle import (
+    activation_of,
+    bundle_channel_names,
+    bundle_config_file,
+    check_bundle_config,
+)
 from lorkd_pl.models.teacher.class_mapping import (
     ClassChannels,
     ClassMappingError,
@@ -52,6 +58,7 @@ from lorkd_pl.models.teacher.class_mapping import (
     map_task_classes,
     select_classes,
 )
+from lorkd_pl.models.teacher.errors import TeacherError
 from lorkd_pl.models.teacher.nnunet import folder_digest, folder_of, is_nnunet_folder, load_network
 from lorkd_pl.models.teacher.outputs import check_output, target_kind, task_targets
 from lorkd_pl.models.teacher.spec import SIGMOID_OUTPUTS, TeacherSpec, parse_teacher
@@ -61,10 +68,6 @@ PROBE_SIZES: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128)
 #: What a network raises for an input it cannot take (TorchScript's ``torch.jit.Error`` is no
 #: ``RuntimeError``).
 INPUT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, torch.jit.Error)
-
-
-class TeacherError(ValueError):
-    """A teacher cannot be loaded or does not fit the tasks."""
 
 
 class Teacher(nn.Module):
@@ -322,8 +325,6 @@ def _bundle_conventions(folder: Path, spec: TeacherSpec) -> TeacherSpec:
     """``spec`` with what the bundle's own files say where the user said nothing: class names from
     ``configs/metadata.json``, a sigmoid output from its postprocessing; a bundle that declares its own
     preprocessing and inferer needs ``cache`` (it runs on whole volumes, once per case)."""
-    from lorkd_pl.models.teacher.bundle import _activation, bundle_channel_names, bundle_config_file
-
     classes = spec.classes if spec.classes is not None else bundle_channel_names(folder)
     output = spec.output
     config_file = bundle_config_file(folder)
@@ -341,7 +342,7 @@ def _bundle_conventions(folder: Path, spec: TeacherSpec) -> TeacherSpec:
         except (OSError, yaml.YAMLError):
             config = {}
     config = config if isinstance(config, dict) else {}
-    if output == "logits" and _activation(config) == "sigmoid":
+    if output == "logits" and activation_of(config) == "sigmoid":
         output = "sigmoid_logits"
     own = all(k in config for k in ("preprocessing", "inferer"))
     if own and not spec.own_pipeline and spec.cache is None:
@@ -503,7 +504,7 @@ def _load_bundle(folder: Path) -> nn.Module:
         raise TeacherError(f"MONAI bundle config {config} cannot be read: {reason}") from None
     if not isinstance(parser.config, dict) or "network_def" not in parser.config:
         raise TeacherError(f"MONAI bundle config {config} has no 'network_def'")
-    _check_bundle_config(parser.config, config)  # the WHOLE config: MONAI parses (and imports) all of it
+    check_bundle_config(parser.config, config)  # the WHOLE config: MONAI parses (and imports) all of it
     _check_bundle_network(parser, config)  # before MONAI imports or evaluates anything of it
     try:
         network = parser.get_parsed_content("network_def")
@@ -516,47 +517,3 @@ def _load_bundle(folder: Path) -> nn.Module:
         )
     network.load_state_dict(_state_dict(weights))
     return network
-
-
-def _check_bundle_config(data: Any, config: Path) -> None:
-    """Refuse what MONAI would run or misread ANYWHERE in a bundle config, referenced or not: ``$``
-    expressions (MONAI imports every ``$import``/``$from`` of the config before resolving anything;
-    allowed only with ``$LORKD_PL_TRUST_BUNDLE_CODE=1``), ``%`` macros (they read other files), keys
-    that are not plain names (non-strings, or holding MONAI's id separators ``::``/``#``, which make two
-    entries share one id) and one container reached from two places (a YAML alias: MONAI rewrites its
-    relative references in place, once).
-
-    Raises:
-        TeacherError: naming the config file, the entry and the fix.
-    """
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:
-        node, where = stack.pop()
-        if isinstance(node, (dict, list)):
-            if id(node) in seen:
-                raise TeacherError(
-                    f"MONAI bundle config {config}: {where or 'the config'} is reached from two places "
-                    "(a YAML alias); write each entry out once"
-                )
-            seen.add(id(node))
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, value in items:
-                if isinstance(node, dict) and (not isinstance(key, str) or "::" in key or "#" in key):
-                    raise TeacherError(
-                        f"MONAI bundle config {config}: the key {key!r} under {where or 'the top level'} is "
-                        "not a plain name (MONAI joins keys with '::' and '#' into ids, so this one could "
-                        "stand for another entry); rename it"
-                    )
-                stack.append((value, f"{where}::{key}" if where else str(key)))
-        elif isinstance(node, str) and node.startswith("$") and not bundle_code_trusted():
-            raise TeacherError(
-                f"MONAI bundle config {config}: {where} is the expression {node[:80]!r}; MONAI runs (and "
-                "imports for) every expression of a config it parses, referenced or not: lorkd-pl runs no "
-                f"code from a bundle unless you trust it: set {ENV_TRUST_BUNDLE_CODE}=1, or remove the entry"
-            )
-        elif isinstance(node, str) and node.startswith("%"):
-            raise TeacherError(
-                f"MONAI bundle config {config}: {where} loads another file ({node[:80]!r}); write the entry "
-                "into the bundle's own inference config"
-            )

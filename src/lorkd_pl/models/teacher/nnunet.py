@@ -46,6 +46,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
+from lorkd_pl.models.teacher.errors import TeacherError
+
 PLANS, DATASET = "plans.json", "dataset.json"
 CHECKPOINTS: dict[str, str] = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 #: The network classes lorkd-pl builds from a plans file: module path → class, by name.
@@ -91,7 +93,7 @@ GAUSSIAN_SIGMA_SCALE, GAUSSIAN_PEAK = 1.0 / 8, 10.0
 FOLDER_NAME = re.compile(r"^(?P<trainer>[^_].*?)__(?P<plans>.+?)__(?P<configuration>[^_].*)$")
 
 
-class NnUNetError(ValueError):
+class NnUNetError(TeacherError):
     """An nnU-Net folder lorkd-pl cannot read or run; names the file and the fix."""
 
 
@@ -154,7 +156,8 @@ class NnUNetFolder:
 
     @property
     def transpose_backward(self) -> list[int]:
-        return [int(a) for a in self.plans.get("transpose_backward", [0, 1, 2])]
+        """The inverse of :attr:`transpose_forward` (derived, not read: the two cannot disagree)."""
+        return [int(a) for a in np.argsort(self.transpose_forward)]
 
     @property
     def spacing(self) -> list[float]:
@@ -218,6 +221,8 @@ def _configuration(plans: Mapping[str, Any], name: str, source: Path) -> dict[st
         if name in chain:
             raise NnUNetError(f"{source}: configuration {name!r} inherits from itself ({' -> '.join(chain)})")
         chain.append(name)
+        if not isinstance(configurations[name], Mapping):
+            raise NnUNetError(f"{source}: configuration {name!r} is not a mapping")
         name = configurations[name].get("inherits_from")
     for link in reversed(chain):  # the parent first, each child overriding
         resolved.update({k: v for k, v in configurations[link].items() if k != "inherits_from"})
@@ -234,6 +239,11 @@ def _architecture(config: Mapping[str, Any], source: Path, configuration: str) -
         return dict(architecture)
     try:
         name = config["UNet_class_name"]
+        if name not in ("PlainConvUNet", "ResidualEncoderUNet"):
+            raise NnUNetError(
+                f"{source}: configuration {configuration!r} names UNet_class_name {name!r}; nnU-Net's older "
+                "plans convert PlainConvUNet and ResidualEncoderUNet only"
+            )
         stages = len(config["n_conv_per_stage_encoder"])
         dims = len(config["patch_size"])
         kwargs = {
@@ -257,7 +267,7 @@ def _architecture(config: Mapping[str, Any], source: Path, configuration: str) -
             "nonlin": "torch.nn.LeakyReLU",
             "nonlin_kwargs": {"inplace": True},
         }
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise NnUNetError(
             f"{source}: configuration {configuration!r} has neither 'architecture' nor the older "
             f"UNet_class_name keys ({error})"
@@ -269,9 +279,76 @@ def _architecture(config: Mapping[str, Any], source: Path, configuration: str) -
     }
 
 
-def available_folds(folder: Path, checkpoint: str) -> list[str]:
-    """The folds of ``folder`` with the checkpoint file, in nnU-Net's order (numbers, then ``all``)."""
+def _check_plans(
+    plans: Mapping[str, Any], config: Mapping[str, Any], name: str, channels: int, source: Path
+) -> None:
+    """The plans' fields lorkd-pl computes with, type-checked (one line naming the field)."""
+
+    def numbers(value: Any, integer: bool) -> bool:
+        kind = int if integer else (int, float)
+        return (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in value)
+        )
+
+    def order(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 5
+
+    where = f"{source}: configuration {name!r}"
+    if not numbers(config.get("patch_size"), True) or not numbers(config.get("spacing"), False):
+        raise NnUNetError(
+            f"{where}: patch_size {config.get('patch_size')!r} and spacing {config.get('spacing')!r} must be "
+            "3 positive numbers each; lorkd-pl runs nnU-Net's 3D configurations (3d_fullres, 3d_lowres)"
+        )
+    forward = plans.get("transpose_forward", [0, 1, 2])
+    if (
+        not isinstance(forward, list)
+        or not all(type(a) is int for a in forward)
+        or sorted(forward) != [0, 1, 2]
+    ):
+        raise NnUNetError(f"{source}: transpose_forward must be a permutation of [0, 1, 2], got {forward!r}")
+    mask = config.get("use_mask_for_norm", [False] * channels)
+    if not isinstance(mask, list) or len(mask) != channels or not all(isinstance(m, bool) for m in mask):
+        raise NnUNetError(
+            f"{where}: use_mask_for_norm must hold one true/false per image channel, got {mask!r}"
+        )
+    for key in ("resampling_fn_data_kwargs", "resampling_fn_probabilities_kwargs"):
+        kwargs = config.get(key, {})
+        fine = (
+            isinstance(kwargs, Mapping)
+            and not set(kwargs) - {"is_seg", "order", "order_z", "force_separate_z"}
+            and not kwargs.get("is_seg")
+            and all(order(kwargs.get(k, 0)) for k in ("order", "order_z"))
+            and kwargs.get("force_separate_z") in (None, True, False)
+        )
+        if not fine:
+            raise NnUNetError(
+                f"{where}: {key} must hold order/order_z (0-5) and force_separate_z, got {kwargs!r}"
+            )
+    properties = plans.get(
+        "foreground_intensity_properties_per_channel",
+        plans.get("foreground_intensity_properties_by_modality", {}),
+    )
+    if not isinstance(properties, Mapping) or not all(
+        isinstance(entry, Mapping)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry.values())
+        for entry in properties.values()
+    ):
+        raise NnUNetError(
+            f"{source}: foreground_intensity_properties_per_channel must map channels to numbers"
+        )
+    for key, allowed in (("preprocessor_name", "DefaultPreprocessor"), ("label_manager", "LabelManager")):
+        value = config.get(key, plans.get(key))
+        if value is not None and value != allowed:
+            raise NnUNetError(f"{where}: {key} is {value!r}; lorkd-pl reproduces nnU-Net's {allowed} only")
+
+
+def available_folds(folder: Path, checkpoint: str, numbered: bool = False) -> list[str]:
+    """The folds of ``folder`` with the checkpoint file (numbers, then ``all``); ``numbered``: the
+    numbered ones only (nnU-Net's default ensemble leaves ``fold_all`` out)."""
     found = [p.parent.name[len("fold_") :] for p in folder.glob(f"fold_*/{checkpoint}") if p.is_file()]
+    found = [f for f in found if f.isdigit() or (f == "all" and not numbered)]
     return sorted(found, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
 
 
@@ -327,18 +404,18 @@ def read_folder(
             "overlapping sigmoid outputs); lorkd-pl distils nnU-Net teachers with one softmax over "
             "exclusive classes"
         )
+    bad = {n: v for n, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise NnUNetError(f"{folder / DATASET}: label values must be integers >= 0, got {bad}")
     values = sorted(int(v) for n, v in labels.items() if n != "ignore")
     if values != list(range(len(values))):
         raise NnUNetError(f"{folder / DATASET}: label values must be 0..K-1 (nnU-Net's rule), got {values}")
-    if not isinstance(dataset.get("channel_names", dataset.get("modality")), Mapping):
+    channel_names = dataset.get("channel_names", dataset.get("modality"))
+    if not isinstance(channel_names, Mapping) or not channel_names:
         raise NnUNetError(f"{folder / DATASET} has no 'channel_names' (image channel -> name)")
-    if len(config.get("patch_size", ())) != 3 or len(config.get("spacing", ())) != 3:
-        raise NnUNetError(
-            f"{folder}: configuration {configuration!r} is not 3D (patch {config.get('patch_size')}); "
-            "lorkd-pl runs nnU-Net's 3D configurations (3d_fullres, 3d_lowres)"
-        )
+    _check_plans(plans, config, configuration, len(channel_names), folder / PLANS)
     schemes = list(config.get("normalization_schemes", []))
-    unknown = [s for s in schemes if s not in NORMALIZATIONS]
+    unknown = [s for s in schemes if not isinstance(s, str) or s not in NORMALIZATIONS]
     if unknown or len(schemes) != len(dataset.get("channel_names", dataset.get("modality"))):
         raise NnUNetError(
             f"{folder / PLANS}: normalization_schemes {schemes} must name one of {list(NORMALIZATIONS)} per "
@@ -364,14 +441,17 @@ def read_folder(
                     f"{folder / PLANS}: channel {c} uses CTNormalization but "
                     "foreground_intensity_properties_per_channel lacks its mean/std/percentiles"
                 )
-    overrides = dataset.get("overwrite_image_reader_writer")
+    overrides = dataset.get("overwrite_image_reader_writer", plans.get("image_reader_writer"))
     if overrides not in (None, "SimpleITKIO", "NibabelIO"):
         raise NnUNetError(
             f"{folder / DATASET}: overwrite_image_reader_writer {overrides!r} reorients or reads images in "
             "a way lorkd-pl does not reproduce (it reads the file's own voxel order, as SimpleITKIO does)"
         )
     found = available_folds(folder, name)
-    folds = found if fold is None else [str(f) for f in (fold if isinstance(fold, (list, tuple)) else [fold])]
+    if fold is None:  # nnU-Net's default ensemble: the numbered folds
+        folds = available_folds(folder, name, numbered=True)
+    else:
+        folds = [str(f) for f in (fold if isinstance(fold, (list, tuple)) else [fold])]
     if not folds:
         raise NnUNetError(f"{folder} has no fold_<k>/{name}: nothing to load (checkpoint: {checkpoint})")
     missing = [f for f in folds if f not in found]
@@ -390,7 +470,9 @@ def read_folder(
 def _numpy_globals() -> list[Any]:
     """NumPy's plain scalar and dtype reconstructors (data only): what nnU-Net's logs pickle."""
     core = getattr(np, "_core", None) or np.core
-    allowed: list[Any] = [core.multiarray.scalar, np.dtype]
+    scalar = core.multiarray.scalar
+    # numpy 2 pickles numpy._core.multiarray.scalar, numpy 1 numpy.core.multiarray.scalar: the same function
+    allowed: list[Any] = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
     allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
     return allowed
 
@@ -410,6 +492,8 @@ def load_fold(folder: NnUNetFolder, fold: str) -> tuple[dict[str, Tensor], tuple
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        if "Unsupported global" not in str(error) and "Unsupported operand" not in str(error):
+            raise NnUNetError(f"cannot read {path}: not a PyTorch checkpoint ({reason[:160]})") from None
         raise NnUNetError(
             f"refused to load {path}: it holds pickled objects other than tensors, plain values and NumPy "
             f"scalars, which could run code ({reason})"
@@ -421,7 +505,8 @@ def load_fold(folder: NnUNetFolder, fold: str) -> tuple[dict[str, Tensor], tuple
     weights = checkpoint.get("network_weights") if isinstance(checkpoint, Mapping) else None
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise NnUNetError(f"{path} has no 'network_weights' state dict: not an nnU-Net v2 checkpoint")
-    trained = (checkpoint.get("init_args") or {}).get("configuration")
+    init_args = checkpoint.get("init_args")
+    trained = init_args.get("configuration") if isinstance(init_args, Mapping) else None
     if trained is not None and trained != folder.configuration_name:
         raise NnUNetError(
             f"{path} was trained as configuration {trained!r}, not {folder.configuration_name!r}: set "
@@ -429,7 +514,14 @@ def load_fold(folder: NnUNetFolder, fold: str) -> tuple[dict[str, Tensor], tuple
         )
     prefix = re.compile(r"^(_orig_mod\.|module\.)+")
     axes = checkpoint.get("inference_allowed_mirroring_axes")
-    axes = tuple(int(a) for a in axes) if axes is not None else None
+    if axes is not None and (
+        not isinstance(axes, (list, tuple))
+        or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 3 for a in axes)
+    ):
+        raise NnUNetError(
+            f"{path}: inference_allowed_mirroring_axes must list spatial axes 0-2, got {axes!r}"
+        )
+    axes = tuple(axes) if axes is not None else None
     return {prefix.sub("", k): v for k, v in weights.items()}, axes
 
 
@@ -458,7 +550,7 @@ def build_network(folder: NnUNetFolder) -> nn.Module:
     for key in architecture.get("_kw_requires_import", ()):
         if kwargs.get(key) is None:
             continue
-        if kwargs[key] not in OPERATIONS:
+        if not isinstance(kwargs[key], str) or kwargs[key] not in OPERATIONS:
             raise NnUNetError(
                 f"{source}: {key} {kwargs[key]!r} is not an operation lorkd-pl builds ({key} must be one of "
                 f"the torch.nn classes {sorted({c.__name__ for c in OPERATIONS.values()})})"
@@ -507,7 +599,7 @@ def load_network(folder: NnUNetFolder) -> NnUNetEnsemble:
         try:
             network.load_state_dict(weights)
         except RuntimeError as error:
-            first = str(error).splitlines()[0]
+            first = " ".join(line.strip() for line in str(error).splitlines()[:2])[:300]
             raise NnUNetError(
                 f"{folder.fold_file(fold)}: its weights do not fit the network plans.json describes ({first})"
             ) from None
@@ -553,7 +645,7 @@ def resample_to_shape(
     new: Sequence[float],
     order: int = 3,
     order_z: int = 0,
-    force_separate_z: bool | None = None,
+    force_separate_z: bool | None = False,
     is_seg: bool = False,
 ) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg_to_shape`` for images and logits.

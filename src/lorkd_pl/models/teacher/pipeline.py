@@ -31,10 +31,10 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
+import lorkd_pl.models.teacher.nnunet as nnunet
 from lorkd_pl.data.teacher_targets import TeacherTargetStore, image_digest
 from lorkd_pl.data.transforms import LoadArrayOrFile, ToChannels, seg3d_preprocessing
 from lorkd_pl.io.atomic import write_json_atomic
-from lorkd_pl.models.teacher import nnunet
 from lorkd_pl.models.teacher.bundle import read_bundle_pipeline
 from lorkd_pl.models.teacher.loading import Teacher, TeacherError
 from lorkd_pl.models.teacher.outputs import target_probabilities, targets_from_probabilities
@@ -256,7 +256,8 @@ class NnUNetPipeline(TeacherPipeline):
                 f"{self.folder.folder} reads {self.folder.input_channels} "
                 f"({', '.join(map(str, self.folder.dataset.get('channel_names', {}).values()))})"
             )
-        spacing = [float(v) for v in image.pixdim[:3]]
+        # SimpleITK's own spacing, as nnU-Net reads it (the affine's column norms drift for oblique images)
+        spacing = [float(v) for v in image.meta.get("spacing", image.pixdim)[:3]]
         data, case = nnunet.preprocess(image.as_tensor().numpy(), spacing, self.folder)
         grid = (student or self.student_transform(dict(record)))["image"]
         return {"image": torch.from_numpy(data), "case": case, "affine": image.affine, "grid": grid}
@@ -309,7 +310,13 @@ class BundleTeacherPipeline(TeacherPipeline):
     ) -> tuple[Tensor, Tensor | None]:
         """The bundle's inferer on the whole preprocessed case: ``(1, K, *S)`` and the case's affine."""
         image = prepared["image"]
-        raw = self.bundle.inferer(image.as_tensor()[None].float().to(device), teacher)
+        try:
+            raw = self.bundle.inferer(image.as_tensor()[None].float().to(device), teacher)
+        except TeacherError:
+            raise
+        except Exception as error:  # the bundle's inferer refusing the case (roi_size, ...)
+            reason = " ".join(str(error.__cause__ or error).split())[:300]
+            raise TeacherError(f"MONAI bundle {self.spec.path}: its inferer failed: {reason}") from None
         raw = raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)
         return raw, image.affine
 
