@@ -209,6 +209,7 @@ def test_fit_teacher_test_and_store_with_an_nnunet_folder(
     assert main(["teacher-test", *config, "--out", "runs/nnunet_teacher"]) == 0
     summary = json.loads((tmp_path / "runs/nnunet_teacher/summary/toy_nnunet.json").read_text())
     theirs = nnunet_dice(nnunet_root, ["toy_102", "toy_103"])
+    print(f"mean Dice: lorkd-pl teacher-test {summary['mean']['dice']:.4f}, nnU-Net's own {theirs:.4f}")
     assert abs(summary["mean"]["dice"] - theirs) <= 0.01, (summary["mean"]["dice"], theirs)
 
     other = {**teacher, "fold": [0, 1]}  # another teacher (two folds): rebuilt, never reused
