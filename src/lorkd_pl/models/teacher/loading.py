@@ -23,7 +23,6 @@ how its output becomes a KD target (:mod:`lorkd_pl.models.teacher.outputs`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -270,8 +269,8 @@ def load_teacher(
     digest = sha256sum(path)
     kinds = {"output": spec.output, "sigmoid_kd": spec.sigmoid_kd}
     if path.is_dir():
-        network = _load_bundle(path)
-        named = _bundle_conventions(path, spec)
+        network, config = _load_bundle(path)
+        named = _bundle_conventions(path, config, spec)
         kinds = {"output": named.output, "sigmoid_kd": named.sigmoid_kd}
         return Teacher(network, _class_channels(tasks, path, named), str(path), digest, **kinds)
     if _is_torchscript(path):
@@ -321,33 +320,18 @@ def load_teacher(
     return Teacher(network, _class_channels(tasks, path, spec), str(path), digest, **kinds)
 
 
-def _bundle_conventions(folder: Path, spec: TeacherSpec) -> TeacherSpec:
+def _bundle_conventions(folder: Path, config: Mapping[str, Any], spec: TeacherSpec) -> TeacherSpec:
     """``spec`` with what the bundle's own files say where the user said nothing: class names from
     ``configs/metadata.json``, a sigmoid output from its postprocessing; a bundle that declares its own
     preprocessing and inferer needs ``cache`` (it runs on whole volumes, once per case)."""
     classes = spec.classes if spec.classes is not None else bundle_channel_names(folder)
     output = spec.output
-    config_file = bundle_config_file(folder)
-    config: Any = {}
-    if config_file is not None and config_file.suffix == ".json":
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}  # _load_bundle has said what is wrong with it
-    elif config_file is not None:
-        import yaml
-
-        try:
-            config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            config = {}
-    config = config if isinstance(config, dict) else {}
     if output == "logits" and activation_of(config) == "sigmoid":
         output = "sigmoid_logits"
     own = all(k in config for k in ("preprocessing", "inferer"))
     if own and not spec.own_pipeline and spec.cache is None:
         raise TeacherError(
-            f"MONAI bundle {folder} declares its own preprocessing and inferer ({config_file.name}), which "
+            f"MONAI bundle {folder} declares its own preprocessing and inferer (its inference config), which "
             "run on whole volumes, once per case: set model.init_args.teacher.cache to a folder for its "
             "targets (or set the pipeline fields yourself: spacing, intensity, ...)"
         )
@@ -479,11 +463,11 @@ def _check_bundle_network(parser: Any, config: Path) -> None:
     visit(parser.config["network_def"], "network_def")
 
 
-def _load_bundle(folder: Path) -> nn.Module:
+def _load_bundle(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The bundle's network and its (checked) inference config."""
     from monai.bundle import ConfigParser
 
-    configs = [folder / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")]
-    config = next((c for c in configs if c.is_file()), None)
+    config = bundle_config_file(folder)
     weights = folder / "models" / "model.pt"
     if config is None and not weights.is_file():
         raise TeacherError(
@@ -516,4 +500,4 @@ def _load_bundle(folder: Path) -> nn.Module:
             f"MONAI bundle config {config}: network_def is not a network ({type(network).__name__})"
         )
     network.load_state_dict(_state_dict(weights))
-    return network
+    return network, parser.config
