@@ -26,10 +26,15 @@ plus N(0, 1) noise (a student on its way), at τ = 1.
 sample (read, resample, crop, and with cached targets the crop's target) timed with and without the
 targets attached, and the sample's own bytes (what a worker holds per sample).
 
+``--fit``: whole ``lorkd-pl fit`` runs (fresh processes, ``--steps`` training steps, no validation) of a
+384×384×240 CT at 0.8×0.8×1.5 mm (student grid 1.5 mm, 96³ crops, a MONAI UNet student), without a
+teacher and with the targets ``lorkd-pl teacher-targets`` built before (dense and top-k).
+
 Usage::
 
     python benchmarks/teacher_targets.py [--classes 14 117] [--top-k 4] [--crops 12] [--quick]
     python benchmarks/teacher_targets.py --pipeline [--top-k 4] [--crops 6]
+    python benchmarks/teacher_targets.py --fit [--top-k 4] [--steps 6] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -275,21 +280,22 @@ def render(rows: list[dict], crop: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) -> list[dict]:
-    """Seconds and bytes of training samples through MultiRegionDataModule, without and with targets."""
+def write_ct_task(
+    folder: Path,
+    size: tuple[int, int, int],
+    spacing: tuple[float, ...],
+    grid: float,
+    crop: int,
+    classes: list[str],
+) -> Path:
+    """A task plugin folder with one synthetic CT case (``size`` voxels (x, y, z) at ``spacing`` mm),
+    its labels, a manifest with the case in train and val, and the spec ``bench_ct`` (student grid
+    ``grid`` mm, ``crop``³ patches); written once per folder. Returns the plugin folder."""
     import json as jsonlib
 
     import SimpleITK as sitk
     import yaml
 
-    from lorkd_pl.data.datamodule import MultiRegionDataModule
-    from lorkd_pl.data.plugins import load_plugins
-    from lorkd_pl.models.teacher.loading import load_teacher
-    from lorkd_pl.models.teacher.pipeline import prepare_targets
-    from lorkd_pl.models.teacher.spec import parse_teacher
-
-    size, crop = ((96, 96, 60), 32) if quick else ((512, 512, 300), 128)
-    classes = [f"c{i}" for i in range(14)]
     case = folder / "ct"
     if not (case / "ct_image.nii").is_file():
         case.mkdir(parents=True, exist_ok=True)
@@ -298,7 +304,7 @@ def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) ->
         hu[0] = -1000
         for name, array in (("image", hu[labels]), ("label", labels)):
             image = sitk.GetImageFromArray(array)
-            image.SetSpacing((0.8, 0.8, 1.5) if not quick else (2.0, 2.0, 2.0))
+            image.SetSpacing(spacing)
             sitk.WriteImage(image, str(case / f"ct_{name}.nii"))
         rows = [
             {"image": "ct_image.nii", "label": "ct_label.nii", "split": split} for split in ("train", "val")
@@ -311,14 +317,34 @@ def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) ->
             "classes": classes,
             "manifest": "manifest.jsonl",
             "modality": "CT",
-            "spacing": [1.5, 1.5, 1.5] if not quick else [2.0, 2.0, 2.0],
+            "spacing": [grid] * 3,
             "patch_size": [crop] * 3,
         }
         (case / "bench_ct.yaml").write_text(yaml.safe_dump(spec))
-    load_plugins([case], use_entry_points=False)
-    teacher_file = folder / "pointwise.pt"
+    return case
+
+
+def pointwise_teacher(path: Path, classes: int) -> Path:
+    """A TorchScript 1×1×1 convolution ``(1 → classes)`` (the teacher's cost is not what is measured)."""
     torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, len(classes), 1)), str(teacher_file))
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, classes, 1)), str(path))
+    return path
+
+
+def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) -> list[dict]:
+    """Seconds and bytes of training samples through MultiRegionDataModule, without and with targets."""
+    from lorkd_pl.data.datamodule import MultiRegionDataModule
+    from lorkd_pl.data.plugins import load_plugins
+    from lorkd_pl.models.teacher.loading import load_teacher
+    from lorkd_pl.models.teacher.pipeline import prepare_targets
+    from lorkd_pl.models.teacher.spec import parse_teacher
+
+    size, crop = ((96, 96, 60), 32) if quick else ((512, 512, 300), 128)
+    classes = [f"c{i}" for i in range(14)]
+    spacing, grid = ((2.0, 2.0, 2.0), 2.0) if quick else ((0.8, 0.8, 1.5), 1.5)
+    case = write_ct_task(folder, size, spacing, grid, crop, classes)
+    load_plugins([case], use_entry_points=False)
+    teacher_file = pointwise_teacher(folder / "pointwise.pt", len(classes))
     data = MultiRegionDataModule(
         ["bench_ct"], validate=False, allow_duplicates=True, batch_size=1, cache="none"
     )
@@ -366,6 +392,104 @@ def pipeline_rows(folder: Path, top_k: int | None, samples: int, quick: bool) ->
     return rows
 
 
+def fit_rows(folder: Path, top_k: int | None, steps: int, rounds: int, quick: bool) -> list[dict]:
+    """Seconds of ``lorkd-pl fit`` (``steps`` training steps, fresh processes) of a 384×384×240 CT task,
+    without a teacher and with cached teacher targets built before by ``lorkd-pl teacher-targets``;
+    ``rounds`` interleaved rounds after a warm-up round, medians."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    size, crop = ((64, 64, 40), 32) if quick else ((384, 384, 240), 96)
+    classes = [f"c{i}" for i in range(14)]
+    spacing, grid = ((2.0, 2.0, 2.0), 2.0) if quick else ((0.8, 0.8, 1.5), 1.5)
+    tasks = write_ct_task(folder, size, spacing, grid, crop, classes)
+    teacher = {
+        "path": str(pointwise_teacher(folder / "pointwise.pt", len(classes))),
+        "classes": {c: i for i, c in enumerate(classes)},
+        "cache": str(folder / f"fit_targets_{top_k}"),
+        "cache_top_k": top_k,
+    }
+    backbone = {
+        "class_path": "monai.networks.nets.UNet",
+        "init_args": {
+            "spatial_dims": 3, "in_channels": 1, "out_channels": len(classes),
+            "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1,
+        },
+    }  # fmt: skip
+    script = shutil.which("lorkd-pl", path=str(Path(sys.executable).parent)) or "lorkd-pl"
+    configs = {}
+    for name, kd in (
+        ("without a teacher", None),
+        (f"cached targets ({'dense' if top_k is None else f'top-{top_k}'})", teacher),
+    ):
+        config = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu", "devices": 1, "max_steps": steps, "limit_val_batches": 0,
+                "num_sanity_val_steps": 0, "enable_progress_bar": False, "logger": False,
+                "default_root_dir": str(folder / "runs"),
+            },
+            "model": {
+                "class_path": "lorkd_pl.models.lorkd.LoRKDModule",
+                "init_args": {
+                    "backbone": backbone, "rank": 4, "teacher": kd, "kd_weight": 0.5 if kd else 0.0,
+                },
+            },
+            "data": {
+                "class_path": "lorkd_pl.data.datamodule.MultiRegionDataModule",
+                "init_args": {
+                    "tasks": ["bench_ct"], "batch_size": 1, "samples_per_epoch": steps, "cache": "none",
+                    "allow_duplicates": True,
+                },
+            },
+        }  # fmt: skip
+        path = folder / f"fit_{len(configs)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        configs[name] = [script, "fit", "--config", str(path), "--tasks-dir", str(tasks), "--overwrite"]
+    begin = time.perf_counter()
+    build = [script, "teacher-targets", "--config", configs[list(configs)[1]][3], "--tasks-dir", str(tasks)]
+    done = subprocess.run(build, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"teacher-targets: {done.stderr[-2000:]}")
+    build_seconds = time.perf_counter() - begin
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(rounds + 1):
+        for name, command in configs.items() if round_index % 2 else reversed(configs.items()):
+            begin = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{name}: {done.stderr[-2000:]}")
+            if round_index:  # round 0 warms the page cache
+                times[name].append(time.perf_counter() - begin)
+    return [
+        {"fit": name, "s": statistics.median(values), "build_s": build_seconds if i else 0.0}
+        for i, (name, values) in enumerate(times.items())
+    ]
+
+
+def render_fit(rows: list[dict], steps: int) -> str:
+    base = rows[0]["s"]
+    lines = [
+        f"`lorkd-pl fit`, {steps} training steps (fresh process, start-up included), "
+        "median of interleaved rounds",
+        "",
+        "| fit | s | × without a teacher | targets built (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        build = f"{row['build_s']:.1f}" if row["build_s"] else "–"
+        lines.append(f"| {row['fit']} | {row['s']:.1f} | {row['s'] / base:.2f} | {build} |")
+    worst = max(row["s"] for row in rows[1:]) / base
+    lines += [
+        "",
+        f"Target: {'ok' if worst <= 1.2 else 'MISSED'}: "
+        f"fit with cached targets ≤ 1.2× without ({worst:.2f}×)",
+    ]
+    return "\n".join(lines)
+
+
 def render_pipeline(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
@@ -389,12 +513,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="a small grid (tests)")
     parser.add_argument("--pipeline", action="store_true", help="through the data pipeline of a fit")
+    parser.add_argument("--fit", action="store_true", help="whole `lorkd-pl fit` runs of a 384×384×240 CT")
+    parser.add_argument("--steps", type=int, default=6, help="--fit: training steps per fit")
+    parser.add_argument("--rounds", type=int, default=2, help="--fit: timed rounds")
     parser.add_argument(
         "--confusion", type=float, default=CONFUSION_MEAN, help="teacher confusion logits (-4 peaked, 0 soft)"
     )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.fit:
+        with tempfile.TemporaryDirectory() as folder:
+            rows = []
+            for top_k in (None, args.top_k):
+                found = fit_rows(Path(folder), top_k, args.steps, args.rounds, args.quick)
+                rows += found if not rows else found[1:]
+        emit(f"### {machine_name(torch.device('cpu'))}\n\n{render_fit(rows, args.steps)}\n", args.output)
+        return 0
     if args.pipeline:
         with tempfile.TemporaryDirectory() as folder:
             rows = []

@@ -179,6 +179,9 @@ KD_TEACHER = {  # 3x the widths of the 3D U-Net student
     },
 }
 NO_KD = "LoRKD step, no KD"
+CACHED = "KD, cached teacher targets"
+TOP_K = 2  # fewer than the setup's 4 classes: the sparse path with a remainder runs
+CACHED_TOP_K = f"KD, cached top-{TOP_K} targets"
 
 
 def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
@@ -191,7 +194,7 @@ def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget:
         network = build_module(KD_TEACHER).to(device)
         channels = {t["name"]: [(k,) for k in range(setup["classes"])] for t in info["task_info"]}
         modules = {NO_KD: LoRKDModule(**info, **common, kd="none")}
-        for label in ("KD, cached teacher targets", "KD, live teacher"):
+        for label in (CACHED, CACHED_TOP_K, "KD, live teacher"):
             module = LoRKDModule(**info, **common, kd="logits", teacher="benchmark-teacher")
             module.__dict__["_teacher"] = Teacher(network, channels, "benchmark-teacher", "")
             modules[label] = module
@@ -201,7 +204,10 @@ def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget:
         cached["teacher"] = torch.randn(
             setup["batch"], classes, *setup["shape"][1:], device=device
         ).log_softmax(1)
-        batches = {NO_KD: batch, "KD, cached teacher targets": cached, "KD, live teacher": batch}
+        top = dict(batch)  # the store's top-k form (cache_top_k), as a TotalSegmentator-sized teacher uses
+        values, index = cached["teacher"].topk(min(TOP_K, classes), dim=1)
+        top["teacher_index"], top["teacher_log_probs"] = index.to(torch.uint8), values.half()
+        batches = {NO_KD: batch, CACHED: cached, CACHED_TOP_K: top, "KD, live teacher": batch}
         steps = {
             label: make_step(m.to(device).train(), batches[label], dtype) for label, m in modules.items()
         }
@@ -231,10 +237,10 @@ def kd_markdown(rows: list[dict]) -> str:
             f"| {r['mb']:.1f} | {r['memory_ratio']:.2f} |"
         )
     checks = [
-        f"- {'ok' if r['time_ratio'] <= 1.1 else 'MISSED'}: {r['dtype']}: KD step with cached targets "
+        f"- {'ok' if r['time_ratio'] <= 1.1 else 'MISSED'}: {r['dtype']}: {r['variant']} "
         f"≤ 1.1× the no-KD step ({r['time_ratio']:.2f}×)"
         for r in rows
-        if r["variant"] == "KD, cached teacher targets"
+        if r["variant"] in (CACHED, CACHED_TOP_K)
     ]
     return "\n".join([*lines, "", "Target:", *checks])
 
