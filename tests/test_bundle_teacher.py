@@ -11,8 +11,6 @@ of the same bundle, in a process that cannot import lorkd-pl.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from lorkd_pl.models.teacher.loading import TeacherError, load_teacher
 from lorkd_pl.models.teacher.pipeline import BundleTeacherPipeline
 from lorkd_pl.models.teacher.spec import parse_teacher
 from lorkd_pl.registry import get_task
-from test_export_formats import WITHOUT_LORKD, seg_student  # noqa: F401 (a fixture)
+from test_export_formats import run_monai_bundle, seg_student  # noqa: F401 (a fixture)
 
 TASK = "demo_brain_seg"
 ZOO_POSTPROCESSING = {
@@ -104,12 +102,7 @@ def file_grid(record: dict) -> dict:
 
 def test_targets_agree_with_monai_bundle_run(zoo_bundle, tmp_path, monkeypatch) -> None:
     image = get_task(TASK).records("test")[0]["image"]
-    run = subprocess.run(
-        [sys.executable, "-c", WITHOUT_LORKD, "run", "--config_file", "configs/inference.json",
-         "--image", image, "--output_dir", str(tmp_path / "bundle_out")],
-        cwd=zoo_bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_monai_bundle(zoo_bundle, image, tmp_path / "bundle_out")
     (written,) = (tmp_path / "bundle_out").glob("*.nii.gz")
     theirs = torch.from_numpy(
         sitk.GetArrayFromImage(sitk.ReadImage(str(written))).transpose(2, 1, 0).astype(np.int64)

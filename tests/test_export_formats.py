@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -28,6 +29,16 @@ WITHOUT_LORKD = (
     "import runpy, sys; sys.modules['lorkd_pl'] = None; sys.argv = ['monai.bundle', *sys.argv[1:]]; "
     "runpy.run_module('monai.bundle', run_name='__main__')"
 )
+
+
+def run_monai_bundle(bundle: Path, image: str, output_dir: Path) -> None:
+    """``python -m monai.bundle run`` of ``bundle``'s inference config on one image, without lorkd-pl."""
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_LORKD, "run", "--config_file", "configs/inference.json",
+         "--image", image, "--output_dir", str(output_dir)],
+        cwd=bundle, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +66,7 @@ def test_bundle_runs_without_lorkd_pl_and_equals_predict(seg_student, tmp_path, 
     ]  # fmt: skip
     # a demo volume: anisotropic spacing, a non-identity direction and origin
     image = get_task(f"demo_{region}_seg").records("test")[0]["image"]
-    run = subprocess.run(
-        [sys.executable, "-c", WITHOUT_LORKD, "run", "--config_file", "configs/inference.json",
-         "--image", image, "--output_dir", str(tmp_path / "bundle_out")],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_monai_bundle(bundle, image, tmp_path / "bundle_out")
     predict_files([image], checkpoint, tmp_path / "lorkd_out", region=region)
     name = f"{image.rsplit('/', 1)[1].split('.')[0]}_demo_{region}_seg.nii.gz"
     from_bundle = sitk.ReadImage(str(tmp_path / "bundle_out" / name))
@@ -79,12 +85,7 @@ def test_bundle_runs_without_lorkd_pl_and_equals_predict(seg_student, tmp_path, 
     # every other format predict reads, through the bundle's ITK reader: the same labels as predict
     other = tmp_path / ("case.mha" if region == "brain" else "case.nrrd")
     sitk.WriteImage(source, str(other))
-    run = subprocess.run(
-        [sys.executable, "-c", WITHOUT_LORKD, "run", "--config_file", "configs/inference.json",
-         "--image", str(other), "--output_dir", str(tmp_path / "bundle_other")],
-        cwd=bundle, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_monai_bundle(bundle, str(other), tmp_path / "bundle_other")
     predict_files([str(other)], checkpoint, tmp_path / "lorkd_other", region=region)
     name = f"case_demo_{region}_seg.nii.gz"
     from_bundle = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "bundle_other" / name)))

@@ -202,6 +202,31 @@ def test_resume_of_a_run_without_a_last_checkpoint_is_refused(tmp_path, monkeypa
     assert "--ckpt_path last: there is no last.ckpt in" in error_line(capsys)
 
 
+def test_a_resumed_fit_continues_its_wandb_run(tmp_path, monkeypatch) -> None:
+    """A fit named by --run_name gets a W&B id of W&B's choosing; resuming it (twice) logs to that same
+    W&B run, as W&B's own offline folders show, not to a new one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    wandb = ["--config", "logging/wandb", "--run_name", "mine"]
+    assert fit(1, *wandb) == 0
+    run = ROOT / "mine"
+    (first,) = (run / "wandb").glob("offline-run-*")
+    run_id = first.name.rsplit("-", 1)[1]
+    assert run_id != "mine" and (first / f"run-{run_id}.wandb").is_file()
+    for resumption, steps in enumerate((2, 3)):
+        assert fit(steps, *wandb, "--trainer.max_epochs=3", "--ckpt_path", "last") == 0
+        assert step_of(run / "checkpoints" / "last.ckpt") == steps  # it did resume
+        (resumed,) = (run / f"resume_{resumption}" / "wandb").glob("offline-run-*")
+        assert resumed.name.rsplit("-", 1)[1] == run_id
+    assert runs.previous_wandb_id(run) == run_id
+    monkeypatch.setenv("WANDB_RUN_ID", "trial7")  # a sweep agent's id is W&B's to apply, not ours
+    assert runs.previous_wandb_id(run) is None
+    import wandb
+
+    wandb.teardown()  # stop this process's W&B service (its socket would reach later tests' processes)
+
+
 def test_run_names_come_from_the_flag_the_launcher_wandb_or_slurm(tmp_path, monkeypatch) -> None:
     """The order of module runs' docstring; processes a launcher started beside the first (RANK,
     LOCAL_RANK, NODE_RANK) never claim a new folder."""

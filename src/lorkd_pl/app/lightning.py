@@ -504,15 +504,22 @@ def _reason(message: str) -> str:
     return reasons[0] if reasons else message
 
 
+def _wandb_run() -> Any:
+    """The W&B run of this process (``wandb.run``), ``None`` without one (W&B not even imported)."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
 #: The runs' root of a config without ``trainer.default_root_dir`` (Lightning's folder name).
 DEFAULT_ROOT = "lightning_logs"
 
 
 def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
     """Build (and by default run) the Lightning command line on ``args`` (``[subcommand, ...]``)."""
-    given, created = os.environ.get(RUN_NAME_ENV), len(CREATED)
+    given, created, outer_wandb_run = os.environ.get(RUN_NAME_ENV), len(CREATED), _wandb_run()
+    failed = True
     try:
-        return LorkdCLI(
+        cli = LorkdCLI(
             TaskModule,
             MultiRegionDataModule,
             subclass_mode_model=True,
@@ -523,11 +530,16 @@ def lightning_cli(args: Sequence[str], run: bool = True) -> LorkdCLI:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
+        failed = False
+        return cli
     except BaseException:  # a command that stopped before writing leaves no empty run folder behind
         for folder in CREATED[created:]:
             discard_unused(folder)
         raise
     finally:  # a fit's run name reaches only the processes it starts, not the next command
+        wandb_run = _wandb_run()
+        if wandb_run is not None and wandb_run is not outer_wandb_run:  # this command's W&B run ends
+            wandb_run.finish(exit_code=int(failed))  # (else the next command in this process would reuse it)
         del CREATED[created:]
         if given is None:
             os.environ.pop(RUN_NAME_ENV, None)

@@ -7,7 +7,8 @@ The root is ``trainer.default_root_dir`` (the packaged recipes set ``runs/demo/<
     <root>/<run>/checkpoints/          last.ckpt and the best epoch's checkpoint
     <root>/<run>/wandb/                W&B's files (a WandbLogger)
     <root>/<run>/resume_<k>/           the logs of the k-th resumption (Lightning's CSVLogger would
-                                       replace the run's metrics.csv; the checkpoints stay in the run's)
+                                       replace the run's metrics.csv; the checkpoints stay in the run's;
+                                       a WandbLogger continues the run's W&B run, its files go here)
     <root>/<run>/test_<ckpt>/summary/  ``lorkd-pl test`` of that run's checkpoint ``<ckpt>.ckpt``
 
 A fit's run name is, in this order: ``--run_name``; ``$LORKD_PL_RUN_NAME``; the W&B run id (a sweep
@@ -62,7 +63,8 @@ class RunPlacement:
         run: the run folder (its checkpoints are in ``run/checkpoints``).
         log_dir: where the loggers write: the run folder for a fit, ``run/<command>_<ckpt>`` else.
         name: the run's name (the folder's name).
-        wandb_id: the W&B run id the folder is named by, or ``None``.
+        wandb_id: the W&B run id to log to: a new fit's (the folder is named by it) or, for a resumed
+            fit, the id its run logged to last; ``None``: W&B (if any) picks one.
     """
 
     root: Path
@@ -306,11 +308,34 @@ def discard_unused(run: Path) -> None:
     run.rmdir()
 
 
+#: W&B's folder of one run: ``[offline-]run-<YYYYmmdd_HHMMSS>-<run id>`` under ``<save_dir>/wandb``.
+_WANDB_RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
+
+
+def previous_wandb_id(run: Path) -> str | None:
+    """The W&B run id a run folder's fit logged to last (its own ``wandb/`` or a resumption's), if any.
+
+    A resumed fit passes it to its WandbLogger, which resumes that W&B run (``resume="allow"``) instead
+    of starting a new one; ``$WANDB_RUN_ID`` (a sweep agent's trial) still wins, as W&B reads it itself.
+    """
+    if os.environ.get("WANDB_RUN_ID"):
+        return None
+    found = [
+        (match[1], match[2])
+        for folder in (run / "wandb", *run.glob("resume_*/wandb"))
+        if folder.is_dir()
+        for child in folder.iterdir()
+        if child.is_dir() and (match := _WANDB_RUN_FOLDER.match(child.name))
+    ]
+    return max(found)[1] if found else None
+
+
 def _placement(subcommand: str, root: Path, run: Path, ckpt_path: str) -> RunPlacement:
-    """The placement of a command on an existing run's checkpoint: a fit continues the run and logs
-    into ``run/resume_<k>``; validate/test log into ``run/<command>_<checkpoint name>``."""
+    """The placement of a command on an existing run's checkpoint: a fit continues the run (and its W&B
+    run) and logs into ``run/resume_<k>``; validate/test log into ``run/<command>_<checkpoint name>``."""
     if subcommand == "fit":
-        return RunPlacement(root, run, run / claim_numbered(run, "resume_", started_the_fit()), run.name)
+        log_dir = run / claim_numbered(run, "resume_", started_the_fit())
+        return RunPlacement(root, run, log_dir, run.name, previous_wandb_id(run))
     return RunPlacement(root, run, run / f"{subcommand}_{Path(ckpt_path).stem}", run.name)  # "last": itself
 
 
