@@ -40,6 +40,8 @@ from lorkd_pl.models.backbones import count_parameters
 KINDS: dict[str, str] = {"cls": "accuracy", "seg": "dice"}
 #: Where the packaged demo configs write their runs (relative to the working folder).
 DEMO_ROOT = Path("runs/demo")
+#: ``--quick``'s training samples per epoch, per kind.
+QUICK_SAMPLES: dict[str, int] = {"cls": 64, "seg": 8}
 #: ``--quick``: the whole pipeline on tiny budgets (one short epoch per fit, two batches per evaluation).
 QUICK: dict[str, list[str]] = {
     kind: [
@@ -50,7 +52,7 @@ QUICK: dict[str, list[str]] = {
         "--trainer.limit_test_batches=2",
         "--trainer.log_every_n_steps=1",
     ]
-    for kind, samples in (("cls", 64), ("seg", 8))
+    for kind, samples in QUICK_SAMPLES.items()
 }
 
 
@@ -489,10 +491,7 @@ def fit_per_region(
     regions: dict[str, list[str]] = {}
     for task in data["tasks"]:
         regions.setdefault(get_task(task).region, []).append(task)
-    samples = data.get("samples_per_epoch")
-    for item in quiet:  # --quick's budget
-        if item.startswith("--data.init_args.samples_per_epoch="):
-            samples = int(item.split("=", 1)[1])
+    samples = QUICK_SAMPLES[kind] if quick else data.get("samples_per_epoch")
     batch = int(data.get("batch_size", 1))
     folder = root / f"per_region_{kind}"
     gathered = run_folder(root, f"per_region_{kind}", seed)
