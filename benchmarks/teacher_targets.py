@@ -17,8 +17,8 @@ segmenter's is). Side by side, for random 128³ training crops:
 Reported per row: bytes on disk, bytes read and milliseconds per crop (median), peak memory of one
 crop read (numpy allocations, tracemalloc), the store's write time for the case, and for top-k the
 KD difference (:func:`kd_difference`) at k, 2k and 4k: of the loss value, and of its gradient w.r.t. the
-student's logits (what training uses), for a student whose logits are the teacher's log-probabilities
-plus N(0, 1) noise (a student on its way), at τ = 1.
+student's logits (what training uses), for three students (at initialisation; on its way; close to the
+teacher), at τ = 1. ``--kd``: only that, on 64³ crops, for each class count (nothing is stored).
 
 ``--pipeline``: the same through the data pipeline a fit runs. One CT (512×512×300 int16 at
 0.8×0.8×1.5 mm, NIfTI) as a task with spacing 1.5 mm and 128³ crops, a pointwise TorchScript teacher of
@@ -33,6 +33,7 @@ teacher and with the targets ``lorkd-pl teacher-targets`` built before (dense an
 Usage::
 
     python benchmarks/teacher_targets.py [--classes 14 117] [--top-k 4] [--crops 12] [--quick]
+    python benchmarks/teacher_targets.py --kd [--classes 14 117] [--top-k 4]
     python benchmarks/teacher_targets.py --pipeline [--top-k 4] [--crops 6]
     python benchmarks/teacher_targets.py --fit [--top-k 4] [--steps 6] [--rounds 2]
 """
@@ -40,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -93,7 +95,7 @@ def teacher_slab(labels: np.ndarray, classes: int, confusion_mean: float = CONFU
     random confusion per structure (``N(confusion_mean, 1)`` logits of every other class, one row per
     true class; the default −4 leaves about 1 % of the mass to the other 116 classes of 117, 0 about 30 %),
     so the mass outside the top classes is uneven and structured, as a trained segmenter's is (an even
-    tail would flatter top-k targets, whose reconstruction spreads the remainder evenly)."""
+    tail would flatter top-k targets: their KD keeps only the tail's total mass)."""
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), classes).permute(3, 0, 1, 2)
     smooth = torch.nn.functional.avg_pool3d(one_hot[None].float(), 3, stride=1, padding=1)[0]
     confusion = (
@@ -217,6 +219,24 @@ def row(classes: int, name: str, disk: int, read: float, results, write_seconds:
     }
 
 
+#: ``--kd``'s crop.
+KD_CROP = (64, 64, 64)
+
+
+def kd_even_tail(student: torch.Tensor, index: torch.Tensor, top: torch.Tensor, tau: float) -> torch.Tensor:
+    """Dense KD of the top-k target with its remainder spread evenly over the other classes.
+
+    Args:
+        student: ``(N, K, *S)`` logits.
+        index: ``(N, k, *S)`` the stored classes; ``top`` the same shape: their log-probabilities.
+        tau: the temperature.
+    """
+    classes = student.shape[1]
+    remainder = (1 - top.exp().sum(1, keepdim=True)).clamp_min(1e-12) / max(classes - index.shape[1], 1)
+    dense = remainder.log().expand(-1, classes, *top.shape[2:]).scatter(1, index, top)
+    return kd_kl(student, dense, tau)
+
+
 def kd_difference(
     case: dict, boxes, classes: int, ks: tuple[int, ...]
 ) -> dict[str, dict[int, tuple[float, float]]]:
@@ -224,25 +244,30 @@ def kd_difference(
     ‖∇KD(top-k) − ∇KD(dense)‖₁ / ‖∇KD(dense)‖₁)`` over the crops, at τ = 1: the loss values (they also
     differ by the teacher's entropy, a constant of training) and the gradients w.r.t. the student's
     logits (what training uses). Students: ``"start"``, logits N(0, 1) (a student at initialisation),
-    and ``"near"``, the teacher's log-probabilities + N(0, 1) (a student close to the teacher: the
-    hardest case, since its own distance to the teacher is small)."""
+    ``"near"``, the teacher's log-probabilities + N(0, 1) (a student on its way), and ``"close"``, + 0.3 ×
+    N(0, 1) (a student close to the teacher: the hardest case, since its own distance to the teacher is
+    small and the tail's shape is most of it). Beside lorkd-pl's top-k KD (the stored classes and one
+    bucket of the rest), ``", even tail"``: the alternative of spreading the remainder evenly over the
+    other classes (dense KD of that reconstruction), whose minimiser is not the teacher."""
     generator = torch.Generator().manual_seed(0)
-    totals = {who: {k: [0.0, 0.0, 0.0, 0.0] for k in ks} for who in ("start", "near")}
+    students = {"start": (0.0, 1.0), "near": (1.0, 1.0), "close": (1.0, 0.3)}  # teacher weight, noise sd
+    variants = {"": kd_kl_top_k, ", even tail": kd_even_tail}
+    totals = {who + v: {k: [0.0, 0.0, 0.0, 0.0] for k in ks} for who in students for v in variants}
     for start, stop in boxes[:4]:
         where = (slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))
         dense = torch.from_numpy(case["dense"][where].astype(np.float32))[None]
         noise = torch.randn(dense.shape, generator=generator)
-        for who, logits in (("start", noise), ("near", dense + noise)):
-            student = logits.clone().requires_grad_(True)
+        for who, (weight, sd) in students.items():
+            student = (weight * dense + sd * noise).requires_grad_(True)
             loss = kd_kl(student, dense, 1.0)
             (grad,) = torch.autograd.grad(loss, student)
-            for k in ks:
+            for (variant, kd_of), k in itertools.product(variants.items(), ks):
                 top, index = dense.topk(min(k, classes), dim=1)
-                sparse = kd_kl_top_k(student, index, top.half().float(), 1.0)  # stored in fp16
+                sparse = kd_of(student, index, top.half().float(), 1.0)  # stored in fp16
                 (sparse_grad,) = torch.autograd.grad(sparse, student)
-                sums = totals[who][k]
-                sums[0] += abs(float(sparse) - float(loss))
-                sums[1] += float(loss)
+                sums = totals[who + variant][k]
+                sums[0] += abs(float(sparse.detach()) - float(loss.detach()))
+                sums[1] += float(loss.detach())
                 sums[2] += float((sparse_grad - grad).abs().sum())
                 sums[3] += float(grad.abs().sum())
     return {who: {k: (t[0] / t[1], t[2] / t[3]) for k, t in by_k.items()} for who, by_k in totals.items()}
@@ -253,7 +278,7 @@ def render(rows: list[dict], crop: tuple[int, ...]) -> str:
         f"crop {'×'.join(map(str, crop))}; ratios against the image crop (floor) of the same class count",
         "",
         "| K | store | on disk MiB | read per crop MiB (× floor) | ms per crop (× floor) | peak MiB | "
-        "write s | KD difference, loss / gradient (student at start; near the teacher) |",
+        "write s | KD difference, loss / gradient (student at start; near; close to the teacher) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for classes in sorted({r["classes"] for r in rows}):
@@ -514,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (tests)")
     parser.add_argument("--pipeline", action="store_true", help="through the data pipeline of a fit")
     parser.add_argument("--fit", action="store_true", help="whole `lorkd-pl fit` runs of a 384×384×240 CT")
+    parser.add_argument("--kd", action="store_true", help="only the KD difference of top-k targets")
     parser.add_argument("--steps", type=int, default=6, help="--fit: training steps per fit")
     parser.add_argument("--rounds", type=int, default=2, help="--fit: timed rounds")
     parser.add_argument(
@@ -539,6 +565,24 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"### {machine_name(torch.device('cpu'))}\n\n{render_pipeline(rows)}\n", args.output)
         return 0
     grid, crop = (QUICK_GRID, QUICK_CROP) if args.quick else (GRID, CROP)
+    if args.kd:  # 64³ crops: the KD differences are voxel averages, and 128³ × 117 classes is 1 GiB a tensor
+        crop = QUICK_CROP if args.quick else KD_CROP
+        lines = [f"{'×'.join(map(str, crop))} crops, τ = 1", "", "| K | student | " + " | ".join(
+            f"k={k} loss / gradient" for k in (args.top_k, 2 * args.top_k, 4 * args.top_k)
+        ) + " |", "|---:|---|" + "---:|" * 3]  # fmt: skip
+        for classes in args.classes:
+            case = build_case(grid, classes, args.top_k, args.confusion)
+            rng = np.random.default_rng(1)
+            boxes = []
+            for _ in range(4):
+                start = [int(rng.integers(0, n - c + 1)) for n, c in zip(grid, crop, strict=True)]
+                boxes.append((start, [s + c for s, c in zip(start, crop, strict=True)]))
+            found = kd_difference(case, boxes, classes, (args.top_k, 2 * args.top_k, 4 * args.top_k))
+            for who, by_k in found.items():
+                cells = " | ".join(f"{100 * a:.2f} / {100 * g:.2f} %" for a, g in by_k.values())
+                lines.append(f"| {classes} | {who} | {cells} |")
+        emit(f"### {machine_name(torch.device('cpu'))}\n\n" + "\n".join(lines) + "\n", args.output)
+        return 0
     rows = [r for k in args.classes for r in measure(grid, crop, k, args.top_k, args.crops, args.confusion)]
     title = f"### {machine_name(torch.device('cpu'))}, teacher confusion {args.confusion:g}"
     emit(f"{title}\n\n{render(rows, crop)}\n", args.output)

@@ -53,28 +53,31 @@ def test_task_losses_match_references() -> None:
     torch.testing.assert_close(TaskLoss("seg3d")(seg_logits, seg_label), expected)
 
 
-def dense_from_top_k(index: torch.Tensor, log_probs: torch.Tensor, classes: int) -> torch.Tensor:
-    """The oracle's teacher: the top-k probabilities where stored, the remainder spread evenly over the
-    other classes, as dense log-probabilities ``(N, K, *S)`` (written out voxel by voxel)."""
-    probs = log_probs.exp()
-    flat_index = index.movedim(1, -1).reshape(-1, index.shape[1])
-    flat_probs = probs.movedim(1, -1).reshape(-1, probs.shape[1])
-    rows = []
-    for slots, p in zip(flat_index.tolist(), flat_probs.tolist(), strict=True):
-        real = [(c, q) for c, q in zip(slots, p, strict=True) if q > 0]
-        remainder = max(1 - sum(q for _, q in real), 1e-12)
-        others = classes - len(real)
-        row = [remainder / others if others else 0.0] * classes
-        for c, q in real:
-            row[c] = q
-        rows.append(row)
-    dense = torch.tensor(rows, dtype=torch.float64).reshape(*index.movedim(1, -1).shape[:-1], classes)
-    return dense.movedim(-1, 1).clamp_min(1e-30).log().float()
+def coarse_top_k_kd(student: torch.Tensor, index: torch.Tensor, log_probs: torch.Tensor, tau: float) -> float:
+    """The oracle, voxel by voxel in float64: both distributions coarsened to the stored classes plus one
+    bucket of the others (the teacher's remainder spread evenly over them before tempering), then KL·τ²."""
+    classes = student.shape[1]
+    z = student.detach().double().movedim(1, -1).reshape(-1, classes)
+    slots = index.movedim(1, -1).reshape(-1, index.shape[1]).tolist()
+    stored = log_probs.double().movedim(1, -1).reshape(-1, index.shape[1]).tolist()
+    total = 0.0
+    for logits, voxel_slots, voxel_log_probs in zip(z, slots, stored, strict=True):
+        kept = {c: math.exp(v) for c, v in zip(voxel_slots, voxel_log_probs, strict=True) if v > -1e4}
+        rest = [c for c in range(classes) if c not in kept]
+        remainder = max(1 - sum(kept.values()), 1e-12)
+        teacher = [kept.get(c, remainder / len(rest) if rest else 0.0) for c in range(classes)]
+        tempered = [q ** (1 / tau) for q in teacher]
+        teacher_t = [q / sum(tempered) for q in tempered]
+        p = torch.softmax(logits / tau, 0).tolist()
+        bins_t = [teacher_t[c] for c in kept] + ([sum(teacher_t[c] for c in rest)] if rest else [])
+        bins_s = [p[c] for c in kept] + ([sum(p[c] for c in rest)] if rest else [])
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(bins_t, bins_s, strict=True) if a > 0)
+    return total / len(slots) * tau**2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_top_k_kd_equals_kd_of_the_spread_out_dense_target(k, temperature) -> None:
+def test_top_k_kd_is_the_kl_of_the_coarsened_distributions(k, temperature) -> None:
     from lorkd_pl.models.losses import kd_kl_top_k
 
     torch.manual_seed(k)
@@ -82,14 +85,36 @@ def test_top_k_kd_equals_kd_of_the_spread_out_dense_target(k, temperature) -> No
     teacher = torch.randn(2, classes, 3, 4, 2).mul(3).log_softmax(1)
     log_probs, index = teacher.topk(k, dim=1)
     student = torch.randn(2, classes, 3, 4, 2, requires_grad=True)
-    oracle = kd_kl(student, dense_from_top_k(index, log_probs, classes), temperature)
     got = kd_kl_top_k(student, index.to(torch.uint8), log_probs, temperature)
-    torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-5)
-    (g_got,) = torch.autograd.grad(got, student)
-    (g_oracle,) = torch.autograd.grad(oracle, student)
-    torch.testing.assert_close(g_got, g_oracle, atol=1e-6, rtol=1e-4)
+    assert float(got) == pytest.approx(coarse_top_k_kd(student, index, log_probs, temperature), rel=1e-5)
     if k == classes:  # every class stored: the dense KD itself
         torch.testing.assert_close(got, kd_kl(student, teacher, temperature), atol=1e-5, rtol=1e-5)
+    # the gradient at τ = 1, by hand: p − (q_i on a stored class; r · p_j / Σ_rest p on another)
+    if temperature == 1.0:
+        (grad,) = torch.autograd.grad(got, student)
+        p = student.detach().softmax(1)
+        stored = torch.zeros_like(p, dtype=torch.bool).scatter(1, index, True)
+        r = 1 - log_probs.exp().sum(1, keepdim=True)
+        p_rest = (p * ~stored).sum(1, keepdim=True)
+        target = torch.where(stored, teacher.exp(), r * p / p_rest.clamp_min(1e-30))
+        torch.testing.assert_close(grad, (p - target) / p[:, :1].numel(), atol=1e-7, rtol=1e-4)
+
+
+def test_the_teacher_is_a_minimiser_of_top_k_kd() -> None:
+    """A student equal to the teacher pays 0 and gets no gradient although 3 of 7 classes are stored
+    (a remainder spread evenly would pull its tail flat); any other student pays more."""
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 7, 6).mul(2).log_softmax(1)
+    log_probs, index = teacher.topk(3, dim=1)
+    student = teacher.clone().requires_grad_(True)
+    loss = kd_kl_top_k(student, index, log_probs, 1.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert abs(float(loss)) < 1e-6 and float(grad.abs().max()) < 1e-7
+    for _ in range(5):
+        other = teacher + torch.randn_like(teacher)
+        assert float(kd_kl_top_k(other, index, log_probs, 1.0)) > 1e-4
 
 
 def test_top_k_kd_with_empty_slots_and_a_student_equal_to_the_teacher() -> None:

@@ -14,8 +14,9 @@ Two stored forms:
   a sample carries ``teacher`` ``(K_max, *S)`` (padded with zeros to the run's largest class count);
 * top-k (``teacher.cache_top_k: k``, softmax teachers): per voxel the k most likely classes (``uint8``
   indices) and their log-probabilities (``cache_dtype``); a sample carries ``teacher_index`` and
-  ``teacher_log_probs`` ``(k, *S)``, and KD (:func:`lorkd_pl.models.losses.kd_kl_top_k`) spreads the
-  remaining probability mass evenly over the other classes. With ``k >= K_task`` it is exact.
+  ``teacher_log_probs`` ``(k, *S)``, and KD (:func:`lorkd_pl.models.losses.kd_kl_top_k`) distils the
+  stored classes and the remaining probability mass as one bucket of the other classes. With
+  ``k >= K_task`` it is exact.
 
 The data pipeline reads targets with :class:`AttachTeacherTargets` (a plain callable, so MONAI's
 caching datasets cache everything before it and never the targets). Training crops read only their
@@ -216,8 +217,8 @@ class TeacherTargetStore:
                 )
 
         try:
-            # outside the grid (a padded crop): no stored class, the whole mass spread evenly, as the
-            # dense target's zeros (uniform log-probabilities) there
+            # outside the grid (a padded crop): no stored class, no teacher information (KD 0 there;
+            # the dense target's zeros are uniform log-probabilities)
             arrays = read_box(path, start, stop, fill={"log_probs": EMPTY_SLOT}, check=check)
         except FileNotFoundError:
             raise TeacherTargetError(

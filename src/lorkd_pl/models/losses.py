@@ -80,18 +80,31 @@ class TaskLoss(nn.Module):
 
 #: A top-k slot whose log-probability is below this is empty (``teacher_targets.EMPTY_SLOT``).
 EMPTY_BELOW = -1e4
-#: The smallest remainder mass spread over the classes outside the top k (keeps every log finite).
+#: The smallest remainder mass of the classes outside the top k (keeps every log finite).
 TINY_MASS = 1e-12
+#: The student's log-probability given to the stored classes when it sums its remainder (exp() == 0).
+_EXCLUDED = -1e4
 
 
 def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
-    """:func:`kd_kl` against a top-k teacher target, computed exactly without the dense target.
+    """KD against a top-k teacher target: the KL over the stored classes and ONE bucket of the rest.
 
-    The teacher's distribution is the stored top-k classes with their probabilities ``q_i``, and the
-    remaining mass ``r = 1 − Σ q_i`` spread evenly over the ``K − k`` other classes; it is tempered as
-    :func:`kd_kl` tempers a dense target (``q_τ ∝ q^{1/τ}``) and compared with ``softmax(z_s/τ)``. With
-    every class stored (``k >= K``) this is :func:`kd_kl` of the dense target. Slots whose
-    log-probability is below :data:`EMPTY_BELOW` are empty (a task with fewer classes than ``k``).
+    The teacher keeps its top-k classes with their probabilities ``q_i`` and the remainder
+    ``r = 1 − Σ q_i`` as one more outcome, "any other class"; the student's distribution is coarsened the
+    same way (its own stored-class probabilities and the sum of its probabilities over the other
+    classes, per voxel). The loss is the KL between these two ``k + 1``-outcome distributions::
+
+        Σ_i q_i (log q_i − log p_i) + r (log r − log Σ_{j ∉ top-k} p_j),   times τ²
+
+    So the teacher is a minimiser (0 at ``p = q``, and ``≥ 0`` always: coarsening never increases a KL),
+    and the student's shape among the other classes is left to it; only their total mass is distilled.
+    It differs from dense :func:`kd_kl` by the term dense KD adds for the shape of the teacher's tail
+    (``r · KL(q_tail/r ‖ p_tail/p_rest)``, the part the store did not keep). With every class stored
+    (``k >= K``) it is dense KD exactly. A voxel with no stored class (a padded crop) carries no teacher
+    information: its loss is 0. Tempering (τ ≠ 1) treats the unknown tail as uniform, ``q_τ ∝ q^{1/τ}``
+    with the remainder spread evenly over the ``K − k`` classes, then coarsened; at τ = 1 nothing is
+    assumed. Slots whose log-probability is below :data:`EMPTY_BELOW` are empty (a task with fewer
+    classes than ``k``).
 
     Args:
         student_logits: ``(N, K, *S)`` (or ``(N, K)``).
@@ -100,7 +113,7 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         temperature: τ > 0.
 
     Returns:
-        A scalar: the mean over ``N·prod(S)`` positions of the class-wise KL sum, times τ².
+        A scalar: the mean over ``N·prod(S)`` positions of the KL, times τ².
     """
     if index.shape != log_probs.shape or index.shape[0] != student_logits.shape[0]:
         raise ValueError(
@@ -113,21 +126,22 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         index = index.long().clamp(0, classes - 1)
         stored = log_probs.detach().float()
         valid = stored > EMPTY_BELOW
-        s_top = s.gather(1, index)
         mass = (stored.exp() * valid).sum(1, keepdim=True)
-        others = classes - valid.sum(1, keepdim=True)  # classes outside the stored ones
-        spread = others > 0
+        others = classes - valid.sum(1, keepdim=True)  # classes in the bucket
+        bucket = others > 0
         count = others.clamp_min(1).float()
         remainder = (1 - mass).clamp_min(TINY_MASS)
+        # the tempered teacher over (stored classes, bucket); at τ = 1: q_i and r
         a_top = torch.where(valid, stored / temperature, EMPTY_BELOW)
-        a_other = torch.where(spread, (remainder.log() - count.log()) / temperature, EMPTY_BELOW)
-        log_z = torch.cat([a_top, a_other + count.log()], 1).logsumexp(1, keepdim=True)
-        t_top, t_other = a_top - log_z, a_other - log_z  # tempered teacher log-probabilities
-        p_top, p_other = t_top.exp() * valid, t_other.exp() * spread
-        kl_top = (p_top * (t_top - s_top)).sum(1, keepdim=True)
-        s_rest = s.sum(1, keepdim=True) - (s_top * valid).sum(1, keepdim=True)
-        kl_other = p_other * (count * t_other - s_rest)
-        kl = (kl_top + kl_other).squeeze(1)
+        a_rest = torch.where(bucket, (remainder.log() - count.log()) / temperature + count.log(), EMPTY_BELOW)
+        log_z = torch.cat([a_top, a_rest], 1).logsumexp(1, keepdim=True)
+        t_top, t_rest = a_top - log_z, a_rest - log_z
+        # the student's log-mass outside its stored classes (an empty slot's index excludes nothing)
+        hit = torch.zeros_like(s).scatter_add_(1, index, valid.float()) > 0
+        s_rest = s.masked_fill(hit, _EXCLUDED).logsumexp(1, keepdim=True)
+        kl_top = (t_top.exp() * valid * (t_top - s.gather(1, index))).sum(1, keepdim=True)
+        kl_rest = torch.where(bucket, t_rest.exp() * (t_rest - s_rest), 0.0)
+        kl = (kl_top + kl_rest).squeeze(1)
     return kl.mean() * temperature**2
 
 
