@@ -33,7 +33,8 @@ def test_rows_are_complete_and_top_k_of_every_class_is_dense_kd(capsys) -> None:
         "image crop (floor, float32 chunked)",
     ]
     differences = rows[2]["kd_difference"]
-    assert set(differences) == {"start", "near"}
+    students = ("start", "near", "close")
+    assert set(differences) == {*students, *(f"{s}, even tail" for s in students)}
     assert all(max(v) < 1e-5 for by_k in differences.values() for v in by_k.values())  # every class kept
     assert all(r["disk_mib"] > 0 and r["read_mib"] > 0 for r in rows)
     assert "× floor" in bench.render(rows, (16, 16, 16))
