@@ -136,8 +136,11 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         a_rest = torch.where(bucket, (remainder.log() - count.log()) / temperature + count.log(), EMPTY_BELOW)
         log_z = torch.cat([a_top, a_rest], 1).logsumexp(1, keepdim=True)
         t_top, t_rest = a_top - log_z, a_rest - log_z
-        # the student's log-mass outside its stored classes (an empty slot's index excludes nothing)
-        hit = torch.zeros_like(s).scatter_add_(1, index, valid.float()) > 0
+        # the student's log-mass outside its stored classes; an empty slot repeats the first slot (index
+        # and validity), so every write to one class carries the same value and excludes nothing new
+        first = (index[:, :1], valid[:, :1])
+        slots, marks = torch.where(valid, index, first[0]), torch.where(valid, valid, first[1])
+        hit = torch.zeros_like(s, dtype=torch.bool).scatter_(1, slots, marks)
         s_rest = s.masked_fill(hit, _EXCLUDED).logsumexp(1, keepdim=True)
         kl_top = (t_top.exp() * valid * (t_top - s.gather(1, index))).sum(1, keepdim=True)
         kl_rest = torch.where(bucket, t_rest.exp() * (t_rest - s_rest), 0.0)
