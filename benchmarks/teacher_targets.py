@@ -154,6 +154,16 @@ def timed(read) -> tuple[float, int]:
     return seconds * 1e3, peak
 
 
+def random_boxes(grid: tuple[int, ...], crop: tuple[int, ...], count: int) -> list[tuple[list, list]]:
+    """``count`` random crop boxes ``(start, stop)`` of ``crop`` inside ``grid`` (a fixed seed)."""
+    rng = np.random.default_rng(1)
+    boxes = []
+    for _ in range(count):
+        start = [int(rng.integers(0, n - c + 1)) for n, c in zip(grid, crop, strict=True)]
+        boxes.append((start, [s + c for s, c in zip(start, crop, strict=True)]))
+    return boxes
+
+
 def measure(
     grid: tuple[int, ...],
     crop: tuple[int, ...],
@@ -164,11 +174,7 @@ def measure(
 ) -> list[dict]:
     """The rows of one class count."""
     case = build_case(grid, classes, top_k, confusion_mean)
-    rng = np.random.default_rng(1)
-    boxes = []
-    for _ in range(crops):
-        start = [int(rng.integers(0, n - c + 1)) for n, c in zip(grid, crop, strict=True)]
-        boxes.append((start, [s + c for s, c in zip(start, crop, strict=True)]))
+    boxes = random_boxes(grid, crop, crops)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -572,12 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         ) + " |", "|---:|---|" + "---:|" * 3]  # fmt: skip
         for classes in args.classes:
             case = build_case(grid, classes, args.top_k, args.confusion)
-            rng = np.random.default_rng(1)
-            boxes = []
-            for _ in range(4):
-                start = [int(rng.integers(0, n - c + 1)) for n, c in zip(grid, crop, strict=True)]
-                boxes.append((start, [s + c for s, c in zip(start, crop, strict=True)]))
-            found = kd_difference(case, boxes, classes, (args.top_k, 2 * args.top_k, 4 * args.top_k))
+            found = kd_difference(
+                case, random_boxes(grid, crop, 4), classes, (args.top_k, 2 * args.top_k, 4 * args.top_k)
+            )
             for who, by_k in found.items():
                 cells = " | ".join(f"{100 * a:.2f} / {100 * g:.2f} %" for a, g in by_k.values())
                 lines.append(f"| {classes} | {who} | {cells} |")

@@ -52,9 +52,8 @@ def test_three_agent_trials_in_a_row_each_get_their_own_run(tmp_path, monkeypatc
     assert main(teacher) == 0
     sweep = yaml.safe_load(Path(packaged_config("sweeps/lorkd_seg")).read_text())
     rng = random.Random(0)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # no W&B service of this process
     env = dict(
-        env,
+        {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # no W&B service of this process
         WANDB_MODE="offline",
         WANDB_SWEEP_ID="emulated",
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),

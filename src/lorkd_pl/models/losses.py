@@ -138,8 +138,7 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         t_top, t_rest = a_top - log_z, a_rest - log_z
         # the student's log-mass outside its stored classes; an empty slot repeats the first slot (index
         # and validity), so every write to one class carries the same value and excludes nothing new
-        first = (index[:, :1], valid[:, :1])
-        slots, marks = torch.where(valid, index, first[0]), torch.where(valid, valid, first[1])
+        slots, marks = torch.where(valid, index, index[:, :1]), valid | valid[:, :1]
         hit = torch.zeros_like(s, dtype=torch.bool).scatter_(1, slots, marks)
         s_rest = s.masked_fill(hit, _EXCLUDED).logsumexp(1, keepdim=True)
         kl_top = (t_top.exp() * valid * (t_top - s.gather(1, index))).sum(1, keepdim=True)
