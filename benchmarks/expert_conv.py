@@ -296,6 +296,17 @@ def check_targets(rows: list[dict]) -> list[str]:
     return report
 
 
+def parse_shape(text: str) -> Shape:
+    """``"DIMS,N,C,SIZE,RANK"`` → :class:`Shape`."""
+    try:
+        dims, batch, channels, size, rank = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected DIMS,N,C,SIZE,RANK (five integers), got {text!r}"
+        ) from None
+    return Shape(dims, batch, channels, size, rank)
+
+
 def devices_for(choice: str) -> list[torch.device]:
     """``auto``: the CPU, plus CUDA when available; ``cpu``/``cuda``: that one."""
     devices = [torch.device("cpu")] if choice in ("auto", "cpu") else []
@@ -329,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant and shape")
     parser.add_argument("--output", help="also write the markdown report to this file")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        help="DIMS,N,C,SIZE,RANK instead of the built-in shapes (repeatable), e.g. 3,16,32,64,4",
+    )
     args = parser.parse_args(argv)
 
     devices = devices_for(args.device)
@@ -340,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections, targets = [], []
     for device in devices:
-        shapes = QUICK if args.quick else (CUDA_FULL if device.type == "cuda" else CPU_FULL)
+        shapes = args.shape or (QUICK if args.quick else (CUDA_FULL if device.type == "cuda" else CPU_FULL))
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         rows = run(device, shapes, dtypes, args.rounds, args.budget)

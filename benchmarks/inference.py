@@ -26,7 +26,7 @@ from lorkd_pl.deploy.folders import load_exported
 from lorkd_pl.deploy.networks import ExpertNetwork
 from lorkd_pl.experts import strip_experts
 from lorkd_pl.models.lorkd import LoRKDModule
-from train_step import SETUPS, run_info
+from train_step import run_info, setups_for
 
 BASELINE = "expert-free network"
 
@@ -62,7 +62,7 @@ def build(setup: dict, folder: Path, device: torch.device) -> dict:
 
 def run(device: torch.device, rounds: int, budget: float) -> list[dict]:
     rows = []
-    for name, setup in SETUPS.items():
+    for name, setup in setups_for(device).items():
         with tempfile.TemporaryDirectory() as folder, torch.no_grad():
             variants = build(setup, Path(folder), device)
             times = time_steps(variants, device, rounds, budget)

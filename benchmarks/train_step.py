@@ -63,6 +63,32 @@ SETUPS = {
         "classes": 3,
     },
 }
+# On a GPU the CPU setups above are bound by kernel launches; this one is a training crop of the size
+# a CT segmenter is trained on (96³, one sample per region, a 4-level U-Net).
+CUDA_SETUPS = {
+    "3D U-Net 96³": {
+        "backbone": {
+            "class_path": "monai.networks.nets.UNet",
+            "init_args": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 16,
+                "channels": [32, 64, 128, 256],
+                "strides": [2, 2, 2],
+                "num_res_units": 1,
+            },
+        },
+        "kind": "seg3d",
+        "batch": 8,
+        "shape": (1, 96, 96, 96),
+        "classes": 4,
+    },
+}
+
+
+def setups_for(device: torch.device) -> dict[str, dict]:
+    """The benchmark setups of ``device``: the CPU ones, plus the GPU-sized one on CUDA."""
+    return SETUPS | (CUDA_SETUPS if device.type == "cuda" else {})
 
 
 class ExpertFreeStudent(LoRKDModule):
@@ -137,7 +163,7 @@ def measured_rows(
 
 def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
     rows = []
-    for name, setup in SETUPS.items():
+    for name, setup in setups_for(device).items():
         for dtype in dtypes:
             torch.manual_seed(0)
             info = run_info(setup)
@@ -167,17 +193,16 @@ def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: fl
     return rows
 
 
-KD_TEACHER = {  # 3x the widths of the 3D U-Net student
-    "class_path": "monai.networks.nets.UNet",
-    "init_args": {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 4,
-        "channels": [48, 96, 192],
-        "strides": [2, 2],
-        "num_res_units": 1,
-    },
-}
+def kd_teacher(setup: dict) -> dict:
+    """The KD teacher of a 3D U-Net setup: the student's U-Net at 3× its widths, one output per class."""
+    args = setup["backbone"]["init_args"]
+    widths = [3 * c for c in args["channels"]]
+    return {
+        "class_path": "monai.networks.nets.UNet",
+        "init_args": {**args, "out_channels": setup["classes"], "channels": widths},
+    }
+
+
 NO_KD = "LoRKD step, no KD"
 CACHED = "KD, cached teacher targets"
 TOP_K = 2  # fewer than the setup's 4 classes: the sparse path with a remainder runs
@@ -185,13 +210,24 @@ CACHED_TOP_K = f"KD, cached top-{TOP_K} targets"
 
 
 def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float) -> list[dict]:
-    """No KD vs cached targets vs the live teacher, one LoRKD training step each (3D U-Net)."""
-    setup, rows = SETUPS["3D U-Net"], []
+    """No KD vs cached targets vs the live teacher, one LoRKD training step each (3D U-Nets)."""
+    rows = []
+    for name, setup in setups_for(device).items():
+        if setup["kind"] == "seg3d":
+            rows += run_kd_setup(name, setup, device, dtypes, rounds, budget)
+    return rows
+
+
+def run_kd_setup(
+    name: str, setup: dict, device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: float
+) -> list[dict]:
+    """:func:`run_kd` for one setup."""
+    rows = []
     for dtype in dtypes:
         torch.manual_seed(0)
         info = run_info(setup)
         common = {"backbone": setup["backbone"], "rank": 8, "alpha": 16}
-        network = build_module(KD_TEACHER).to(device)
+        network = build_module(kd_teacher(setup)).to(device)
         channels = {t["name"]: [(k,) for k in range(setup["classes"])] for t in info["task_info"]}
         modules = {NO_KD: LoRKDModule(**info, **common, kd="none")}
         for label in (CACHED, CACHED_TOP_K, "KD, live teacher"):
@@ -218,7 +254,7 @@ def run_kd(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget:
         deployed = teacher_size / (student.expert_free_parameters + count_parameters(student.heads[0]))
         trained = teacher_size / (count_parameters(student.student) + count_parameters(student.heads))
         setup_name = (
-            f"3D U-Net, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
+            f"{name}, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
             f"({trained:.1f}× the student with all 8 experts)"
         )
         rows += measured_rows(setup_name, setup["batch"], dtype, times, memory, NO_KD)
@@ -275,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--output", help="also write the markdown report to this file")
     parser.add_argument("--kd-only", action="store_true", help="only the KD rows (no KD / cached / live)")
+    parser.add_argument("--budget", type=float, help="seconds of timing per variant (default 3, --quick 1)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*self.log.*")
     devices = devices_for(args.device)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rounds, budget = (3, 1.0) if args.quick else (5, 3.0)
+    budget = args.budget or budget
     sections = []
     for device in devices:
         title = f"{device.type.upper()}: {machine_name(device)} (torch {torch.__version__})"

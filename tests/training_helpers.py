@@ -22,15 +22,25 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def ddp_fit(folder: Path, config: str, callbacks: list[dict], model: dict, data: dict, timeout: int = 600):
-    """A 3-step, 2-process CPU DDP ``fit`` of ``config``; each process saves its weights to ``folder``
-    (:class:`SaveRankWeights`). Returns the finished process."""
+def ddp_fit(
+    folder: Path,
+    config: str,
+    callbacks: list[dict],
+    model: dict,
+    data: dict,
+    timeout: int = 600,
+    val_batches: int = 0,
+):
+    """A 3-step, 2-process CPU DDP ``fit`` of ``config`` (``val_batches`` validation batches per task
+    and epoch); each process saves its weights to ``folder`` (:class:`SaveRankWeights`). Returns the
+    finished process."""
     extra = {
         "trainer": {
             "devices": 2,
             "strategy": "ddp",
             "max_steps": 3,
-            "limit_val_batches": 0,
+            "limit_val_batches": val_batches,
+            "val_check_interval": 3,  # with val_batches > 0: validate after the last step
             "enable_checkpointing": False,
             "logger": False,
             "callbacks": [

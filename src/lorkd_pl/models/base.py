@@ -291,7 +291,9 @@ class TaskModule(L.LightningModule):
             values[f"{stage}/mean_{name}"] = sum(items) / len(items)
         primary = "dice" if self.kind == "seg3d" else "accuracy"
         values[f"{stage}/score"] = values[f"{stage}/mean_{primary}"]
-        self.log_dict(values, sync_dist=False)  # torchmetrics already reduced across processes
+        # torchmetrics already reduced across processes, so every rank holds the same values; the
+        # all-reduce of identical values is a no-op that keeps Lightning's per-key DDP warning away
+        self.log_dict(values, sync_dist=True)
         return values
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -546,7 +546,7 @@ class LoRKDModule(TaskModule):
         confusion = self.router_metrics[stage].compute().long()
         self.router_metrics[stage].reset()
         accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp(min=1))
-        self.log(f"{stage}/router_accuracy", accuracy, sync_dist=False)
+        self.log(f"{stage}/router_accuracy", accuracy, sync_dist=True)  # the same on every rank
         if stage != "test":
             return
         self.router_summary = {
