@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorkd_pl.experts import ExpertLayer, RoutingError, expert_routing, inject_experts, merge_expert
+from lorkd_pl.experts import (
+    ExpertLayer,
+    RoutingError,
+    expert_routing,
+    inject_experts,
+    merge_expert,
+    strategies,
+)
 
 NUM_EXPERTS = 4
 
@@ -172,6 +179,28 @@ def test_auto_with_one_sample_per_region(name, layout) -> None:
     x, region = x[:3], torch.tensor([3, 0, 1])
     with expert_routing(layer, region):
         out = layer(x)
+    torch.testing.assert_close(out, reference_forward(layer, x, region), rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(out)
+    got, want = grads_of(layer, out, probe), grads_of(layer, reference_forward(layer, x, region), probe)
+    for key in got:
+        assert_rel_close(got[key], want[key], msg=key)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_auto_with_a_single_sample_region_among_others(name, monkeypatch) -> None:
+    """Regions 0, 0, 1, 3: a 3D conv takes the grouped computation on CPU (PyTorch's single-sample 3D conv
+    is its slow native kernel), every other layer by_region; both equal the oracle."""
+    layer, x = make_layer(name, "paper", "auto", [1, 2, 3, 4])
+    x, region = x[:4], torch.tensor([0, 0, 1, 3])
+    taken = []
+    for strategy in ("grouped", "by_region"):
+        function = strategies._STRATEGY_FUNCTIONS[strategy]
+        monkeypatch.setattr(
+            strategies, f"forward_{strategy}", lambda *a, f=function, s=strategy: taken.append(s) or f(*a)
+        )
+    with expert_routing(layer, region):
+        out = layer(x)
+    assert taken[0] == ("grouped" if name in ("conv3d", "conv_transpose3d") else "by_region")
     torch.testing.assert_close(out, reference_forward(layer, x, region), rtol=1e-5, atol=1e-5)
     probe = torch.randn_like(out)
     got, want = grads_of(layer, out, probe), grads_of(layer, reference_forward(layer, x, region), probe)

@@ -13,8 +13,9 @@ them. They differ only in cost:
 * ``"factorized"`` — factorized layout only: ``op(x, W0)`` + one call with the present experts'
   ``A`` stacked as output channels + a per-sample ``B`` (batched 1×1 mixing). Activation space.
 * ``"auto"`` — ``"homogeneous"`` for a one-region batch; ``"grouped"`` when every region in the
-  batch has one sample; else ``"by_region"``: the fastest exact choices measured by ``benchmarks/``
-  on CPU and on an H200 (see ``docs/benchmarks.md``).
+  batch has one sample, and for 3D convolutions on a GPU or (CPU) with a single-sample region; else
+  ``"by_region"``: the fastest exact choices measured by ``benchmarks/`` on CPU and on an H200 (see
+  ``docs/benchmarks.md`` and :func:`forward_auto`).
 """
 
 from __future__ import annotations
@@ -173,20 +174,27 @@ def _factorized_transposed_delta(layer: ExpertLayer, x: Tensor, present: Tensor,
 def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
     """The fastest exact strategy measured (``benchmarks/``, ``docs/benchmarks.md``).
 
-    ``homogeneous`` for a one-region batch; ``grouped`` when every present region has a single sample
-    (then both keep the same P weights, and one grouped call beats P single-sample calls: the
-    training step of a 3D U-Net with N = 8 over 8 regions, × the expert-free step, 1.05× vs 1.47× on
-    CPU; on an H200 1.69× vs 2.14× (fp32) and at 96³ crops 1.40× vs 1.80× (bf16)); otherwise
-    ``by_region`` (on CPU and on the H200 it keeps memory ≤ 1.2× the expert-free conv, where grouped
-    took up to 6.4× in 2D).
+    * ``homogeneous`` for a one-region batch;
+    * ``grouped`` when every present region has a single sample (both keep the same P weights, and
+      one grouped call beats P single-sample calls: the training step of a 3D U-Net with N = 8 over
+      8 regions, × the expert-free step, 1.05× vs 1.47× on CPU, 1.69× vs 2.14× on an H200);
+    * ``grouped`` for a 3D convolution (5-D input) on a GPU (on an H200 faster than or level with
+      ``by_region`` at every measured shape, 1–4 samples per region, at ≤ 0.81× the expert-free
+      conv's memory), and on CPU when a region has a single sample: PyTorch runs a small
+      single-sample 3D conv through its slow native kernel (not oneDNN), which made ``by_region``
+      cost 2.1× ``grouped`` in the demo's 3D step;
+    * otherwise ``by_region`` (2D: ``grouped`` took up to 4.7× the time on CPU and 6.4× the memory
+      on the H200 with several samples per region).
 
     Args:
         layer: the expert layer.
         x: layer input ``(N, Cin, *S)`` (conv) or ``(N, *, Cin)`` (linear).
         routing: the batch's routing.
     """
-    if len(routing.present) > 1 and max(routing.counts) == 1:
-        return forward_grouped(layer, x, routing)
+    if len(routing.present) > 1:
+        conv3d = layer.channel_dim == 1 and x.dim() == 5
+        if max(routing.counts) == 1 or (conv3d and (x.device.type != "cpu" or min(routing.counts) == 1)):
+            return forward_grouped(layer, x, routing)
     return forward_by_region(layer, x, routing)
 
 
