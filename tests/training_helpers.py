@@ -141,6 +141,10 @@ class SignalAtStep(L.Callback):
             import os
             import signal
 
+            if self.signal == "SIGINT" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                # Ctrl-C at a terminal: SIGINT enabled. A parent that ignores it (a pytest worker in which
+                # Lightning handled a KeyboardInterrupt sets SIG_IGN) passes SIG_IGN on to this process
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
