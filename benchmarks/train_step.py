@@ -34,24 +34,32 @@ from lorkd_pl.models.teacher.loading import Teacher
 from lorkd_pl.registry import DEFAULT_REGIONS
 
 BASELINE = "expert-free student"
-SETUPS = {
-    "3D U-Net": {
+
+
+def unet3d_setup(channels: list[int], shape: tuple[int, ...]) -> dict:
+    """A 3D segmentation setup: a MONAI U-Net of ``channels`` (stride 2 between levels, one residual
+    unit), N = 8 crops of ``shape`` ``(1, X, Y, Z)`` over 8 regions, 4 classes."""
+    return {
         "backbone": {
             "class_path": "monai.networks.nets.UNet",
             "init_args": {
                 "spatial_dims": 3,
                 "in_channels": 1,
                 "out_channels": 16,
-                "channels": [16, 32, 64],
-                "strides": [2, 2],
+                "channels": channels,
+                "strides": [2] * (len(channels) - 1),
                 "num_res_units": 1,
             },
         },
         "kind": "seg3d",
         "batch": 8,
-        "shape": (1, 40, 40, 24),
+        "shape": shape,
         "classes": 4,
-    },
+    }
+
+
+SETUPS = {
+    "3D U-Net": unet3d_setup([16, 32, 64], (1, 40, 40, 24)),
     "2D CNN": {
         "backbone": {
             "class_path": "lorkd_pl.models.backbones.ConvNet2d",
@@ -65,25 +73,7 @@ SETUPS = {
 }
 # On a GPU the CPU setups above are bound by kernel launches; this one is a training crop of the size
 # a CT segmenter is trained on (96³, one sample per region, a 4-level U-Net).
-CUDA_SETUPS = {
-    "3D U-Net 96³": {
-        "backbone": {
-            "class_path": "monai.networks.nets.UNet",
-            "init_args": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": 16,
-                "channels": [32, 64, 128, 256],
-                "strides": [2, 2, 2],
-                "num_res_units": 1,
-            },
-        },
-        "kind": "seg3d",
-        "batch": 8,
-        "shape": (1, 96, 96, 96),
-        "classes": 4,
-    },
-}
+CUDA_SETUPS = {"3D U-Net 96³": unet3d_setup([32, 64, 128, 256], (1, 96, 96, 96))}
 
 
 def setups_for(device: torch.device) -> dict[str, dict]:
