@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, list_data_collate
 from monai.transforms import Randomizable
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
@@ -52,6 +52,7 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     """Collate samples (or lists of crops) into a batch sorted by region.
 
     Returns:
+        plain tensors (no MONAI metadata):
         ``{"image": (N, C, *S), "label": (N, 1, *S) | (N,), "region": (N,), "task": (N,), "case": [N]}``
         and, with cached teacher targets, ``"teacher": (N, K_max, *S) | (N, K_max)`` (dense) or
         ``"teacher_index"`` / ``"teacher_log_probs"``: ``(N, k, *S) | (N, k)`` (top-k).
@@ -60,7 +61,10 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     for item in samples:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     flat.sort(key=lambda sample: int(sample["region"]))
-    return list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
+    batch = list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
+    # plain tensors: a MetaTensor runs MONAI's metadata bookkeeping (copies of its meta dict and of its
+    # applied operations) in every operation of the model's step, which reads none of it
+    return {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in batch.items()}
 
 
 def case_id(task: str, split: str, index: int, record: Mapping[str, Any]) -> str:
