@@ -7,10 +7,12 @@
 # OUT/fit.log: the demo's teacher and LoRKD student trained for two epochs each with
 # configs/trainer/gpu_ddp_bf16 (DDP, bf16 mixed precision), tested, and one region exported.
 # ACCELERATOR (default gpu) lets the fit part run on a machine without one (cpu): a dry run of the script.
+# PARTS (default fit,expert_conv,train_step,inference) runs only the parts it names, e.g. PARTS=fit.
 # Each part has its own time limit, so one that hangs leaves the others' results.
 set -u
 out=$(realpath -m "${1:?usage: cuda_rows.sh OUT [ACCELERATOR]}")
 accelerator=${2:-gpu}
+parts=",${PARTS:-fit,expert_conv,train_step,inference},"
 py=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
@@ -21,7 +23,8 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 
 work=$(mktemp -d)
 cd "$work"
-(
+if [[ $parts == *,fit,* ]]; then
+  (
     set -e
     trainer=(--config "trainer/gpu_ddp_bf16" --trainer.max_epochs 2)
     [ "$accelerator" = gpu ] || trainer=(--trainer.max_epochs 2 --data.init_args.samples_per_epoch 8)
@@ -32,14 +35,15 @@ cd "$work"
     timeout 90 lorkd-pl test --config demo/lorkd_seg "${trainer[@]}" --ckpt_path last
     timeout 90 lorkd-pl export --ckpt runs/demo/lorkd_seg/latest/checkpoints/last.ckpt --region brain --out export/brain
     ls export/brain
-) > "$out/fit.log" 2>&1
-echo "fit, test, export on $accelerator: exit $?" | tee -a "$out/fit.log"
-tail -n 25 "$out/fit.log"
+  ) > "$out/fit.log" 2>&1
+  echo "fit, test, export on $accelerator: exit $?" | tee -a "$out/fit.log"
+  tail -n 25 "$out/fit.log"
+fi
 
 if [ "$accelerator" = gpu ]; then
     cd "$repo/benchmarks"
-    timeout 200 "$py" expert_conv.py --device cuda --output "$out/expert_conv.md" || echo "expert_conv: exit $?"
-    timeout 150 "$py" train_step.py --device cuda --budget 1.5 --output "$out/train_step.md" \
+    [[ $parts != *,expert_conv,* ]] || timeout 200 "$py" expert_conv.py --device cuda --output "$out/expert_conv.md" || echo "expert_conv: exit $?"
+    [[ $parts != *,train_step,* ]] || timeout 150 "$py" train_step.py --device cuda --budget 1.5 --output "$out/train_step.md" \
         || echo "train_step: exit $?"
-    timeout 60 "$py" inference.py --device cuda --output "$out/inference.md" || echo "inference: exit $?"
+    [[ $parts != *,inference,* ]] || timeout 60 "$py" inference.py --device cuda --output "$out/inference.md" || echo "inference: exit $?"
 fi
