@@ -57,6 +57,19 @@ def test_batches_mix_regions_sorted_and_indexed() -> None:
     assert len(module.val_dataloader()) == 4  # one loader per task
 
 
+def test_loaders_leave_the_global_generator_alone() -> None:
+    """Iterating a loader (training, validation, test) draws nothing from torch's global generator, so
+    how often a fit validates cannot change what a model that draws from it (dropout) gets in training."""
+    module = MultiRegionDataModule(["demo_brain_cls", "demo_thorax_cls"], batch_size=4, samples_per_epoch=8)
+    module.setup("fit")
+    module.setup("test")
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    for loader in [module.train_dataloader(), *module.val_dataloader(), *module.test_dataloader()]:
+        next(iter(loader))
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_region_weights_set_sampling_frequencies() -> None:
     sampler = RegionBalancedSampler([10, 100], [3.0, 1.0], length=20000, seed=1)
     counts = Counter(i < 10 for i in sampler)

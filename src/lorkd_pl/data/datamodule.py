@@ -459,6 +459,9 @@ class MultiRegionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        """A DataLoader with its own random generator: a DataLoader draws its workers' base seed on every
+        iteration, from the global generator unless given one, so validating more or less often would
+        change what a model that draws from it (dropout) gets in training."""
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
@@ -467,6 +470,7 @@ class MultiRegionDataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_by_region,
             persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
