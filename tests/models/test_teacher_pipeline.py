@@ -357,26 +357,26 @@ def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, top_k,
     store, _ = prepare_targets(teacher, spec, data)
     data.use_teacher_targets(store)
     batch = next(iter(data.train_dataloader()))
-    image = batch["image"].as_tensor()
+    image = batch["image"]
     live = teacher.targets(teacher(image), TASK)
     inside = (image != 0).all(1, keepdim=True).expand_as(live)  # padding: the live teacher sees zeros
     student = torch.randn_like(live, requires_grad=True)
     if top_k is None:
-        cached = batch["teacher"].as_tensor()[:, :4]
+        cached = batch["teacher"][:, :4]
         torch.testing.assert_close(cached[inside], live[inside], atol=1e-5, rtol=0)
         for temperature in (1.0, 3.0):
             a = kd_loss(student, cached, teacher.target_kind, temperature)
             b = kd_loss(student, torch.where(inside, live, cached), teacher.target_kind, temperature)
             assert abs(float(a) - float(b)) <= 1e-5
     else:
-        index, stored = batch["teacher_index"], batch["teacher_log_probs"].as_tensor()
+        index, stored = batch["teacher_index"], batch["teacher_log_probs"]
         assert index.dtype == torch.uint8 and tuple(index.shape) == (4, 2, 24, 24, 40)
         top, top_index = live.topk(2, dim=1)
         inside = inside[:, :2]
         torch.testing.assert_close(stored[inside], top[inside], atol=1e-5, rtol=0)
-        assert torch.equal(index.as_tensor().long()[inside], top_index[inside])
+        assert torch.equal(index.long()[inside], top_index[inside])
         for temperature in (1.0, 3.0):
-            a = kd_kl_top_k(student, index.as_tensor(), stored, temperature)
+            a = kd_kl_top_k(student, index, stored, temperature)
             b = kd_kl_top_k(
                 student,
                 torch.where(inside, top_index, index.long()),
@@ -384,7 +384,7 @@ def test_cached_kd_equals_live_kd_when_the_pipelines_are_the_same(output, top_k,
                 temperature,
             )
             if temperature == 1.0:  # a padded voxel stores no class: it holds no teacher information
-                padded = kd_kl_top_k(student, index.as_tensor(), torch.where(inside, EMPTY_SLOT, stored), 1.0)
+                padded = kd_kl_top_k(student, index, torch.where(inside, EMPTY_SLOT, stored), 1.0)
                 assert (~inside).any() and abs(float(padded)) <= 1e-6
             assert abs(float(a) - float(b)) <= 1e-5
     data.use_teacher_targets(None)
