@@ -4,7 +4,8 @@ A full optimisation step (forward, per-task heads and losses, backward, AdamW st
 mixes 8 regions (one task each, sorted by region as the data module delivers it), for:
 
 * the same backbone and heads without experts (the baseline),
-* the LoRKD student with the ``auto`` strategy (the default) and with ``grouped`` (the paper's),
+* the LoRKD student with the ``auto`` strategy (the default), with ``grouped`` (the paper's) and with
+  ``by_region`` (the strategies ``auto`` chooses between),
 * and, separately, the frozen teacher's forward (the KD cost on top of a student step);
 * KD from a teacher 4× the student's size (3D U-Net): the step without KD, with cached teacher targets
   (``teacher.cache``: the target rides in the batch) and with the live teacher (a forward per step).
@@ -162,6 +163,7 @@ def run(device: torch.device, dtypes: list[torch.dtype], rounds: int, budget: fl
                 BASELINE: ExpertFreeStudent(**info, **common),
                 "LoRKD student (auto)": LoRKDModule(**info, **common),
                 "LoRKD student (grouped, paper)": LoRKDModule(**info, **common, strategy="grouped"),
+                "LoRKD student (by_region)": LoRKDModule(**info, **common, strategy="by_region"),
             }
             batch = make_batch(setup, device)
             steps = {label: make_step(m.to(device).train(), batch, dtype) for label, m in modules.items()}
