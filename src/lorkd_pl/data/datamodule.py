@@ -88,7 +88,9 @@ class SeededConcatDataset(ConcatDataset):
     """``ConcatDataset`` that seeds a sample's random transforms from its :class:`SeededIndex`.
 
     The augmentation of a draw is then a function of ``(seed, epoch, rank, position in the epoch)``
-    only: the same with 0 or 8 workers, and the same after a resume.
+    only: the same draws with 0 or 8 workers, and after a resume (the values bit for bit when the
+    processes run as many torch threads: a DataLoader worker runs one, and resampling rounds by
+    thread count, by up to 1e-6).
     """
 
     def __getitem__(self, index: int) -> Any:
