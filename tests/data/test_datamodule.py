@@ -57,10 +57,13 @@ def test_batches_mix_regions_sorted_and_indexed() -> None:
     assert len(module.val_dataloader()) == 4  # one loader per task
 
 
-def test_loaders_leave_the_global_generator_alone() -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_the_global_generator_alone(workers) -> None:
     """Iterating a loader (training, validation, test) draws nothing from torch's global generator, so
     how often a fit validates cannot change what a model that draws from it (dropout) gets in training."""
-    module = MultiRegionDataModule(["demo_brain_cls", "demo_thorax_cls"], batch_size=4, samples_per_epoch=8)
+    module = MultiRegionDataModule(
+        ["demo_brain_cls", "demo_thorax_cls"], batch_size=4, samples_per_epoch=8, num_workers=workers
+    )
     module.setup("fit")
     module.setup("test")
     torch.manual_seed(0)
