@@ -61,10 +61,15 @@ def collate_by_region(samples: Sequence[Mapping[str, Any] | Sequence[Mapping[str
     for item in samples:
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     flat.sort(key=lambda sample: int(sample["region"]))
-    batch = list_data_collate([{k: s[k] for k in BATCH_KEYS if k in s} for s in flat])
     # plain tensors: a MetaTensor runs MONAI's metadata bookkeeping (copies of its meta dict and of its
-    # applied operations) in every operation of the model's step, which reads none of it
-    return {k: v.as_tensor() if isinstance(v, MetaTensor) else v for k, v in batch.items()}
+    # applied operations) in every operation of the model's step, which reads none of it; stripped before
+    # collating, so the metadata is not collated either
+    return list_data_collate([{k: _plain(s[k]) for k in BATCH_KEYS if k in s} for s in flat])
+
+
+def _plain(value: Any) -> Any:
+    """``value`` without MONAI metadata (a MetaTensor's data as a plain tensor; anything else as is)."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else value
 
 
 def case_id(task: str, split: str, index: int, record: Mapping[str, Any]) -> str:
