@@ -13,6 +13,7 @@ set -u
 out=$(realpath -m "${1:?usage: cuda_rows.sh OUT [ACCELERATOR]}")
 accelerator=${2:-gpu}
 parts=",${PARTS:-fit,expert_conv,train_step,inference},"
+wanted() { [[ $parts == *",$1,"* ]]; }
 py=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
@@ -23,27 +24,33 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 
 work=$(mktemp -d)
 cd "$work"
-if [[ $parts == *,fit,* ]]; then
-  (
-    set -e
-    trainer=(--config "trainer/gpu_ddp_bf16" --trainer.max_epochs 2)
-    [ "$accelerator" = gpu ] || trainer=(--trainer.max_epochs 2 --data.init_args.samples_per_epoch 8)
-    export LORKD_PL_DEMO_DATA="$work/data"
-    timeout 90 lorkd-pl demo-data --out "$work/data"
-    timeout 90 lorkd-pl fit --config demo/teacher_seg "${trainer[@]}"
-    timeout 90 lorkd-pl fit --config demo/lorkd_seg "${trainer[@]}"
-    timeout 90 lorkd-pl test --config demo/lorkd_seg "${trainer[@]}" --ckpt_path last
-    timeout 90 lorkd-pl export --ckpt runs/demo/lorkd_seg/latest/checkpoints/last.ckpt --region brain --out export/brain
-    ls export/brain
-  ) > "$out/fit.log" 2>&1
-  echo "fit, test, export on $accelerator: exit $?" | tee -a "$out/fit.log"
-  tail -n 25 "$out/fit.log"
+if wanted fit; then
+    (
+        set -e
+        trainer=(--config "trainer/gpu_ddp_bf16" --trainer.max_epochs 2)
+        [ "$accelerator" = gpu ] || trainer=(--trainer.max_epochs 2 --data.init_args.samples_per_epoch 8)
+        export LORKD_PL_DEMO_DATA="$work/data"
+        timeout 90 lorkd-pl demo-data --out "$work/data"
+        timeout 90 lorkd-pl fit --config demo/teacher_seg "${trainer[@]}"
+        timeout 90 lorkd-pl fit --config demo/lorkd_seg "${trainer[@]}"
+        timeout 90 lorkd-pl test --config demo/lorkd_seg "${trainer[@]}" --ckpt_path last
+        timeout 90 lorkd-pl export --ckpt runs/demo/lorkd_seg/latest/checkpoints/last.ckpt --region brain --out export/brain
+        ls export/brain
+    ) > "$out/fit.log" 2>&1
+    echo "fit, test, export on $accelerator: exit $?" | tee -a "$out/fit.log"
+    tail -n 25 "$out/fit.log"
 fi
 
 if [ "$accelerator" = gpu ]; then
     cd "$repo/benchmarks"
-    [[ $parts != *,expert_conv,* ]] || timeout 200 "$py" expert_conv.py --device cuda --output "$out/expert_conv.md" || echo "expert_conv: exit $?"
-    [[ $parts != *,train_step,* ]] || timeout 150 "$py" train_step.py --device cuda --budget 1.5 --output "$out/train_step.md" \
-        || echo "train_step: exit $?"
-    [[ $parts != *,inference,* ]] || timeout 60 "$py" inference.py --device cuda --output "$out/inference.md" || echo "inference: exit $?"
+    if wanted expert_conv; then
+        timeout 200 "$py" expert_conv.py --device cuda --output "$out/expert_conv.md" || echo "expert_conv: exit $?"
+    fi
+    if wanted train_step; then
+        timeout 150 "$py" train_step.py --device cuda --budget 1.5 --output "$out/train_step.md" \
+            || echo "train_step: exit $?"
+    fi
+    if wanted inference; then
+        timeout 60 "$py" inference.py --device cuda --output "$out/inference.md" || echo "inference: exit $?"
+    fi
 fi
