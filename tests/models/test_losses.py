@@ -133,3 +133,61 @@ def test_top_k_kd_with_empty_slots_and_a_student_equal_to_the_teacher() -> None:
         torch.testing.assert_close(
             kd_kl_top_k(student, index, log_probs, temperature), kd_kl(student, teacher, temperature)
         )
+
+
+def _top_k_targets(classes: int, k: int, empty: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-``k`` store's entries ``(2, k + empty, 3, 2)`` (float64) of a ``classes``-class teacher, with
+    ``empty`` empty slots per position and, if ``padded``, one position with no stored class at all."""
+    from lorkd_pl.data.teacher_targets import EMPTY_SLOT
+
+    teacher = torch.randn(2, classes, 3, 2, dtype=torch.float64).mul(2).log_softmax(1)
+    log_probs, index = teacher.topk(k, dim=1)
+    index = torch.cat([index, torch.zeros(2, empty, 3, 2, dtype=torch.long)], 1)
+    log_probs = torch.cat([log_probs, torch.full((2, empty, 3, 2), EMPTY_SLOT, dtype=torch.float64)], 1)
+    if padded:
+        log_probs[1, :, 2, 1] = EMPTY_SLOT
+    return index, log_probs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(
+    ("classes", "k", "empty", "padded"),
+    [(6, 2, 0, False), (6, 1, 2, True), (4, 4, 0, False), (3, 3, 2, True), (5, 4, 1, True)],
+)
+def test_top_k_kd_gradient_matches_finite_differences(classes, k, empty, padded, temperature) -> None:
+    """The hand-written backward of top-k KD (bucket or none, empty slots, a padded position) against
+    numerical differentiation in float64."""
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    torch.manual_seed(classes * 10 + k)
+    index, log_probs = _top_k_targets(classes, k, empty, padded)
+    student = torch.randn(2, classes, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: kd_kl_top_k(z, index, log_probs, temperature), (student,))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 4, 2, 3)])
+def test_dense_kd_gradient_matches_finite_differences(shape, temperature) -> None:
+    torch.manual_seed(len(shape))
+    teacher = torch.randn(shape, dtype=torch.float64)
+    student = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: kd_kl(z, teacher, temperature), (student,))
+
+
+def test_kd_gradient_keeps_the_logits_dtype_and_scales_with_the_upstream_gradient() -> None:
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 4).log_softmax(1)
+    log_probs, index = teacher.topk(2, dim=1)
+    for loss in (
+        lambda z: kd_kl(z, teacher, 2.0),
+        lambda z: kd_kl_top_k(z, index.to(torch.uint8), log_probs.half(), 2.0),
+    ):
+        student = torch.randn(2, 5, 4).bfloat16().requires_grad_(True)
+        value = loss(student)
+        assert value.dtype == torch.float32
+        (grad,) = torch.autograd.grad(3 * value, student)
+        assert grad.dtype == torch.bfloat16
+        (single,) = torch.autograd.grad(loss(student), student)
+        torch.testing.assert_close(grad.float(), 3 * single.float(), rtol=1e-2, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
@@ -50,10 +52,8 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
     """
     _check_shapes(student_logits, teacher_logits)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        s = F.log_softmax(student_logits.float() / temperature, dim=1)
-        t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-        kl = (t.exp() * (t - s)).sum(dim=1)
-    return kl.mean() * temperature**2
+        t = F.log_softmax(teacher_logits.detach().to(_loss_dtype(student_logits)) / temperature, dim=1)
+        return _DistillationKL.apply(student_logits, temperature, t.exp(), t, None)
 
 
 class TaskLoss(nn.Module):
@@ -82,8 +82,8 @@ class TaskLoss(nn.Module):
 EMPTY_BELOW = -1e4
 #: The smallest remainder mass of the classes outside the top k (keeps every log finite).
 TINY_MASS = 1e-12
-#: The student's log-probability given to the stored classes when it sums its remainder (exp() == 0).
-_EXCLUDED = -1e4
+#: Added to the log-probabilities of the bucket's classes to find their maximum.
+_LIFT = 1e4
 
 
 def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
@@ -122,29 +122,124 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         classes = student_logits.shape[1]
-        s = F.log_softmax(student_logits.float() / temperature, dim=1)
         index = index.long().clamp(0, classes - 1)
-        stored = log_probs.detach().float()
+        stored = log_probs.detach().to(_loss_dtype(student_logits))
         valid = stored > EMPTY_BELOW
-        mass = (stored.exp() * valid).sum(1, keepdim=True)
+        probs = stored.exp() * valid
         others = classes - valid.sum(1, keepdim=True)  # classes in the bucket
         bucket = others > 0
-        count = others.clamp_min(1).float()
-        remainder = (1 - mass).clamp_min(TINY_MASS)
-        # the tempered teacher over (stored classes, bucket); at τ = 1: q_i and r
-        a_top = torch.where(valid, stored / temperature, EMPTY_BELOW)
-        a_rest = torch.where(bucket, (remainder.log() - count.log()) / temperature + count.log(), EMPTY_BELOW)
-        log_z = torch.cat([a_top, a_rest], 1).logsumexp(1, keepdim=True)
-        t_top, t_rest = a_top - log_z, a_rest - log_z
-        # the student's log-mass outside its stored classes; an empty slot repeats the first slot (index
-        # and validity), so every write to one class carries the same value and excludes nothing new
-        slots, marks = torch.where(valid, index, index[:, :1]), valid | valid[:, :1]
-        hit = torch.zeros_like(s, dtype=torch.bool).scatter_(1, slots, marks)
-        s_rest = s.masked_fill(hit, _EXCLUDED).logsumexp(1, keepdim=True)
-        kl_top = (t_top.exp() * valid * (t_top - s.gather(1, index))).sum(1, keepdim=True)
-        kl_rest = torch.where(bucket, t_rest.exp() * (t_rest - s_rest), 0.0)
-        kl = (kl_top + kl_rest).squeeze(1)
-    return kl.mean() * temperature**2
+        count = others.clamp_min(1).to(stored.dtype)
+        remainder = (1 - probs.sum(1, keepdim=True)).clamp_min(TINY_MASS)
+        # the tempered teacher over (stored classes, bucket), unnormalised; at τ = 1: q_i and r
+        if temperature == 1:
+            top, rest = probs, remainder * bucket
+        else:
+            top = (stored / temperature).exp() * valid
+            rest = (remainder / count) ** (1 / temperature) * count * bucket
+        log_total = (top.sum(1, keepdim=True) + rest).log()
+        target = _TopK(
+            index=index,
+            weight=top / log_total.exp(),
+            log_weight=stored / temperature - log_total,
+            rest=rest / log_total.exp(),
+            log_rest=rest.clamp_min(torch.finfo(rest.dtype).tiny).log() - log_total,
+            bucket=bucket,
+            # an empty slot repeats the first slot (index and validity), so every write to one class
+            # carries the same value and excludes nothing new
+            slots=torch.where(valid, index, index[:, :1]),
+            marks=valid | valid[:, :1],
+        )
+        return _DistillationKL.apply(student_logits, temperature, None, None, target)
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """KD runs in fp32 (fp64 for fp64 logits: exact gradient checks)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class _TopK(NamedTuple):
+    """A top-k teacher target coarsened to ``k + 1`` outcomes, per position (see :func:`kd_kl_top_k`).
+
+    ``index``/``weight``/``log_weight`` ``(N, k, *S)``: the stored classes, their tempered teacher
+    probabilities (0 for an empty slot) and log-probabilities; ``rest``/``log_rest``/``bucket``
+    ``(N, 1, *S)``: the bucket's probability (0 without a bucket), its log and whether it exists;
+    ``slots``/``marks`` ``(N, k, *S)``: where to mark the stored classes (``slots``) and whether to
+    (``marks``).
+    """
+
+    index: Tensor
+    weight: Tensor
+    log_weight: Tensor
+    rest: Tensor
+    log_rest: Tensor
+    bucket: Tensor
+    slots: Tensor
+    marks: Tensor
+
+
+class _DistillationKL(torch.autograd.Function):
+    """``KL(q ‖ softmax(z/τ)) · τ²`` averaged over positions, dense or coarsened to a top-k target,
+    with its closed-form gradient.
+
+    The gradient of the mean KL with respect to the logits ``z`` is ``τ (p − q̃) / M`` (``M`` positions,
+    ``p = softmax(z/τ)``): ``q̃ = q`` for a dense target; for a top-k target ``q̃`` is the teacher's
+    probability on a stored class and, on any other class, the bucket's probability shared in the
+    student's own proportions ``r · p_j / Σ_{l ∉ top-k} p_l``. The student's log-mass outside its
+    stored classes is a log-sum-exp over them, shifted by their maximum: exact however small that
+    mass. Autograd through the same formulas would keep more
+    full-size tensors and run several more passes over them (and bool-mask ops are slow on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, temperature, target, log_target, top):
+        """The loss.
+
+        Args:
+            ctx: autograd's context.
+            logits: the student's ``(N, K, *S)`` (or ``(N, K)``), any float dtype.
+            temperature: τ > 0.
+            target: dense: the tempered teacher's probabilities ``q``, ``logits``' shape in the loss
+                dtype; ``None`` for a top-k target.
+            log_target: dense: ``log q``, same shape; ``None`` for a top-k target.
+            top: the coarsened top-k target (:class:`_TopK`), or ``None`` for a dense one.
+
+        Returns:
+            A scalar in the loss dtype (fp32, or fp64 for fp64 logits).
+        """
+        s = logits.to(_loss_dtype(logits))
+        s = F.log_softmax(s / temperature if temperature != 1 else s, dim=1)
+        positions = s.numel() // s.shape[1]
+        ctx.temperature, ctx.positions, ctx.logits_dtype = temperature, positions, logits.dtype
+        if top is None:
+            kl = (log_target - s).mul_(target).sum(1)
+            ctx.save_for_backward(s, target)
+            ctx.index = ctx.weight = None
+            return kl.sum() / positions * temperature**2
+        # 1 on the classes of the bucket, 0 on the stored ones
+        bucket_class = torch.ones_like(s).scatter_(1, top.slots, (~top.marks).to(s.dtype))
+        # the largest log-probability in the bucket, to 1e-3 (ulp of 1e4), by a lift (no ±∞, no masks:
+        # both send CPU kernels down slow paths); s − log max_rest p ≤ 1e-3 on the bucket's classes
+        shift = s.add(bucket_class, alpha=_LIFT).amax(1, keepdim=True) - _LIFT
+        share = (s - shift).clamp_max_(1.0).exp_().mul_(bucket_class)  # p_j / max_rest p in the bucket
+        del bucket_class
+        total = share.sum(1, keepdim=True)
+        s_rest = shift + total.log()
+        kl_top = (top.weight * (top.log_weight - s.gather(1, top.index))).sum(1, keepdim=True)
+        kl_rest = torch.where(top.bucket, top.rest * (top.log_rest - s_rest), 0.0)
+        # for backward: the bucket's share of the teacher's mass, r · p_j / Σ_rest p
+        ctx.save_for_backward(s, share.mul_(top.rest / total.clamp_min(torch.finfo(s.dtype).tiny)))
+        ctx.index, ctx.weight = top.index, top.weight
+        return (kl_top + kl_rest).sum() / positions * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """``τ (p − q̃) / M`` times ``grad_output`` (a scalar): the gradient of the logits, in their dtype."""
+        s, target = ctx.saved_tensors  # dense: q; top-k: the bucket's share
+        grad = s.exp().sub_(target)
+        if ctx.index is not None:
+            grad.scatter_add_(1, ctx.index, -ctx.weight)
+        grad.mul_(grad_output * ctx.temperature / ctx.positions)
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 def kd_binary(student_logits: Tensor, teacher_log_odds: Tensor, temperature: float) -> Tensor:
