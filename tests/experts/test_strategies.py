@@ -238,3 +238,41 @@ def test_declared_fold_routes_rows_to_their_samples(fold, layout, strategy) -> N
         assert_rel_close(got[key], want[key], msg=key)
     with expert_routing(layer, region), pytest.raises(RoutingError, match="needs a multiple"):
         layer(x[:-1])
+
+
+class _CudaInput:
+    """Stands for a CUDA input of ``shape`` in ``forward_auto``'s choice (no GPU needed to test it)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.tensor = torch.empty(shape, device="meta")
+        self.shape = self.tensor.shape
+
+    def dim(self) -> int:
+        return self.tensor.dim()
+
+    def __getitem__(self, index):
+        return self.tensor[index]
+
+
+@pytest.mark.parametrize(
+    ("layer", "spatial", "expected"),
+    [
+        (nn.ConvTranspose3d(2, 3, 3, stride=2), (41, 40, 40), "by_region"),  # 65,600 voxels per channel
+        (nn.ConvTranspose3d(2, 3, 3, stride=2), (40, 40, 40), "grouped"),  # 64,000
+        (nn.Conv3d(2, 3, 3), (48, 48, 48), "grouped"),
+        (nn.Conv2d(2, 3, 3), (256, 256), "by_region"),
+    ],
+)
+def test_auto_on_a_gpu_runs_only_large_transposed_3d_convs_by_region(
+    layer, spatial, expected, monkeypatch
+) -> None:
+    from lorkd_pl.experts.routing import Routing
+
+    expert = inject_experts(layer, NUM_EXPERTS, rank=2, strategy="auto")
+    taken = []
+    for strategy in ("grouped", "by_region"):
+        monkeypatch.setattr(strategies, f"forward_{strategy}", lambda *a, s=strategy: taken.append(s))
+    strategies.forward_auto(expert, _CudaInput((4, 2, *spatial)), Routing.build([0, 0, 1, 2], NUM_EXPERTS))
+    assert taken == [expected]

@@ -12,10 +12,11 @@ them. They differ only in cost:
 * ``"homogeneous"`` — the batch holds one region: merge once, one dense call (base speed).
 * ``"factorized"`` — factorized layout only: ``op(x, W0)`` + one call with the present experts'
   ``A`` stacked as output channels + a per-sample ``B`` (batched 1×1 mixing). Activation space.
-* ``"auto"`` — ``"homogeneous"`` for a one-region batch; ``"grouped"`` when every region in the
-  batch has one sample, and for 3D convolutions on a GPU or (CPU) with a single-sample region; else
-  ``"by_region"``: the fastest exact choices measured by ``benchmarks/`` on CPU and on an H200 (see
-  ``docs/benchmarks.md`` and :func:`forward_auto`).
+* ``"auto"`` — ``"homogeneous"`` for a one-region batch; ``"by_region"`` for a large transposed 3D
+  convolution on a GPU; ``"grouped"`` when every region in the batch has one sample, and for 3D
+  convolutions on a GPU or (CPU) with a single-sample region; else ``"by_region"``: the fastest
+  exact choices measured by ``benchmarks/`` on CPU and on an H200 (see ``docs/benchmarks.md`` and
+  :func:`forward_auto`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from lorkd_pl.experts.layers import ExpertLayer
 
 STRATEGIES: tuple[str, ...] = ("auto", "grouped", "by_region", "homogeneous", "factorized")
+#: Voxels per sample and channel from which ``auto`` runs a transposed 3D conv ``by_region`` on a GPU
+#: (2^16: between 24³, where ``grouped`` and ``by_region`` trade places, and 48³, where ``by_region``
+#: took 0.63–0.78× the time; per-layer sweep on an H200, ``docs/benchmarks.md``).
+LARGE_TRANSPOSED_INPUT = 2**16
 
 
 def check_strategy(strategy: str, layout: str) -> str:
@@ -178,8 +183,12 @@ def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
     * ``grouped`` when every present region has a single sample (both keep the same P weights, and
       one grouped call beats P single-sample calls: the training step of a 3D U-Net with N = 8 over
       8 regions, × the expert-free step, 1.05× vs 1.47× on CPU, 1.69× vs 2.14× on an H200);
-    * ``grouped`` for a 3D convolution (5-D input) on a GPU (on an H200 faster than or level with
-      ``by_region`` at every measured shape, 1–4 samples per region, at ≤ 0.81× the expert-free
+    * ``by_region`` for a transposed 3D convolution on a GPU whose input has at least
+      :data:`LARGE_TRANSPOSED_INPUT` voxels per sample: cuDNN's grouped transposed 3D conv is slow
+      there (on an H200, the 96³ U-Net's last up-convolution, 48³ in: ``by_region`` 0.63–0.78× the
+      time of ``grouped``, 1 or 2 samples per region; at 10³–24³ in: 0.71–1.95×, mostly slower);
+    * ``grouped`` for any other 3D convolution (5-D input) on a GPU (on an H200 faster than or level
+      with ``by_region`` at every measured shape, 1–4 samples per region, at ≤ 0.81× the expert-free
       conv's memory), and on CPU when a region has a single sample: PyTorch runs a small
       single-sample 3D conv through its slow native kernel (not oneDNN), which made ``by_region``
       cost 2.1× ``grouped`` in the demo's 3D step;
@@ -193,7 +202,10 @@ def forward_auto(layer: ExpertLayer, x: Tensor, routing: Routing) -> Tensor:
     """
     if len(routing.present) > 1:
         conv3d = layer.channel_dim == 1 and x.dim() == 5
-        if max(routing.counts) == 1 or (conv3d and (x.device.type != "cpu" or min(routing.counts) == 1)):
+        on_gpu = x.device.type != "cpu"
+        if conv3d and on_gpu and layer.transposed and x[0, 0].numel() >= LARGE_TRANSPOSED_INPUT:
+            return forward_by_region(layer, x, routing)
+        if max(routing.counts) == 1 or (conv3d and (on_gpu or min(routing.counts) == 1)):
             return forward_grouped(layer, x, routing)
     return forward_by_region(layer, x, routing)
 
