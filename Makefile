@@ -47,6 +47,7 @@ anatomy: install-runtime
 bench: install
 	$(PY) benchmarks/expert_conv.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/layer_strategies.py
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/teacher_targets.py

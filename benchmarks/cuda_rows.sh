@@ -3,16 +3,18 @@
 #
 #   bash benchmarks/cuda_rows.sh OUT [ACCELERATOR]
 #
-# Writes OUT/expert_conv.md, OUT/train_step.md, OUT/inference.md (the benchmarks' CUDA sections) and
-# OUT/fit.log: the demo's teacher and LoRKD student trained for two epochs each with
-# configs/trainer/gpu_ddp_bf16 (DDP, bf16 mixed precision), tested, and one region exported.
+# Writes OUT/expert_conv.md, OUT/train_step.md, OUT/layer_strategies.md, OUT/inference.md (the
+# benchmarks' CUDA sections) and OUT/fit.log: the demo's teacher and LoRKD student trained for two
+# epochs each with configs/trainer/gpu_ddp_bf16 (DDP, bf16 mixed precision), tested, and one region
+# exported.
 # ACCELERATOR (default gpu) lets the fit part run on a machine without one (cpu): a dry run of the script.
-# PARTS (default fit,expert_conv,train_step,inference) runs only the parts it names, e.g. PARTS=fit.
+# PARTS (default fit,expert_conv,train_step,layer_strategies,inference) runs only the parts it names,
+# e.g. PARTS=fit.
 # Each part has its own time limit, so one that hangs leaves the others' results.
 set -u
 out=$(realpath -m "${1:?usage: cuda_rows.sh OUT [ACCELERATOR]}")
 accelerator=${2:-gpu}
-parts=",${PARTS:-fit,expert_conv,train_step,inference},"
+parts=",${PARTS:-fit,expert_conv,train_step,layer_strategies,inference},"
 wanted() { [[ $parts == *",$1,"* ]]; }
 py=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +51,10 @@ if [ "$accelerator" = gpu ]; then
     if wanted train_step; then
         timeout 150 "$py" train_step.py --device cuda --budget 1.5 --output "$out/train_step.md" \
             || echo "train_step: exit $?"
+    fi
+    if wanted layer_strategies; then
+        timeout 200 "$py" layer_strategies.py --device cuda --output "$out/layer_strategies.md" \
+            || echo "layer_strategies: exit $?"
     fi
     if wanted inference; then
         timeout 60 "$py" inference.py --device cuda --output "$out/inference.md" || echo "inference: exit $?"

@@ -122,32 +122,28 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         classes = student_logits.shape[1]
-        index = index.long().clamp(0, classes - 1)
+        index = index.long().clamp_(0, classes - 1)
         stored = log_probs.detach().to(_loss_dtype(student_logits))
         valid = stored > EMPTY_BELOW
-        probs = stored.exp() * valid
-        others = classes - valid.sum(1, keepdim=True)  # classes in the bucket
-        bucket = others > 0
-        count = others.clamp_min(1).to(stored.dtype)
-        remainder = (1 - probs.sum(1, keepdim=True)).clamp_min(TINY_MASS)
+        probs = stored.exp()  # 0 in an empty slot (exp of ≤ −1e4)
+        bucket = valid.sum(1, keepdim=True) < classes  # some class is outside the stored ones
+        remainder = (1 - probs.sum(1, keepdim=True)).clamp_min_(TINY_MASS) * bucket
         # the tempered teacher over (stored classes, bucket), unnormalised; at τ = 1: q_i and r
         if temperature == 1:
-            top, rest = probs, remainder * bucket
+            top, rest = probs, remainder
         else:
-            top = (stored / temperature).exp() * valid
-            rest = (remainder / count) ** (1 / temperature) * count * bucket
-        log_total = (top.sum(1, keepdim=True) + rest).log()
+            count = (classes - valid.sum(1, keepdim=True)).clamp_min_(1).to(stored.dtype)
+            stored = stored / temperature
+            top, rest = stored.exp() * valid, (remainder / count) ** (1 / temperature) * count
+        inverse_total = (top.sum(1, keepdim=True) + rest).reciprocal_()
+        log_inverse_total = inverse_total.log()
         target = _TopK(
             index=index,
-            weight=top / log_total.exp(),
-            log_weight=stored / temperature - log_total,
-            rest=rest / log_total.exp(),
-            log_rest=rest.clamp_min(torch.finfo(rest.dtype).tiny).log() - log_total,
-            bucket=bucket,
-            # an empty slot repeats the first slot (index and validity), so every write to one class
-            # carries the same value and excludes nothing new
-            slots=torch.where(valid, index, index[:, :1]),
-            marks=valid | valid[:, :1],
+            weight=top * inverse_total,
+            log_weight=stored + log_inverse_total,
+            rest=rest * inverse_total,
+            log_rest=rest.clamp_min(torch.finfo(rest.dtype).tiny).log_().add_(log_inverse_total),
+            stored_mark=valid.to(stored.dtype),
         )
         return _DistillationKL.apply(student_logits, temperature, None, None, target)
 
@@ -161,10 +157,9 @@ class _TopK(NamedTuple):
     """A top-k teacher target coarsened to ``k + 1`` outcomes, per position (see :func:`kd_kl_top_k`).
 
     ``index``/``weight``/``log_weight`` ``(N, k, *S)``: the stored classes, their tempered teacher
-    probabilities (0 for an empty slot) and log-probabilities; ``rest``/``log_rest``/``bucket``
-    ``(N, 1, *S)``: the bucket's probability (0 without a bucket), its log and whether it exists;
-    ``slots``/``marks`` ``(N, k, *S)``: where to mark the stored classes (``slots``) and whether to
-    (``marks``).
+    probabilities (0 for an empty slot) and log-probabilities; ``rest``/``log_rest`` ``(N, 1, *S)``:
+    the bucket's probability (0 without a bucket) and its log (finite); ``stored_mark`` ``(N, k, *S)``:
+    1 for a stored class, 0 for an empty slot (whose index may repeat a stored class).
     """
 
     index: Tensor
@@ -172,9 +167,7 @@ class _TopK(NamedTuple):
     log_weight: Tensor
     rest: Tensor
     log_rest: Tensor
-    bucket: Tensor
-    slots: Tensor
-    marks: Tensor
+    stored_mark: Tensor
 
 
 class _DistillationKL(torch.autograd.Function):
@@ -186,8 +179,8 @@ class _DistillationKL(torch.autograd.Function):
     probability on a stored class and, on any other class, the bucket's probability shared in the
     student's own proportions ``r · p_j / Σ_{l ∉ top-k} p_l``. The student's log-mass outside its
     stored classes is a log-sum-exp over them, shifted by their maximum: exact however small that
-    mass. Autograd through the same formulas would keep more
-    full-size tensors and run several more passes over them (and bool-mask ops are slow on CPU).
+    mass. Autograd through the same formulas would keep more full-size tensors and run several more
+    passes over them (and bool-mask ops are slow on CPU).
     """
 
     @staticmethod
@@ -211,25 +204,25 @@ class _DistillationKL(torch.autograd.Function):
         positions = s.numel() // s.shape[1]
         ctx.temperature, ctx.positions, ctx.logits_dtype = temperature, positions, logits.dtype
         if top is None:
-            kl = (log_target - s).mul_(target).sum(1)
+            kl = (log_target - s).mul_(target).sum()
             ctx.save_for_backward(s, target)
             ctx.index = ctx.weight = None
-            return kl.sum() / positions * temperature**2
-        # 1 on the classes of the bucket, 0 on the stored ones
-        bucket_class = torch.ones_like(s).scatter_(1, top.slots, (~top.marks).to(s.dtype))
+            return kl * (temperature**2 / positions)
+        # 1 on the classes of the bucket, 0 on the stored ones (an add: an empty slot adds 0 wherever)
+        bucket_class = torch.ones_like(s).scatter_add_(1, top.index, top.stored_mark.neg())
         # the largest log-probability in the bucket, to 1e-3 (ulp of 1e4), by a lift (no ±∞, no masks:
         # both send CPU kernels down slow paths); s − log max_rest p ≤ 1e-3 on the bucket's classes
-        shift = s.add(bucket_class, alpha=_LIFT).amax(1, keepdim=True) - _LIFT
+        shift = s.add(bucket_class, alpha=_LIFT).amax(1, keepdim=True).sub_(_LIFT)
         share = (s - shift).clamp_max_(1.0).exp_().mul_(bucket_class)  # p_j / max_rest p in the bucket
         del bucket_class
-        total = share.sum(1, keepdim=True)
-        s_rest = shift + total.log()
-        kl_top = (top.weight * (top.log_weight - s.gather(1, top.index))).sum(1, keepdim=True)
-        kl_rest = torch.where(top.bucket, top.rest * (top.log_rest - s_rest), 0.0)
+        total = share.sum(1, keepdim=True).clamp_min_(torch.finfo(s.dtype).tiny)  # > 0: s_rest finite
+        s_rest = total.log().add_(shift)
+        kl = (top.log_weight - s.gather(1, top.index)).mul_(top.weight).sum()
+        kl = kl + (top.log_rest - s_rest).mul_(top.rest).sum()  # 0 without a bucket (rest = 0)
         # for backward: the bucket's share of the teacher's mass, r · p_j / Σ_rest p
-        ctx.save_for_backward(s, share.mul_(top.rest / total.clamp_min(torch.finfo(s.dtype).tiny)))
+        ctx.save_for_backward(s, share.mul_(top.rest / total))
         ctx.index, ctx.weight = top.index, top.weight
-        return (kl_top + kl_rest).sum() / positions * temperature**2
+        return kl * (temperature**2 / positions)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -238,7 +231,7 @@ class _DistillationKL(torch.autograd.Function):
         grad = s.exp().sub_(target)
         if ctx.index is not None:
             grad.scatter_add_(1, ctx.index, -ctx.weight)
-        grad.mul_(grad_output * ctx.temperature / ctx.positions)
+        grad.mul_(grad_output * (ctx.temperature / ctx.positions))
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
