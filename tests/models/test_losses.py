@@ -191,3 +191,40 @@ def test_kd_gradient_keeps_the_logits_dtype_and_scales_with_the_upstream_gradien
         assert grad.dtype == torch.bfloat16
         (single,) = torch.autograd.grad(loss(student), student)
         torch.testing.assert_close(grad.float(), 3 * single.float(), rtol=1e-2, atol=1e-6)
+
+
+def test_top_k_kd_edge_inputs() -> None:
+    """−∞ empty slots, a flat teacher at a small τ, the caller's int64 index, an empty batch and a
+    second-order gradient (found by an independent review of the closed-form KD)."""
+    from lorkd_pl.data.teacher_targets import EMPTY_SLOT
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 3)
+    index = torch.tensor([0, 1, 0]).view(1, 3, 1).expand(2, 3, 3).contiguous()
+    log_probs = torch.tensor([math.log(0.6), math.log(0.3), EMPTY_SLOT]).view(1, 3, 1).expand(2, 3, 3).clone()
+    reference = kd_kl_top_k(student, index, log_probs, 1.0)
+    log_probs[:, 2] = -math.inf  # another way to say "empty"
+    torch.testing.assert_close(kd_kl_top_k(student, index, log_probs, 1.0), reference)
+    assert float(reference) == pytest.approx(coarse_top_k_kd(student, index, log_probs, 1.0), rel=1e-5)
+
+    classes, tau = 200, 0.05  # a flat teacher: its tempered masses underflow unless normalised in logs
+    flat = torch.full((1, classes, 2), -math.log(classes)) + 0.01 * torch.randn(1, classes, 2)
+    stored, top = flat.log_softmax(1).topk(4, dim=1)
+    wide = torch.randn(1, classes, 2, requires_grad=True)
+    loss = kd_kl_top_k(wide, top, stored, tau)
+    (grad,) = torch.autograd.grad(loss, wide)
+    assert torch.isfinite(grad).all()
+    assert float(loss) == pytest.approx(coarse_top_k_kd(wide, top, stored, tau), rel=1e-4)
+
+    original = torch.tensor([2, 0, 9]).view(1, 3, 1)
+    kd_kl_top_k(torch.randn(1, 4, 1), original, torch.log(torch.tensor([0.5, 0.3, 0.1])).view(1, 3, 1), 1.0)
+    assert original.flatten().tolist() == [2, 0, 9]  # clamped in a copy, not in the caller's tensor
+
+    assert math.isnan(float(kd_kl_top_k(torch.randn(0, 5, 3), index[:0], log_probs[:0], 1.0)))
+    assert math.isnan(float(kd_kl(torch.randn(0, 5), torch.randn(0, 5), 1.0)))
+
+    twice = torch.randn(2, 5, 3, requires_grad=True)
+    (first,) = torch.autograd.grad(kd_kl_top_k(twice, index, log_probs, 1.0), twice, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(first.sum(), twice)

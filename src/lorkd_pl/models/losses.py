@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def supervision_levels(output: Tensor, images: Tensor) -> list[tuple[float, Tensor]]:
@@ -122,30 +124,40 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         classes = student_logits.shape[1]
-        index = index.long().clamp_(0, classes - 1)
-        stored = log_probs.detach().to(_loss_dtype(student_logits))
+        index = index.long().clamp(0, classes - 1)  # a copy: the caller's index stays as it is
+        # an empty slot (any value ≤ EMPTY_BELOW, −∞ included) becomes a finite one that exp() sends to 0
+        stored = log_probs.detach().to(_loss_dtype(student_logits)).clamp_min(2 * EMPTY_BELOW)
         valid = stored > EMPTY_BELOW
-        probs = stored.exp()  # 0 in an empty slot (exp of ≤ −1e4)
+        probs = stored.exp()
         bucket = valid.sum(1, keepdim=True) < classes  # some class is outside the stored ones
-        remainder = (1 - probs.sum(1, keepdim=True)).clamp_min_(TINY_MASS) * bucket
-        # the tempered teacher over (stored classes, bucket), unnormalised; at τ = 1: q_i and r
+        remainder = (1 - probs.sum(1, keepdim=True)).clamp_min_(TINY_MASS)
+        # the tempered teacher over (stored classes, bucket), as unnormalised log-masses; at τ = 1: q_i, r
         if temperature == 1:
-            top, rest = probs, remainder
-        else:
+            log_top, log_rest = stored, remainder.log()
+        else:  # shifted by the largest log-mass: no underflow of a flat teacher at a small τ
             count = (classes - valid.sum(1, keepdim=True)).clamp_min_(1).to(stored.dtype)
-            stored = stored / temperature
-            top, rest = stored.exp() * valid, (remainder / count) ** (1 / temperature) * count
-        inverse_total = (top.sum(1, keepdim=True) + rest).reciprocal_()
+            log_top = stored / temperature
+            log_rest = (remainder / count).log_().div_(temperature).add_(count.log())
+            shift = torch.maximum(log_top.amax(1, keepdim=True), log_rest.masked_fill(~bucket, -torch.inf))
+            log_top, log_rest = log_top - shift, log_rest - shift
+            probs = log_top.exp() * valid
+        rest = log_rest.exp() * bucket
+        inverse_total = (probs.sum(1, keepdim=True) + rest).reciprocal_()
         log_inverse_total = inverse_total.log()
         target = _TopK(
             index=index,
-            weight=top * inverse_total,
-            log_weight=stored + log_inverse_total,
+            weight=probs * inverse_total,
+            log_weight=log_top + log_inverse_total,
             rest=rest * inverse_total,
-            log_rest=rest.clamp_min(torch.finfo(rest.dtype).tiny).log_().add_(log_inverse_total),
+            log_rest=log_rest + log_inverse_total,
             stored_mark=valid.to(stored.dtype),
         )
         return _DistillationKL.apply(student_logits, temperature, None, None, target)
+
+
+def _per_position(value: float, positions: int) -> float:
+    """``value / positions``; NaN for an empty batch (as a mean over no position)."""
+    return value / positions if positions else math.nan
 
 
 def _loss_dtype(logits: Tensor) -> torch.dtype:
@@ -179,8 +191,10 @@ class _DistillationKL(torch.autograd.Function):
     probability on a stored class and, on any other class, the bucket's probability shared in the
     student's own proportions ``r · p_j / Σ_{l ∉ top-k} p_l``. The student's log-mass outside its
     stored classes is a log-sum-exp over them, shifted by their maximum: exact however small that
-    mass. Autograd through the same formulas would keep more full-size tensors and run several more
-    passes over them (and bool-mask ops are slow on CPU).
+    mass, as long as the bucket's log-probabilities are within 1e4 of the stored classes' (the lift
+    that finds the maximum). Autograd through the same formulas would keep more full-size tensors and
+    run several more passes over them (and bool-mask ops are slow on CPU). Not twice differentiable
+    (``once_differentiable``: a second-order gradient raises).
     """
 
     @staticmethod
@@ -207,7 +221,7 @@ class _DistillationKL(torch.autograd.Function):
             kl = (log_target - s).mul_(target).sum()
             ctx.save_for_backward(s, target)
             ctx.index = ctx.weight = None
-            return kl * (temperature**2 / positions)
+            return kl * _per_position(temperature**2, positions)
         # 1 on the classes of the bucket, 0 on the stored ones (an add: an empty slot adds 0 wherever)
         bucket_class = torch.ones_like(s).scatter_add_(1, top.index, top.stored_mark.neg())
         # the largest log-probability in the bucket, to 1e-3 (ulp of 1e4), by a lift (no ±∞, no masks:
@@ -222,16 +236,17 @@ class _DistillationKL(torch.autograd.Function):
         # for backward: the bucket's share of the teacher's mass, r · p_j / Σ_rest p
         ctx.save_for_backward(s, share.mul_(top.rest / total))
         ctx.index, ctx.weight = top.index, top.weight
-        return kl * (temperature**2 / positions)
+        return kl * _per_position(temperature**2, positions)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         """``τ (p − q̃) / M`` times ``grad_output`` (a scalar): the gradient of the logits, in their dtype."""
         s, target = ctx.saved_tensors  # dense: q; top-k: the bucket's share
         grad = s.exp().sub_(target)
         if ctx.index is not None:
             grad.scatter_add_(1, ctx.index, -ctx.weight)
-        grad.mul_(grad_output * (ctx.temperature / ctx.positions))
+        grad.mul_(grad_output * _per_position(ctx.temperature, ctx.positions))
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
