@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +198,14 @@ class _DistillationKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, temperature, target, log_target, top):
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: Tensor,
+        temperature: float,
+        target: Tensor | None,
+        log_target: Tensor | None,
+        top: _TopK | None,
+    ) -> Tensor:
         """The loss.
 
         Args:
@@ -240,7 +247,7 @@ class _DistillationKL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
         """``τ (p − q̃) / M`` times ``grad_output`` (a scalar): the gradient of the logits, in their dtype."""
         s, target = ctx.saved_tensors  # dense: q; top-k: the bucket's share
         grad = s.exp().sub_(target)
