@@ -5,7 +5,8 @@ For the two layer kinds where the choice is least obvious on a GPU — transpose
 (cuDNN's grouped transposed convolution) and the first convolution with one input channel (a
 grouped convolution with one channel per group runs PyTorch's depthwise kernel) — this times each such
 layer of the training-step benchmark's U-Nets alone: forward and backward (the input's gradient
-included), with ``grouped`` and with ``by_region``, for 1 and 2 samples per region, fp32 and bf16.
+included; ``expert_conv.py``'s step), with ``grouped`` and with ``by_region``, for 1 and 2 samples per
+region, fp32 and bf16.
 ``LARGE_TRANSPOSED_INPUT`` in ``strategies.py`` comes from this table (docs/benchmarks.md).
 
 Usage::
@@ -19,13 +20,12 @@ import argparse
 import copy
 import sys
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from expert_conv import devices_for, emit, machine_name, time_steps
-from lorkd_pl.experts import expert_routing, inject_experts
+from expert_conv import Variant, devices_for, emit, machine_name, make_step, time_steps
+from lorkd_pl.experts import inject_experts
 from lorkd_pl.models.backbones import build_module
 from train_step import CUDA_SETUPS, SETUPS
 
@@ -59,24 +59,6 @@ def studied_layers(setup: dict) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     return found
 
 
-def layer_step(
-    layer: nn.Module, x: torch.Tensor, region: torch.Tensor, dtype: torch.dtype
-) -> Callable[[], None]:
-    """One forward and backward of an expert ``layer`` on ``x`` ``(N, C, D, H, W)`` routed by ``region``."""
-
-    def step() -> None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with (
-            expert_routing(layer, region),
-            torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32),
-        ):
-            out = layer(x)
-        out.float().square().mean().backward()
-
-    return step
-
-
 def run(device: torch.device, setups: dict[str, dict], rounds: int, budget: float) -> list[dict]:
     rows = []
     for net, setup in setups.items():
@@ -85,11 +67,19 @@ def run(device: torch.device, setups: dict[str, dict], rounds: int, budget: floa
                 region = (torch.arange(batch) % regions).sort().values.to(device)
                 for dtype in (torch.float32, torch.bfloat16):
                     x = torch.randn(batch, *shape, device=device, requires_grad=True)
+                    with torch.no_grad():
+                        grad_out = torch.randn_like(copy.deepcopy(module).to(device)(x))
                     steps = {
-                        strategy: layer_step(
-                            inject_experts(copy.deepcopy(module).to(device), 8, rank=8, strategy=strategy),
+                        strategy: make_step(
+                            Variant(
+                                strategy,
+                                inject_experts(
+                                    copy.deepcopy(module).to(device), 8, rank=8, strategy=strategy
+                                ),
+                                region,
+                            ),
                             x,
-                            region,
+                            grad_out,
                             dtype,
                         )
                         for strategy in STRATEGIES
