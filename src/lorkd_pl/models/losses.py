@@ -129,13 +129,14 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         stored = log_probs.detach().to(_loss_dtype(student_logits)).clamp_min(2 * EMPTY_BELOW)
         valid = stored > EMPTY_BELOW
         probs = stored.exp()
-        bucket = valid.sum(1, keepdim=True) < classes  # some class is outside the stored ones
+        stored_classes = valid.sum(1, keepdim=True)
+        bucket = stored_classes < classes  # some class is outside the stored ones
         remainder = (1 - probs.sum(1, keepdim=True)).clamp_min_(TINY_MASS)
         # the tempered teacher over (stored classes, bucket), as unnormalised log-masses; at τ = 1: q_i, r
         if temperature == 1:
             log_top, log_rest = stored, remainder.log()
         else:  # shifted by the largest log-mass: no underflow of a flat teacher at a small τ
-            count = (classes - valid.sum(1, keepdim=True)).clamp_min_(1).to(stored.dtype)
+            count = (classes - stored_classes).clamp_min_(1).to(stored.dtype)
             log_top = stored / temperature
             log_rest = (remainder / count).log_().div_(temperature).add_(count.log())
             shift = torch.maximum(log_top.amax(1, keepdim=True), log_rest.masked_fill(~bucket, -torch.inf))
