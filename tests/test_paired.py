@@ -80,6 +80,33 @@ def test_seed_resampling_matches_the_exact_distribution() -> None:
     assert low == pytest.approx(exact_low, abs=1e-9) and high == pytest.approx(exact_high, abs=1e-9)
 
 
+def test_groups_weight_each_group_equally_and_draw_the_seeds_once_for_all() -> None:
+    """Both kinds together: the mean of the groups' means (a 3-task group counts as much as a 1-task
+    one), the seeds drawn jointly for every task — the 27 equally likely seed draws of each seed's
+    combined value, enumerated; drawing the seeds per task would give a narrower interval."""
+    constant = {"t": np.full((3, 4), 0.1), "u": np.full((3, 5), 0.3), "w": np.full((3, 2), 0.4)}
+    groups = {"t": "seg3d", "u": "seg3d", "w": "cls2d"}
+    difference, low, high = bootstrap_interval(constant, groups=groups)
+    assert difference == pytest.approx((0.2 + 0.4) / 2) and low == pytest.approx(0.3) == high
+    assert bootstrap_interval(constant)[0] == pytest.approx((0.1 + 0.3 + 0.4) / 3)  # ungrouped
+    seg = np.array([-0.03, 0.02, 0.04])  # per seed, every case of the 3D task
+    cls = np.array([0.05, -0.01, 0.0])  # per seed, both 2D tasks
+    matrices = {
+        "s": np.repeat(seg[:, None], 3, axis=1),
+        "c1": np.repeat(cls[:, None], 4, axis=1),
+        "c2": np.repeat(cls[:, None], 2, axis=1),
+    }
+    groups = {"s": "seg3d", "c1": "cls2d", "c2": "cls2d"}
+    difference, low, high = bootstrap_interval(matrices, level=0.8, resamples=40_000, groups=groups)
+    combined = (seg + cls) / 2  # each seed's mean of the two kinds
+    assert difference == pytest.approx(combined.mean())
+    draws = sorted(np.mean(combo) for combo in itertools.product(combined, repeat=3))
+    exact_low, exact_high = np.percentile(draws, [10, 90], method="inverted_cdf")
+    assert low == pytest.approx(exact_low, abs=1e-9) and high == pytest.approx(exact_high, abs=1e-9)
+    with pytest.raises(ValueError, match="without a group"):
+        bootstrap_interval(matrices, groups={"s": "seg3d"})
+
+
 def test_seed_results_aggregate_per_run_and_pair_the_seeds_test_runs(tmp_path) -> None:
     """demo --seeds: mean ± sd per run over seeds, and paired differences read back from each seed's
     test runs (the difference of per-case means, i.e. of the runs' means when every case has a value)."""
@@ -118,6 +145,61 @@ def test_seed_results_aggregate_per_run_and_pair_the_seeds_test_runs(tmp_path) -
     assert f"lorkd − plain_kd {paired['difference']:+.3f}" in report
     report, results = run_seeds([5], lambda seed: ("just this", {"seg3d": {"metric": "dice"}}))
     assert (report, results) == ("just this", {"seg3d": {"metric": "dice"}})  # one seed: as it is
+
+
+def test_both_kinds_pair_the_mean_of_the_kinds_over_seeds_and_for_one_seed(tmp_path) -> None:
+    """With 3D and 2D: each run's mean of the two kinds' means, and the paired difference of that mean
+    (the kinds weighted equally however many tasks each has), for several seeds and for one."""
+    import json
+
+    from lorkd_pl.app.demo import RUNS, run_seeds
+
+    rng = np.random.default_rng(3)
+
+    def one_seed(seed: int):
+        out = {}
+        for kind, tasks, metric in (("seg3d", ["a_seg"], "dice"), ("cls2d", ["a_cls", "b_cls"], "accuracy")):
+            result = {"metric": metric}
+            for offset, name in enumerate(RUNS):
+                folder = tmp_path / f"{kind}-{name}{seed}" / "summary"
+                folder.mkdir(parents=True)
+                task_means = []
+                for task in tasks:
+                    if kind == "seg3d":
+                        dice = {f"c{i}": [float(rng.uniform(0.5, 0.7) + 0.03 * offset)] for i in range(5)}
+                        summary = seg_summary(task, dice)
+                        task_means.append(np.mean([v[0] for v in dice.values()]))
+                    else:
+                        hits = rng.random(8) < 0.6 + 0.1 * offset
+                        rows = {f"c{i}": ("y", "y" if hit else "n") for i, hit in enumerate(hits)}
+                        summary = cls_summary(task, rows)
+                        task_means.append(hits.mean())
+                    (folder / f"{task}.json").write_text(json.dumps(summary))
+                result[name] = {"mean": float(np.mean(task_means)), "test_run": str(folder.parent)}
+            out[kind] = result
+        return f"seed {seed}", out
+
+    report, results = run_seeds([0, 1, 2], one_seed)
+    both = results["both_kinds"]
+    for name in RUNS:
+        per_seed = [
+            (results["per_seed"][s]["seg3d"][name]["mean"] + results["per_seed"][s]["cls2d"][name]["mean"])
+            / 2
+            for s in ("0", "1", "2")
+        ]
+        assert both[name]["mean"] == pytest.approx(np.mean(per_seed))
+        assert both[name]["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    paired = both["paired"]["lorkd-plain_kd"]
+    assert paired["difference"] == pytest.approx(both["lorkd"]["mean"] - both["plain_kd"]["mean"])
+    assert paired["low"] <= paired["difference"] <= paired["high"]
+    assert "Both kinds (the mean of 3D Dice and 2D accuracy), mean ± sd over seeds:" in report
+    report, results = run_seeds([7], one_seed)
+    paired = results["both_kinds"]["paired"]["lorkd-teacher"]
+    assert paired["difference"] == pytest.approx(
+        (results["seg3d"]["lorkd"]["mean"] + results["cls2d"]["lorkd"]["mean"]) / 2
+        - (results["seg3d"]["teacher"]["mean"] + results["cls2d"]["teacher"]["mean"]) / 2
+    )
+    assert "### Both kinds" in report and "± " not in report.split("### Both kinds")[1].split(". ")[0]
 
 
 def test_seeds_option_needs_two_distinct_seeds(capsys) -> None:

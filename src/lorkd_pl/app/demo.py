@@ -352,7 +352,9 @@ PAIRS: tuple[tuple[str, str], ...] = (
 
 
 def paired_comparisons(
-    summaries: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str] = RUNS
+    summaries: Sequence[Sequence[Mapping[str, Any]]],
+    names: Sequence[str] = RUNS,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each pair of :data:`PAIRS` among ``names``: the paired difference over seeds × test cases and
     its 95 % bootstrap interval (:mod:`lorkd_pl.evaluation.paired`).
@@ -360,13 +362,16 @@ def paired_comparisons(
     Args:
         summaries: per run of ``names``, per seed, its test summaries by task.
         names: the runs.
+        groups: ``{task: kind}`` to weight the kinds equally (the mean of the kinds' means); default:
+            the mean over tasks.
     """
     by_run = dict(zip(names, summaries, strict=True))
     out = {}
     for run, reference in PAIRS:
         if run not in by_run or reference not in by_run:
             continue
-        difference, low, high = bootstrap_interval(paired_differences(by_run[run], by_run[reference]))
+        differences = paired_differences(by_run[run], by_run[reference])
+        difference, low, high = bootstrap_interval(differences, groups=groups)
         out[f"{run}-{reference}"] = {
             "difference": difference,
             "low": low,
@@ -421,7 +426,63 @@ def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[
             + ".",
             paired_line(summary["paired"], f"{len(seeds)} seeds × test cases"),
         ]
+    both = both_kinds(per_seed)
+    if both is not None:
+        line, out["both_kinds"] = both
+        lines += ["", line]
     return "\n".join(lines), out
+
+
+def both_kinds(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """The runs over both kinds (3D Dice and 2D accuracy weighted equally): per run the mean of the two
+    kinds' means (± sd over seeds), the paired differences over seeds × both kinds' test cases (each
+    kind's tasks grouped, the same seeds drawn for both kinds) and their report line; ``None`` unless
+    both kinds ran.
+
+    Args:
+        per_seed: ``{seed: results}``, each holding ``seg3d`` and ``cls2d`` with every run's ``mean``
+            and ``test_run`` (:func:`run_demo`'s results).
+    """
+    import statistics
+
+    from lorkd_pl.evaluation.comparison import find_summaries
+
+    kinds = ("seg3d", "cls2d")
+    results = list(per_seed.values())
+    if not all(kind in result for result in results for kind in kinds):
+        return None
+    names = [name for name in RUNS_WITH_CONTROL if all(name in r[kind] for r in results for kind in kinds)]
+    out: dict[str, Any] = {"metric": "mean of 3D Dice and 2D accuracy"}
+    summaries, groups = [], {}
+    for name in names:
+        means = [statistics.fmean(r[kind][name]["mean"] for kind in kinds) for r in results]
+        out[name] = {
+            "mean": statistics.fmean(means),
+            "sd": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "per_seed": dict(zip(map(str, per_seed), means, strict=True)),
+        }
+        per_run = []
+        for result in results:
+            merged: dict[str, Any] = {}
+            for kind in kinds:
+                found = find_summaries(result[kind][name]["test_run"])
+                groups.update(dict.fromkeys(found, kind))
+                merged.update(found)
+            per_run.append(merged)
+        summaries.append(per_run)
+    out["paired"] = paired_comparisons(summaries, names, groups)
+    over = f"{len(results)} seeds × test cases" if len(results) > 1 else "test cases"
+    line = (
+        "Both kinds (the mean of 3D Dice and 2D accuracy)"
+        + (", mean ± sd over seeds: " if len(results) > 1 else ": ")
+        + ", ".join(
+            f"{name} {out[name]['mean']:.3f}" + (f" ± {out[name]['sd']:.3f}" if len(results) > 1 else "")
+            for name in names
+        )
+        + ". "
+        + paired_line(out["paired"], f"{over} of both kinds")
+    )
+    return line, out
 
 
 def kind_results(
@@ -562,7 +623,12 @@ def run_seeds(seeds: Sequence[int], run_one) -> tuple[str, dict[str, Any]]:
         report, per_seed[value] = run_one(value)
         reports.append(f"## Seed {value}\n\n{report}" if len(seeds) > 1 else report)
     if len(seeds) == 1:
-        return reports[0], per_seed[seeds[0]]
+        report, results = reports[0], per_seed[seeds[0]]
+        both = both_kinds(per_seed)
+        if both is not None:
+            line, results["both_kinds"] = both
+            report += "\n\n### Both kinds\n\n" + line
+        return report, results
     headline, results = seeds_results(per_seed)
     results["per_seed"] = {str(value): result for value, result in per_seed.items()}
     return "\n\n".join([headline, *reports]), results

@@ -10,7 +10,9 @@ runs' mean over tasks, each task weighted equally as in the demo's headline (for
 averages per-class means, this the per-case means: they agree up to the order of the NaN-aware means).
 Its interval is a two-level percentile bootstrap: each resample draws the seeds with replacement and,
 per task, the cases with replacement (the same cases for both runs: paired), so both the spread over
-seeds and the spread over cases widen it. With one seed only the cases are drawn.
+seeds and the spread over cases widen it. With one seed only the cases are drawn. Across kinds (the
+demo's 3D and 2D tasks together) the tasks are grouped by kind and the statistic is the mean of the
+kinds' means, the same seeds drawn for both kinds.
 """
 
 from __future__ import annotations
@@ -68,16 +70,23 @@ def paired_differences(
 
 
 def bootstrap_interval(
-    differences: Mapping[str, np.ndarray], level: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
+    differences: Mapping[str, np.ndarray],
+    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    groups: Mapping[str, str] | None = None,
 ) -> tuple[float, float, float]:
     """The mean paired difference and its two-level percentile bootstrap interval (module docstring).
 
     Args:
         differences: ``{task: D}``, ``D`` of shape ``(seeds, cases)``, the same number of seeds in every
-            task.
+            task (in every group: the seeds are drawn once per resample for all tasks).
         level: the interval's coverage.
         resamples: bootstrap resamples.
         seed: the generator's seed (the interval is reproducible).
+        groups: ``{task: group}`` (e.g. its kind, ``seg3d`` or ``cls2d``): the statistic is then the mean
+            over groups of the mean over each group's tasks, every group weighted equally whatever its
+            number of tasks. Default: the mean over tasks.
 
     Returns:
         ``(difference, low, high)``.
@@ -99,8 +108,20 @@ def bootstrap_interval(
             per_task.append(by_seed[0])
         else:
             per_task.append(np.take_along_axis(by_seed.T, picked_seeds, axis=1).mean(axis=1))
-    statistic = np.mean(per_task, axis=0)
+    weights = _task_weights(sorted(differences), groups)
+    statistic = weights @ np.stack(per_task)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(statistic, [tail, 100 - tail])
-    difference = float(np.mean([d.mean() for d in differences.values()]))
+    difference = float(weights @ np.array([differences[task].mean() for task in sorted(differences)]))
     return difference, float(low), float(high)
+
+
+def _task_weights(tasks: Sequence[str], groups: Mapping[str, str] | None) -> np.ndarray:
+    """Weight of each task in the mean over groups of the mean over each group's tasks (``(tasks,)``)."""
+    if groups is None:
+        return np.full(len(tasks), 1 / len(tasks))
+    missing = [task for task in tasks if task not in groups]
+    if missing:
+        raise ValueError(f"tasks without a group: {missing}")
+    sizes = {group: sum(groups[task] == group for task in tasks) for group in {groups[t] for t in tasks}}
+    return np.array([1 / (len(sizes) * sizes[groups[task]]) for task in tasks])
