@@ -105,6 +105,8 @@ def test_groups_weight_each_group_equally_and_draw_the_seeds_once_for_all() -> N
     assert low == pytest.approx(exact_low, abs=1e-9) and high == pytest.approx(exact_high, abs=1e-9)
     with pytest.raises(ValueError, match="without a group"):
         bootstrap_interval(matrices, groups={"s": "seg3d"})
+    with pytest.raises(ValueError, match=r"group\(s\) \['seg3d'\]"):  # a kind whose tasks all dropped out
+        bootstrap_interval({"c1": matrices["c1"]}, groups=groups)
 
 
 def test_seed_results_aggregate_per_run_and_pair_the_seeds_test_runs(tmp_path) -> None:

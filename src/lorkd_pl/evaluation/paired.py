@@ -86,7 +86,8 @@ def bootstrap_interval(
         seed: the generator's seed (the interval is reproducible).
         groups: ``{task: group}`` (e.g. its kind, ``seg3d`` or ``cls2d``): the statistic is then the mean
             over groups of the mean over each group's tasks, every group weighted equally whatever its
-            number of tasks. Default: the mean over tasks.
+            number of tasks; every group must keep a task in ``differences``. Default: the mean over
+            tasks.
 
     Returns:
         ``(difference, low, high)``.
@@ -123,5 +124,8 @@ def _task_weights(tasks: Sequence[str], groups: Mapping[str, str] | None) -> np.
     missing = [task for task in tasks if task not in groups]
     if missing:
         raise ValueError(f"tasks without a group: {missing}")
+    empty = sorted(set(groups.values()) - {groups[task] for task in tasks})
+    if empty:  # the mean over groups would silently become the mean over the groups left
+        raise ValueError(f"no task of group(s) {empty} is paired in every seed")
     sizes = {group: sum(groups[task] == group for task in tasks) for group in {groups[t] for t in tasks}}
     return np.array([1 / (len(sizes) * sizes[groups[task]]) for task in tasks])
