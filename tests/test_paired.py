@@ -204,6 +204,21 @@ def test_both_kinds_pair_the_mean_of_the_kinds_over_seeds_and_for_one_seed(tmp_p
     assert "### Both kinds" in report and "± " not in report.split("### Both kinds")[1].split(". ")[0]
 
 
+def test_over_seeds_is_the_sample_mean_and_sd_and_keeps_a_nan_seed_as_nan() -> None:
+    """A run whose score is undefined in one seed (NaN) must not fail the summary after a long run."""
+    import statistics
+
+    from lorkd_pl.app.demo import over_seeds
+
+    summary = over_seeds([0, 1, 2], [0.81, 0.78, 0.84])
+    assert summary["mean"] == pytest.approx(statistics.fmean([0.81, 0.78, 0.84]))
+    assert summary["sd"] == pytest.approx(statistics.stdev([0.81, 0.78, 0.84]))
+    assert summary["per_seed"] == {"0": 0.81, "1": 0.78, "2": 0.84}
+    assert over_seeds([4], [0.7]) == {"mean": 0.7, "sd": 0.0, "per_seed": {"4": 0.7}}
+    with_nan = over_seeds([0, 1], [0.8, float("nan")])
+    assert math.isnan(with_nan["mean"]) and math.isnan(with_nan["sd"])
+
+
 def test_seeds_option_needs_two_distinct_seeds(capsys) -> None:
     from lorkd_pl.app.cli import main
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorkd_pl.app.configs import config_root
@@ -392,11 +393,20 @@ def paired_line(paired: Mapping[str, Mapping[str, Any]], over: str) -> str:
     return f"Paired differences over {over}, 95 % bootstrap interval: " + "; ".join(parts) + "."
 
 
+def over_seeds(seeds: Sequence[int], means: Sequence[float]) -> dict[str, Any]:
+    """One run's score over seeds: ``{"mean", "sd", "per_seed"}`` (sample sd; 0 for one seed). A NaN
+    seed (a run with no defined score) makes the mean and sd NaN instead of failing the report."""
+    values = np.asarray(means, dtype=float)
+    return {
+        "mean": float(values.mean()),
+        "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "per_seed": dict(zip(map(str, seeds), map(float, values), strict=True)),
+    }
+
+
 def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Several seeds' results: per run the mean ± sd over seeds, the paired differences over seeds ×
     test cases with their intervals (re-read from each seed's test runs), and the headline."""
-    import statistics
-
     from lorkd_pl.evaluation.comparison import find_summaries
 
     seeds = list(per_seed)
@@ -409,12 +419,7 @@ def seeds_results(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[
         names = [name for name in RUNS_WITH_CONTROL if name in results[0]]
         summary: dict[str, Any] = {"metric": metric}
         for name in names:
-            means = [r[name]["mean"] for r in results]
-            summary[name] = {
-                "mean": statistics.fmean(means),
-                "sd": statistics.stdev(means) if len(means) > 1 else 0.0,
-                "per_seed": dict(zip(map(str, seeds), means, strict=True)),
-            }
+            summary[name] = over_seeds(seeds, [r[name]["mean"] for r in results])
         summaries = [[find_summaries(r[name]["test_run"]) for r in results] for name in names]
         summary["paired"] = paired_comparisons(summaries, names)
         out[kind] = summary
@@ -443,8 +448,6 @@ def both_kinds(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str
         per_seed: ``{seed: results}``, each holding ``seg3d`` and ``cls2d`` with every run's ``mean``
             and ``test_run`` (:func:`run_demo`'s results).
     """
-    import statistics
-
     from lorkd_pl.evaluation.comparison import find_summaries
 
     kinds = ("seg3d", "cls2d")
@@ -455,12 +458,9 @@ def both_kinds(per_seed: Mapping[int, Mapping[str, Any]]) -> tuple[str, dict[str
     out: dict[str, Any] = {"metric": "mean of 3D Dice and 2D accuracy"}
     summaries, groups = [], {}
     for name in names:
-        means = [statistics.fmean(r[kind][name]["mean"] for kind in kinds) for r in results]
-        out[name] = {
-            "mean": statistics.fmean(means),
-            "sd": statistics.stdev(means) if len(means) > 1 else 0.0,
-            "per_seed": dict(zip(map(str, per_seed), means, strict=True)),
-        }
+        out[name] = over_seeds(
+            list(per_seed), [np.mean([r[kind][name]["mean"] for kind in kinds]) for r in results]
+        )
         per_run = []
         for result in results:
             merged: dict[str, Any] = {}
