@@ -17,6 +17,7 @@ kinds' means, the same seeds drawn for both kinds.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -127,5 +128,5 @@ def _task_weights(tasks: Sequence[str], groups: Mapping[str, str] | None) -> np.
     empty = sorted(set(groups.values()) - {groups[task] for task in tasks})
     if empty:  # the mean over groups would silently become the mean over the groups left
         raise ValueError(f"no task of group(s) {empty} is paired in every seed")
-    sizes = {group: sum(groups[task] == group for task in tasks) for group in {groups[t] for t in tasks}}
+    sizes = Counter(groups[task] for task in tasks)
     return np.array([1 / (len(sizes) * sizes[groups[task]]) for task in tasks])
