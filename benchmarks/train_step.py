@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from expert_conv import devices_for, emit, machine_name, peak_memory, time_steps
 from lorkd_pl.experts import merge_expert
@@ -131,6 +132,18 @@ def make_step(module, batch: dict, dtype: torch.dtype) -> Callable[[], None]:
         optimizer.step()
 
     return step
+
+
+def operator_calls(step: Callable[[], None], device: torch.device) -> int:
+    """Operator calls of one step: on CUDA the kernels it launches, on CPU the ATen operators it
+    runs (nested ones included), a proxy for launches: the KD of a launch-bound GPU step costs what
+    its calls cost."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    if device.type == "cuda":
+        return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
 def measured_rows(
@@ -240,6 +253,7 @@ def run_kd_setup(
             label: make_step(m.to(device).train(), batches[label], dtype) for label, m in modules.items()
         }
         memory = {label: peak_memory(step, device) for label, step in steps.items()}
+        calls = {label: operator_calls(step, device) for label, step in steps.items()}
         times = time_steps(steps, device, rounds, budget)
         student = modules[NO_KD]
         teacher_size = count_parameters(network)
@@ -249,20 +263,25 @@ def run_kd_setup(
             f"{name}, N={setup['batch']}, teacher {deployed:.1f}× an exported expert "
             f"({trained:.1f}× the student with all 8 experts)"
         )
-        rows += measured_rows(setup_name, setup["batch"], dtype, times, memory, NO_KD)
+        measured = measured_rows(setup_name, setup["batch"], dtype, times, memory, NO_KD)
+        rows += [
+            row | {"calls": calls[row["variant"]], "calls_ratio": calls[row["variant"]] / calls[NO_KD]}
+            for row in measured
+        ]
         print(f"  measured KD rows {rows[-1]['dtype']} on {device.type}", file=sys.stderr)
     return rows
 
 
 def kd_markdown(rows: list[dict]) -> str:
     lines = [
-        "| setup | dtype | variant | ms / step | time × no KD | peak MB | memory × no KD |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| setup | dtype | variant | ms / step | time × no KD | peak MB | memory × no KD "
+        "| operator calls (× no KD) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['setup']} | {r['dtype']} | {r['variant']} | {r['ms']:.1f} | {r['time_ratio']:.2f} "
-            f"| {r['mb']:.1f} | {r['memory_ratio']:.2f} |"
+            f"| {r['mb']:.1f} | {r['memory_ratio']:.2f} | {r['calls']} ({r['calls_ratio']:.2f}×) |"
         )
     checks = [
         f"- {'ok' if r['time_ratio'] <= 1.1 else 'MISSED'}: {r['dtype']}: {r['variant']} "
@@ -270,7 +289,8 @@ def kd_markdown(rows: list[dict]) -> str:
         for r in rows
         if r["variant"] in (CACHED, CACHED_TOP_K)
     ]
-    return "\n".join([*lines, "", "Target:", *checks])
+    calls = "operator calls: CUDA kernels launched per step on a GPU, ATen operators (nested included) on CPU"
+    return "\n".join([*lines, "", calls, "", "Target:", *checks])
 
 
 def markdown(rows: list[dict], title: str) -> str:

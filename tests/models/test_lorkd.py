@@ -398,3 +398,91 @@ def test_deep_supervision_and_init_from_a_dynunet_generalist(tmp_path) -> None:
     oracle = DiceCELoss(to_onehot_y=True, softmax=True)
     expected = sum(w * oracle(student.heads[0](stacked[:, i]), batch["label"]) for i, w in enumerate(weights))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected_calls"),
+    [(None, [[0, 2], [1], [3]]), (200, [[0], [1], [2], [3]])],
+    ids=["default", "capped"],
+)
+def test_kd_batched_over_tasks_equals_a_per_sample_loop(cap, expected_calls, monkeypatch) -> None:
+    """Tasks whose logits share one shape share one KD call (:func:`batched_kd`), up to
+    ``KD_CALL_ELEMENTS`` logits per call; the batch's KD is still ``Σ_task share · mean over the task's
+    positions`` = the per-sample mean over the batch (each sample's own KD, one sample at a time), with
+    groups of other class counts and crop sizes mixed in."""
+    from lorkd_pl.models import lorkd
+    from lorkd_pl.models.lorkd import _DistilledTask, batched_kd
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    if cap is not None:  # task 0's logits are 180 values, task 2's 120: no longer one call
+        monkeypatch.setattr(lorkd, "KD_CALL_ELEMENTS", cap)
+    torch.manual_seed(0)
+    # (rows in the batch, classes, crop): tasks 0 and 2 share a shape, 1 has other classes, 3 another crop
+    layout = [([0, 1, 5], 4, (3, 5)), ([2], 6, (3, 5)), ([3, 6], 4, (3, 5)), ([4, 7], 4, (2, 2))]
+    total, top_k = 8, 2
+    parts, targets, calls = [], {}, []
+    for task, (rows, classes, crop) in enumerate(layout):
+        logits = torch.randn(len(rows), classes, *crop, dtype=torch.float64, requires_grad=True)
+        values, index = (
+            torch.randn(len(rows), classes, *crop, dtype=torch.float64).log_softmax(1).topk(top_k, 1)
+        )
+        parts.append(_DistilledTask(task, logits, torch.tensor(rows)))
+        targets[task] = (index, values)
+
+    def kd(group):
+        calls.append([p.task for p in group])
+        index = torch.cat([targets[p.task][0] for p in group])
+        values = torch.cat([targets[p.task][1] for p in group])
+        return kd_kl_top_k(torch.cat([p.logits for p in group]), index, values, 1.0)
+
+    batched = batched_kd(parts, kd, total)
+    assert sorted(calls) == expected_calls
+    per_sample = sum(
+        kd_kl_top_k(p.logits[i : i + 1], targets[p.task][0][i : i + 1], targets[p.task][1][i : i + 1], 1.0)
+        for p in parts
+        for i in range(len(p.rows))
+    )
+    torch.testing.assert_close(batched, per_sample / total, rtol=1e-12, atol=0)
+    grads_batched = torch.autograd.grad(batched, [p.logits for p in parts])
+    grads_loop = torch.autograd.grad(per_sample / total, [p.logits for p in parts])
+    for a, b in zip(grads_batched, grads_loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_cached_kd_of_a_mixed_batch_equals_a_per_sample_loop(run, top_k) -> None:
+    """The student's KD from targets cached in the batch (dense and top-k): one call for the tasks of
+    one logit shape, equal to each sample's own KD averaged over the batch; a NaN target is named by
+    its task (the per-task terms are recomputed only when asked for)."""
+    from lorkd_pl.models.losses import kd_kl_top_k
+    from lorkd_pl.models.teacher.loading import Teacher
+
+    torch.manual_seed(2)
+    model = LoRKDModule(**run, backbone=CNN, rank=2, teacher="cached-teacher", kd_weight=0.5, temperature=2.0)
+    classes = {t["name"]: [(k,) for k in range(len(t["classes"]))] for t in model.tasks}
+    model.__dict__["_teacher"] = Teacher(nn.Identity(), classes, "cached-teacher", "")
+    model.eval()  # BatchNorm in eval: one sample at a time sees the batch's statistics
+    data = batch(regions=(0, 0, 1, 1, 1, 2))
+    log_probs = torch.randn(6, 3).log_softmax(1)
+    if top_k is None:
+        data["teacher"] = log_probs
+    else:
+        data["teacher_log_probs"], data["teacher_index"] = log_probs.topk(top_k, 1)
+        data["teacher_index"] = data["teacher_index"].to(torch.uint8)
+    step = model.compute_loss(data)
+    expected = 0.0
+    for i, task in enumerate(data["task"].tolist()):
+        logits = model.task_logits(data["image"][i : i + 1], task)
+        if top_k is None:
+            expected += kd_kl(logits, log_probs[i : i + 1], 2.0) / 6
+        else:
+            index, stored = data["teacher_index"][i : i + 1], data["teacher_log_probs"][i : i + 1]
+            expected += kd_kl_top_k(logits, index, stored, 2.0) / 6
+    torch.testing.assert_close(step.logged["train/kd_loss"], expected)
+    assert step.named_terms().keys() == {(t, term) for t in range(3) for term in ("task_loss", "kd_loss")}
+    poisoned = dict(data)
+    key = "teacher" if top_k is None else "teacher_log_probs"
+    poisoned[key] = data[key].clone()
+    poisoned[key][5] = float("nan")  # the one thorax sample: task 1
+    terms = model.compute_loss(poisoned).named_terms()
+    assert [key for key, value in terms.items() if not torch.isfinite(value)] == [(1, "kd_loss")]

@@ -99,11 +99,21 @@ class StepLoss:
         loss: the scalar to minimise.
         terms: ``{(task index, term name): scalar}``: each task's terms, to name a non-finite culprit.
         logged: ``{metric name: scalar}``: the parts a training step logs.
+        deferred_terms: more terms, computed only when asked for (:meth:`named_terms`): terms the
+            loss computed for several tasks at once (KD), recomputed per task to name a culprit.
     """
 
     loss: Tensor
     terms: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     logged: dict[str, Tensor] = field(default_factory=dict)
+    deferred_terms: Callable[[], dict[tuple[int, str], Tensor]] | None = None
+
+    def named_terms(self) -> dict[tuple[int, str], Tensor]:
+        """:attr:`terms` and the deferred ones (computed now, without gradient)."""
+        if self.deferred_terms is None:
+            return self.terms
+        with torch.no_grad():
+            return self.terms | self.deferred_terms()
 
 
 class TaskModule(L.LightningModule):

@@ -137,7 +137,7 @@ class GeneralistModule(TaskModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """:meth:`compute_loss`, checked for non-finite values (``guard_loss``) and logged; a scalar."""
         step = self.compute_loss(batch)
-        loss = self.guard_loss(step.loss, batch, batch_idx, lambda: step.terms)
+        loss = self.guard_loss(step.loss, batch, batch_idx, step.named_terms)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 

@@ -20,10 +20,10 @@ Training step on a mixed-region batch (sorted by region by the data module):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,56 @@ from lorkd_pl.models.teacher.spec import PlainValue, TeacherSpec, parse_teacher
 from lorkd_pl.models.weight_selection import select_tensor, select_weights
 
 KDKind = Literal["logits", "features", "both", "none"]
+#: The most logits one KD call takes for several tasks (2^24: 64 MiB in fp32; each of the KD's passes
+#: over that many is long enough on a GPU that its launch no longer matters).
+KD_CALL_ELEMENTS = 2**24
+
+
+class _DistilledTask(NamedTuple):
+    """One task of a training batch that is distilled: its index, the main output's logits
+    ``(n, K_task, *S)`` of its samples and their rows ``(n,)`` in the batch."""
+
+    task: int
+    logits: Tensor
+    rows: Tensor
+
+
+def joined(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat`` along dim 0 (without a copy for one tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def batched_kd(
+    parts: Sequence[_DistilledTask], kd: Callable[[Sequence[_DistilledTask]], Tensor], total: int
+) -> Tensor:
+    """The batch's KD term, ``Σ_task (n_task / N) · KD_task``, with one ``kd`` call per group of tasks
+    whose logits have one shape (classes and crop) instead of one per task.
+
+    Equal by construction: ``KD`` is a mean over positions, and for tasks of one crop shape ``(n_t / N)
+    · mean_t = Σ_t / (N · P)`` (``P`` positions per sample), so a group contributes ``(n_g / N) ·
+    mean_g``. What it saves: the KD function's few dozen small operators (kernel launches on a GPU)
+    run once per group, not per task. A group takes tasks up to :data:`KD_CALL_ELEMENTS` logits in
+    all (a larger task alone), so that the KD's full-size temporaries stay bounded.
+
+    Args:
+        parts: the distilled tasks of the batch (logits ``(n, K_task, *S)``).
+        kd: the KD of a group of tasks of one logit shape: the mean over the group's positions.
+        total: ``N``, the batch size.
+
+    Returns:
+        A scalar.
+    """
+    open_groups: dict[tuple[int, ...], list[_DistilledTask]] = {}
+    groups: list[list[_DistilledTask]] = []
+    for part in parts:
+        group = open_groups.get(shape := tuple(part.logits.shape[1:]))
+        if group is None or sum(p.logits.numel() for p in group) + part.logits.numel() > KD_CALL_ELEMENTS:
+            group = open_groups[shape] = []
+            groups.append(group)
+        group.append(part)
+    return sum(sum(p.rows.numel() for p in group) / total * kd(group) for group in groups)
+
+
 #: The router learns from the features of the last this many training batches (the current one and
 #: the earlier ones, kept without gradient): more passes over recent features for the small classifier
 #: at no cost to the student.
@@ -476,6 +526,7 @@ class LoRKDModule(TaskModule):
             teacher_features = teacher.features(images)
         task_loss = distillation = images.new_zeros(())
         terms: dict[tuple[int, str], Tensor] = {}  # per task and term, to name a non-finite culprit
+        distilled_tasks: list[_DistilledTask] = []
         present = set(tasks.unique().tolist())
         for task in range(len(self.tasks)):
             if task not in present:  # keep every head in the graph: DDP then needs no unused-parameter search
@@ -488,23 +539,25 @@ class LoRKDModule(TaskModule):
             logits = level_logits[0][1]  # the main output's: KD uses it
             terms[task, "task_loss"] = sum(w * self.loss(z, task_labels) for w, z in level_logits)
             task_loss = task_loss + share * terms[task, "task_loss"]
-            name = self.tasks[task]["name"]
             distilled = cached or teacher_output is not None
-            if distilled and name in teacher.class_channels:
-                if cached:  # made once in the teacher's pipeline
-                    terms[task, "kd_loss"] = self._cached_kd(logits, batch, rows, teacher.target_kind)
-                else:
-                    target = teacher.targets(teacher_output.index_select(0, rows), name)
-                    terms[task, "kd_loss"] = kd_loss(
-                        logits, target, teacher.target_kind, self.hparams.temperature
-                    )
-                distillation = distillation + share * terms[task, "kd_loss"]
+            if distilled and self.tasks[task]["name"] in teacher.class_channels:
+                distilled_tasks.append(_DistilledTask(task, logits, rows))
+
+        def logit_kd(group: Sequence[_DistilledTask]) -> Tensor:
+            return self._logit_kd(group, batch, teacher, teacher_output)
+
+        def kd_terms() -> dict[tuple[int, str], Tensor]:  # per task: only to name a non-finite culprit
+            return {(part.task, "kd_loss"): logit_kd([part]) for part in distilled_tasks}
+
+        if distilled_tasks:
+            distillation = distillation + batched_kd(distilled_tasks, logit_kd, total)
         if teacher_features is not None and self.projection is not None:
             with torch.autocast(device_type=images.device.type, enabled=False):
                 features_kd = F.mse_loss(self.projection(features.float()), teacher_features.float())
             distillation = distillation + features_kd
         loss = task_loss + self.hparams.kd_weight * distillation
-        return StepLoss(loss, terms, {"train/task_loss": task_loss, "train/kd_loss": distillation})
+        logged = {"train/task_loss": task_loss, "train/kd_loss": distillation}
+        return StepLoss(loss, terms, logged, deferred_terms=kd_terms if distilled_tasks else None)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """:meth:`compute_loss`, plus ``router_weight`` × the region router's loss on the replayed
@@ -525,7 +578,7 @@ class LoRKDModule(TaskModule):
             self.log_dict(
                 {"train/router_loss": router_loss, "train/router_accuracy": accuracy}, batch_size=size
             )
-        loss = self.guard_loss(loss, batch, batch_idx, lambda: step.terms)
+        loss = self.guard_loss(loss, batch, batch_idx, step.named_terms)
         self.log_dict(step.logged, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
@@ -589,6 +642,28 @@ class LoRKDModule(TaskModule):
         rows = torch.arange(logits.shape[0], device=logits.device)
         distance = self._cached_kd(logits, batch, rows, teacher.target_kind)
         self.log(f"val/{name}/kd_loss", distance, add_dataloader_idx=False, batch_size=logits.shape[0])
+
+    def _logit_kd(
+        self,
+        group: Sequence[_DistilledTask],
+        batch: Mapping[str, Any],
+        teacher: Teacher,
+        teacher_output: Tensor | None,
+    ) -> Tensor:
+        """Logit KD of a group of tasks whose logits share one shape, in one call: the mean over the
+        group's positions. Targets cached in the batch (``teacher_output`` None) or made from the
+        teacher's output on the batch ``(N, K_teacher, *S)``, each task's own classes."""
+        logits = joined([part.logits for part in group])
+        rows = joined([part.rows for part in group])
+        if teacher_output is None:
+            return self._cached_kd(logits, batch, rows, teacher.target_kind)
+        target = joined(
+            [
+                teacher.targets(teacher_output.index_select(0, part.rows), self.tasks[part.task]["name"])
+                for part in group
+            ]
+        )
+        return kd_loss(logits, target, teacher.target_kind, self.hparams.temperature)
 
     def _cached_kd(self, logits: Tensor, batch: Mapping[str, Any], rows: Tensor, kind: str) -> Tensor:
         """KD of one task's ``logits`` ``(n, K_task, *S)`` against the cached targets of the batch's

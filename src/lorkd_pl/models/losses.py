@@ -84,8 +84,11 @@ class TaskLoss(nn.Module):
 EMPTY_BELOW = -1e4
 #: The smallest remainder mass of the classes outside the top k (keeps every log finite).
 TINY_MASS = 1e-12
-#: Added to the log-probabilities of the bucket's classes to find their maximum.
-_LIFT = 1e4
+#: Farther below (and above) any log-probability: hides the stored classes from the bucket's maximum.
+_FAR = 1e30
+#: The smallest log-ratio to the bucket's largest probability that the bucket's sum sees (e^-80 is a
+#: normal number in fp32; smaller ones would send exp() down its slow path on CPU).
+_SMALLEST_LOG_RATIO = -80.0
 
 
 def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temperature: float) -> Tensor:
@@ -124,9 +127,10 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         classes = student_logits.shape[1]
-        index = index.long().clamp(0, classes - 1)  # a copy: the caller's index stays as it is
+        # copies (the caller's tensors stay as they are), then changed in place
+        index = index.to(torch.long, copy=True).clamp_(0, classes - 1)
         # an empty slot (any value ≤ EMPTY_BELOW, −∞ included) becomes a finite one that exp() sends to 0
-        stored = log_probs.detach().to(_loss_dtype(student_logits)).clamp_min(2 * EMPTY_BELOW)
+        stored = log_probs.detach().to(_loss_dtype(student_logits), copy=True).clamp_min_(2 * EMPTY_BELOW)
         valid = stored > EMPTY_BELOW
         probs = stored.exp()
         stored_classes = valid.sum(1, keepdim=True)
@@ -147,11 +151,11 @@ def kd_kl_top_k(student_logits: Tensor, index: Tensor, log_probs: Tensor, temper
         log_inverse_total = inverse_total.log()
         target = _TopK(
             index=index,
-            weight=probs * inverse_total,
-            log_weight=log_top + log_inverse_total,
+            weight=probs.mul_(inverse_total),
+            log_weight=log_top.add_(log_inverse_total),  # (at τ = 1 in ``stored``: no longer needed)
             rest=rest * inverse_total,
             log_rest=log_rest + log_inverse_total,
-            stored_mark=valid.to(stored.dtype),
+            stored=valid,
         )
         return _DistillationKL.apply(student_logits, temperature, None, None, target)
 
@@ -171,8 +175,8 @@ class _TopK(NamedTuple):
 
     ``index``/``weight``/``log_weight`` ``(N, k, *S)``: the stored classes, their tempered teacher
     probabilities (0 for an empty slot) and log-probabilities; ``rest``/``log_rest`` ``(N, 1, *S)``:
-    the bucket's probability (0 without a bucket) and its log (finite); ``stored_mark`` ``(N, k, *S)``:
-    1 for a stored class, 0 for an empty slot (whose index may repeat a stored class).
+    the bucket's probability (0 without a bucket) and its log (finite); ``stored`` ``(N, k, *S)``:
+    True for a stored class, False for an empty slot (whose index may name any class).
     """
 
     index: Tensor
@@ -180,7 +184,7 @@ class _TopK(NamedTuple):
     log_weight: Tensor
     rest: Tensor
     log_rest: Tensor
-    stored_mark: Tensor
+    stored: Tensor
 
 
 class _DistillationKL(torch.autograd.Function):
@@ -192,9 +196,10 @@ class _DistillationKL(torch.autograd.Function):
     probability on a stored class and, on any other class, the bucket's probability shared in the
     student's own proportions ``r · p_j / Σ_{l ∉ top-k} p_l``. The student's log-mass outside its
     stored classes is a log-sum-exp over them, shifted by their maximum: exact however small that
-    mass, as long as the bucket's log-probabilities are within 1e4 of the stored classes' (the lift
-    that finds the maximum). Autograd through the same formulas would keep more full-size tensors and
-    run several more passes over them (and bool-mask ops are slow on CPU). Not twice differentiable
+    mass. Besides the log-probabilities and the saved share it holds one transient full-size tensor
+    (the batch's KD runs in one call for tasks of one logit shape, so its temporaries scale with the
+    batch). Autograd through the same formulas would keep more full-size tensors and run several more
+    passes over them (and bool-mask ops are slow on CPU). Not twice differentiable
     (``once_differentiable``: a second-order gradient raises).
     """
 
@@ -230,13 +235,17 @@ class _DistillationKL(torch.autograd.Function):
             ctx.save_for_backward(s, target)
             ctx.index = ctx.weight = None
             return kl * _per_position(temperature**2, positions)
-        # 1 on the classes of the bucket, 0 on the stored ones (an add: an empty slot adds 0 wherever)
-        bucket_class = torch.ones_like(s).scatter_add_(1, top.index, top.stored_mark.neg())
-        # the largest log-probability in the bucket, to 1e-3 (ulp of 1e4), by a lift (no ±∞, no masks:
-        # both send CPU kernels down slow paths); s − log max_rest p ≤ 1e-3 on the bucket's classes
-        shift = s.add(bucket_class, alpha=_LIFT).amax(1, keepdim=True).sub_(_LIFT)
-        share = (s - shift).clamp_max_(1.0).exp_().mul_(bucket_class)  # p_j / max_rest p in the bucket
-        del bucket_class
+        # the student's log-probabilities with the stored classes sent below every other (a min with
+        # −_FAR; an empty slot's min with +_FAR leaves whatever class it names as it is) ...
+        hidden = top.stored.to(s.dtype).mul_(-2 * _FAR).add_(_FAR)
+        share = s.scatter_reduce(1, top.index, hidden, "amin")
+        shift = share.amax(1, keepdim=True)  # ... and their maximum: the bucket's largest log-probability
+        # p_j / max_rest p on the bucket's classes (the clamp keeps exp() out of its slow range: a ratio
+        # below e^-80 counts as e^-80, < 1e-34 of the sum), then exactly 0 on the stored classes (a
+        # product with 0; an empty slot's with 1)
+        share.sub_(shift).clamp_min_(_SMALLEST_LOG_RATIO).exp_()
+        share.scatter_reduce_(1, top.index, hidden.clamp_(0, 1), "prod")
+        del hidden
         total = share.sum(1, keepdim=True).clamp_min_(torch.finfo(s.dtype).tiny)  # > 0: s_rest finite
         s_rest = total.log().add_(shift)
         kl = (top.log_weight - s.gather(1, top.index)).mul_(top.weight).sum()
