@@ -100,6 +100,33 @@ def test_top_k_kd_is_the_kl_of_the_coarsened_distributions(k, temperature) -> No
         torch.testing.assert_close(grad, (p - target) / p[:, :1].numel(), atol=1e-7, rtol=1e-4)
 
 
+def test_top_k_kd_of_a_student_far_more_confident_than_its_bucket() -> None:
+    """A student whose other classes lie far below its stored ones (log-probabilities 13,000 apart in
+    float64): the bucket's log-mass is still its exact log-sum-exp, and the gradient the closed form
+    (a maximum found by lifting the bucket by 1e4 got half the gradient wrong here)."""
+    from lorkd_pl.models.losses import kd_kl_top_k
+
+    student = torch.tensor(
+        [[1000.0, 0.0, -12000.0, -12020.0, -12400.0]], dtype=torch.float64, requires_grad=True
+    )
+    teacher = torch.tensor([[0.9, 0.05, 0.03, 0.01, 0.01]], dtype=torch.float64).log()
+    log_probs, index = teacher.topk(2, dim=1)
+    got = kd_kl_top_k(student, index, log_probs, 1.0)
+    z = student.detach()[0]  # by hand, in log space (the bucket's probabilities underflow in float64)
+    log_p = z - z.logsumexp(0)
+    log_p_rest = z[2:].logsumexp(0) - z.logsumexp(0)
+    q = teacher.exp()[0]
+    expected = q[0] * (q[0].log() - log_p[0]) + q[1] * (q[1].log() - log_p[1])
+    expected = expected + 0.05 * (math.log(0.05) - log_p_rest)
+    assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    (grad,) = torch.autograd.grad(got, student)
+    p = student.detach().softmax(1)  # the bucket's own proportions: 1, e^-20, e^-400 (relative)
+    bucket = torch.tensor([-12000.0, -12020.0, -12400.0], dtype=torch.float64).softmax(0)
+    target = torch.cat([teacher.exp()[:, :2], 0.05 * bucket[None]], dim=1)
+    # a bucket class below e^-80 of the bucket's largest counts as e^-80: ≤ r·1.8e-35 off (class 4)
+    torch.testing.assert_close(grad, p - target, rtol=1e-10, atol=0.05 * math.exp(-80))
+
+
 def test_the_teacher_is_a_minimiser_of_top_k_kd() -> None:
     """A student equal to the teacher pays 0 and gets no gradient although 3 of 7 classes are stored
     (a remainder spread evenly would pull its tail flat); any other student pays more."""
