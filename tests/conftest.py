@@ -20,6 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: one process per core, on
 os.environ.pop("LORKD_PL_TASKS_DIR", None)
 _DEMO_ROOT = Path(tempfile.mkdtemp(prefix="lorkd-pl-tests-")) / "demo"
 os.environ["LORKD_PL_DEMO_DATA"] = str(_DEMO_ROOT)
+os.environ["LORKD_PL_CACHE"] = str(_DEMO_ROOT.parent / "cache")  # the session's, not the user's ~/.cache
 
 from lorkd_pl.data.plugins import load_plugins  # noqa: E402
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +115,151 @@ def test_unknown_task_and_region_in_datamodule() -> None:
         MultiRegionDataModule(["demo_brain_seg"], region_weights={"brian": 2.0})
     with pytest.raises(ValueError, match="mixes task kinds"):
         MultiRegionDataModule(["demo_brain_seg", "demo_brain_cls"])
+
+
+def many_cases_task(tmp_path, count: int, bad: tuple[int, ...] = ()):
+    """A seg3d task of ``count`` cases; the cases in ``bad`` have a label value outside the classes."""
+    rows = []
+    for case in range(count):
+        image = np.random.default_rng(case).normal(size=(4, 6, 6)).astype(np.float32)
+        label = np.zeros((4, 6, 6), dtype=np.uint8)
+        label[1, 2, 2] = 9 if case in bad else 1
+        write_volume(tmp_path / f"img{case}.nii.gz", image)
+        write_volume(tmp_path / f"lab{case}.nii.gz", label)
+        rows.append(
+            {"image": f"img{case}.nii.gz", "label": f"lab{case}.nii.gz", "region": "brain", "split": "train"}
+        )
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return task_with_classes(tmp_path, 2)
+
+
+def task_with_classes(folder, classes: int):
+    """The task of ``folder``'s manifest with ``classes`` classes."""
+    names = ", ".join(["background"] + [f"c{i}" for i in range(1, classes)])
+    (folder / "task.yaml").write_text(
+        f"name: many\nregion: brain\nkind: seg3d\nclasses: [{names}]\nmanifest: manifest.jsonl\n"
+        "patch_size: [4, 4, 4]\n"
+    )
+    return load_task_spec(folder / "task.yaml")
+
+
+@pytest.fixture
+def counted_checks(monkeypatch):
+    """The records the seg3d check reads, by image file name (the check itself runs unchanged)."""
+    from lorkd_pl.data import validation
+
+    seen: list[str] = []
+    original = validation.validate_seg3d_record
+
+    def counting(task, record):
+        seen.append(Path(record["image"]).name)
+        return original(task, record)
+
+    monkeypatch.setattr(validation, "validate_seg3d_record", counting)
+    return seen
+
+
+def test_passed_records_are_checked_once_until_a_file_changes(tmp_path, counted_checks) -> None:
+    from lorkd_pl.data.validation import PassedRecords
+
+    task = many_cases_task(tmp_path, 5)
+    memo_folder = tmp_path / "memo"
+    validate_task(task, ["train"], workers=3, memo=PassedRecords(task, memo_folder))
+    assert sorted(counted_checks) == [f"img{i}.nii.gz" for i in range(5)]
+    counted_checks.clear()
+    records = validate_task(task, ["train"], workers=3, memo=PassedRecords(task, memo_folder))
+    assert counted_checks == [] and len(records["train"]) == 5  # every record still returned
+    # a label written again (same bytes, a new modification time) is a new record: checked again
+    label = tmp_path / "lab3.nii.gz"
+    content, stat = label.read_bytes(), label.stat()
+    label.unlink()
+    label.write_bytes(content)
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later time, not left to the clock
+    validate_task(task, ["train"], memo=PassedRecords(task, memo_folder))
+    assert counted_checks == ["img3.nii.gz"]
+    # another class list is another check (label values): every record again
+    counted_checks.clear()
+    wider = task_with_classes(tmp_path, 3)
+    validate_task(wider, ["train"], memo=PassedRecords(wider, memo_folder))
+    assert sorted(counted_checks) == [f"img{i}.nii.gz" for i in range(5)]
+
+
+def test_a_failing_record_is_never_remembered_and_the_first_in_order_is_named(
+    tmp_path, counted_checks
+) -> None:
+    from lorkd_pl.data.validation import PassedRecords
+
+    task = many_cases_task(tmp_path, 6, bad=(2, 4))
+    memo_folder = tmp_path / "memo"
+    for workers in (1, 4):
+        with pytest.raises(
+            DataValidationError, match=r"manifest.jsonl, row 3: field 'label' .* values \[9\]"
+        ):
+            validate_task(task, ["train"], workers=workers, memo=PassedRecords(task, memo_folder))
+    counted_checks.clear()
+    with pytest.raises(DataValidationError, match=r"row 3: "):
+        validate_task(task, ["train"], workers=1, memo=PassedRecords(task, memo_folder))
+    assert counted_checks == ["img2.nii.gz"]  # rows 1 and 2 passed before the failure: remembered
+
+
+def test_a_damaged_or_unwritable_memo_only_costs_a_check(tmp_path, counted_checks) -> None:
+    from lorkd_pl.data.validation import PassedRecords
+
+    task = many_cases_task(tmp_path, 2)
+    memo = PassedRecords(task, tmp_path / "memo")
+    memo.path.parent.mkdir()
+    memo.path.write_text("{not json")
+    validate_task(task, ["train"], memo=PassedRecords(task, tmp_path / "memo"))
+    assert json.loads(memo.path.read_text())["version"] >= 1 and len(counted_checks) == 2
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.warns(
+        UserWarning, match=r"cannot remember the checked records of task 'many' .*LORKD_PL_CACHE"
+    ):
+        validate_task(task, ["train"], memo=PassedRecords(task, blocked / "memo"))
+    assert len(counted_checks) == 4
+
+
+def test_the_datamodule_remembers_in_the_cache_folder(
+    tmp_path, clean_registry, monkeypatch, counted_checks
+) -> None:
+    monkeypatch.setenv("LORKD_PL_CACHE", str(tmp_path / "cache"))
+    register_task(many_cases_task(tmp_path, 3))
+    MultiRegionDataModule(["many"], batch_size=1)._task_records(clean_registry.get_task("many"), "train")
+    assert len(counted_checks) == 3 and len(list((tmp_path / "cache" / "validated").glob("many-*.json"))) == 1
+    MultiRegionDataModule(["many"], batch_size=1)._task_records(clean_registry.get_task("many"), "train")
+    assert len(counted_checks) == 3
+    module = MultiRegionDataModule(["many"], batch_size=1, remember_validated=False)
+    module._task_records(clean_registry.get_task("many"), "train")
+    assert len(counted_checks) == 6
+
+
+def test_what_identifies_a_record_without_reading_it(tmp_path) -> None:
+    """A DICOM folder by every file in it; a two-file format (header + data) never: its data file can
+    change under an unchanged header."""
+    from lorkd_pl.data.validation import PassedRecords
+
+    (tmp_path / "manifest.jsonl").write_text("")
+    task = task_with_classes(tmp_path, 2)
+    memo = PassedRecords(task, tmp_path / "memo")
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(3):
+        (series / f"slice{k}.dcm").write_bytes(bytes([k]) * 10)
+    (tmp_path / "lab.nii.gz").write_bytes(b"x")
+    record = {"image": str(series), "label": str(tmp_path / "lab.nii.gz")}
+    before = memo.key(record)
+    assert before is not None and memo.key(dict(record)) == before
+    slice_file = series / "slice1.dcm"  # one slice rewritten in place: the folder's own time stays
+    slice_file.write_bytes(b"y" * 11)
+    assert memo.key(record) != before
+    rewritten = memo.key(record)
+    stat = slice_file.stat()  # same size, a later time (a clock's tick: set here, not waited for)
+    os.utime(slice_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert memo.key(record) != rewritten
+    (tmp_path / "img.mhd").write_text("ElementDataFile = img.raw\n")
+    assert memo.key({"image": str(tmp_path / "img.mhd"), "label": str(tmp_path / "lab.nii.gz")}) is None
+    assert memo.key({"image": str(tmp_path / "missing.nii.gz"), "label": 1}) is None
+    assert memo.key({"image": str(tmp_path / "lab.nii.gz"), "label": 1}) != memo.key(
+        {"image": str(tmp_path / "lab.nii.gz"), "label": 2}
+    )

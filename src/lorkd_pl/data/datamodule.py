@@ -36,7 +36,7 @@ from lorkd_pl.data.teacher_targets import (
     TeacherTargetStore,
 )
 from lorkd_pl.data.transforms import cls2d_transforms, seg3d_transforms
-from lorkd_pl.data.validation import check_duplicates, validate_task
+from lorkd_pl.data.validation import PassedRecords, check_duplicates, validate_task, validation_threads
 from lorkd_pl.registry import (
     TaskSpec,
     get_region_index,
@@ -198,7 +198,11 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache: ``"none"``, ``"memory"`` (MONAI CacheDataset of this process's shard) or ``"disk"``
             (PersistentDataset in ``cache_dir``).
         cache_dir: folder for ``cache="disk"``.
-        validate: check every record before training (files, geometry, label values).
+        validate: check every record before training (files, geometry, label values), several
+            records at a time (up to 8 threads, as the process's cores allow).
+        remember_validated: remember the records that passed (by their files' path, size, time and
+            inode, in ``$LORKD_PL_CACHE/validated``, default ``~/.cache/lorkd-pl/validated``) and skip
+            them on later fits until a file changes (:class:`~lorkd_pl.data.validation.PassedRecords`).
         seed: sampling seed.
         augment: random training augmentation (each task's flips and ``augment``; 2D: flips and
             affine); ``False`` leaves only the seg3d random crops. Every random transform is seeded
@@ -233,6 +237,7 @@ class MultiRegionDataModule(L.LightningDataModule):
         cache: Literal["none", "memory", "disk"] = "none",
         cache_dir: str | None = None,
         validate: bool = True,
+        remember_validated: bool = True,
         seed: int = 0,
         augment: bool = True,
         augmentations: str | dict[str, Any] | None = None,
@@ -435,7 +440,8 @@ class MultiRegionDataModule(L.LightningDataModule):
         table = self._records[spec.name]
         if split not in table:
             if self.hparams.validate:
-                table.update(validate_task(spec, [split]))
+                memo = PassedRecords(spec) if self.hparams.get("remember_validated", True) else None
+                table.update(validate_task(spec, [split], validation_threads(), memo))
             else:
                 table[split] = [dict(r) for r in spec.records(split)]
         return table[split]
