@@ -156,6 +156,8 @@ def counted_checks(monkeypatch):
         return original(task, record)
 
     monkeypatch.setattr(validation, "validate_seg3d_record", counting)
+    # files written by the test a moment ago are remembered too (the rule for recent changes has its test)
+    monkeypatch.setattr(validation, "RECENT_CHANGE_NS", -(10**12))
     return seen
 
 
@@ -169,12 +171,13 @@ def test_passed_records_are_checked_once_until_a_file_changes(tmp_path, counted_
     counted_checks.clear()
     records = validate_task(task, ["train"], workers=3, memo=PassedRecords(task, memo_folder))
     assert counted_checks == [] and len(records["train"]) == 5  # every record still returned
-    # a label written again (same bytes, a new modification time) is a new record: checked again
+    # a label replaced in place with its old size and modification time (what `cp -p` or `tar -x` do) is
+    # a new record: its change time moved
     label = tmp_path / "lab3.nii.gz"
     content, stat = label.read_bytes(), label.stat()
-    label.unlink()
     label.write_bytes(content)
-    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later time, not left to the clock
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert label.stat().st_mtime_ns == stat.st_mtime_ns and label.stat().st_size == stat.st_size
     validate_task(task, ["train"], memo=PassedRecords(task, memo_folder))
     assert counted_checks == ["img3.nii.gz"]
     # another class list is another check (label values): every record again
@@ -202,21 +205,36 @@ def test_a_failing_record_is_never_remembered_and_the_first_in_order_is_named(
     assert counted_checks == ["img2.nii.gz"]  # rows 1 and 2 passed before the failure: remembered
 
 
-def test_a_damaged_or_unwritable_memo_only_costs_a_check(tmp_path, counted_checks) -> None:
+def test_a_damaged_or_unwritable_memo_only_costs_a_check(tmp_path, counted_checks, monkeypatch) -> None:
     from lorkd_pl.data.validation import PassedRecords
 
     task = many_cases_task(tmp_path, 2)
     memo = PassedRecords(task, tmp_path / "memo")
     memo.path.parent.mkdir()
-    memo.path.write_text("{not json")
-    validate_task(task, ["train"], memo=PassedRecords(task, tmp_path / "memo"))
-    assert json.loads(memo.path.read_text())["version"] >= 1 and len(counted_checks) == 2
+    damaged = [
+        "{not json",
+        '{"version": 1, "passed": 5}',
+        '{"version": 1, "passed": null}',
+        "[1]",
+        "[" * 100000,
+    ]
+    for number, text in enumerate(damaged, 1):
+        memo.path.write_text(text)
+        validate_task(task, ["train"], memo=PassedRecords(task, tmp_path / "memo"))
+        assert json.loads(memo.path.read_text())["version"] >= 1 and len(counted_checks) == 2 * number
+    counted_checks.clear()
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     with pytest.warns(
         UserWarning, match=r"cannot remember the checked records of task 'many' .*LORKD_PL_CACHE"
     ):
         validate_task(task, ["train"], memo=PassedRecords(task, blocked / "memo"))
+    assert len(counted_checks) == 2
+    monkeypatch.delenv("LORKD_PL_CACHE", raising=False)  # no cache folder at all: no home directory
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    with pytest.warns(UserWarning, match=r"no cache folder \(no home directory\)"):
+        validate_task(task, ["train"], memo=PassedRecords(task))
     assert len(counted_checks) == 4
 
 
@@ -263,3 +281,25 @@ def test_what_identifies_a_record_without_reading_it(tmp_path) -> None:
     assert memo.key({"image": str(tmp_path / "lab.nii.gz"), "label": 1}) != memo.key(
         {"image": str(tmp_path / "lab.nii.gz"), "label": 2}
     )
+    # .mha and .nrrd: remembered only when the header holds the data itself
+    label = str(tmp_path / "lab.nii.gz")
+    for name, header, rememberable in [
+        ("a.mha", "NDims = 3\nElementDataFile = LOCAL\n", True),
+        ("b.mha", "NDims = 3\nElementDataFile = b.raw\n", False),
+        ("c.mha", "NDims = 3\n", False),
+        ("d.nrrd", "NRRD0004\ntype: float\nencoding: raw\n\n", True),
+        ("e.nrrd", "NRRD0004\ntype: float\ndata file: e.raw\n\n", False),
+        ("f.nrrd", "NRRD0004\ntype: float\ndatafile: e.raw\n\n", False),
+    ]:
+        (tmp_path / name).write_bytes(header.encode() + b"\x00" * 8)
+        assert (memo.key({"image": str(tmp_path / name), "label": label}) is not None) == rememberable, name
+
+
+def test_a_file_changed_just_before_the_checks_is_not_remembered(tmp_path) -> None:
+    """A change within a coarse file-system clock's tick of the check could leave the times unchanged by a
+    second change: such files are checked again next time."""
+    from lorkd_pl.data.validation import PassedRecords
+
+    task = many_cases_task(tmp_path, 2)
+    validate_task(task, ["train"], memo=PassedRecords(task, tmp_path / "memo"))
+    assert PassedRecords(task, tmp_path / "memo").known == set()

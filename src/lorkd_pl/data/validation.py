@@ -7,7 +7,7 @@ classification labels are integers in range; a split used for training is not em
 
 At scale (a thousand CTs: about a second each to read and check) the records are checked by several
 threads, and a record that passed is remembered (:class:`PassedRecords`) by its files' identity, so a
-second fit, a sweep's next trial or another process of a DDP run skips it until a file changes.
+later fit or a sweep's next trial skips it until a file changes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -178,8 +179,9 @@ def _duplicate(task: TaskSpec, what: str, value: str, first: str, second: str) -
     )
 
 
-#: Image formats held in one file (a ``.mhd``, ``.hdr`` or ``.nhdr`` header names its data in another
-#: file, which a header's own size and time would not follow: such records are checked every time).
+#: Image formats whose data normally lie in the file itself; ``.mha`` and ``.nrrd`` headers may still
+#: name a data file elsewhere (checked in the header). A ``.mhd``, ``.hdr`` or ``.nhdr`` header names its
+#: data in another file, which the header's own identity would not follow: never remembered.
 SELF_CONTAINED_SUFFIXES = (
     ".nii",
     ".nii.gz",
@@ -193,71 +195,131 @@ SELF_CONTAINED_SUFFIXES = (
     ".tiff",
     ".bmp",
 )
+#: A file changed this recently (ns) before the checks began is not remembered: on file systems whose
+#: clock ticks coarsely (1-10 ms before Linux 6.13; 1-2 s on ext3, FAT, some network shares) a second
+#: change within the same tick would leave its times as they were ("racy git").
+RECENT_CHANGE_NS = 3 * 10**9
 
 
 def _stat(path: Path) -> list[Any]:
     stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return [str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _header_names_other_data(path: Path) -> bool:
+    """Whether a ``.mha``/``.nrrd`` header names a data file other than itself (read from its first
+    64 KiB; a header that does not end there counts as naming one)."""
+    suffix = path.name.lower()
+    if not suffix.endswith((".mha", ".nrrd")):
+        return False
+    with path.open("rb") as file:
+        head = file.read(65536)
+    if suffix.endswith(".mha"):  # MetaImage: "ElementDataFile = LOCAL" is its last header line
+        match = re.search(rb"^\s*ElementDataFile\s*=\s*(\S+)", head, re.MULTILINE)
+        return match is None or match.group(1) != b"LOCAL"
+    end = head.find(b"\n\n")  # NRRD: the header ends at its first blank line
+    if end < 0:
+        return True
+    return re.search(rb"^\s*data\s?file\s*:", head[:end], re.MULTILINE | re.IGNORECASE) is not None
 
 
 def _files_identity(path: Path) -> list[Any] | None:
-    """What identifies an image's bytes without reading them: its file's resolved path, size,
-    modification time and inode; for a folder (a DICOM series) every file directly in it. ``None``
-    for a file in a format whose data may lie in another file, or a path that cannot be read."""
+    """What identifies an image's bytes without reading them: its file's resolved path, device, inode,
+    size, modification and change times (the change time moves on every write, and no user tool sets
+    it back, unlike ``cp -p`` or ``tar`` the modification time); for a folder (a DICOM series) every file
+    directly in it. ``None`` for a file whose data may lie in another file, or a path that cannot be
+    read."""
     try:
         if path.is_dir():
             return [_stat(path), *(_stat(entry) for entry in sorted(path.iterdir()) if entry.is_file())]
-        if path.name.lower().endswith(SELF_CONTAINED_SUFFIXES):
+        if path.name.lower().endswith(SELF_CONTAINED_SUFFIXES) and not _header_names_other_data(path):
             return _stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return None
 
 
+def _newest_change_ns(identity: list[Any]) -> int:
+    """The latest modification or change time in an identity of :func:`_files_identity`."""
+    stats = identity if identity and isinstance(identity[0], list) else [identity]
+    return max(max(stat[4], stat[5]) for stat in stats)
+
+
 def validation_threads(most: int = 8) -> int:
-    """Threads that check records at once: the cores this process may use, at most ``most``."""
+    """Threads that check records at once in this process: the cores it may use, at most ``most`` per
+    machine, shared by the processes a DDP run starts on it (``LOCAL_WORLD_SIZE``): each thread holds
+    one case's image and label."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(most, cores))
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(1, min(most, cores) // local_processes)
 
 
-def cache_folder() -> Path:
+def cache_folder() -> Path | None:
     """lorkd-pl's cache folder: ``$LORKD_PL_CACHE``, else ``$XDG_CACHE_HOME/lorkd-pl``, else
-    ``~/.cache/lorkd-pl``."""
+    ``~/.cache/lorkd-pl``; ``None`` without any of them (no home directory)."""
     if os.environ.get("LORKD_PL_CACHE"):
         return Path(os.environ["LORKD_PL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorkd-pl"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "lorkd-pl"
+    try:
+        return Path.home() / ".cache" / "lorkd-pl"
+    except RuntimeError:
+        return None
+
+
+def _read_passed(path: Path | None) -> set[str]:
+    """The keys of a memo file; an empty set for a missing, damaged or foreign one."""
+    if path is None:
+        return set()
+    try:
+        stored = json.loads(path.read_text())
+        passed = stored.get("passed") if isinstance(stored, dict) else None
+        if stored.get("version") != CHECKS_VERSION or not isinstance(passed, list):
+            return set()
+        return {key for key in passed if isinstance(key, str)}
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+        return set()
 
 
 class PassedRecords:
     """The records of one task that passed the checks, remembered across processes and runs.
 
-    A record is known by its task (name, kind, number of classes), :data:`CHECKS_VERSION` and each of
-    its files' resolved path, size, modification time (ns) and inode (a DICOM folder's by every file
-    in it; a label given as a number, and an image held in memory, by their values): a file written,
-    replaced or moved since, or a changed class list, makes it a new record, checked again. A record
-    with a file in a two-file format (``.mhd``/``.raw``, ``.hdr``/``.img``, ``.nhdr``) is never
-    remembered. Only passes are kept; a record that failed is
-    checked every time. The memo is a cache: one JSON file per task in ``folder`` (default
-    ``<cache_folder()>/validated``), written atomically; an unreadable one counts as empty, an
-    unwritable folder is warned about once and training goes on.
+    A record is known by its task (name, kind, number of classes: what the checks depend on),
+    :data:`CHECKS_VERSION` and each of its files' resolved path, device, inode, size, modification
+    and change times (a DICOM folder's by every file in it; a label given as a number, and an image
+    held in memory, by their values): a file written, replaced (also by ``cp -p`` or ``tar``, which
+    keep the modification time: the change time moves) or moved since makes it a new record, checked
+    again. Never remembered: a record with a file whose data may lie in another file (``.mhd``,
+    ``.hdr``, ``.nhdr``, and ``.mha``/``.nrrd`` headers that name a data file), a file changed less
+    than :data:`RECENT_CHANGE_NS` before the checks began or during them, and a record that failed.
+    The memo is a cache: one JSON file per task in ``folder`` (default ``<cache_folder()>/validated``),
+    written atomically; a damaged one counts as empty, an unwritable folder (or none: no home
+    directory) is warned about once and training goes on.
     """
 
     def __init__(self, task: TaskSpec, folder: str | Path | None = None) -> None:
         self.task = task
+        self.started_ns = time.time_ns()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task.name)[:64]
         digest = hashlib.sha256(task.name.encode()).hexdigest()[:12]
-        self.path = Path(folder or cache_folder() / "validated") / f"{safe}-{digest}.json"
-        self.known: set[str] = set()
-        try:
-            stored = json.loads(self.path.read_text())
-            if stored.get("version") == CHECKS_VERSION:
-                self.known = {str(key) for key in stored.get("passed", [])}
-        except (OSError, ValueError, AttributeError):
-            pass
+        name = f"{safe}-{digest}.json"
+        if folder is not None:
+            self.path: Path | None = Path(folder) / name
+        else:
+            root = cache_folder()
+            self.path = root / "validated" / name if root is not None else None
+        self.known = _read_passed(self.path)
         self.added: set[str] = set()
 
     def key(self, record: Mapping[str, Any]) -> str | None:
         """The record's identity (None: not rememberable, e.g. a file that cannot be stat'ed)."""
+        identity = self._identity(record)
+        return None if identity is None else hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+    def _identity(self, record: Mapping[str, Any]) -> list[Any] | None:
         parts: list[Any] = [CHECKS_VERSION, self.task.name, self.task.kind, self.task.num_classes]
         for field in ("image", "label"):
             value = record.get(field)
@@ -274,28 +336,35 @@ class PassedRecords:
                 parts.append(repr(value))
             else:
                 return None
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        return parts
 
     def passed(self, key: str | None) -> bool:
         """Whether the record of ``key`` passed before."""
         return key is not None and key in self.known
 
-    def add(self, key: str | None) -> None:
-        """Remember that the record of ``key`` passed (kept by :meth:`save`)."""
-        if key is not None and key not in self.known:
-            self.added.add(key)
+    def add(self, key: str | None, record: Mapping[str, Any]) -> None:
+        """Remember that ``record`` (whose key was ``key`` before its check) passed, unless one of its
+        files changed since, or shortly before the checks began (kept by :meth:`save`)."""
+        if key is None or key in self.known or self.key(record) != key:
+            return
+        identity = self._identity(record)
+        files = [part for part in (identity or [])[4:] if isinstance(part, list)]
+        if any(_newest_change_ns(f) >= self.started_ns - RECENT_CHANGE_NS for f in files):
+            return
+        self.added.add(key)
 
     def save(self) -> None:
         """Write the memo (the passes read at start, those of other writers since, and the new ones)."""
         if not self.added:
             return
-        try:
-            latest = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            if latest.get("version") == CHECKS_VERSION:
-                self.known |= {str(key) for key in latest.get("passed", [])}
-        except (OSError, ValueError, AttributeError):
-            pass
-        self.known |= self.added
+        if self.path is None:
+            self.added = set()
+            rank_zero_warn(
+                f"lorkd-pl: cannot remember the checked records of task {self.task.name!r}: no cache folder "
+                "(no home directory); every fit checks them again (set LORKD_PL_CACHE to a writable folder)"
+            )
+            return
+        self.known |= _read_passed(self.path) | self.added
         self.added = set()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +391,14 @@ def validate_task(
     Raises:
         DataValidationError: for the first bad record (in the records' order), or a split with no records.
     """
-    check = validate_seg3d_record if task.kind == "seg3d" else validate_cls2d_record
+    check_kind = validate_seg3d_record if task.kind == "seg3d" else validate_cls2d_record
+
+    def check(task: TaskSpec, record: Mapping[str, Any]) -> None:
+        for field in ("image", "label"):
+            if field not in record:
+                raise DataValidationError(f"{_where(task, record)}: missing field {field!r}")
+        check_kind(task, record)
+
     out = {}
     for split in splits:
         records = [dict(r) for r in task.records(split)]
@@ -331,22 +407,17 @@ def validate_task(
                 f"task {task.name!r} (from {task.source or 'code'}) has no {split!r} samples; add rows with "
                 f"split={split!r} to its data or drop the task"
             )
-        for record in records:
-            for field in ("image", "label"):
-                if field not in record:
-                    raise DataValidationError(f"{_where(task, record)}: missing field {field!r}")
         if memo is None:
             _check_all(task, check, records, workers, lambda index: None)
         else:
             pending = [(record, key) for record in records if not memo.passed(key := memo.key(record))]
-            pending_keys = [key for _, key in pending]
             try:
                 _check_all(
                     task,
                     check,
-                    [r for r, _ in pending],
+                    [record for record, _ in pending],
                     workers,
-                    lambda i, keys=pending_keys: memo.add(keys[i]),
+                    lambda i, pending=pending: memo.add(pending[i][1], pending[i][0]),
                 )
             finally:  # the passes before a failure are kept too
                 memo.save()
