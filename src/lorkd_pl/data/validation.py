@@ -130,6 +130,11 @@ def validate_cls2d_record(task: TaskSpec, record: Mapping[str, Any]) -> None:
         raise DataValidationError(f"{where}: field 'image' contains NaN or infinite values")
 
 
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an in-memory image: its dtype, shape and bytes."""
+    return hashlib.sha256(str((array.dtype.str, array.shape)).encode() + array.tobytes()).hexdigest()
+
+
 def check_duplicates(task: TaskSpec) -> None:
     """Refuse a case id used twice, the same image file in two records (e.g. in train and test), or
     two records whose images are byte-identical copies under other names.
@@ -158,8 +163,7 @@ def check_duplicates(task: TaskSpec) -> None:
             if isinstance(image, (str, Path)) and Path(image).is_file():
                 by_size.setdefault(Path(image).stat().st_size, []).append((Path(image), where))
             elif isinstance(image, np.ndarray):
-                digest = hashlib.sha256(str((image.dtype.str, image.shape)).encode() + image.tobytes())
-                _same_content(task, contents, digest.hexdigest(), where)
+                _same_content(task, contents, array_digest(image), where)
     for group in by_size.values():  # only files of one size can be copies: hash those alone
         for path, where in group if len(group) > 1 else ():
             _same_content(task, contents, sha256sum(path), where)
@@ -317,10 +321,15 @@ class PassedRecords:
     def key(self, record: Mapping[str, Any]) -> str | None:
         """The record's identity (None: not rememberable, e.g. a file that cannot be stat'ed)."""
         identity = self._identity(record)
-        return None if identity is None else hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+        return None if identity is None else self._key_of(identity[0])
 
-    def _identity(self, record: Mapping[str, Any]) -> list[Any] | None:
+    def _key_of(self, parts: list[Any]) -> str:
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def _identity(self, record: Mapping[str, Any]) -> tuple[list[Any], list[list[Any]]] | None:
+        """``(parts of the key, identities of the record's files)``, or None (not rememberable)."""
         parts: list[Any] = [CHECKS_VERSION, self.task.name, self.task.kind, self.task.num_classes]
+        files = []
         for field in ("image", "label"):
             value = record.get(field)
             if isinstance(value, (str, Path)):
@@ -328,15 +337,14 @@ class PassedRecords:
                 if identity is None:
                     return None
                 parts.append(identity)
+                files.append(identity)
             elif isinstance(value, np.ndarray):
-                parts.append(
-                    hashlib.sha256(str((value.dtype.str, value.shape)).encode() + value.tobytes()).hexdigest()
-                )
+                parts.append(array_digest(value))
             elif isinstance(value, (bool, int, float, np.integer, np.floating)) or value is None:
                 parts.append(repr(value))
             else:
                 return None
-        return parts
+        return parts, files
 
     def passed(self, key: str | None) -> bool:
         """Whether the record of ``key`` passed before."""
@@ -345,11 +353,12 @@ class PassedRecords:
     def add(self, key: str | None, record: Mapping[str, Any]) -> None:
         """Remember that ``record`` (whose key was ``key`` before its check) passed, unless one of its
         files changed since, or shortly before the checks began (kept by :meth:`save`)."""
-        if key is None or key in self.known or self.key(record) != key:
+        if key is None or key in self.known:
             return
-        identity = self._identity(record)
-        files = [part for part in (identity or [])[4:] if isinstance(part, list)]
-        if any(_newest_change_ns(f) >= self.started_ns - RECENT_CHANGE_NS for f in files):
+        identity = self._identity(record)  # once more, after the check
+        if identity is None or self._key_of(identity[0]) != key:
+            return
+        if any(_newest_change_ns(f) >= self.started_ns - RECENT_CHANGE_NS for f in identity[1]):
             return
         self.added.add(key)
 
